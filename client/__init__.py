@@ -1,0 +1,1 @@
+"""fedstill's institution side: the ClientApp, teacher training and soft-label answers."""

@@ -1,0 +1,1 @@
+"""fedstill's framework-free core, shared by server and institutions."""

@@ -1,0 +1,173 @@
+"""Typed, validated view of the run config (`[tool.flwr.app.config]` in pyproject.toml).
+
+Defaults live only in pyproject.toml. `RunConfig.from_run_config` turns Flower's flat kebab-case
+mapping into a frozen dataclass once, at the edge, and reports every unknown, missing or ill-typed
+key at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from common.errors import ConfigError
+
+DATASETS = ("fashion-mnist", "digits")
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+CODECS = ("float16", "float32")
+AGGREGATIONS = ("mean",)
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a run; field `foo_bar` is run-config key `foo-bar`."""
+
+    scenario: str
+    dataset: str
+    data_dir: str
+    public_size: int
+    test_size: int
+    seed: int
+    num_clients: int
+    min_clients: int
+    partitioner: str
+    dirichlet_alpha: float
+    classes_per_client: int
+    min_partition_size: int
+    num_server_rounds: int
+    temperature: float
+    teacher_models: str
+    student_model: str
+    local_epochs: int
+    teacher_lr: float
+    teacher_batch_size: int
+    student_epochs: int
+    student_lr: float
+    student_batch_size: int
+    ce_weight: float
+    labelled_size: int
+    codec: str
+    aggregation: str
+    round_timeout: float
+    node_wait_timeout: float
+    output_dir: str
+    run_name: str
+    torch_threads: int
+    evaluate_teachers: bool
+
+    @classmethod
+    def from_run_config(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's `context.run_config` (kebab-case keys), checking every key."""
+        hints = get_type_hints(cls)
+        by_key = {name.replace("_", "-"): name for name in hints}
+        problems = [f"unknown key {k!r}" for k in raw if k not in by_key]
+        problems += [f"missing key {k!r}" for k in by_key if k not in raw]
+        values: dict[str, Any] = {}
+        for key, name in by_key.items():
+            if key not in raw:
+                continue
+            value, problem = _coerce(key, raw[key], hints[name])
+            if problem:
+                problems.append(problem)
+            values[name] = value
+        if problems:
+            raise ConfigError(
+                "bad run config: " + "; ".join(problems)
+                + f" (valid keys are listed in [tool.flwr.app.config] of {PYPROJECT.name})"
+            )
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}"),
+            (self.partitioner in PARTITIONERS,
+             f"partitioner must be one of {PARTITIONERS}, got {self.partitioner!r}"),
+            (self.codec in CODECS, f"codec must be one of {CODECS}, got {self.codec!r}"),
+            (self.aggregation in AGGREGATIONS,
+             f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}"),
+            (self.public_size > 0, f"public-size must be > 0, got {self.public_size}"),
+            (self.test_size >= 0, f"test-size must be >= 0 (0 = whole test set), got {self.test_size}"),
+            (self.num_clients >= 1, f"num-clients must be >= 1, got {self.num_clients}"),
+            (1 <= self.min_clients <= self.num_clients,
+             f"min-clients must be in [1, num-clients={self.num_clients}], got {self.min_clients}"),
+            (self.dirichlet_alpha > 0, f"dirichlet-alpha must be > 0, got {self.dirichlet_alpha}"),
+            (self.classes_per_client >= 1,
+             f"classes-per-client must be >= 1, got {self.classes_per_client}"),
+            (self.min_partition_size >= 0,
+             f"min-partition-size must be >= 0, got {self.min_partition_size}"),
+            (self.num_server_rounds >= 1,
+             f"num-server-rounds must be >= 1, got {self.num_server_rounds}"),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (self.local_epochs >= 0, f"local-epochs must be >= 0, got {self.local_epochs}"),
+            (self.student_epochs >= 1, f"student-epochs must be >= 1, got {self.student_epochs}"),
+            (self.teacher_lr > 0 and self.student_lr > 0, "teacher-lr and student-lr must be > 0"),
+            (self.teacher_batch_size >= 1 and self.student_batch_size >= 1,
+             "teacher-batch-size and student-batch-size must be >= 1"),
+            (0.0 <= self.ce_weight <= 1.0, f"ce-weight must be in [0, 1], got {self.ce_weight}"),
+            (0 <= self.labelled_size <= self.public_size,
+             f"labelled-size must be in [0, public-size={self.public_size}], got {self.labelled_size}"),
+            (self.ce_weight == 0 or self.labelled_size > 0,
+             "ce-weight > 0 needs labelled-size > 0 (the labelled public samples to apply it to)"),
+            (self.round_timeout > 0 and self.node_wait_timeout > 0,
+             "round-timeout and node-wait-timeout must be > 0 seconds"),
+            (self.torch_threads >= 1, f"torch-threads must be >= 1, got {self.torch_threads}"),
+            (bool(self.output_dir), "output-dir must not be empty"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        problems += _check_models(self)
+        if problems:
+            raise ConfigError("bad run config: " + "; ".join(problems))
+
+    @property
+    def teacher_model_list(self) -> list[str]:
+        """Teacher architectures, assigned to partitions round-robin."""
+        return [name.strip() for name in self.teacher_models.split(",") if name.strip()]
+
+    def teacher_model_for(self, partition_id: int) -> str:
+        names = self.teacher_model_list
+        return names[partition_id % len(names)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config with kebab-case keys, as recorded in results.json."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _coerce(key: str, value: Any, kind: type) -> tuple[Any, str | None]:
+    """Check one value against its field type; ints are accepted where floats are expected."""
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if ok:
+        return value, None
+    return value, f"key {key!r} must be {kind.__name__}, got {type(value).__name__} {value!r}"
+
+
+def _check_models(cfg: RunConfig) -> list[str]:
+    from common.models import MODELS  # local import: models pulls in torch
+
+    names = cfg.teacher_model_list + [cfg.student_model]
+    if not cfg.teacher_model_list:
+        return ["teacher-models must name at least one model"]
+    return [
+        f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}"
+        for name in names if name not in MODELS
+    ]
+
+
+def default_run_config() -> dict[str, Any]:
+    """The defaults of `[tool.flwr.app.config]`, read from the project's pyproject.toml."""
+    if not PYPROJECT.is_file():
+        raise ConfigError(f"cannot find {PYPROJECT}: run fedstill from its source checkout")
+    with PYPROJECT.open("rb") as handle:
+        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])

@@ -1,0 +1,165 @@
+"""Loading the image data sets and splitting them into public transfer set, private pool and test set.
+
+Fashion-MNIST is read from the four idx files (gzip or plain) in a folder, by default where
+Debian's `dataset-fashion-mnist` package puts them; sklearn's bundled digits serve fast tests.
+Images are kept as uint8 arrays `(n, height, width)`; models scale them to [0, 1].
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import DataError
+
+FASHION_MNIST_FILES = {
+    "train-images": "train-images-idx3-ubyte",
+    "train-labels": "train-labels-idx1-ubyte",
+    "test-images": "t10k-images-idx3-ubyte",
+    "test-labels": "t10k-labels-idx1-ubyte",
+}
+FASHION_MNIST_FIX = (
+    "install Debian's package `dataset-fashion-mnist` (apt-get install dataset-fashion-mnist) or "
+    "download the four idx files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+    "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) from "
+    "https://github.com/zalandoresearch/fashion-mnist and set data-dir to their folder"
+)
+IDX_IMAGES_MAGIC = 2051
+IDX_LABELS_MAGIC = 2049
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images and labels of one split."""
+
+    images: np.ndarray  # (n, height, width) uint8
+    labels: np.ndarray  # (n,) int64 in [0, num_classes)
+    num_classes: int
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: np.ndarray) -> ImageSet:
+        return ImageSet(self.images[indices], self.labels[indices], self.num_classes)
+
+
+@dataclass(frozen=True)
+class FederatedSplit:
+    """The fixed split every party derives from the same data and seed."""
+
+    public: ImageSet  # transfer set every party holds (labels used only for reporting)
+    private: ImageSet  # pool the institutions' partitions are drawn from
+    test: ImageSet  # held-out evaluation set
+
+
+def load_split(dataset: str, data_dir: str, public_size: int, seed: int, test_size: int = 0) -> FederatedSplit:
+    """Load `dataset` and split its training part into public transfer set and private pool.
+
+    The split is a seeded permutation: the first `public_size` shuffled training samples are the
+    public set, the rest the private pool. `test_size` > 0 keeps a seeded subset of the test set.
+    """
+    train, test = _load_train_test(dataset, data_dir, seed)
+    if public_size >= len(train):
+        raise DataError(
+            f"public-size {public_size} leaves no private data: the {dataset} training set has "
+            f"{len(train)} samples; choose a smaller public-size"
+        )
+    order = np.random.default_rng(seed).permutation(len(train))
+    public, private = order[:public_size], order[public_size:]
+    if test_size:
+        test = test.subset(np.sort(np.random.default_rng(seed + 1).permutation(len(test))[:test_size]))
+    return FederatedSplit(train.subset(np.sort(public)), train.subset(private), test)
+
+
+def public_fingerprint(public: ImageSet) -> str:
+    """sha256 of the canonical bytes of the public set: a header, then the images in C order.
+
+    Labels are left out on purpose: a transfer set is usually unlabelled.
+    """
+    images = np.ascontiguousarray(public.images, dtype=np.uint8)
+    digest = hashlib.sha256(f"fedstill-public-v1|uint8|{images.shape}|".encode())
+    digest.update(images.tobytes())
+    return digest.hexdigest()
+
+
+def _load_train_test(dataset: str, data_dir: str, seed: int) -> tuple[ImageSet, ImageSet]:
+    if dataset == "fashion-mnist":
+        return _load_fashion_mnist(str(Path(data_dir).expanduser().resolve()))
+    if dataset == "digits":
+        return _load_digits(seed)
+    raise DataError(f"unknown dataset {dataset!r}; use 'fashion-mnist' or 'digits'")
+
+
+@functools.lru_cache(maxsize=2)
+def _load_fashion_mnist(folder: str) -> tuple[ImageSet, ImageSet]:
+    """Read the four idx files once per process; the arrays are read-only."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"Fashion-MNIST folder {folder} does not exist: {FASHION_MNIST_FIX}")
+    arrays = {key: _read_idx(_find_idx(root, stem)) for key, stem in FASHION_MNIST_FILES.items()}
+    for part in ("train", "test"):
+        if arrays[f"{part}-images"].shape[0] != arrays[f"{part}-labels"].shape[0]:
+            raise DataError(
+                f"Fashion-MNIST {part} images and labels in {folder} differ in length "
+                f"({arrays[f'{part}-images'].shape[0]} vs {arrays[f'{part}-labels'].shape[0]}): "
+                f"the files are corrupt or mixed up; {FASHION_MNIST_FIX}"
+            )
+    sets = []
+    for part in ("train", "test"):
+        labels = arrays[f"{part}-labels"].astype(np.int64)
+        if labels.size and labels.max() > 9:
+            raise DataError(f"Fashion-MNIST {part} labels in {folder} exceed 9: the file is corrupt")
+        images = arrays[f"{part}-images"]
+        images.setflags(write=False)
+        labels.setflags(write=False)
+        sets.append(ImageSet(images, labels, 10))
+    return sets[0], sets[1]
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for candidate in (root / f"{stem}.gz", root / stem):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"missing {stem}(.gz) in {root}: {FASHION_MNIST_FIX}")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Parse an idx file (big-endian header: magic, dims; then uint8 data)."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as error:
+        raise DataError(f"cannot read {path}: {error}; the file is corrupt, {FASHION_MNIST_FIX}") from None
+    if len(raw) < 8:
+        raise DataError(f"{path} is too short to be an idx file; the file is corrupt, re-download it")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic not in (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC):
+        raise DataError(f"{path} is not an idx file (magic number {magic}); the file is corrupt, re-download it")
+    ndim = 3 if magic == IDX_IMAGES_MAGIC else 1
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise DataError(
+            f"{path} holds {len(raw)} bytes but its header {shape} needs {expected}: the file is "
+            "truncated or corrupt, re-download it"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_digits(seed: int) -> tuple[ImageSet, ImageSet]:
+    """sklearn's bundled 8x8 digits (1,797 samples), 80/20 seeded train/test split, scaled to uint8."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    cut = int(len(labels) * 0.8)
+    train, test = np.sort(order[:cut]), np.sort(order[cut:])
+    return ImageSet(images[train], labels[train], 10), ImageSet(images[test], labels[test], 10)

@@ -1,0 +1,1 @@
+"""fedstill's coordinator side: the ServerApp, round loop, student distillation and run reports."""

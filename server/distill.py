@@ -1,0 +1,53 @@
+"""The server's student: distilled from the aggregated soft labels on the public set, then evaluated."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from common.config import RunConfig
+from common.data import ImageSet
+from common.losses import distillation_loss
+from common.models import build_model, count_parameters, images_to_tensor
+from common.training import accuracy, train_epochs
+
+
+class Student:
+    """The shared lightweight model and its optimizer, kept across rounds."""
+
+    def __init__(self, cfg: RunConfig, num_classes: int, image_size: tuple[int, int]):
+        self.cfg = cfg
+        self.model = build_model(cfg.student_model, num_classes, image_size, seed=cfg.seed)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.student_lr)
+        self.params = count_parameters(self.model)
+
+    def distil(self, public: ImageSet, sample_ids: np.ndarray, ensemble: np.ndarray, round_: int) -> float:
+        """`student-epochs` passes of KD on the queried public samples; returns the last epoch's loss.
+
+        ensemble  # (len(sample_ids), C) float32, rows on the simplex
+        The first `labelled-size` public samples count as labelled for the optional CE term.
+        """
+        cfg = self.cfg
+        x = images_to_tensor(public.images[sample_ids])
+        targets = torch.from_numpy(np.asarray(ensemble, dtype=np.float32))
+        labels = torch.from_numpy(public.labels[sample_ids].astype(np.int64))
+        labelled = torch.from_numpy(sample_ids < cfg.labelled_size)
+
+        def batch_loss(idx: np.ndarray) -> torch.Tensor:
+            return distillation_loss(
+                self.model(x[idx]), targets[idx], cfg.temperature,
+                labels=labels[idx], labelled=labelled[idx], ce_weight=cfg.ce_weight,
+            )
+
+        return train_epochs(
+            self.model, self.optimizer, len(sample_ids), batch_loss,
+            epochs=cfg.student_epochs, batch_size=cfg.student_batch_size, seed=cfg.seed + round_,
+        )
+
+    def accuracy(self, data: ImageSet) -> float:
+        return accuracy(self.model, data.images, data.labels)
+
+
+def ensemble_accuracy(ensemble: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of the aggregated soft labels against the public samples' true labels."""
+    return float((ensemble.argmax(axis=1) == labels).mean())

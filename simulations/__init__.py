@@ -1,0 +1,1 @@
+"""Scenarios, the `fedstill` command line and the simulation launcher."""
