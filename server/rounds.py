@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -46,24 +46,36 @@ def wait_for_nodes(grid: Grid, cfg: RunConfig) -> list[int]:
 
 def query_soft_labels(grid: Grid, nodes: list[int], query: SoftLabelQuery, timeout: float) -> RoundReplies:
     """Send `query` to every node and keep the replies that pass validation."""
-    content = query.to_record()
     messages = [
         Message(content=query.to_record(), dst_node_id=node, message_type=SOFT_LABELS_TYPE, group_id=str(query.round))
         for node in nodes
     ]
-    result = RoundReplies(downlink_bytes=record_nbytes(content) * len(nodes))
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            result.rejected[node] = f"node error: {reply.error.reason}"
+    answers = [
+        (reply.metadata.src_node_id, reply.error.reason if reply.has_error() else None,
+         None if reply.has_error() else reply.content)
+        for reply in grid.send_and_receive(messages, timeout=timeout)
+    ]
+    return judge_replies(query, nodes, answers, timeout)
+
+
+def judge_replies(
+    query: SoftLabelQuery, nodes: list[int], answers: list[tuple[int, str | None, RecordDict | None]], timeout: float
+) -> RoundReplies:
+    """Validate each `(node, error reason, content)` answer; a bad one is dropped with its reason, never raised."""
+    result = RoundReplies(downlink_bytes=record_nbytes(query.to_record()) * len(nodes))
+    for node, error, content in answers:
+        if error is not None or content is None:
+            result.rejected[node] = f"node error: {error}"
             continue
-        result.uplink_bytes[node] = record_nbytes(reply.content)
+        result.uplink_bytes[node] = record_nbytes(content)
         try:
-            result.accepted[node] = SoftLabelReply.from_record(reply.content, query)
-        except FedstillError as error:
-            result.rejected[node] = f"{type(error).__name__}: {error}"
+            result.accepted[node] = SoftLabelReply.from_record(content, query)
+        except FedstillError as problem:
+            result.rejected[node] = f"{type(problem).__name__}: {problem}"
+        except Exception as problem:  # noqa: BLE001 - no reply, however malformed, may crash the server
+            result.rejected[node] = f"unreadable reply ({type(problem).__name__}: {problem})"
     for node in set(nodes) - set(result.accepted) - set(result.rejected):
-        result.rejected[node] = f"no reply within round-timeout={timeout:.0f} s"
+        result.rejected[node] = f"no reply within round-timeout={timeout:g} s"
     for node, reason in sorted(result.rejected.items()):
         log(WARNING, "round %d: dropped node %d: %s", query.round, node, reason)
     return result

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up fedstill on a fresh machine: a virtual environment in .venv, the CPU build of PyTorch,
+# the project with its test extra, and Fashion-MNIST from Debian's package where apt is available.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${FEDSTILL_TORCH:-torch==2.13.0}
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+# Install torch first, so the project's plain `torch>=2.4` range is already met and pip does not
+# pull a multi-GB CUDA build. Elsewhere set FEDSTILL_TORCH to the build that fits your machine.
+.venv/bin/python -m pip install --quiet "$TORCH_SPEC"
+.venv/bin/python -m pip install --quiet -e ".[test]"
+
+DATA=/usr/share/datasets/fashion-mnist
+if [ ! -f "$DATA/train-images-idx3-ubyte.gz" ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+  elif command -v sudo >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    sudo apt-get install -y -q dataset-fashion-mnist >/dev/null
+  else
+    echo "fedstill: Fashion-MNIST not found in $DATA and apt is not available." >&2
+    echo "  Download train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz" >&2
+    echo "  and t10k-labels-idx1-ubyte.gz (https://github.com/zalandoresearch/fashion-mnist) into a folder" >&2
+    echo "  and run with --set data-dir=/that/folder." >&2
+  fi
+fi

@@ -1,0 +1,115 @@
+"""The `fedstill` command line: `fedstill simulate [SCENARIO] [--set key=value]...`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from common.errors import FedstillError
+
+app = typer.Typer(help="fedstill: federated knowledge distillation on Flower.", no_args_is_help=True, add_completion=False)
+console = Console()
+
+
+@app.callback()
+def main() -> None:
+    """fedstill: institutions share soft labels on a public set; the server distils a student."""
+
+
+@app.command()
+def simulate(
+    scenario: str = typer.Argument(None, help="Scenario name (see `fedstill scenarios`) or a .toml file of run-config keys."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a run-config key: --set num-server-rounds=3 (repeatable)."),
+    cpus_per_client: float = typer.Option(1.0, help="CPUs Ray reserves per simulated client."),
+    timeout: float = typer.Option(0, help="Stop the run after this many seconds (0: no limit)."),
+) -> None:
+    """Run a scenario on Flower's simulation engine and print its results."""
+    from simulations import launcher
+    from simulations.scenarios import resolve
+
+    try:
+        overrides, cfg = resolve(scenario, set_, Path.cwd())
+        preflight(cfg)
+        console.print(f"[bold]fedstill[/] {cfg.scenario}: {cfg.num_clients} clients, {cfg.partitioner}, "
+                      f"{cfg.num_server_rounds} rounds -> {launcher.resolve_run_dir(cfg)}")
+        with _progress() as progress:
+            task = progress.add_task("starting Flower", total=cfg.num_server_rounds)
+            outcome = launcher.simulate(
+                cfg, overrides, cpus_per_client=cpus_per_client,
+                on_event=lambda event: _show(progress, task, event), timeout_s=timeout or None,
+            )
+    except FedstillError as error:
+        _fail(error)
+    print_results(outcome.results, outcome.run_dir)
+
+
+@app.command()
+def scenarios() -> None:
+    """List the scenarios shipped in simulations/scenarios."""
+    from simulations.scenarios import list_scenarios
+
+    for name in list_scenarios():
+        console.print(name)
+
+
+def preflight(cfg: Any) -> None:
+    """Fail before starting Flower when the data is missing or cannot be partitioned as asked."""
+    from common.data import load_split
+    from common.partition import partition_indices
+
+    split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size)
+    partition_indices(
+        split.private.labels, cfg.num_clients, 0, cfg.partitioner, alpha=cfg.dirichlet_alpha,
+        classes_per_client=cfg.classes_per_client, min_partition_size=cfg.min_partition_size, seed=cfg.seed,
+    )
+
+
+def _progress() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                    TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn(), console=console)
+
+
+def _show(progress: Progress, task: Any, event: dict[str, Any]) -> None:
+    kind = event.get("event")
+    if kind == "started":
+        progress.update(task, description="waiting for nodes")
+    elif kind == "nodes":
+        progress.update(task, description=f"{event['count']} nodes, round 1")
+    elif kind == "round":
+        progress.update(task, completed=event["round"],
+                        description=f"student acc {event['student_accuracy']:.4f}, round {event['round'] + 1}")
+
+
+def print_results(results: dict[str, Any], run_dir: Path) -> None:
+    """The per-round table and the headline figures."""
+    table = Table(title=f"fedstill: {results['scenario']['scenario']}")
+    for column in ("round", "student acc", "ensemble acc", "replied", "uplink MB", "downlink MB", "wall s"):
+        table.add_column(column, justify="right")
+    for row in results["rounds"]:
+        table.add_row(str(row["round"]), f"{row['student_accuracy']:.4f}", f"{row['ensemble_accuracy']:.4f}",
+                      str(row["clients_replied"]), f"{row['uplink_bytes'] / 1e6:.2f}",
+                      f"{row['downlink_bytes'] / 1e6:.2f}", f"{row['wall_s']:.1f}")
+    console.print(table)
+    final = results["final"]
+    teacher = final.get("teacher_accuracy_mean")
+    console.print(
+        f"student accuracy [bold]{final['student_accuracy']:.4f}[/]"
+        + (f" vs teachers' mean {teacher:.4f}" if teacher is not None else "")
+        + f"; student {final['student_params']:,} params vs largest teacher {final['largest_teacher_params']:,}"
+        + f"; uplink {final['uplink_bytes_total'] / 1e6:.1f} MB\nrun folder: {run_dir}"
+    )
+
+
+def _fail(error: BaseException) -> None:
+    console.print(f"[red]{type(error).__name__}[/]: {escape(str(error))}", soft_wrap=True)
+    raise typer.Exit(code=1)
+
+
+if __name__ == "__main__":
+    app()

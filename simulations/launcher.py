@@ -1,0 +1,218 @@
+"""Runs the fedstill app on Flower's simulation engine through `flwr run`, and cleans up after it.
+
+`flwr run` starts a detached local SuperLink and exits 0 even when the ServerApp failed, so the
+launcher reads the outcome from the run folder's progress events and from `flwr list`, and stops
+the local SuperLink it started, by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.config import RunConfig
+from common.errors import FedstillError
+from server.run_folder import PROGRESS, RESULTS, resolve_run_dir
+from simulations.scenarios import to_toml
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "PYTHONWARNINGS": "ignore",
+}
+POLL_S = 0.5
+
+
+class RunFailed(FedstillError):
+    """The Flower run did not complete."""
+
+
+@dataclass
+class Outcome:
+    run_dir: Path
+    results: dict[str, Any]
+    run_id: str | None
+    log_path: Path
+
+
+def flwr_home() -> Path:
+    """FLWR_HOME from the environment, else a project-local folder (never the user's ~/.flwr)."""
+    return Path(os.environ.get("FLWR_HOME") or PROJECT_DIR / ".flwr-home").resolve()
+
+
+def simulate(
+    cfg: RunConfig,
+    overrides: dict[str, Any],
+    *,
+    cpus_per_client: float = 1.0,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    timeout_s: float | None = None,
+) -> Outcome:
+    """Run one simulation to the end and return its results; raise RunFailed with the reason if it fails."""
+    home = flwr_home()
+    home.mkdir(parents=True, exist_ok=True)
+    run_dir = resolve_run_dir(cfg)
+    if (run_dir / RESULTS).exists():
+        raise RunFailed(f"run folder {run_dir} already holds results; choose another run-name or output-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home)}
+    check_no_foreign_superlink(home)
+    before = set(local_superlinks(home))
+    log_path = run_dir / "flwr.log"
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as handle:
+        handle.write(to_toml(overrides))
+        config_file = handle.name
+    command = [
+        sys.executable, "-m", "flwr.cli.app", "run", str(PROJECT_DIR), "--run-config", config_file,
+        "--federation-config", f"num-supernodes={cfg.num_clients} client-resources-num-cpus={cpus_per_client}",
+        "--stream",
+    ]
+    try:
+        with log_path.open("w", encoding="utf-8") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_DIR)
+            events = follow_events(process, run_dir / PROGRESS, on_event, timeout_s)
+        run_id = find_run_id(log_path)
+        status = run_status(run_id, env) if run_id else None
+    finally:
+        os.unlink(config_file)
+        for pid in set(local_superlinks(home)) - before:
+            stop(pid)
+    finished = [e for e in events if e.get("event") == "finished"]
+    if finished and finished[-1].get("status") == "completed" and (run_dir / RESULTS).exists():
+        if status and "failed" in status:
+            raise RunFailed(f"Flower reports run {run_id} as {status}; see {log_path}")
+        return Outcome(run_dir, json.loads((run_dir / RESULTS).read_text()), run_id, log_path)
+    if finished:
+        raise RunFailed(f"{finished[-1].get('error', 'the run failed')} (log: {log_path})")
+    raise RunFailed(f"the run ended without results (Flower status: {status or 'unknown'}); {last_error(log_path)}")
+
+
+def follow_events(process: subprocess.Popen, path: Path, on_event, timeout_s: float | None) -> list[dict]:
+    """Read progress events while `flwr run` streams; return them all once it exits."""
+    events: list[dict] = []
+    offset = 0
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    while True:
+        done = process.poll() is not None
+        if path.exists():
+            with path.open("r", encoding="utf-8") as handle:
+                handle.seek(offset)
+                chunk = handle.read()
+            complete = chunk[: chunk.rfind("\n") + 1]
+            offset += len(complete.encode("utf-8"))
+            for line in complete.splitlines():
+                events.append(json.loads(line))
+                if on_event:
+                    on_event(events[-1])
+        if done:
+            return events
+        if events and events[-1].get("event") == "finished":
+            # `flwr run --stream` may linger after the ServerApp ended: give it a moment, then stop it.
+            stop_child(process, grace_s=15.0)
+            continue
+        if deadline and time.monotonic() > deadline:
+            stop_child(process)
+            raise RunFailed(f"the run exceeded {timeout_s:.0f} s and was stopped")
+        time.sleep(POLL_S)
+
+
+def find_run_id(log_path: Path) -> str | None:
+    match = re.search(r"Successfully started run (\d+)", log_path.read_text(errors="replace"))
+    return match.group(1) if match else None
+
+
+def run_status(run_id: str, env: dict[str, str]) -> str | None:
+    """`finished:completed`, `finished:failed`, ... as Flower's `flwr list` reports it."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "flwr.cli.app", "list", "--run-id", run_id, "--format", "json"],
+            capture_output=True, text=True, env=env, cwd=PROJECT_DIR, timeout=60,
+        ).stdout
+        run = json.loads(out[out.index("{"):])["runs"][0]
+    except (ValueError, KeyError, IndexError, subprocess.TimeoutExpired):
+        return None
+    details = run.get("status-details")
+    return f"{run['status']}:{details}" if details and details != "N/A" else run["status"]
+
+
+def last_error(log_path: Path) -> str:
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if "ERROR" in line or "Error" in line]
+    return f"last error in {log_path}: {lines[-1].strip()}" if lines else f"see {log_path}"
+
+
+def local_superlinks(home: Path) -> list[int]:
+    """PIDs of local simulation SuperLinks whose database lies under `home`."""
+    return [pid for pid, cmd in _superlink_processes() if str(home / "local-superlink") in cmd]
+
+
+def check_no_foreign_superlink(home: Path) -> None:
+    """A local SuperLink of another FLWR_HOME would hold the local ports and serve a stale app."""
+    for pid, cmd in _superlink_processes():
+        if "--simulation" in cmd and str(home / "local-superlink") not in cmd:
+            raise RunFailed(
+                f"a local SuperLink of another FLWR_HOME is running (pid {pid}) and holds the local ports; "
+                f"stop it (kill {pid}) or run with FLWR_HOME set to its home"
+            )
+
+
+def _superlink_processes() -> list[tuple[int, str]]:
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "flower-superlink" in cmd:
+            found.append((int(entry.name), cmd))
+    return found
+
+
+def stop_child(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Wait up to `grace_s` for a child process, then terminate it, then kill it."""
+    for action in (None, process.terminate, process.kill):
+        if action:
+            action()
+        try:
+            process.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def stop(pid: int, grace_s: float = 10.0) -> None:
+    """SIGTERM a process that is not our child, then SIGKILL after `grace_s`."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return
+        time.sleep(0.2)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status

@@ -1,0 +1,82 @@
+"""Scenarios: TOML files of run-config overrides, merged over the defaults, plus `--set key=value`."""
+
+from __future__ import annotations
+
+import tomllib
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from common.config import RunConfig, default_run_config
+from common.errors import ConfigError
+
+SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
+DEFAULT_SCENARIO = "fmnist-dirichlet-0.5"
+
+
+def list_scenarios() -> list[str]:
+    return sorted(path.stem for path in SCENARIO_DIR.glob("*.toml"))
+
+
+def load_scenario(name_or_path: str | None) -> dict[str, Any]:
+    """Overrides of a named scenario (simulations/scenarios/NAME.toml) or of a TOML file path."""
+    name = name_or_path or DEFAULT_SCENARIO
+    path = Path(name)
+    if not path.suffix == ".toml":
+        path = SCENARIO_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"no scenario {name!r}: known scenarios are {', '.join(list_scenarios())}, or give a .toml path")
+    try:
+        with path.open("rb") as handle:
+            values = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"scenario file {path} is not valid TOML: {error}") from None
+    nested = [key for key, value in values.items() if isinstance(value, dict)]
+    if nested:
+        raise ConfigError(f"scenario file {path}: tables are not allowed ({', '.join(nested)}); use flat key = value lines")
+    return values
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """`key=value` pairs; values are read as TOML (3, 0.5, true, "text"), bare words as strings."""
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        values[key.strip()] = value
+    return values
+
+
+def resolve(scenario: str | None, sets: list[str], cwd: Path) -> tuple[dict[str, Any], RunConfig]:
+    """The overrides to hand to `flwr run` and the validated config they produce.
+
+    Relative `output-dir` and `data-dir` are made absolute against `cwd`; an empty `run-name` becomes
+    `<scenario>-<UTC timestamp>` so the caller knows the run folder before the run starts.
+    """
+    overrides = {**load_scenario(scenario), **parse_sets(sets)}
+    merged = {**default_run_config(), **overrides}
+    for key in ("output-dir", "data-dir"):
+        if isinstance(merged.get(key), str) and merged[key]:
+            overrides[key] = merged[key] = str((cwd / Path(merged[key]).expanduser()).resolve())
+    if not merged.get("run-name") and isinstance(merged.get("scenario"), str):
+        overrides["run-name"] = merged["run-name"] = f"{merged['scenario']}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    return overrides, RunConfig.from_run_config(merged)
+
+
+def to_toml(values: dict[str, Any]) -> str:
+    """Flat key = value TOML for scalars (what run configs hold)."""
+    lines = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        else:
+            text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
