@@ -32,13 +32,16 @@ def wait_for_nodes(grid: Grid, cfg: RunConfig) -> list[int]:
     """Wait until `num-clients` nodes are connected, or `node-wait-timeout` s; need `min-clients`."""
     deadline = time.monotonic() + cfg.node_wait_timeout
     nodes = list(grid.get_node_ids())
+    if len(nodes) < cfg.num_clients:
+        log(INFO, "waiting up to %.0f s for %d nodes (num-clients)", cfg.node_wait_timeout, cfg.num_clients)
     while len(nodes) < cfg.num_clients and time.monotonic() < deadline:
         time.sleep(WAIT_POLL_S)
         nodes = list(grid.get_node_ids())
     if len(nodes) < cfg.min_clients:
         raise QuorumError(
             f"only {len(nodes)} nodes connected after {cfg.node_wait_timeout:.0f} s, min-clients is "
-            f"{cfg.min_clients}; start more SuperNodes or lower min-clients"
+            f"{cfg.min_clients}; start more SuperNodes (in simulation: --federation-config "
+            f"'num-supernodes={cfg.num_clients}') or lower min-clients"
         )
     log(INFO, "%d of %d expected nodes connected", len(nodes), cfg.num_clients)
     return sorted(nodes)

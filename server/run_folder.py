@@ -65,14 +65,19 @@ class RunFolder:
         write_json(self.path / STUDENT_CONFIG, meta)
 
     def finish(self, final: dict[str, Any]) -> dict[str, Any]:
-        results = {"scenario": self.cfg.to_dict(), "rounds": self.rounds, "final": final}
+        results = {"status": "completed", "scenario": self.cfg.to_dict(), "rounds": self.rounds, "final": final}
         write_json(self.path / RESULTS, results)
         plot_accuracy(self.rounds, final, self.path / PLOT)
         self.event("finished", status="completed")
         return results
 
     def fail(self, error: BaseException) -> None:
-        self.event("finished", status="failed", error=f"{type(error).__name__}: {error}")
+        """Keep what was done: the rounds completed so far, the reason, and the last student checkpoint."""
+        reason = f"{type(error).__name__}: {error}"
+        write_json(self.path / RESULTS, {
+            "status": "failed", "error": reason, "scenario": self.cfg.to_dict(), "rounds": self.rounds, "final": None,
+        })
+        self.event("finished", status="failed", error=reason)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -26,7 +26,7 @@ def main() -> None:
 def simulate(
     scenario: str = typer.Argument(None, help="Scenario name (see `fedstill scenarios`) or a .toml file of run-config keys."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a run-config key: --set num-server-rounds=3 (repeatable)."),
-    cpus_per_client: float = typer.Option(1.0, help="CPUs Ray reserves per simulated client."),
+    cpus_per_client: int = typer.Option(1, min=1, help="CPUs Ray reserves per simulated client."),
     timeout: float = typer.Option(0, help="Stop the run after this many seconds (0: no limit)."),
 ) -> None:
     """Run a scenario on Flower's simulation engine and print its results."""
@@ -82,8 +82,9 @@ def _show(progress: Progress, task: Any, event: dict[str, Any]) -> None:
     elif kind == "nodes":
         progress.update(task, description=f"{event['count']} nodes, round 1")
     elif kind == "round":
-        progress.update(task, completed=event["round"],
-                        description=f"student acc {event['student_accuracy']:.4f}, round {event['round'] + 1}")
+        done = event["round"] >= progress.tasks[0].total
+        step = "done" if done else f"round {event['round'] + 1}"
+        progress.update(task, completed=event["round"], description=f"student acc {event['student_accuracy']:.4f}, {step}")
 
 
 def print_results(results: dict[str, Any], run_dir: Path) -> None:

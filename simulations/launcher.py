@@ -58,7 +58,7 @@ def simulate(
     cfg: RunConfig,
     overrides: dict[str, Any],
     *,
-    cpus_per_client: float = 1.0,
+    cpus_per_client: int = 1,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     timeout_s: float | None = None,
 ) -> Outcome:
@@ -92,7 +92,7 @@ def simulate(
         for pid in set(local_superlinks(home)) - before:
             stop(pid)
     finished = [e for e in events if e.get("event") == "finished"]
-    if finished and finished[-1].get("status") == "completed" and (run_dir / RESULTS).exists():
+    if finished and finished[-1].get("status") == "completed":
         if status and "failed" in status:
             raise RunFailed(f"Flower reports run {run_id} as {status}; see {log_path}")
         return Outcome(run_dir, json.loads((run_dir / RESULTS).read_text()), run_id, log_path)
@@ -150,8 +150,13 @@ def run_status(run_id: str, env: dict[str, str]) -> str | None:
 
 
 def last_error(log_path: Path) -> str:
-    lines = [line for line in log_path.read_text(errors="replace").splitlines() if "ERROR" in line or "Error" in line]
-    return f"last error in {log_path}: {lines[-1].strip()}" if lines else f"see {log_path}"
+    """The last error line of the `flwr run` log (Flower's CLI draws errors in a box: take its text)."""
+    lines = log_path.read_text(errors="replace").splitlines()
+    for index in range(len(lines) - 1, -1, -1):
+        if "ERROR" in lines[index] or "Error" in lines[index]:
+            text = lines[index + 1] if "─ Error ─" in lines[index] and index + 1 < len(lines) else lines[index]
+            return f"{text.strip(' │|')} (log: {log_path})"
+    return f"see {log_path}"
 
 
 def local_superlinks(home: Path) -> list[int]:

@@ -44,6 +44,7 @@ def test_tiny_federation_runs_end_to_end(tmp_path: Path, home: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     run = out / "e2e"
     results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "completed"
     assert results["scenario"]["num-clients"] == 3
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     for row in results["rounds"]:
@@ -74,7 +75,8 @@ def test_failed_run_exits_nonzero_with_reason(tmp_path: Path, home: Path) -> Non
     assert result.returncode == 1
     assert "QuorumError" in result.stdout and "min-clients" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
-    assert not (out / "fails" / "results.json").exists()
+    kept = json.loads((out / "fails" / "results.json").read_text())
+    assert kept["status"] == "failed" and "QuorumError" in kept["error"] and kept["rounds"] == []
 
 
 @pytest.mark.parametrize(
