@@ -69,7 +69,9 @@ def simulate(
     if (run_dir / RESULTS).exists():
         raise RunFailed(f"run folder {run_dir} already holds results; choose another run-name or output-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home)}
+    # `flwr run` starts `flower-superlink` from PATH: make sure it is this environment's.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home), "PATH": path}
     check_no_foreign_superlink(home)
     before = set(local_superlinks(home))
     log_path = run_dir / "flwr.log"
@@ -153,9 +155,15 @@ def last_error(log_path: Path) -> str:
     """The last error line of the `flwr run` log (Flower's CLI draws errors in a box: take its text)."""
     lines = log_path.read_text(errors="replace").splitlines()
     for index in range(len(lines) - 1, -1, -1):
-        if "ERROR" in lines[index] or "Error" in lines[index]:
-            text = lines[index + 1] if "─ Error ─" in lines[index] and index + 1 < len(lines) else lines[index]
-            return f"{text.strip(' │|')} (log: {log_path})"
+        if "─ Error ─" in lines[index]:
+            box = []
+            for line in lines[index + 1:]:
+                if line.startswith("╰"):
+                    break
+                box.append(line.strip(" │"))
+            return f"{' '.join(box)} (log: {log_path})"
+        if "ERROR" in lines[index]:
+            return f"{lines[index].strip()} (log: {log_path})"
     return f"see {log_path}"
 
 
