@@ -26,7 +26,7 @@ def soft_labels(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_run_config(context.run_config)
     torch.set_num_threads(cfg.torch_threads)
     query = SoftLabelQuery.from_record(msg.content)
-    site = load_site(cfg, context.node_config)
+    site = load_site(cfg, context.node_config, context.state)
     check_query(query, site.fingerprint, site.private.num_classes, len(site.public))
 
     teacher, rounds_trained = restore_teacher(context.state, cfg, site)
