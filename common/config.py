@@ -157,9 +157,8 @@ def _check_models(cfg: RunConfig) -> list[str]:
     from common.models import MODELS  # local import: models pulls in torch
 
     names = cfg.teacher_model_list + [cfg.student_model]
-    if not cfg.teacher_model_list:
-        return ["teacher-models must name at least one model"]
-    return [
+    problems = [] if cfg.teacher_model_list else ["teacher-models must name at least one model"]
+    return problems + [
         f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}"
         for name in names if name not in MODELS
     ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,10 +130,10 @@ def _find_idx(root: Path, stem: str) -> Path:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    """Parse an idx file (big-endian header: magic, dims; then uint8 data)."""
+    """Parse an idx file (big-endian header: magic, dims; then uint8 data); images must be 3-d."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as error:
+    except (OSError, EOFError, zlib.error) as error:
         raise DataError(f"cannot read {path}: {error}; the file is corrupt, {FASHION_MNIST_FIX}") from None
     if len(raw) < 8:
         raise DataError(f"{path} is too short to be an idx file; the file is corrupt, re-download it")
@@ -140,6 +141,9 @@ def _read_idx(path: Path) -> np.ndarray:
     if magic not in (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC):
         raise DataError(f"{path} is not an idx file (magic number {magic}); the file is corrupt, re-download it")
     ndim = 3 if magic == IDX_IMAGES_MAGIC else 1
+    if ("images" in path.name) != (ndim == 3):
+        wanted = "images (magic 2051)" if "images" in path.name else "labels (magic 2049)"
+        raise DataError(f"{path} should hold {wanted} but its magic number is {magic}; the files are mixed up, re-download them")
     header = 4 + 4 * ndim
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(shape))
@@ -162,4 +166,8 @@ def _load_digits(seed: int) -> tuple[ImageSet, ImageSet]:
     order = np.random.default_rng(seed).permutation(len(labels))
     cut = int(len(labels) * 0.8)
     train, test = np.sort(order[:cut]), np.sort(order[cut:])
-    return ImageSet(images[train], labels[train], 10), ImageSet(images[test], labels[test], 10)
+    sets = (ImageSet(images[train], labels[train], 10), ImageSet(images[test], labels[test], 10))
+    for part in sets:
+        part.images.setflags(write=False)
+        part.labels.setflags(write=False)
+    return sets

@@ -55,7 +55,7 @@ class SoftLabelQuery:
             sample_ids=ids,
             evaluate_teacher=_field(config, "query", "evaluate-teacher", bool),
         )
-        if query.temperature <= 0 or query.codec not in WIRE_DTYPES or query.num_classes < 2:
+        if not query.temperature > 0 or query.codec not in WIRE_DTYPES or query.num_classes < 2:
             raise MessageFormatError(
                 f"query: temperature must be > 0, codec one of {list(WIRE_DTYPES)}, num-classes >= 2; "
                 f"got {query.temperature}, {query.codec!r}, {query.num_classes}"
@@ -132,7 +132,7 @@ def validate_soft_labels(wire: np.ndarray, query: SoftLabelQuery) -> np.ndarray:
     off = np.abs(sums - 1.0) > tolerance
     if off.any():
         raise MessageFormatError(
-            f"soft-labels: {int(off.sum())} rows do not sum to 1 (worst {sums[off][0]:.6f}, tolerance "
+            f"soft-labels: {int(off.sum())} rows do not sum to 1 (worst {sums[np.argmax(np.abs(sums - 1.0))]:.6f}, tolerance "
             f"{tolerance:.1e}); send softmax probabilities, not logits"
         )
     return probs
