@@ -40,7 +40,7 @@ def soft_labels(msg: Message, context: Context) -> Message:
     reply = SoftLabelReply(
         round=query.round, fingerprint=site.fingerprint, codec=query.codec, soft_labels=probs,
         num_examples=len(site.private), train_loss=loss, teacher_accuracy=teacher_accuracy,
-        teacher_params=count_parameters(teacher),
+        teacher_params=count_parameters(teacher), teacher_rounds=rounds_trained + 1,
     )
     return Message(reply.to_record(), reply_to=msg)
 

@@ -75,6 +75,7 @@ class SoftLabelReply:
     train_loss: float
     teacher_accuracy: float  # on the test set, or -1.0 when not evaluated
     teacher_params: int
+    teacher_rounds: int  # rounds of local training the teacher has had, this one included
 
     def to_record(self) -> RecordDict:
         return RecordDict({
@@ -83,6 +84,7 @@ class SoftLabelReply:
             "metrics": MetricRecord({
                 "num-examples": self.num_examples, "train-loss": float(self.train_loss),
                 "teacher-accuracy": float(self.teacher_accuracy), "teacher-params": self.teacher_params,
+                "teacher-rounds": self.teacher_rounds,
             }),
         })
 
@@ -113,6 +115,7 @@ class SoftLabelReply:
             train_loss=_field(metrics, "metrics", "train-loss", float),
             teacher_accuracy=_field(metrics, "metrics", "teacher-accuracy", float),
             teacher_params=_field(metrics, "metrics", "teacher-params", int),
+            teacher_rounds=_field(metrics, "metrics", "teacher-rounds", int),
         )
 
 

@@ -63,6 +63,7 @@ def run_rounds(grid: Grid, cfg: RunConfig, run: RunFolder) -> None:
             "uplink_bytes": sum(replies.uplink_bytes.values()),
             "uplink_bytes_per_client": {str(n): b for n, b in sorted(replies.uplink_bytes.items())},
             "downlink_bytes": replies.downlink_bytes,
+            "teacher_rounds": {str(n): r.teacher_rounds for n, r in sorted(replies.accepted.items())},
             "teacher_accuracy": {str(n): r.teacher_accuracy for n, r in sorted(replies.accepted.items())
                                  if r.teacher_accuracy >= 0},
             "wall_s": round(time.monotonic() - started, 3),

@@ -53,6 +53,8 @@ def test_tiny_federation_runs_end_to_end(tmp_path: Path, home: Path) -> None:
         # 400 public samples x 10 classes x 2 bytes of float16, plus record framing
         assert all(8_000 < b < 12_000 for b in per_client), per_client
         assert row["uplink_bytes"] == sum(per_client)
+        # each teacher continues training from the previous round rather than starting over
+        assert set(row["teacher_rounds"].values()) == {row["round"]}
     final = results["final"]
     assert 0.0 < final["student_accuracy"] <= 1.0
     assert final["teacher_accuracy_mean"] is not None

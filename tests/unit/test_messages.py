@@ -43,7 +43,7 @@ def make_reply(query: SoftLabelQuery, probs: np.ndarray | None = None, **changes
     fields = dict(
         round=query.round, fingerprint=query.fingerprint, codec=query.codec,
         soft_labels=make_probs(len(query.sample_ids), query.num_classes) if probs is None else probs,
-        num_examples=1234, train_loss=0.42, teacher_accuracy=-1.0, teacher_params=105_866,
+        num_examples=1234, train_loss=0.42, teacher_accuracy=-1.0, teacher_params=105_866, teacher_rounds=3,
     )
     fields.update(changes)
     return SoftLabelReply(**fields)

@@ -18,7 +18,7 @@ def make_query() -> SoftLabelQuery:
 
 def reply_content(probs: np.ndarray, fingerprint: str = FINGERPRINT) -> RecordDict:
     return SoftLabelReply(round=1, fingerprint=fingerprint, codec="float16", soft_labels=probs, num_examples=10,
-                          train_loss=0.5, teacher_accuracy=-1.0, teacher_params=100).to_record()
+                          train_loss=0.5, teacher_accuracy=-1.0, teacher_params=100, teacher_rounds=1).to_record()
 
 
 def test_bad_replies_are_dropped_with_reasons_and_good_ones_kept() -> None:
