@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
 from client.site import Site
 from common.config import RunConfig
-from common.models import build_model
-from common.training import train_supervised
+from common.losses import distillation_loss
+from common.messages import DigestInstruction
+from common.models import build_model, images_to_tensor
+from common.training import train_epochs, train_supervised
 
 TEACHER_KEY = "teacher"
 TEACHER_META_KEY = "teacher-meta"
@@ -41,3 +44,23 @@ def save_teacher(state: RecordDict, model: nn.Module, cfg: RunConfig, site: Site
     state[TEACHER_META_KEY] = ConfigRecord({
         "model": cfg.teacher_model_for(site.partition_id), "rounds-trained": rounds_trained,
     })
+
+
+def digest_round(model: nn.Module, cfg: RunConfig, site: Site, digest: DigestInstruction, rounds_trained: int) -> tuple[float, float]:
+    """FedMD (Li & Wang, 2019): learn toward the consensus on the public samples, then revisit the
+    private data. Returns the last epoch's loss of each step (nan when a step has 0 epochs)."""
+    x = images_to_tensor(site.public.images[digest.sample_ids])
+    targets = torch.from_numpy(digest.consensus)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.teacher_lr)
+    digest_loss = train_epochs(
+        model, optimizer, len(targets),
+        lambda idx: distillation_loss(model(x[idx]), targets[idx], digest.temperature),
+        epochs=digest.digest_epochs, batch_size=cfg.teacher_batch_size,
+        seed=cfg.seed * 1_000_003 + site.partition_id * 1_009 + rounds_trained + 500_000,
+    )
+    revisit_loss = train_supervised(
+        model, site.private.images, site.private.labels,
+        epochs=digest.revisit_epochs, lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size,
+        seed=cfg.seed * 1_000_003 + site.partition_id * 1_009 + rounds_trained + 700_000,
+    )
+    return digest_loss, revisit_loss

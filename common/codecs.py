@@ -7,6 +7,7 @@ import numpy as np
 from common.errors import MessageFormatError
 
 WIRE_DTYPES = {"float32": np.float32, "float16": np.float16}
+CODECS = tuple(WIRE_DTYPES)
 
 
 def encode(probs: np.ndarray, codec: str) -> np.ndarray:

@@ -17,9 +17,9 @@ from typing import Any, get_type_hints
 from common.errors import ConfigError
 
 DATASETS = ("fashion-mnist", "digits")
+METHODS = ("distill", "fedavg")
+SCHEDULES = ("constant", "linear")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
-CODECS = ("float16", "float32")
-AGGREGATIONS = ("mean",)
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
@@ -59,6 +59,17 @@ class RunConfig:
     run_name: str
     torch_threads: int
     evaluate_teachers: bool
+    method: str
+    temperature_schedule: str
+    temperature_final: float
+    public_fraction: float
+    student_head_epochs: int
+    digest_epochs: int
+    revisit_epochs: int
+    codec_top_k: int
+    era_temperature: float
+    trim_fraction: float
+    selective_threshold: float
 
     @classmethod
     def from_run_config(cls, raw: Mapping[str, Any]) -> RunConfig:
@@ -87,9 +98,19 @@ class RunConfig:
             (self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}"),
             (self.partitioner in PARTITIONERS,
              f"partitioner must be one of {PARTITIONERS}, got {self.partitioner!r}"),
-            (self.codec in CODECS, f"codec must be one of {CODECS}, got {self.codec!r}"),
-            (self.aggregation in AGGREGATIONS,
-             f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}"),
+            (self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
+            (self.temperature_schedule in SCHEDULES,
+             f"temperature-schedule must be one of {SCHEDULES}, got {self.temperature_schedule!r}"),
+            (self.temperature_final > 0, f"temperature-final must be > 0, got {self.temperature_final}"),
+            (0.0 < self.public_fraction <= 1.0, f"public-fraction must be in (0, 1], got {self.public_fraction}"),
+            (self.student_head_epochs >= 0, f"student-head-epochs must be >= 0, got {self.student_head_epochs}"),
+            (self.digest_epochs >= 0 and self.revisit_epochs >= 0,
+             f"digest-epochs and revisit-epochs must be >= 0, got {self.digest_epochs}, {self.revisit_epochs}"),
+            (self.codec_top_k >= 1, f"codec-top-k must be >= 1, got {self.codec_top_k}"),
+            (self.era_temperature > 0, f"era-temperature must be > 0, got {self.era_temperature}"),
+            (0.0 <= self.trim_fraction < 0.5, f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}"),
+            (0.0 < self.selective_threshold <= 1.0,
+             f"selective-threshold must be in (0, 1], got {self.selective_threshold}"),
             (self.public_size > 0, f"public-size must be > 0, got {self.public_size}"),
             (self.test_size >= 0, f"test-size must be >= 0 (0 = whole test set), got {self.test_size}"),
             (self.num_clients >= 1, f"num-clients must be >= 1, got {self.num_clients}"),
@@ -119,7 +140,7 @@ class RunConfig:
             (bool(self.output_dir), "output-dir must not be empty"),
         ]
         problems = [message for ok, message in checks if not ok]
-        problems += _check_models(self)
+        problems += _check_models(self) + _check_registries(self)
         if problems:
             raise ConfigError("bad run config: " + "; ".join(problems))
 
@@ -162,6 +183,27 @@ def _check_models(cfg: RunConfig) -> list[str]:
         f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}"
         for name in names if name not in MODELS
     ]
+
+
+def _check_registries(cfg: RunConfig) -> list[str]:
+    from common.aggregation import RULES
+    from common.codecs import CODECS
+
+    problems = []
+    if cfg.aggregation not in RULES:
+        problems.append(f"aggregation must be one of {', '.join(RULES)}, got {cfg.aggregation!r}")
+    if cfg.codec not in CODECS:
+        problems.append(f"codec must be one of {', '.join(CODECS)}, got {cfg.codec!r}")
+    return problems
+
+
+def temperature_at(cfg: RunConfig, round_: int) -> float:
+    """The round's distillation temperature: constant, or linear from `temperature` (round 1) to
+    `temperature-final` (last round)."""
+    if cfg.temperature_schedule == "constant" or cfg.num_server_rounds == 1:
+        return cfg.temperature
+    step = (round_ - 1) / (cfg.num_server_rounds - 1)
+    return cfg.temperature + step * (cfg.temperature_final - cfg.temperature)
 
 
 def default_run_config() -> dict[str, Any]:

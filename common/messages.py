@@ -16,6 +16,7 @@ from common.codecs import WIRE_DTYPES, decode, encode, simplex_tolerance
 from common.errors import FingerprintMismatch, MessageFormatError
 
 SOFT_LABELS_TYPE = "query.soft_labels"
+DIGEST_TYPE = "train.digest"
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class SoftLabelQuery:
     num_classes: int
     sample_ids: np.ndarray  # (m,) int64 indices into the public set
     evaluate_teacher: bool  # report the teacher's test accuracy (simulation benchmarks)
+    want_class_counts: bool = False  # ask for per-class sample counts (the expertise rule needs them)
 
     def to_record(self) -> RecordDict:
         return RecordDict({
@@ -36,6 +38,7 @@ class SoftLabelQuery:
                 "round": self.round, "fingerprint": self.fingerprint,
                 "temperature": float(self.temperature), "codec": self.codec,
                 "num-classes": self.num_classes, "evaluate-teacher": self.evaluate_teacher,
+                "want-class-counts": self.want_class_counts,
             }),
             "sample-ids": ArrayRecord({"ids": Array(np.asarray(self.sample_ids, dtype=np.int64))}),
         })
@@ -54,6 +57,7 @@ class SoftLabelQuery:
             num_classes=_field(config, "query", "num-classes", int),
             sample_ids=ids,
             evaluate_teacher=_field(config, "query", "evaluate-teacher", bool),
+            want_class_counts=_field(config, "query", "want-class-counts", bool),
         )
         if not query.temperature > 0 or query.codec not in WIRE_DTYPES or query.num_classes < 2:
             raise MessageFormatError(
@@ -76,16 +80,20 @@ class SoftLabelReply:
     teacher_accuracy: float  # on the test set, or -1.0 when not evaluated
     teacher_params: int
     teacher_rounds: int  # rounds of local training the teacher has had, this one included
+    class_counts: np.ndarray | None = None  # (C,) int64 private samples per class, only when asked
 
     def to_record(self) -> RecordDict:
+        metrics: dict[str, Any] = {
+            "num-examples": self.num_examples, "train-loss": float(self.train_loss),
+            "teacher-accuracy": float(self.teacher_accuracy), "teacher-params": self.teacher_params,
+            "teacher-rounds": self.teacher_rounds,
+        }
+        if self.class_counts is not None:
+            metrics["class-counts"] = [int(c) for c in self.class_counts]
         return RecordDict({
             "soft-labels": ArrayRecord({"probs": Array(encode(self.soft_labels, self.codec))}),
             "release": ConfigRecord({"round": self.round, "fingerprint": self.fingerprint, "codec": self.codec}),
-            "metrics": MetricRecord({
-                "num-examples": self.num_examples, "train-loss": float(self.train_loss),
-                "teacher-accuracy": float(self.teacher_accuracy), "teacher-params": self.teacher_params,
-                "teacher-rounds": self.teacher_rounds,
-            }),
+            "metrics": MetricRecord(metrics),
         })
 
     @classmethod
@@ -116,6 +124,90 @@ class SoftLabelReply:
             teacher_accuracy=_field(metrics, "metrics", "teacher-accuracy", float),
             teacher_params=_field(metrics, "metrics", "teacher-params", int),
             teacher_rounds=_field(metrics, "metrics", "teacher-rounds", int),
+            class_counts=_class_counts(metrics, query, num_examples),
+        )
+
+
+def _class_counts(metrics: MetricRecord, query: SoftLabelQuery, num_examples: int) -> np.ndarray | None:
+    """Per-class counts, required when the query asked for them; they must add up to num-examples."""
+    if not query.want_class_counts:
+        return None
+    raw = _field(metrics, "metrics", "class-counts", list)
+    counts = np.asarray(raw)
+    if counts.shape != (query.num_classes,) or counts.dtype.kind != "i" or (counts < 0).any():
+        raise MessageFormatError(
+            f"metrics: class-counts must be {query.num_classes} non-negative integers, got {raw[:12]}"
+        )
+    if int(counts.sum()) != num_examples:
+        raise MessageFormatError(f"metrics: class-counts add up to {int(counts.sum())}, num-examples is {num_examples}")
+    return counts.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class DigestInstruction:
+    """Server -> institution (FedMD): learn toward the consensus on these public samples, then revisit."""
+
+    round: int
+    fingerprint: str
+    temperature: float
+    sample_ids: np.ndarray  # (m,) int64 indices into the public set
+    consensus: np.ndarray  # (m, C) float32 rows on the simplex; float16 on the wire
+    digest_epochs: int
+    revisit_epochs: int
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({
+            "digest": ConfigRecord({
+                "round": self.round, "fingerprint": self.fingerprint, "temperature": float(self.temperature),
+                "digest-epochs": self.digest_epochs, "revisit-epochs": self.revisit_epochs,
+            }),
+            "consensus": ArrayRecord({
+                "ids": Array(np.asarray(self.sample_ids, dtype=np.int64)),
+                "probs": Array(np.asarray(self.consensus, dtype=np.float16)),
+            }),
+        })
+
+    @classmethod
+    def from_record(cls, record: RecordDict) -> DigestInstruction:
+        config = _get(record, "digest", ConfigRecord)
+        ids = _get_array(record, "consensus", "ids")
+        probs = _get_array(record, "consensus", "probs")
+        if ids.ndim != 1 or ids.dtype != np.int64 or probs.ndim != 2 or probs.shape[0] != len(ids):
+            raise MessageFormatError(f"consensus: expected ids (m,) int64 and probs (m, C), got {ids.shape}, {probs.shape}")
+        as_query = SoftLabelQuery(0, "", 1.0, "float16", probs.shape[1], ids, False)
+        digest = cls(
+            round=_field(config, "digest", "round", int),
+            fingerprint=_field(config, "digest", "fingerprint", str),
+            temperature=_field(config, "digest", "temperature", float),
+            sample_ids=ids, consensus=validate_soft_labels(probs, as_query),
+            digest_epochs=_field(config, "digest", "digest-epochs", int),
+            revisit_epochs=_field(config, "digest", "revisit-epochs", int),
+        )
+        if not digest.temperature > 0 or digest.digest_epochs < 0 or digest.revisit_epochs < 0:
+            raise MessageFormatError("digest: temperature must be > 0 and epochs >= 0")
+        return digest
+
+
+@dataclass(frozen=True)
+class DigestReply:
+    """Institution -> server: losses of the digest and revisit steps (nothing else leaves)."""
+
+    round: int
+    digest_loss: float
+    revisit_loss: float
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({"metrics": MetricRecord({
+            "round": self.round, "digest-loss": float(self.digest_loss), "revisit-loss": float(self.revisit_loss),
+        })})
+
+    @classmethod
+    def from_record(cls, record: RecordDict) -> DigestReply:
+        metrics = _get(record, "metrics", MetricRecord)
+        return cls(
+            round=_field(metrics, "metrics", "round", int),
+            digest_loss=_field(metrics, "metrics", "digest-loss", float),
+            revisit_loss=_field(metrics, "metrics", "revisit-loss", float),
         )
 
 

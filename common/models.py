@@ -1,7 +1,8 @@
 """Model registry: teachers and students are named in the config and built by `build_model`.
 
 Adding a model is one entry in `MODELS`. Image models take `(batch, 1, height, width)` floats in
-[0, 1] and return logits `(batch, num_classes)`.
+[0, 1] and return logits `(batch, num_classes)`; each has a `features` body and a `head` (the
+last layers), so a student can be trained head first.
 """
 
 from __future__ import annotations
@@ -30,12 +31,26 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
+class MLP(nn.Module):
+    """Flatten, one hidden ReLU layer, linear head: the institution that has no GPU and no CNN expertise."""
+
+    def __init__(self, num_classes: int, image_size: tuple[int, int], hidden: int):
+        super().__init__()
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(image_size[0] * image_size[1], hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
 ModelBuilder = Callable[[int, tuple[int, int]], nn.Module]
 
 MODELS: dict[str, ModelBuilder] = {
     # teachers
     "cnn-small": lambda classes, size: SmallCNN(classes, size, widths=(16, 32), hidden=128),
     "cnn-large": lambda classes, size: SmallCNN(classes, size, widths=(32, 64), hidden=256),
+    "cnn-tiny": lambda classes, size: SmallCNN(classes, size, widths=(4, 8), hidden=32),
+    "mlp": lambda classes, size: MLP(classes, size, hidden=128),
     # student: under a third of cnn-large's parameters
     "cnn-student": lambda classes, size: SmallCNN(classes, size, widths=(16, 32), hidden=64),
 }
@@ -50,6 +65,11 @@ def build_model(name: str, num_classes: int, image_size: tuple[int, int], seed: 
     if seed is not None:
         torch.manual_seed(seed)
     return MODELS[name](num_classes, image_size)
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the model's `head` (the part trained alone in two-stage distillation)."""
+    return list(model.head.parameters())
 
 
 def count_parameters(model: nn.Module) -> int:

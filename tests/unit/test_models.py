@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common.errors import ConfigError
-from common.models import MODELS, build_model, count_parameters, images_to_tensor
+from common.models import MODELS, build_model, count_parameters, head_parameters, images_to_tensor
 
 IMAGE_SIZES = [(28, 28), (8, 8)]  # Fashion-MNIST, digits
 
@@ -32,7 +32,30 @@ def _keep_torch_rng_state():
 
 def test_registry_names() -> None:
     # Execute / Assert
-    assert sorted(MODELS) == ["cnn-large", "cnn-small", "cnn-student"]
+    assert sorted(MODELS) == ["cnn-large", "cnn-small", "cnn-student", "cnn-tiny", "mlp"]
+
+
+def test_heterogeneous_teachers_span_a_5x_size_range() -> None:
+    # Prepare
+    sizes = {name: count_parameters(build_model(name, 10, (28, 28))) for name in ("cnn-tiny", "mlp", "cnn-large")}
+
+    # Assert: the MLP is 784*128 + 128 + 128*10 + 10 parameters
+    assert sizes["mlp"] == 784 * 128 + 128 + 128 * 10 + 10
+    assert sizes["cnn-tiny"] == small_cnn_parameters((4, 8), 32, (28, 28))
+    assert sizes["cnn-large"] >= 5 * sizes["cnn-tiny"]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_has_a_head_for_two_stage_training(name: str) -> None:
+    # Prepare
+    model = build_model(name, 10, (28, 28))
+
+    # Execute
+    head = head_parameters(model)
+
+    # Assert: the head is the last linear layer block, a strict subset of all parameters
+    assert 0 < sum(p.numel() for p in head) < count_parameters(model)
+    assert head[-1].shape == (10,)
 
 
 @pytest.mark.parametrize("image_size", IMAGE_SIZES, ids=["28x28", "8x8"])

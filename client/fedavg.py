@@ -1,0 +1,34 @@
+"""The FedAvg baseline's client step: train the shared student architecture on private data.
+
+Unlike distillation, this sends model weights back to the server: it exists only to compare against.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from client.site import Site
+from common.config import RunConfig
+from common.errors import MessageFormatError
+from common.models import build_model
+from common.training import train_supervised
+
+
+def fedavg_train(content: RecordDict, cfg: RunConfig, site: Site, server_round: int) -> RecordDict:
+    """Load the global weights from `content["arrays"]`, train `local-epochs`, return weights and counts."""
+    arrays = content.get("arrays")
+    if not isinstance(arrays, ArrayRecord):
+        raise MessageFormatError("fedavg: expected an ArrayRecord 'arrays' holding the global model")
+    model = build_model(cfg.student_model, site.private.num_classes, tuple(site.private.images.shape[1:]))
+    try:
+        model.load_state_dict(arrays.to_torch_state_dict())
+    except RuntimeError as error:
+        raise MessageFormatError(f"fedavg: global weights do not fit {cfg.student_model}: {error}") from None
+    loss = train_supervised(
+        model, site.private.images, site.private.labels, epochs=cfg.local_epochs, lr=cfg.teacher_lr,
+        batch_size=cfg.teacher_batch_size, seed=cfg.seed * 1_000_003 + site.partition_id * 1_009 + server_round,
+    )
+    return RecordDict({
+        "arrays": ArrayRecord(model.state_dict()),
+        "metrics": MetricRecord({"num-examples": len(site.private), "train-loss": float(loss)}),
+    })
