@@ -42,7 +42,7 @@ def soft_labels(msg: Message, context: Context) -> Message:
         round=query.round, fingerprint=site.fingerprint, codec=query.codec, soft_labels=probs,
         num_examples=len(site.private), train_loss=loss, teacher_accuracy=teacher_accuracy,
         teacher_params=count_parameters(teacher), teacher_rounds=rounds_trained + 1,
-        class_counts=_class_counts(site) if query.want_class_counts else None,
+        class_counts=_class_counts(site) if query.want_class_counts else None, top_k=query.top_k,
     )
     return Message(reply.to_record(), reply_to=msg)
 

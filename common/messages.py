@@ -6,13 +6,14 @@ Each message is a dataclass with `to_record()` and a validating `from_record()` 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from common.codecs import WIRE_DTYPES, decode, encode, simplex_tolerance
+from common.codecs import CODECS, decode, encode, require_simplex, simplex_tolerance, wire_schema
 from common.errors import FingerprintMismatch, MessageFormatError
 
 SOFT_LABELS_TYPE = "query.soft_labels"
@@ -31,6 +32,7 @@ class SoftLabelQuery:
     sample_ids: np.ndarray  # (m,) int64 indices into the public set
     evaluate_teacher: bool  # report the teacher's test accuracy (simulation benchmarks)
     want_class_counts: bool = False  # ask for per-class sample counts (the expertise rule needs them)
+    top_k: int = 1  # classes kept per row by the topk codec (ignored by the others)
 
     def to_record(self) -> RecordDict:
         return RecordDict({
@@ -38,7 +40,7 @@ class SoftLabelQuery:
                 "round": self.round, "fingerprint": self.fingerprint,
                 "temperature": float(self.temperature), "codec": self.codec,
                 "num-classes": self.num_classes, "evaluate-teacher": self.evaluate_teacher,
-                "want-class-counts": self.want_class_counts,
+                "want-class-counts": self.want_class_counts, "top-k": self.top_k,
             }),
             "sample-ids": ArrayRecord({"ids": Array(np.asarray(self.sample_ids, dtype=np.int64))}),
         })
@@ -58,11 +60,16 @@ class SoftLabelQuery:
             sample_ids=ids,
             evaluate_teacher=_field(config, "query", "evaluate-teacher", bool),
             want_class_counts=_field(config, "query", "want-class-counts", bool),
+            top_k=_field(config, "query", "top-k", int),
         )
-        if not query.temperature > 0 or query.codec not in WIRE_DTYPES or query.num_classes < 2:
+        if not query.temperature > 0 or query.codec not in CODECS or query.num_classes < 2:
             raise MessageFormatError(
-                f"query: temperature must be > 0, codec one of {list(WIRE_DTYPES)}, num-classes >= 2; "
+                f"query: temperature must be > 0, codec one of {list(CODECS)}, num-classes >= 2; "
                 f"got {query.temperature}, {query.codec!r}, {query.num_classes}"
+            )
+        if not 1 <= query.top_k <= query.num_classes:
+            raise MessageFormatError(
+                f"query: top-k must be in [1, num-classes = {query.num_classes}], got {query.top_k}"
             )
         return query
 
@@ -81,6 +88,7 @@ class SoftLabelReply:
     teacher_params: int
     teacher_rounds: int  # rounds of local training the teacher has had, this one included
     class_counts: np.ndarray | None = None  # (C,) int64 private samples per class, only when asked
+    top_k: int = 1  # the query's top-k: classes kept per row by the topk codec
 
     def to_record(self) -> RecordDict:
         metrics: dict[str, Any] = {
@@ -91,7 +99,9 @@ class SoftLabelReply:
         if self.class_counts is not None:
             metrics["class-counts"] = [int(c) for c in self.class_counts]
         return RecordDict({
-            "soft-labels": ArrayRecord({"probs": Array(encode(self.soft_labels, self.codec))}),
+            "soft-labels": ArrayRecord({
+                name: Array(wire) for name, wire in encode(self.soft_labels, self.codec, self.top_k).items()
+            }),
             "release": ConfigRecord({"round": self.round, "fingerprint": self.fingerprint, "codec": self.codec}),
             "metrics": MetricRecord(metrics),
         })
@@ -116,7 +126,8 @@ class SoftLabelReply:
         num_examples = _field(metrics, "metrics", "num-examples", int)
         if num_examples < 1:
             raise MessageFormatError(f"metrics: num-examples must be >= 1, got {num_examples}")
-        probs = validate_soft_labels(_get_array(record, "soft-labels", "probs"), query)
+        names = wire_schema(codec, query.num_classes, query.top_k)
+        probs = validate_soft_labels(_get_arrays(record, "soft-labels", tuple(names)), query)
         return cls(
             round=round_, fingerprint=fingerprint, codec=codec, soft_labels=probs,
             num_examples=num_examples,
@@ -124,7 +135,7 @@ class SoftLabelReply:
             teacher_accuracy=_field(metrics, "metrics", "teacher-accuracy", float),
             teacher_params=_field(metrics, "metrics", "teacher-params", int),
             teacher_rounds=_field(metrics, "metrics", "teacher-rounds", int),
-            class_counts=_class_counts(metrics, query, num_examples),
+            class_counts=_class_counts(metrics, query, num_examples), top_k=query.top_k,
         )
 
 
@@ -179,7 +190,7 @@ class DigestInstruction:
             round=_field(config, "digest", "round", int),
             fingerprint=_field(config, "digest", "fingerprint", str),
             temperature=_field(config, "digest", "temperature", float),
-            sample_ids=ids, consensus=validate_soft_labels(probs, as_query),
+            sample_ids=ids, consensus=validate_soft_labels({"probs": probs}, as_query),
             digest_epochs=_field(config, "digest", "digest-epochs", int),
             revisit_epochs=_field(config, "digest", "revisit-epochs", int),
         )
@@ -211,25 +222,17 @@ class DigestReply:
         )
 
 
-def validate_soft_labels(wire: np.ndarray, query: SoftLabelQuery) -> np.ndarray:
-    """Decode and check a soft-label matrix; returns float32 `(m, C)` rows on the simplex."""
+def validate_soft_labels(arrays: Mapping[str, np.ndarray] | np.ndarray, query: SoftLabelQuery) -> np.ndarray:
+    """Decode the wire arrays of `query.codec` (a bare array is read as {"probs": array}) and check the
+    result: shape `(len(sample_ids), num_classes)`, finite, non-negative, rows sum to 1 within the
+    codec's `simplex_tolerance`. Returns float32 `(m, C)`; anything else raises `MessageFormatError`."""
+    if isinstance(arrays, np.ndarray):
+        arrays = {"probs": arrays}
     expected = (len(query.sample_ids), query.num_classes)
-    if wire.shape != expected:
-        raise MessageFormatError(f"soft-labels: expected shape {expected}, got {wire.shape}")
-    probs = decode(wire, query.codec)
-    if not np.isfinite(probs).all():
-        bad = int((~np.isfinite(probs)).any(axis=1).sum())
-        raise MessageFormatError(f"soft-labels: {bad} rows hold NaN or inf; send finite probabilities")
-    if (probs < 0).any():
-        raise MessageFormatError(f"soft-labels: negative values (min {probs.min():.3g}); send probabilities")
-    sums = probs.sum(axis=1, dtype=np.float64)
-    tolerance = simplex_tolerance(query.codec, query.num_classes)
-    off = np.abs(sums - 1.0) > tolerance
-    if off.any():
-        raise MessageFormatError(
-            f"soft-labels: {int(off.sum())} rows do not sum to 1 (worst {sums[np.argmax(np.abs(sums - 1.0))]:.6f}, tolerance "
-            f"{tolerance:.1e}); send softmax probabilities, not logits"
-        )
+    probs = decode(arrays, query.codec, query.num_classes, query.top_k, num_rows=expected[0])
+    if probs.shape != expected:
+        raise MessageFormatError(f"soft-labels: expected shape {expected}, got {probs.shape}")
+    require_simplex(probs, simplex_tolerance(query.codec, query.num_classes, query.top_k))
     return probs
 
 
@@ -259,6 +262,15 @@ def _get_array(record: RecordDict, key: str, name: str) -> np.ndarray:
         return arrays[name].numpy()
     except Exception as error:  # a malformed payload must not crash the caller
         raise MessageFormatError(f"record {key!r}: array {name!r} cannot be decoded ({error})") from None
+
+
+def _get_arrays(record: RecordDict, key: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Exactly the arrays `names` of ArrayRecord `key`, as numpy; a missing or extra one is an error."""
+    arrays = _get(record, key, ArrayRecord)
+    extra = sorted(set(arrays.keys()) - set(names))
+    if extra:
+        raise MessageFormatError(f"record {key!r}: unexpected arrays {extra} (expected {sorted(names)})")
+    return {name: _get_array(record, key, name) for name in names}
 
 
 def _field(record: Any, where: str, key: str, kind: type) -> Any:

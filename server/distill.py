@@ -8,7 +8,7 @@ import torch
 from common.config import RunConfig
 from common.data import ImageSet
 from common.losses import distillation_loss
-from common.models import build_model, count_parameters, images_to_tensor
+from common.models import build_model, count_parameters, head_parameters, images_to_tensor
 from common.training import accuracy, train_epochs
 
 
@@ -19,13 +19,18 @@ class Student:
         self.cfg = cfg
         self.model = build_model(cfg.student_model, num_classes, image_size, seed=cfg.seed)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.student_lr)
+        self.head_optimizer = torch.optim.Adam(head_parameters(self.model), lr=cfg.student_lr)
         self.params = count_parameters(self.model)
 
-    def distil(self, public: ImageSet, sample_ids: np.ndarray, ensemble: np.ndarray, round_: int) -> float:
-        """`student-epochs` passes of KD on the queried public samples; returns the last epoch's loss.
+    def distil(
+        self, public: ImageSet, sample_ids: np.ndarray, ensemble: np.ndarray, round_: int, temperature: float
+    ) -> float:
+        """KD on the given public samples; returns the last epoch's loss.
 
-        ensemble  # (len(sample_ids), C) float32, rows on the simplex
-        The first `labelled-size` public samples count as labelled for the optional CE term.
+        Two-stage when `student-head-epochs` > 0: the head alone first (the body frozen), then every
+        layer for `student-epochs`. The first `labelled-size` public samples count as labelled for the
+        optional CE term.
+        ensemble  # (len(sample_ids), C) float32, rows on the simplex, made at `temperature`
         """
         cfg = self.cfg
         x = images_to_tensor(public.images[sample_ids])
@@ -35,10 +40,15 @@ class Student:
 
         def batch_loss(idx: np.ndarray) -> torch.Tensor:
             return distillation_loss(
-                self.model(x[idx]), targets[idx], cfg.temperature,
+                self.model(x[idx]), targets[idx], temperature,
                 labels=labels[idx], labelled=labelled[idx], ce_weight=cfg.ce_weight,
             )
 
+        if cfg.student_head_epochs:
+            train_epochs(
+                self.model, self.head_optimizer, len(sample_ids), batch_loss,
+                epochs=cfg.student_head_epochs, batch_size=cfg.student_batch_size, seed=cfg.seed + round_ + 10_000,
+            )
         return train_epochs(
             self.model, self.optimizer, len(sample_ids), batch_loss,
             epochs=cfg.student_epochs, batch_size=cfg.student_batch_size, seed=cfg.seed + round_,

@@ -10,9 +10,12 @@ from flwr.app import Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from common.config import RunConfig
+from common.aggregation import NEEDS_CLASS_COUNTS
+from common.config import RunConfig, temperature_at
 from common.errors import FedstillError, QuorumError
-from common.messages import SOFT_LABELS_TYPE, SoftLabelQuery, SoftLabelReply, record_nbytes
+from common.messages import (
+    DIGEST_TYPE, SOFT_LABELS_TYPE, DigestInstruction, DigestReply, SoftLabelQuery, SoftLabelReply, record_nbytes,
+)
 
 WAIT_POLL_S = 1.0
 INFO, WARNING = 20, 30
@@ -94,9 +97,45 @@ def require_quorum(replies: RoundReplies, cfg: RunConfig, round_: int) -> None:
 
 
 def make_query(cfg: RunConfig, round_: int, fingerprint: str, public_size: int, num_classes: int) -> SoftLabelQuery:
-    """This round's query: every public sample, the configured temperature and codec."""
+    """This round's query: its public samples, temperature (schedule) and codec."""
     return SoftLabelQuery(
-        round=round_, fingerprint=fingerprint, temperature=cfg.temperature, codec=cfg.codec,
-        num_classes=num_classes, sample_ids=np.arange(public_size, dtype=np.int64),
+        round=round_, fingerprint=fingerprint, temperature=temperature_at(cfg, round_), codec=cfg.codec,
+        num_classes=num_classes, sample_ids=sample_public(cfg, round_, public_size),
         evaluate_teacher=cfg.evaluate_teachers and round_ == cfg.num_server_rounds,
+        want_class_counts=cfg.aggregation in NEEDS_CLASS_COUNTS, top_k=min(cfg.codec_top_k, num_classes),
     )
+
+
+def sample_public(cfg: RunConfig, round_: int, public_size: int) -> np.ndarray:
+    """Sorted ids of the public samples used this round: all of them, or a seeded `public-fraction`."""
+    if cfg.public_fraction >= 1.0:
+        return np.arange(public_size, dtype=np.int64)
+    count = max(1, round(cfg.public_fraction * public_size))
+    rng = np.random.default_rng([cfg.seed, round_])
+    return np.sort(rng.choice(public_size, size=count, replace=False)).astype(np.int64)
+
+
+def send_digest(grid: Grid, nodes: list[int], instruction: DigestInstruction, timeout: float) -> tuple[int, dict[int, str]]:
+    """FedMD: send the consensus down; returns the downlink bytes and the nodes that failed, with reasons."""
+    content = instruction.to_record()
+    messages = [
+        Message(content=instruction.to_record(), dst_node_id=node, message_type=DIGEST_TYPE, group_id=f"{instruction.round}-digest")
+        for node in nodes
+    ]
+    failed: dict[int, str] = {}
+    answered = set()
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        answered.add(node)
+        if reply.has_error():
+            failed[node] = f"node error: {reply.error.reason}"
+            continue
+        try:
+            DigestReply.from_record(reply.content)
+        except Exception as problem:  # noqa: BLE001 - a malformed reply may not crash the server
+            failed[node] = f"unreadable digest reply ({type(problem).__name__}: {problem})"
+    for node in set(nodes) - answered:
+        failed[node] = f"no digest reply within round-timeout={timeout:g} s"
+    for node, reason in sorted(failed.items()):
+        log(WARNING, "round %d digest: node %d: %s", instruction.round, node, reason)
+    return record_nbytes(content) * len(nodes), failed

@@ -102,7 +102,8 @@ def plot_accuracy(rounds: list[dict[str, Any]], final: dict[str, Any], path: Pat
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r["round"] for r in rounds]
     ax.plot(xs, [r["student_accuracy"] for r in rounds], marker="o", label="student (test)")
-    ax.plot(xs, [r["ensemble_accuracy"] for r in rounds], marker="s", label="ensemble (public)")
+    if all(r.get("ensemble_accuracy") is not None for r in rounds):
+        ax.plot(xs, [r["ensemble_accuracy"] for r in rounds], marker="s", label="ensemble (public)")
     if final.get("teacher_accuracy_mean") is not None:
         ax.axhline(final["teacher_accuracy_mean"], color="grey", linestyle="--", label="teachers, mean (test)")
     ax.set_xlabel("round")

@@ -1,22 +1,27 @@
 """ServerApp: each round queries the institutions for soft labels, aggregates and distils the student.
 
-One round: query -> validate -> aggregate -> distil student -> evaluate -> checkpoint.
+One round: query -> validate -> aggregate -> distil student -> evaluate -> checkpoint
+(-> FedMD digest: the consensus goes back down). `method = "fedavg"` runs the weight-averaging
+baseline instead (server/fedavg.py).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.aggregation import aggregate
+from common.aggregation import AggregationParams, aggregate
 from common.config import RunConfig
-from common.data import load_split, public_fingerprint
+from common.data import FederatedSplit, load_split, public_fingerprint
+from common.messages import DigestInstruction, SoftLabelQuery
 from server.distill import Student, ensemble_accuracy
-from server.rounds import make_query, query_soft_labels, require_quorum, wait_for_nodes
+from server.fedavg import run_fedavg
+from server.rounds import RoundReplies, make_query, query_soft_labels, require_quorum, send_digest, wait_for_nodes
 from server.run_folder import RunFolder
 
 INFO = 20
@@ -28,22 +33,25 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_run_config(context.run_config)
     run = RunFolder.create(cfg)
     try:
-        run_rounds(grid, cfg, run)
+        split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size)
+        nodes = wait_for_nodes(grid, cfg)
+        run.event("nodes", count=len(nodes))
+        if cfg.method == "fedavg":
+            run_fedavg(grid, cfg, run, split)
+        else:
+            run_distillation(grid, cfg, run, split)
     except BaseException as error:
         run.fail(error)
         raise
 
 
-def run_rounds(grid: Grid, cfg: RunConfig, run: RunFolder) -> None:
-    split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size)
+def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: FederatedSplit) -> None:
     public, test = split.public, split.test
     fingerprint = public_fingerprint(public)
     student = Student(cfg, public.num_classes, tuple(public.images.shape[1:]))
     log(INFO, "run folder %s; public set %d samples, fingerprint %s", run.path, len(public), fingerprint[:12])
-    nodes = wait_for_nodes(grid, cfg)
-    run.event("nodes", count=len(nodes))
+    params = AggregationParams(cfg.era_temperature, cfg.trim_fraction, cfg.selective_threshold)
 
-    last = None
     for round_ in range(1, cfg.num_server_rounds + 1):
         started = time.monotonic()
         query = make_query(cfg, round_, fingerprint, len(public), public.num_classes)
@@ -51,41 +59,66 @@ def run_rounds(grid: Grid, cfg: RunConfig, run: RunFolder) -> None:
         require_quorum(replies, cfg, round_)
 
         accepted = list(replies.accepted.values())
-        ensemble = aggregate(cfg.aggregation, [r.soft_labels for r in accepted], [r.num_examples for r in accepted])
-        loss = student.distil(public, query.sample_ids, ensemble, round_)
-        row = {
-            "round": round_,
-            "student_accuracy": student.accuracy(test),
-            "ensemble_accuracy": ensemble_accuracy(ensemble, public.labels[query.sample_ids]),
-            "student_loss": loss,
-            "clients_replied": len(accepted),
-            "clients_rejected": {str(n): reason for n, reason in sorted(replies.rejected.items())},
-            "uplink_bytes": sum(replies.uplink_bytes.values()),
-            "uplink_bytes_per_client": {str(n): b for n, b in sorted(replies.uplink_bytes.items())},
-            "downlink_bytes": replies.downlink_bytes,
-            "teacher_rounds": {str(n): r.teacher_rounds for n, r in sorted(replies.accepted.items())},
-            "teacher_accuracy": {str(n): r.teacher_accuracy for n, r in sorted(replies.accepted.items())
-                                 if r.teacher_accuracy >= 0},
-            "wall_s": round(time.monotonic() - started, 3),
-        }
+        ensemble = aggregate(cfg.aggregation, [r.soft_labels for r in accepted], [r.num_examples for r in accepted],
+                             class_counts=_class_counts(accepted), params=params)
+        kept = query.sample_ids[ensemble.keep]
+        loss = student.distil(public, kept, ensemble.probs[ensemble.keep], round_, query.temperature)
+        row = round_row(query, replies, student.accuracy(test), ensemble_accuracy(ensemble.probs, public.labels[query.sample_ids]))
+        row.update(student_loss=loss, distilled_samples=int(len(kept)))
+        if (cfg.digest_epochs or cfg.revisit_epochs) and round_ < cfg.num_server_rounds:
+            instruction = DigestInstruction(round_, fingerprint, query.temperature, query.sample_ids, ensemble.probs,
+                                            cfg.digest_epochs, cfg.revisit_epochs)
+            digest_bytes, failed = send_digest(grid, sorted(replies.accepted), instruction, cfg.round_timeout)
+            row.update(downlink_bytes=row["downlink_bytes"] + digest_bytes,
+                       digest_failed={str(n): reason for n, reason in sorted(failed.items())})
+        row["wall_s"] = round(time.monotonic() - started, 3)
         run.record_round(row)
         run.save_student(student.model, student_meta(cfg, public.num_classes, public.images.shape[1:], round_))
         log(INFO, "round %d: student accuracy %.4f, %d replies", round_, row["student_accuracy"], len(accepted))
-        last = replies
 
+    run.finish(final_figures(cfg, run, student.params, replies))
+
+
+def round_row(query: SoftLabelQuery, replies: RoundReplies, student_acc: float, ensemble_acc: float) -> dict[str, Any]:
+    """The per-round record of results.json."""
+    accepted = sorted(replies.accepted.items())
+    return {
+        "round": query.round,
+        "temperature": query.temperature,
+        "student_accuracy": student_acc,
+        "ensemble_accuracy": ensemble_acc,
+        "clients_replied": len(accepted),
+        "clients_rejected": {str(n): reason for n, reason in sorted(replies.rejected.items())},
+        "uplink_bytes": sum(replies.uplink_bytes.values()),
+        "uplink_bytes_per_client": {str(n): b for n, b in sorted(replies.uplink_bytes.items())},
+        "downlink_bytes": replies.downlink_bytes,
+        "teacher_rounds": {str(n): r.teacher_rounds for n, r in accepted},
+        "teacher_accuracy": {str(n): r.teacher_accuracy for n, r in accepted if r.teacher_accuracy >= 0},
+        "teacher_params": {str(n): r.teacher_params for n, r in accepted},
+    }
+
+
+def final_figures(cfg: RunConfig, run: RunFolder, student_params: int, last: RoundReplies) -> dict[str, Any]:
     teachers = {str(n): r.teacher_params for n, r in sorted(last.accepted.items())}
     teacher_acc = list(run.rounds[-1]["teacher_accuracy"].values())
-    run.finish({
+    return {
         "student_accuracy": run.rounds[-1]["student_accuracy"],
-        "student_params": student.params,
+        "student_params": student_params,
         "teacher_accuracy_mean": float(np.mean(teacher_acc)) if teacher_acc else None,
+        "teacher_accuracy_min": float(np.min(teacher_acc)) if teacher_acc else None,
+        "teacher_accuracy_max": float(np.max(teacher_acc)) if teacher_acc else None,
         "teacher_params": teachers,
         "largest_teacher_params": max(teachers.values()),
         "uplink_bytes_total": sum(r["uplink_bytes"] for r in run.rounds),
         "downlink_bytes_total": sum(r["downlink_bytes"] for r in run.rounds),
         "wall_s": round(sum(r["wall_s"] for r in run.rounds), 3),
-        "title": f"{cfg.scenario}: {cfg.num_clients} clients, {cfg.partitioner}",
-    })
+        "title": f"{cfg.scenario}: {cfg.num_clients} clients, {cfg.partitioner}, {cfg.aggregation}",
+    }
+
+
+def _class_counts(accepted: list) -> list[np.ndarray] | None:
+    counts = [r.class_counts for r in accepted]
+    return None if any(c is None for c in counts) else counts
 
 
 def student_meta(cfg: RunConfig, num_classes: int, image_size: tuple[int, ...], round_: int) -> dict:

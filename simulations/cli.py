@@ -50,6 +50,44 @@ def simulate(
 
 
 @app.command()
+def compare(
+    scenario: str = typer.Argument(None, help="Scenario name or .toml file."),
+    rules: list[str] = typer.Option([], "--rules", "-r", help="Aggregation rules to compare, comma-separated (repeatable)."),
+    method: list[str] = typer.Option([], "--method", "-m", help="A named variant: label:key=value,key=value (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a run-config key for every method (repeatable)."),
+    fedavg_rounds: int = typer.Option(20, help="Rounds of the FedAvg baseline (0: skip it)."),
+    baselines: bool = typer.Option(True, help="Also train the local-only and centralised baselines."),
+    cpus_per_client: int = typer.Option(1, min=1, help="CPUs Ray reserves per simulated client."),
+) -> None:
+    """Compare aggregation rules and variants with FedAvg, local-only and centralised baselines."""
+    from simulations.compare import TABLE, parse_methods, run_comparison
+    from simulations.scenarios import resolve
+
+    try:
+        overrides, cfg = resolve(scenario, set_, Path.cwd())
+        preflight(cfg)
+        methods = parse_methods(rules or ([] if method else ["mean"]), method)
+        folder = Path(cfg.output_dir) / f"compare-{cfg.run_name}"
+        base = {k: v for k, v in overrides.items() if k not in ("run-name", "output-dir")}
+        console.print(f"[bold]fedstill compare[/] {cfg.scenario}: {', '.join(m.label for m in methods)}"
+                      f"{', fedavg' if fedavg_rounds else ''} -> {folder}")
+        with _progress() as progress:
+            def on_stage(label: str, stage_cfg: Any):
+                task = progress.add_task(label, total=stage_cfg.num_server_rounds)
+                return lambda event: _show(progress, task, event, label)
+
+            summary = run_comparison(base, folder, methods, fedavg_rounds=fedavg_rounds, with_baselines=baselines,
+                                     cpus_per_client=cpus_per_client, on_stage=on_stage)
+    except FedstillError as error:
+        _fail(error)
+    console.print((folder / TABLE).read_text(), markup=False)
+    failed = [label for label, entry in {**summary["methods"], **summary["baselines"]}.items() if "error" in entry]
+    if failed:
+        console.print(f"[red]failed[/]: {', '.join(failed)} (see {folder / 'results.json'})")
+        raise typer.Exit(code=1)
+
+
+@app.command()
 def scenarios() -> None:
     """List the scenarios shipped in simulations/scenarios."""
     from simulations.scenarios import list_scenarios
@@ -75,16 +113,18 @@ def _progress() -> Progress:
                     TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn(), console=console)
 
 
-def _show(progress: Progress, task: Any, event: dict[str, Any]) -> None:
+def _show(progress: Progress, task: Any, event: dict[str, Any], label: str = "") -> None:
+    prefix = f"{label}: " if label else ""
     kind = event.get("event")
     if kind == "started":
-        progress.update(task, description="waiting for nodes")
+        progress.update(task, description=f"{prefix}waiting for nodes")
     elif kind == "nodes":
-        progress.update(task, description=f"{event['count']} nodes, round 1")
+        progress.update(task, description=f"{prefix}{event['count']} nodes, round 1")
     elif kind == "round":
-        done = event["round"] >= progress.tasks[0].total
+        done = event["round"] >= next(t.total for t in progress.tasks if t.id == task)
         step = "done" if done else f"round {event['round'] + 1}"
-        progress.update(task, completed=event["round"], description=f"student acc {event['student_accuracy']:.4f}, {step}")
+        progress.update(task, completed=event["round"],
+                        description=f"{prefix}student acc {event['student_accuracy']:.4f}, {step}")
 
 
 def print_results(results: dict[str, Any], run_dir: Path) -> None:
@@ -93,7 +133,8 @@ def print_results(results: dict[str, Any], run_dir: Path) -> None:
     for column in ("round", "student acc", "ensemble acc", "replied", "uplink MB", "downlink MB", "wall s"):
         table.add_column(column, justify="right")
     for row in results["rounds"]:
-        table.add_row(str(row["round"]), f"{row['student_accuracy']:.4f}", f"{row['ensemble_accuracy']:.4f}",
+        ensemble = row.get("ensemble_accuracy")
+        table.add_row(str(row["round"]), f"{row['student_accuracy']:.4f}", "-" if ensemble is None else f"{ensemble:.4f}",
                       str(row["clients_replied"]), f"{row['uplink_bytes'] / 1e6:.2f}",
                       f"{row['downlink_bytes'] / 1e6:.2f}", f"{row['wall_s']:.1f}")
     console.print(table)
@@ -102,7 +143,8 @@ def print_results(results: dict[str, Any], run_dir: Path) -> None:
     console.print(
         f"student accuracy [bold]{final['student_accuracy']:.4f}[/]"
         + (f" vs teachers' mean {teacher:.4f}" if teacher is not None else "")
-        + f"; student {final['student_params']:,} params vs largest teacher {final['largest_teacher_params']:,}"
+        + f"; student {final['student_params']:,} params"
+        + (f" vs largest teacher {final['largest_teacher_params']:,}" if final.get("largest_teacher_params") else "")
         + f"; uplink {final['uplink_bytes_total'] / 1e6:.1f} MB\nrun folder: {run_dir}"
     )
 

@@ -169,7 +169,7 @@ def test_any_missing_or_unknown_keys_are_all_named(missing: set[str], unknown: s
         ({"dataset": "cifar10"}, "dataset must be one of"),
         ({"partitioner": "shards"}, "partitioner must be one of"),
         ({"codec": "int8"}, "codec must be one of"),
-        ({"aggregation": "median"}, "aggregation must be one of"),
+        ({"aggregation": "krum"}, "aggregation must be one of"),
         ({"public-size": 0}, "public-size must be > 0, got 0"),
         ({"test-size": -1}, "test-size must be >= 0"),
         ({"num-clients": 0, "min-clients": 0}, "num-clients must be >= 1, got 0"),

@@ -1,7 +1,7 @@
-"""Unit tests of common/messages.py and common/codecs.py (and the ClientApp's `check_query`).
+"""Unit tests of common/messages.py (and the ClientApp's `check_query`); the codecs alone are in test_codecs.py.
 
-Round-trips through Flower records, and every way a query or reply can be malformed: each rejection
-is a `MessageFormatError` whose message names the problem.
+Round-trips through Flower records for every codec, and every way a query or reply can be malformed:
+each rejection is a `MessageFormatError` whose message names the problem.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from client.client_app import check_query
-from common.codecs import decode, encode, simplex_tolerance
+from common.codecs import CODECS, encode, max_abs_error, simplex_tolerance, wire_schema
 from common.errors import FingerprintMismatch, MessageFormatError
 from common.messages import SoftLabelQuery, SoftLabelReply, record_nbytes
 
@@ -44,6 +44,7 @@ def make_reply(query: SoftLabelQuery, probs: np.ndarray | None = None, **changes
         round=query.round, fingerprint=query.fingerprint, codec=query.codec,
         soft_labels=make_probs(len(query.sample_ids), query.num_classes) if probs is None else probs,
         num_examples=1234, train_loss=0.42, teacher_accuracy=-1.0, teacher_params=105_866, teacher_rounds=3,
+        top_k=query.top_k,
     )
     fields.update(changes)
     return SoftLabelReply(**fields)
@@ -124,32 +125,41 @@ def test_float16_reply_round_trips_within_half_an_ulp() -> None:
     np.testing.assert_array_equal(parsed.soft_labels, reply.soft_labels.astype(np.float16).astype(np.float32))
 
 
-@pytest.mark.parametrize("codec", ["float16", "float32"])
-def test_codec_encode_decode(codec: str) -> None:
-    # Prepare
-    probs = make_probs()
-
+@pytest.mark.parametrize("top_k", [1, 3, 10])
+def test_query_top_k_round_trips(top_k: int) -> None:
     # Execute
-    wire = encode(probs, codec)
-    back = decode(wire, codec)
+    parsed = SoftLabelQuery.from_record(make_query("topk", top_k=top_k).to_record())
 
     # Assert
-    assert wire.dtype == np.dtype(codec) and wire.flags.c_contiguous
-    assert back.dtype == np.float32
-    np.testing.assert_allclose(back, probs, atol=2**-11)
+    assert (parsed.codec, parsed.top_k) == ("topk", top_k)
 
 
-@pytest.mark.parametrize("call", [lambda: encode(make_probs(), "int8"), lambda: decode(make_probs(), "int8")])
-def test_unknown_codec_is_refused(call: Callable[[], np.ndarray]) -> None:
-    # Execute / Assert
-    with pytest.raises(MessageFormatError, match="unknown codec 'int8'; known codecs: float32, float16"):
-        call()
+@pytest.mark.parametrize(("codec", "top_k"), [("float32", 1), ("float16", 1), ("uint8", 1), ("topk", 1), ("topk", 3), ("topk", C)])
+def test_reply_round_trips_for_every_codec(codec: str, top_k: int) -> None:
+    # Prepare
+    query = make_query(codec, top_k=top_k)
+    reply = make_reply(query)
 
+    # Execute
+    record = reply.to_record()
+    parsed = SoftLabelReply.from_record(record, query)
 
-def test_simplex_tolerance_golden_values() -> None:
-    # Execute / Assert: C ulps at 1, at least 1e-4
-    assert simplex_tolerance("float16", 10) == pytest.approx(10 * 2**-10)
-    assert simplex_tolerance("float32", 10) == 1e-4
+    # Assert: the codec's arrays travel, and come back as float32 rows on the simplex
+    probs = parsed.soft_labels
+    assert set(record["soft-labels"].keys()) == set(encode(reply.soft_labels, codec, top_k))
+    assert probs.dtype == np.float32 and probs.shape == (M, C) and parsed.top_k == top_k
+    assert np.abs(probs.sum(axis=1, dtype=np.float64) - 1.0).max() <= simplex_tolerance(codec, C, top_k)
+    bound = max_abs_error(codec, C, top_k)
+    if bound is not None:
+        assert np.abs(probs - reply.soft_labels).max() <= bound
+    else:  # topk: each row's k largest within float16 rounding, the other entries all equal
+        kept = np.argsort(-reply.soft_labels, axis=1, kind="stable")[:, :top_k]
+        kept_error = np.take_along_axis(probs - reply.soft_labels, kept, axis=1)
+        assert np.abs(kept_error).max() <= max_abs_error("float16", C)
+        others = np.ones_like(probs, dtype=bool)
+        np.put_along_axis(others, kept, False, axis=1)
+        rest = probs[others].reshape(M, C - top_k)
+        assert (rest == rest[:, :1]).all()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -326,32 +336,38 @@ def test_off_simplex_message_names_the_worst_row() -> None:
 
 
 @st.composite
-def wire_replies(draw) -> tuple[np.ndarray, str]:
-    """A codec, and anything a node could put on the wire: right or wrong shape and dtype, simplex rows or junk."""
-    codec = draw(st.sampled_from(["float16", "float32"]))
-    if draw(st.booleans()):  # shape and dtype the query expects: only the values are in question
-        (m, c), dtype = (3, 4), np.dtype(codec)
-    else:
-        m, c = draw(st.sampled_from([2, 3, 4])), draw(st.sampled_from([3, 4, 5]))
-        dtype = draw(st.sampled_from([np.float16, np.float32, np.float64]))
-    if draw(st.booleans()):
-        weights = draw(hnp.arrays(np.float64, (m, c), elements=st.floats(0, 1)))
+def wire_replies(draw) -> tuple[dict[str, np.ndarray], str, int]:
+    """A codec and top-k, and anything a node could put on the wire: a valid encoding, one with an entry
+    changed, the codec's arrays holding junk, or arrays of any name, dtype and shape."""
+    codec, top_k = draw(st.sampled_from(CODECS)), draw(st.integers(1, 4))
+    schema = wire_schema(codec, 4, top_k)
+    kind = draw(st.sampled_from(["valid", "altered", "junk", "anything"]))
+    if kind in ("valid", "altered"):
+        weights = draw(hnp.arrays(np.float64, (3, 4), elements=st.floats(0, 1)))
         weights[weights.sum(axis=1) == 0, 0] = 1.0
-        matrix = weights / weights.sum(axis=1, keepdims=True)
-    else:
-        matrix = draw(hnp.arrays(np.float64, (m, c), elements=st.floats(width=32)))  # NaN, inf, negatives
-    with np.errstate(over="ignore"):
-        return matrix.astype(dtype), codec
+        arrays = encode((weights / weights.sum(axis=1, keepdims=True)).astype(np.float32), codec, top_k)
+        if kind == "altered":
+            name = draw(st.sampled_from(sorted(arrays)))
+            where = draw(st.tuples(st.integers(0, 2), st.integers(0, arrays[name].shape[1] - 1)))
+            values = st.integers(0, 255) if name in ("quanta", "indices") else st.floats(width=16)
+            arrays[name][where] = draw(values)
+        return arrays, codec, top_k
+    if kind == "junk":
+        return {name: draw(hnp.arrays(dtype, (3, width))) for name, (dtype, width) in schema.items()}, codec, top_k
+    names = draw(st.lists(st.sampled_from(["probs", "quanta", "values", "indices"]), max_size=3, unique=True))
+    dtypes = st.sampled_from([np.float16, np.float32, np.float64, np.uint8, np.uint16, np.int64])
+    shapes = st.sampled_from([(3, 4), (3, top_k), (2, 4), (3, 5), (12,), ()])
+    return {name: draw(hnp.arrays(draw(dtypes), draw(shapes))) for name in names}, codec, top_k
 
 
-@settings(max_examples=80, deadline=None)
-@given(wire_and_codec=wire_replies())
-def test_any_reply_is_rows_on_the_simplex_or_a_message_format_error(wire_and_codec: tuple[np.ndarray, str]) -> None:
+@settings(max_examples=150, deadline=None)
+@given(wire=wire_replies())
+def test_any_reply_is_rows_on_the_simplex_or_a_message_format_error(wire: tuple[dict[str, np.ndarray], str, int]) -> None:
     # Prepare
-    wire, codec = wire_and_codec
-    query = make_query(codec, m=3, c=4)
+    arrays, codec, top_k = wire
+    query = make_query(codec, m=3, c=4, top_k=top_k)
     record = make_reply(query).to_record()
-    record["soft-labels"] = ArrayRecord({"probs": Array(wire)})
+    record["soft-labels"] = ArrayRecord({name: Array(array) for name, array in arrays.items()})
 
     # Execute
     try:
@@ -359,35 +375,134 @@ def test_any_reply_is_rows_on_the_simplex_or_a_message_format_error(wire_and_cod
     except MessageFormatError:
         event("rejected")
         return
-    event("accepted")
+    event(f"accepted {codec}")
 
     # Assert
     probs = reply.soft_labels
     assert probs.dtype == np.float32 and probs.shape == (3, 4)
     assert np.isfinite(probs).all() and (probs >= 0).all()
-    assert np.abs(probs.sum(axis=1, dtype=np.float64) - 1.0).max() <= simplex_tolerance(codec, 4)
+    assert np.abs(probs.sum(axis=1, dtype=np.float64) - 1.0).max() <= simplex_tolerance(codec, 4, top_k)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     matrix=hnp.arrays(np.float32, (3, 4), elements=st.floats(width=32)),
-    codec=st.sampled_from(["float16", "float32"]),
+    codec=st.sampled_from(CODECS),
+    top_k=st.integers(1, 4),
 )
-def test_any_encoded_matrix_is_rows_on_the_simplex_or_a_message_format_error(matrix: np.ndarray, codec: str) -> None:
+def test_any_encoded_matrix_is_rows_on_the_simplex_or_a_message_format_error(
+    matrix: np.ndarray, codec: str, top_k: int,
+) -> None:
     # Prepare
-    query = make_query(codec, m=3, c=4)
-    with np.errstate(over="ignore"):
-        record = make_reply(query, probs=matrix).to_record()
+    query = make_query(codec, m=3, c=4, top_k=top_k)
 
-    # Execute
+    # Execute: uint8 and topk refuse to encode junk, the float codecs leave it to the receiver
     try:
+        with np.errstate(over="ignore"):
+            record = make_reply(query, probs=matrix).to_record()
         reply = SoftLabelReply.from_record(record, query)
     except MessageFormatError:
         return
 
     # Assert
     assert np.isfinite(reply.soft_labels).all() and (reply.soft_labels >= 0).all()
-    assert np.abs(reply.soft_labels.sum(axis=1, dtype=np.float64) - 1.0).max() <= simplex_tolerance(codec, 4)
+    sums = reply.soft_labels.sum(axis=1, dtype=np.float64)
+    assert np.abs(sums - 1.0).max() <= simplex_tolerance(codec, 4, top_k)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Malformed uint8 and topk payloads
+# ---------------------------------------------------------------------------------------------------
+
+
+def with_arrays(**arrays: np.ndarray) -> Callable[[RecordDict], None]:
+    """Replace (or, with None, drop) named arrays of the reply's soft-labels record."""
+    def change(record: RecordDict) -> None:
+        wire = {name: record["soft-labels"][name].numpy() for name in record["soft-labels"].keys()}
+        wire.update(arrays)
+        record["soft-labels"] = ArrayRecord({n: Array(a) for n, a in wire.items() if a is not None})
+    return change
+
+
+TOP2 = dict(values=np.array([[0.5, 0.25]] * M, dtype=np.float16), indices=np.array([[0, 1]] * M, dtype=np.uint8))
+
+
+def top2(values: list[float] | None = None, indices: list[int] | None = None, value_dtype=np.float16,
+         index_dtype=np.uint8) -> dict[str, np.ndarray]:
+    """The valid top-2 payload TOP2 with row 1 changed, or its arrays cast to other dtypes."""
+    arrays = {name: array.copy() for name, array in TOP2.items()}
+    if values is not None:
+        arrays["values"][1] = values
+    if indices is not None:
+        arrays["indices"][1] = indices
+    return {"values": arrays["values"].astype(value_dtype), "indices": arrays["indices"].astype(index_dtype)}
+
+
+def off_by_one_quanta(record: RecordDict) -> None:
+    """Move a quantum out of row 0 and add one to row 2: both rows then miss 255."""
+    quanta = record["soft-labels"]["quanta"].numpy().astype(np.int64)
+    quanta[0, np.argmax(quanta[0])] -= 1
+    quanta[2, np.argmax(quanta[2])] += 1
+    with_arrays(quanta=quanta.astype(np.uint8))(record)
+
+
+@pytest.mark.parametrize(
+    ("codec", "change", "expected"),
+    [
+        pytest.param("uint8", off_by_one_quanta, r"soft-labels: 2 rows of uint8 quanta do not sum to 255", id="uint8-sum"),
+        pytest.param("uint8", with_arrays(quanta=np.full((M, C), 25, dtype=np.int16)),
+                     r"soft-labels: codec uint8 expects dtype uint8, got int16", id="uint8-dtype"),
+        pytest.param("uint8", with_arrays(quanta=np.zeros((M, C + 1), dtype=np.uint8)),
+                     r"soft-labels: expected shape \(4, 10\), got \(4, 11\)", id="uint8-shape"),
+        pytest.param("uint8", with_arrays(quanta=None, probs=make_probs()), r"unexpected arrays \['probs'\]", id="uint8-as-float"),
+        pytest.param("uint8", with_arrays(quanta=None), r"record 'soft-labels': missing array 'quanta'", id="uint8-none"),
+        pytest.param("topk", with_arrays(**top2(indices=[0, 10])), r"1 rows hold class indices >= num-classes 10", id="index-10"),
+        pytest.param("topk", with_arrays(**top2(indices=[3, 3])), r"1 rows repeat a class index", id="duplicate-index"),
+        pytest.param("topk", with_arrays(**top2(values=[0.5, -0.125])), r"negative values \(min -0.125\)", id="negative"),
+        pytest.param("topk", with_arrays(**top2(values=[math.nan, 0.25])), r"1 rows hold NaN or inf", id="nan"),
+        pytest.param("topk", with_arrays(**top2(values=[0.75, 0.5])), r"1 rows have top-2 values summing to more than 1",
+                     id="mass-over-1"),
+        pytest.param("topk", with_arrays(**top2(index_dtype=np.int64)), r"codec topk expects dtype uint8 for 'indices', got int64",
+                     id="index-dtype"),
+        pytest.param("topk", with_arrays(**top2(value_dtype=np.float32)),
+                     r"codec topk expects dtype float16 for 'values', got float32", id="value-dtype"),
+        pytest.param("topk", with_arrays(values=TOP2["values"][:, :1]),
+                     r"soft-labels 'values': expected shape \(4, 2\), got \(4, 1\)", id="k-mismatch"),
+        pytest.param("topk", with_arrays(indices=TOP2["indices"][:3]),
+                     r"soft-labels 'indices': expected shape \(4, 2\), got \(3, 2\)", id="rows-mismatch"),
+        pytest.param("topk", with_arrays(indices=None), r"record 'soft-labels': missing array 'indices'", id="no-indices"),
+        pytest.param("topk", with_arrays(probs=make_probs()), r"unexpected arrays \['probs'\]", id="extra-probs"),
+    ],
+)
+def test_malformed_uint8_and_topk_payloads_are_rejected(codec: str, change: Callable[[RecordDict], None], expected: str) -> None:
+    # Prepare
+    query = make_query(codec, top_k=2)
+    record = make_reply(query).to_record()
+    change(record)
+
+    # Execute / Assert
+    with pytest.raises(MessageFormatError, match=expected):
+        SoftLabelReply.from_record(record, query)
+
+
+def test_a_reply_encoded_with_another_k_is_rejected() -> None:
+    # Prepare
+    query = make_query("topk", top_k=3)
+    record = make_reply(query, top_k=1).to_record()
+
+    # Execute / Assert
+    with pytest.raises(MessageFormatError, match=r"soft-labels 'values': expected shape \(4, 3\), got \(4, 1\)"):
+        SoftLabelReply.from_record(record, query)
+
+
+@pytest.mark.parametrize("codec", ["uint8", "topk"])
+def test_lossy_codecs_refuse_to_encode_logits(codec: str) -> None:
+    # Prepare
+    reply = make_reply(make_query(codec), probs=make_probs() * 3.0)
+
+    # Execute / Assert: the node's own encoder refuses, with the validator's words
+    with pytest.raises(MessageFormatError, match=r"4 rows do not sum to 1 .*send softmax probabilities, not logits"):
+        reply.to_record()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -416,7 +531,14 @@ def put_ids(ids: np.ndarray) -> Callable[[RecordDict], None]:
         pytest.param(put("query", "evaluate-teacher", 1), r"query: key 'evaluate-teacher' must be bool, got int", id="evaluate-int"),
         pytest.param(put("query", "temperature", 0.0), r"query: temperature must be > 0.*got 0.0, 'float16', 10", id="temperature-0"),
         pytest.param(put("query", "temperature", -1.0), r"query: temperature must be > 0", id="temperature-negative"),
-        pytest.param(put("query", "codec", "int8"), r"codec one of \['float32', 'float16'\].*got 3.0, 'int8', 10", id="codec"),
+        pytest.param(
+            put("query", "codec", "int8"), r"codec one of \['float32', 'float16', 'uint8', 'topk'\].*got 3.0, 'int8', 10",
+            id="codec",
+        ),
+        pytest.param(drop("query", "top-k"), r"query: missing key 'top-k'", id="no-top-k"),
+        pytest.param(put("query", "top-k", True), r"query: key 'top-k' must be int, got bool", id="top-k-bool"),
+        pytest.param(put("query", "top-k", 0), r"query: top-k must be in \[1, num-classes = 10\], got 0", id="top-k-0"),
+        pytest.param(put("query", "top-k", 11), r"query: top-k must be in \[1, num-classes = 10\], got 11", id="top-k-over-c"),
         pytest.param(put("query", "num-classes", 1), r"num-classes >= 2; got 3.0, 'float16', 1", id="one-class"),
     ],
 )
@@ -445,7 +567,10 @@ def test_nan_temperature_is_rejected() -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("codec", ["float16", "float32"])
+BYTES_PER_ROW = {"float32": 4 * C, "float16": 2 * C, "uint8": C, "topk": 3}  # the codecs module's table, k = 1
+
+
+@pytest.mark.parametrize("codec", CODECS)
 def test_record_size_grows_with_payload(codec: str) -> None:
     # Prepare
     records = [make_reply(make_query(codec, m=m)).to_record() for m in (10, 100, 1000)]
@@ -455,8 +580,19 @@ def test_record_size_grows_with_payload(codec: str) -> None:
 
     # Assert
     assert sizes[0] < sizes[1] < sizes[2]
-    itemsize = np.dtype(codec).itemsize
-    assert sizes[2] - sizes[1] >= 900 * C * itemsize
+    assert sizes[2] - sizes[1] >= 900 * BYTES_PER_ROW[codec]
+
+
+@pytest.mark.parametrize(("codec", "kilobytes"), [("float32", 400), ("float16", 200), ("uint8", 100), ("topk", 30)])
+def test_a_10000_by_10_reply_has_the_documented_size(codec: str, kilobytes: int) -> None:
+    # Prepare
+    reply = make_reply(make_query(codec, m=10_000, top_k=1))
+
+    # Execute
+    size = record_nbytes(reply.to_record())
+
+    # Assert: the payload, plus under 2 kB of headers and metrics
+    assert kilobytes * 1000 <= size <= kilobytes * 1000 + 2000
 
 
 def test_float16_payload_is_about_half_the_float32_one() -> None:

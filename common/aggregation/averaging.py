@@ -1,0 +1,113 @@
+"""Averaging rules: the ensemble target is a (weighted, possibly sharpened) mean of the institutions' rows.
+
+Notation for every rule: institution j = 1..k gives row :math:`q_{ji}` (on the simplex over C classes)
+for public sample i = 1..n; the rule returns :math:`p_i`. Each result is clipped at 0 and renormalised
+by `to_aggregate`, in float64, and returned as float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from common.aggregation.base import Aggregate, RuleInput, entropy, to_aggregate
+from common.errors import ConfigError
+
+
+def mean_rule(inputs: RuleInput) -> Aggregate:
+    r"""Unweighted mean of the institutions' probabilities.
+
+    .. math:: p_i = \frac{1}{k} \sum_{j=1}^{k} q_{ji}
+
+    The ensemble average of Hinton et al. (2015), "Distilling the Knowledge in a Neural Network",
+    as used by federated distillation (Jeong et al., 2018, FD) and as FedMD's consensus (Li & Wang,
+    2019). A mean of points on the simplex lies on the simplex. Linear, so secure aggregation can
+    compute it from masked sums. Helps when teachers are comparably good: the default, and the baseline.
+    """
+    return to_aggregate(inputs.stack.mean(axis=0), inputs.stack)
+
+
+def weighted_rule(inputs: RuleInput) -> Aggregate:
+    r"""Mean weighted by the size of each institution's private partition.
+
+    .. math:: p_i = \sum_{j=1}^{k} \frac{m_j}{\sum_{j'} m_{j'}} q_{ji}
+
+    with :math:`m_j` = `num_examples[j]`: FedAvg's weighting (McMahan et al., 2017, "Communication-
+    Efficient Learning of Deep Networks from Decentralized Data") carried from weights to soft labels.
+    If every :math:`m_j` is 0 the weights are equal. Linear, like the mean. Helps when partition sizes
+    differ a lot and a bigger partition makes a better teacher.
+    """
+    total = inputs.num_examples.sum()
+    k = inputs.stack.shape[0]
+    weights = inputs.num_examples / total if total > 0 else np.full(k, 1.0 / k)  # (k,)
+    return to_aggregate(np.tensordot(weights, inputs.stack, axes=1), inputs.stack)
+
+
+def confidence_rule(inputs: RuleInput) -> Aggregate:
+    r"""Per-sample mean weighted by each teacher's confidence, measured by its entropy.
+
+    .. math::
+        w_{ji} = \log C - H(q_{ji}) = \mathrm{KL}(q_{ji} \,\|\, u), \qquad
+        p_i = \sum_j \frac{w_{ji}}{\sum_{j'} w_{j'i}} q_{ji}
+
+    with :math:`H(q) = -\sum_c q_c \log q_c` and u the uniform row: a one-hot teacher weighs
+    :math:`\log C`, a uniform one 0. If every teacher is uniform on sample i (all weights 0) the row is
+    the plain mean. Entropy-based confidence weighting of ensemble members is a common heuristic in
+    (federated) distillation (see e.g. the uncertainty-weighted averaging compared by Kovalchuk et al.,
+    2025, arXiv:2509.15147, which measures uncertainty differently); this exact weight is fedstill's
+    choice. Helps under label skew, where a teacher unsure about a sample of a class it never saw
+    should count less. Overconfident (badly calibrated) teachers are trusted more than they deserve.
+    """
+    stack = inputs.stack  # (k, n, C)
+    weights = np.clip(math.log(stack.shape[2]) - entropy(stack), 0.0, None)  # (k, n)
+    totals = weights.sum(axis=0)  # (n,)
+    uniform = ~(totals > 0)
+    weights[:, uniform] = 1.0
+    weights /= weights.sum(axis=0, keepdims=True)
+    return to_aggregate(np.einsum("jn,jnc->nc", weights, stack), stack)
+
+
+def era_rule(inputs: RuleInput) -> Aggregate:
+    r"""Entropy reduction aggregation (ERA) of DS-FL: sharpen the mean with a low temperature.
+
+    .. math:: p_i = \operatorname{softmax}\Big(\frac{1}{T} \cdot \frac{1}{k} \sum_{j} q_{ji}\Big),
+              \qquad \operatorname{softmax}(z)_c = \frac{e^{z_c}}{\sum_{c'} e^{z_{c'}}}
+
+    with T = `era_temperature` (the softmax is applied to the averaged probabilities, as in the paper).
+    Itahara et al. (2021), "Distillation-Based Semi-Supervised Federated Learning for Communication-
+    Efficient Collaborative Training With Non-IID Private Data", IEEE TMC. T < 1 lowers the entropy of
+    the target; T > 1 flattens it. Helps under non-IID data, where the plain mean of disagreeing
+    teachers is too flat to teach the student a decision.
+    """
+    logits = inputs.stack.mean(axis=0) / inputs.params.era_temperature  # (n, C), in [0, 1/T]
+    logits -= logits.max(axis=1, keepdims=True)
+    return to_aggregate(np.exp(logits), inputs.stack)
+
+
+def expertise_rule(inputs: RuleInput) -> Aggregate:
+    r"""Per-class expertise weighting: on class c, trust each institution in proportion to its samples of c.
+
+    .. math::
+        w_{jc} = \frac{n_{jc}}{\sum_{j'} n_{j'c}}, \qquad
+        \tilde p_{ic} = \sum_j w_{jc}\, q_{jic}, \qquad
+        p_{ic} = \frac{\tilde p_{ic}}{\sum_{c'} \tilde p_{ic'}}
+
+    with :math:`n_{jc}` = `class_counts[j][c]`, institution j's private samples of class c, reported
+    as counts only (they reveal each label distribution, nothing per sample). A class nobody holds
+    gets equal weights 1/k. Each class has its own convex combination, so the row no longer sums to
+    1 and is renormalised; a row left with no mass (every expert puts 0 on its own class) falls back
+    to the plain mean. fedstill's formulation of class-count expert weighting. Helps under strong
+    label skew: the probability of class c comes mostly from the institutions that have seen c.
+    """
+    if inputs.class_counts is None:
+        raise ConfigError(
+            "aggregation 'expertise' needs every institution's class counts; "
+            "ask for them in the query (want_class_counts) and pass them to aggregate()"
+        )
+    counts = inputs.class_counts  # (k, C)
+    totals = counts.sum(axis=0)  # (C,)
+    held = totals > 0
+    weights = np.full(counts.shape, 1.0 / counts.shape[0])  # (k, C)
+    weights[:, held] = counts[:, held] / totals[held]
+    return to_aggregate(np.einsum("jc,jnc->nc", weights, inputs.stack), inputs.stack)

@@ -1,0 +1,94 @@
+"""What every aggregation rule shares: its parameters, its input, its result, and the way back onto the simplex."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from numbers import Real
+
+import numpy as np
+
+from common.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AggregationParams:
+    """Settings of the rules that have any; each rule reads only its own."""
+
+    era_temperature: float = 0.1  # ERA sharpening temperature (< 1 sharpens)
+    trim_fraction: float = 0.1  # trimmed mean: fraction cut at EACH end, per coordinate, in [0, 0.5)
+    selective_threshold: float = 0.5  # selective: drop rows whose H(p)/log(C) exceeds this, in (0, 1]
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("era_temperature", self.era_temperature, lambda v: v > 0,
+             "a finite number > 0 (below 1 it sharpens the mean)"),
+            ("trim_fraction", self.trim_fraction, lambda v: 0 <= v < 0.5,
+             "in [0, 0.5): the fraction of institutions cut at each end"),
+            ("selective_threshold", self.selective_threshold, lambda v: 0 < v <= 1,
+             "in (0, 1]: the largest normalised entropy of a kept row (1 keeps every row)"),
+        )
+        problems = [
+            f"{name} must be {want}, got {value!r}"
+            for name, value, ok, want in checks
+            if not (_is_real(value) and math.isfinite(value) and ok(value))
+        ]
+        if problems:
+            raise ConfigError("aggregation params: " + "; ".join(problems))
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """One round's ensemble target for the student."""
+
+    probs: np.ndarray  # (n, C) float32, every row on the simplex
+    keep: np.ndarray  # (n,) bool: rows the student should learn from (all True except for `selective`)
+
+
+@dataclass(frozen=True)
+class RuleInput:
+    """A rule's view of one round, validated by `aggregate`; rules never modify it."""
+
+    stack: np.ndarray  # (k, n, C) float64, k institutions' rows, each on the simplex
+    num_examples: np.ndarray  # (k,) float64 >= 0, private partition sizes
+    class_counts: np.ndarray | None  # (k, C) float64 >= 0 private samples per class, or None if not reported
+    params: AggregationParams
+
+
+Rule = Callable[[RuleInput], Aggregate]
+
+
+def to_aggregate(raw: np.ndarray, stack: np.ndarray, keep: np.ndarray | None = None) -> Aggregate:
+    """Clip `raw` `(n, C)` at 0, renormalise each row, and cast to float32.
+
+    A row left with no mass (a coordinate-wise median of one-hot rows on different classes, say)
+    falls back to the plain mean of the institutions' rows, so every row ends on the simplex.
+    """
+    probs = np.clip(np.asarray(raw, dtype=np.float64), 0.0, None)  # (n, C)
+    empty = ~(probs.sum(axis=1) > 0)
+    if empty.any():
+        probs[empty] = stack.mean(axis=0)[empty]
+    probs /= probs.sum(axis=1, keepdims=True)
+    if keep is None:
+        keep = np.ones(probs.shape[0], dtype=bool)
+    return Aggregate(probs=probs.astype(np.float32), keep=np.asarray(keep, dtype=bool))
+
+
+def entropy(probs: np.ndarray) -> np.ndarray:
+    r"""Shannon entropy in nats along the last axis, :math:`H(p) = -\sum_c p_c \log p_c`, with 0 log 0 = 0."""
+    positive = probs > 0
+    logs = np.log(np.where(positive, probs, 1.0))
+    return -np.sum(np.where(positive, probs * logs, 0.0), axis=-1)
+
+
+def normalised_entropy(probs: np.ndarray) -> np.ndarray:
+    """H(p) / log C in [0, 1] along the last axis: 0 for a one-hot row, 1 for the uniform row (0 when C = 1)."""
+    num_classes = probs.shape[-1]
+    if num_classes < 2:
+        return np.zeros(probs.shape[:-1])
+    return np.clip(entropy(probs) / math.log(num_classes), 0.0, 1.0)

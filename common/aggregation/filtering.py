@@ -1,0 +1,29 @@
+"""Filtering rules: aggregate, then tell the student which public samples to skip."""
+
+from __future__ import annotations
+
+from common.aggregation.base import Aggregate, RuleInput, normalised_entropy, to_aggregate
+
+
+def selective_rule(inputs: RuleInput) -> Aggregate:
+    r"""The ensemble mean, keeping only the samples on which the ensemble is decided enough.
+
+    .. math:: p_i = \frac{1}{k} \sum_j q_{ji}, \qquad
+              \mathrm{keep}_i = \Big[\frac{H(p_i)}{\log C} \le \tau\Big]
+
+    with τ = `selective_threshold` and :math:`H(p) = -\sum_c p_c \log p_c`, divided by log C here so
+    that τ means the same for any C: 0 for a one-hot row, 1 for the uniform row, so τ = 1 keeps every
+    sample. The server-side selector of Selective-FD, Shao et al. (2024), "Selective knowledge sharing
+    for privacy-preserving federated distillation without a good teacher", Nature Communications (its
+    client-side selectors are not an aggregation rule and are not implemented here). If no row passes,
+    the rows of minimal entropy (within 1e-12) are kept instead of none: a round always teaches the
+    student something, and exact ties keep all the tied rows rather than an arbitrary one. Helps when
+    teachers disagree on many public samples (out-of-distribution or between their classes): ambiguous
+    targets are dropped.
+    """
+    mean = inputs.stack.mean(axis=0)  # (n, C) float64, rows on the simplex
+    spread = normalised_entropy(mean)  # (n,) in [0, 1]
+    keep = spread <= inputs.params.selective_threshold
+    if not keep.any():
+        keep = spread <= spread.min() + 1e-12
+    return to_aggregate(mean, inputs.stack, keep)

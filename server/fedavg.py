@@ -1,0 +1,95 @@
+"""The FedAvg baseline (McMahan et al., 2017) in the same harness: Flower's own `FedAvg` strategy
+training the student architecture, with the bytes each way measured and the same run folder."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common.config import RunConfig
+from common.data import FederatedSplit
+from common.messages import record_nbytes
+from common.models import build_model, count_parameters
+from common.training import accuracy
+from common.errors import QuorumError
+from server.run_folder import RunFolder
+
+INFO = 20
+
+
+class MeasuredFedAvg(FedAvg):
+    """Flower's FedAvg, unchanged, but counting the bytes of every message it sends and receives."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.downlink: dict[int, int] = {}
+        self.uplink: dict[int, dict[str, int]] = {}
+        self.replied: dict[int, int] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.downlink[server_round] = sum(record_nbytes(m.content) for m in messages)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        good = [r for r in replies if not r.has_error()]
+        self.uplink[server_round] = {str(r.metadata.src_node_id): record_nbytes(r.content) for r in good}
+        self.replied[server_round] = len(good)
+        for reply in replies:
+            if reply.has_error():
+                log(30, "round %d: node %d failed: %s", server_round, reply.metadata.src_node_id, reply.error.reason)
+        return super().aggregate_train(server_round, replies)
+
+
+def run_fedavg(grid: Grid, cfg: RunConfig, run: RunFolder, split: FederatedSplit) -> None:
+    """`num-server-rounds` of FedAvg on the student architecture; every node trains `local-epochs`."""
+    test = split.test
+    model = build_model(cfg.student_model, test.num_classes, tuple(test.images.shape[1:]), seed=cfg.seed)
+    strategy = MeasuredFedAvg(
+        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=cfg.min_clients,
+        min_available_nodes=cfg.min_clients,
+    )
+    started = [time.monotonic()]
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        acc = accuracy(model, test.images, test.labels)
+        if server_round == 0:
+            return MetricRecord({"accuracy": acc})
+        if strategy.replied.get(server_round, 0) < cfg.min_clients:
+            raise QuorumError(f"round {server_round}: {strategy.replied.get(server_round, 0)} replies, min-clients is {cfg.min_clients}")
+        uplink = strategy.uplink.get(server_round, {})
+        run.record_round({
+            "round": server_round, "student_accuracy": acc, "ensemble_accuracy": None,
+            "clients_replied": strategy.replied.get(server_round, 0), "clients_rejected": {},
+            "uplink_bytes": sum(uplink.values()), "uplink_bytes_per_client": uplink,
+            "downlink_bytes": strategy.downlink.get(server_round, 0),
+            "wall_s": round(time.monotonic() - started[0], 3),
+        })
+        started[0] = time.monotonic()
+        run.save_student(model, {"model": cfg.student_model, "num_classes": test.num_classes,
+                                 "image_size": list(test.images.shape[1:]), "round": server_round,
+                                 "method": "fedavg", "dataset": cfg.dataset, "scenario": cfg.scenario})
+        log(INFO, "fedavg round %d: accuracy %.4f", server_round, acc)
+        return MetricRecord({"accuracy": acc})
+
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.num_server_rounds,
+                   timeout=cfg.round_timeout, evaluate_fn=evaluate)
+    if len(run.rounds) < cfg.num_server_rounds:
+        raise QuorumError(f"FedAvg finished only {len(run.rounds)} of {cfg.num_server_rounds} rounds; see the log")
+    run.finish({
+        "student_accuracy": run.rounds[-1]["student_accuracy"],
+        "student_params": count_parameters(model),
+        "teacher_accuracy_mean": None, "teacher_params": {}, "largest_teacher_params": None,
+        "uplink_bytes_total": sum(r["uplink_bytes"] for r in run.rounds),
+        "downlink_bytes_total": sum(r["downlink_bytes"] for r in run.rounds),
+        "wall_s": round(sum(r["wall_s"] for r in run.rounds), 3),
+        "title": f"{cfg.scenario}: FedAvg, {cfg.num_clients} clients",
+    })

@@ -1,0 +1,171 @@
+"""`fedstill compare`: several methods and the baselines on one scenario, same partitions and seeds,
+with a markdown table and plots (accuracy per round; accuracy against cumulative uplink per client)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.config import RunConfig, default_run_config
+from common.errors import ConfigError, FedstillError
+from server.run_folder import write_json
+from simulations import baselines, launcher
+from simulations.scenarios import parse_sets
+
+TABLE = "comparison.md"
+PER_ROUND_PLOT = "accuracy_per_round.png"
+UPLINK_PLOT = "accuracy_vs_uplink.png"
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    overrides: dict[str, Any]
+
+
+def parse_methods(rules: list[str], methods: list[str]) -> list[Method]:
+    """`--rules mean,era` -> one method per aggregation rule; `--method label:key=value,key=value`
+    -> a named variant (for example `era-fedmd:aggregation=era,digest-epochs=1`)."""
+    found = [Method(rule, {"aggregation": rule}) for item in rules for rule in item.split(",") if rule.strip()]
+    for item in methods:
+        label, sep, body = item.partition(":")
+        if not sep or not label.strip():
+            raise ConfigError(f"--method expects label:key=value,key=value, got {item!r}")
+        found.append(Method(label.strip(), parse_sets([kv for kv in body.split(",") if kv.strip()])))
+    labels = [m.label for m in found]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"method labels must be unique, got {labels}")
+    return found
+
+
+def run_comparison(
+    base: dict[str, Any],
+    folder: Path,
+    methods: list[Method],
+    *,
+    fedavg_rounds: int,
+    with_baselines: bool,
+    cpus_per_client: int,
+    on_stage: Callable[[str, RunConfig], Callable[[dict], None] | None],
+) -> dict[str, Any]:
+    """Run every method, FedAvg (when `fedavg_rounds` > 0) and the baselines; write the report."""
+    folder.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"scenario": None, "methods": {}, "baselines": {}}
+    jobs = [(m.label, {**base, **m.overrides}) for m in methods]
+    if fedavg_rounds:
+        jobs.append(("fedavg", {**base, "method": "fedavg", "num-server-rounds": fedavg_rounds}))
+    for label, overrides in jobs:
+        overrides = {**overrides, "output-dir": str(folder), "run-name": label}
+        try:
+            cfg = RunConfig.from_run_config({**default_run_config(), **overrides})
+            outcome = launcher.simulate(cfg, overrides, cpus_per_client=cpus_per_client, on_event=on_stage(label, cfg))
+            entry = {"run_dir": str(outcome.run_dir), "rounds": outcome.results["rounds"], "final": outcome.results["final"]}
+            summary["scenario"] = summary["scenario"] or outcome.results["scenario"]
+        except FedstillError as error:
+            entry = {"error": f"{type(error).__name__}: {error}"}
+        (summary["baselines"] if label == "fedavg" else summary["methods"])[label] = entry
+    if with_baselines:
+        cfg = RunConfig.from_run_config({**default_run_config(), **base})
+        baselines.use_threads(os.cpu_count() or 1)
+        on_stage("local-only", cfg)
+        summary["baselines"]["local_only"] = baselines.local_only(cfg)
+        on_stage("centralised", cfg)
+        summary["baselines"]["centralised"] = baselines.centralised(cfg)
+    write_json(folder / "results.json", summary)
+    (folder / TABLE).write_text(markdown_table(summary), encoding="utf-8")
+    plot_comparison(summary, folder)
+    return summary
+
+
+def rows_of(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per method or baseline: final accuracy, rounds, uplink per client (total and per round)."""
+    rows = []
+    runs = {**summary["methods"], **{k: v for k, v in summary["baselines"].items() if k == "fedavg"}}
+    for label, entry in runs.items():
+        if "error" in entry:
+            rows.append({"method": label, "error": entry["error"]})
+            continue
+        rounds = entry["rounds"]
+        per_client = [r["uplink_bytes"] / max(r["clients_replied"], 1) for r in rounds]
+        rows.append({
+            "method": label, "accuracy": entry["final"]["student_accuracy"], "rounds": len(rounds),
+            "uplink_per_client_total": sum(per_client), "uplink_per_client_round": per_client[-1] if per_client else 0,
+            "teachers": entry["final"].get("teacher_accuracy_mean"),
+        })
+    local, central = summary["baselines"].get("local_only"), summary["baselines"].get("centralised")
+    if local:
+        rows.append({"method": "local-only (mean of institutions)", "accuracy": local["accuracy_mean"],
+                     "note": f"min {local['accuracy_min']:.4f}, max {local['accuracy_max']:.4f}, {local['epochs']} epochs"})
+    if central:
+        for role in ("student", "teacher"):
+            rows.append({"method": f"centralised {role} ({central[role]['model']})", "accuracy": central[role]["accuracy"],
+                         "note": f"pooled private data, {central['epochs']} epochs"})
+    return rows
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    lines = ["| method | student test accuracy | rounds | uplink per client, total | per round | note |",
+             "|---|---:|---:|---:|---:|---|"]
+    for row in rows_of(summary):
+        if "error" in row:
+            lines.append(f"| {row['method']} | failed | | | | {row['error']} |")
+            continue
+        total, per_round = row.get("uplink_per_client_total"), row.get("uplink_per_client_round")
+        note = row.get("note") or (f"teachers' mean {row['teachers']:.4f}" if row.get("teachers") else "")
+        lines.append(
+            f"| {row['method']} | {row['accuracy']:.4f} | {row.get('rounds', '')} | "
+            f"{_mb(total)} | {_mb(per_round)} | {note} |"
+        )
+    scenario = summary.get("scenario") or {}
+    header = f"# Comparison: {scenario.get('scenario', '?')}\n\n" if scenario else "# Comparison\n\n"
+    return header + "\n".join(lines) + "\n"
+
+
+def _mb(value: float | None) -> str:
+    return "" if value is None else f"{value / 1e6:.3f} MB"
+
+
+def plot_comparison(summary: dict[str, Any], folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {**summary["methods"], **{k: v for k, v in summary["baselines"].items() if k == "fedavg"}}
+    runs = {label: entry for label, entry in runs.items() if "rounds" in entry}
+    fig_r, ax_r = plt.subplots(figsize=(7, 4.5))
+    fig_u, ax_u = plt.subplots(figsize=(7, 4.5))
+    for label, entry in runs.items():
+        rounds = entry["rounds"]
+        acc = [r["student_accuracy"] for r in rounds]
+        cumulative, total = [], 0.0
+        for r in rounds:
+            total += r["uplink_bytes"] / max(r["clients_replied"], 1)
+            cumulative.append(total)
+        ax_r.plot([r["round"] for r in rounds], acc, marker="o", markersize=3, label=label)
+        ax_u.plot(cumulative, acc, marker="o", markersize=3, label=label)
+    for name, value, style in _reference_lines(summary):
+        for ax in (ax_r, ax_u):
+            ax.axhline(value, linestyle=style, color="grey", linewidth=1)
+            ax.annotate(name, xy=(0.01, value), xycoords=("axes fraction", "data"), fontsize=7, va="bottom")
+    ax_r.set(xlabel="round", ylabel="student test accuracy", title="accuracy per round")
+    ax_u.set(xlabel="cumulative uplink bytes per client", ylabel="student test accuracy",
+             title="accuracy against uplink", xscale="log")
+    for fig, ax, name in ((fig_r, ax_r, PER_ROUND_PLOT), (fig_u, ax_u, UPLINK_PLOT)):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=120)
+        plt.close(fig)
+
+
+def _reference_lines(summary: dict[str, Any]) -> list[tuple[str, float, str]]:
+    lines = []
+    if local := summary["baselines"].get("local_only"):
+        lines.append(("local-only mean", local["accuracy_mean"], ":"))
+    if central := summary["baselines"].get("centralised"):
+        lines.append(("centralised student", central["student"]["accuracy"], "--"))
+    return lines
