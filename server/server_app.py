@@ -50,7 +50,6 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
     fingerprint = public_fingerprint(public)
     student = Student(cfg, public.num_classes, tuple(public.images.shape[1:]))
     log(INFO, "run folder %s; public set %d samples, fingerprint %s", run.path, len(public), fingerprint[:12])
-    params = AggregationParams(cfg.era_temperature, cfg.trim_fraction, cfg.selective_threshold)
 
     for round_ in range(1, cfg.num_server_rounds + 1):
         started = time.monotonic()
@@ -59,6 +58,7 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
         require_quorum(replies, cfg, round_)
 
         accepted = list(replies.accepted.values())
+        params = AggregationParams(cfg.era_temperature, cfg.trim_fraction, cfg.selective_threshold, query.temperature)
         ensemble = aggregate(cfg.aggregation, [r.soft_labels for r in accepted], [r.num_examples for r in accepted],
                              class_counts=_class_counts(accepted), params=params)
         kept = query.sample_ids[ensemble.keep]

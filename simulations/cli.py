@@ -72,12 +72,19 @@ def compare(
         console.print(f"[bold]fedstill compare[/] {cfg.scenario}: {', '.join(m.label for m in methods)}"
                       f"{', fedavg' if fedavg_rounds else ''} -> {folder}")
         with _progress() as progress:
+            stages: list[Any] = []
+
             def on_stage(label: str, stage_cfg: Any):
-                task = progress.add_task(label, total=stage_cfg.num_server_rounds)
+                if stages:  # stages run one after another: the previous one has ended
+                    _end(progress, stages[-1])
+                task = progress.add_task(label, total=stage_cfg.num_server_rounds if stage_cfg else None)
+                stages.append(task)
                 return lambda event: _show(progress, task, event, label)
 
             summary = run_comparison(base, folder, methods, fedavg_rounds=fedavg_rounds, with_baselines=baselines,
                                      cpus_per_client=cpus_per_client, on_stage=on_stage)
+            if stages:
+                _end(progress, stages[-1])
     except FedstillError as error:
         _fail(error)
     console.print((folder / TABLE).read_text(), markup=False)
@@ -111,6 +118,13 @@ def preflight(cfg: Any) -> None:
 def _progress() -> Progress:
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                     TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn(), console=console)
+
+
+def _end(progress: Progress, task: Any) -> None:
+    """Stop the spinner of a stage with no round count (the in-process baselines)."""
+    stage = next(t for t in progress.tasks if t.id == task)
+    if stage.total is None:
+        progress.update(task, total=1, completed=1, description=f"{stage.description}: done")
 
 
 def _show(progress: Progress, task: Any, event: dict[str, Any], label: str = "") -> None:

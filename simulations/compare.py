@@ -49,9 +49,12 @@ def run_comparison(
     fedavg_rounds: int,
     with_baselines: bool,
     cpus_per_client: int,
-    on_stage: Callable[[str, RunConfig], Callable[[dict], None] | None],
+    on_stage: Callable[[str, RunConfig | None], Callable[[dict], None] | None],
 ) -> dict[str, Any]:
-    """Run every method, FedAvg (when `fedavg_rounds` > 0) and the baselines; write the report."""
+    """Run every method, FedAvg (when `fedavg_rounds` > 0) and the baselines; write the report.
+
+    `on_stage(label, cfg)` is called as each stage starts (cfg None for the in-process baselines)
+    and may return a callback for that run's progress events."""
     folder.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"scenario": None, "methods": {}, "baselines": {}}
     jobs = [(m.label, {**base, **m.overrides}) for m in methods]
@@ -70,9 +73,9 @@ def run_comparison(
     if with_baselines:
         cfg = RunConfig.from_run_config({**default_run_config(), **base})
         baselines.use_threads(os.cpu_count() or 1)
-        on_stage("local-only", cfg)
+        on_stage("local-only", None)
         summary["baselines"]["local_only"] = baselines.local_only(cfg)
-        on_stage("centralised", cfg)
+        on_stage("centralised", None)
         summary["baselines"]["centralised"] = baselines.centralised(cfg)
     write_json(folder / "results.json", summary)
     (folder / TABLE).write_text(markdown_table(summary), encoding="utf-8")

@@ -19,6 +19,7 @@ class AggregationParams:
     era_temperature: float = 0.1  # ERA sharpening temperature (< 1 sharpens)
     trim_fraction: float = 0.1  # trimmed mean: fraction cut at EACH end, per coordinate, in [0, 0.5)
     selective_threshold: float = 0.5  # selective: drop rows whose H(p)/log(C) exceeds this, in (0, 1]
+    temperature: float = 1.0  # the temperature the soft labels were made at (selective judges at T = 1)
 
     def __post_init__(self) -> None:
         checks = (
@@ -28,6 +29,7 @@ class AggregationParams:
              "in [0, 0.5): the fraction of institutions cut at each end"),
             ("selective_threshold", self.selective_threshold, lambda v: 0 < v <= 1,
              "in (0, 1]: the largest normalised entropy of a kept row (1 keeps every row)"),
+            ("temperature", self.temperature, lambda v: v > 0, "a finite number > 0"),
         )
         problems = [
             f"{name} must be {want}, got {value!r}"

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from common.aggregation.base import Aggregate, RuleInput, normalised_entropy, to_aggregate
+
+
+def unsoften(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Rows softened at temperature T back to T = 1: p^T, renormalised (computed in log space)."""
+    logp = temperature * np.log(np.clip(probs, 1e-300, None))
+    logp -= logp.max(axis=1, keepdims=True)
+    sharp = np.exp(logp)
+    return sharp / sharp.sum(axis=1, keepdims=True)
 
 
 def selective_rule(inputs: RuleInput) -> Aggregate:
@@ -20,9 +30,14 @@ def selective_rule(inputs: RuleInput) -> Aggregate:
     student something, and exact ties keep all the tied rows rather than an arbitrary one. Helps when
     teachers disagree on many public samples (out-of-distribution or between their classes): ambiguous
     targets are dropped.
+
+    The teachers softened their outputs at temperature T (`params.temperature`); ambiguity is judged
+    at T = 1, on :math:`p^T / \sum_c p_c^T` (exact for one teacher, whose softmax(z/T) raised to the
+    power T and renormalised is softmax(z)), so τ means the same whatever T the round used. The
+    student still learns from the softened rows.
     """
     mean = inputs.stack.mean(axis=0)  # (n, C) float64, rows on the simplex
-    spread = normalised_entropy(mean)  # (n,) in [0, 1]
+    spread = normalised_entropy(unsoften(mean, inputs.params.temperature))  # (n,) in [0, 1]
     keep = spread <= inputs.params.selective_threshold
     if not keep.any():
         keep = spread <= spread.min() + 1e-12

@@ -457,3 +457,21 @@ def test_mean_is_the_renormalised_average(case) -> None:
     # Assert
     stacked = [s.astype(np.float64) / s.astype(np.float64).sum(axis=1, keepdims=True) for s in soft_labels]
     np.testing.assert_allclose(result.probs, np.mean(stacked, axis=0), atol=1e-6)
+
+
+def test_selective_judges_ambiguity_at_temperature_one() -> None:
+    # Prepare: one teacher's softmax(z / T) at T = 4 for two confident rows (logits 8,0 and 6,0) and
+    # an ambiguous one (1,0); softened, all three rows have normalised entropy above 0.5
+    logits = np.array([[8.0, 0.0], [6.0, 0.0], [1.0, 0.0]])
+    soft = np.exp(logits / 4) / np.exp(logits / 4).sum(axis=1, keepdims=True)
+
+    # Execute
+    judged_soft = aggregate("selective", [soft], [1], params=AggregationParams(selective_threshold=0.5))
+    judged_t1 = aggregate("selective", [soft], [1], params=AggregationParams(selective_threshold=0.5, temperature=4.0))
+
+    # Assert: judged on the softened rows none passes and only the least ambiguous is kept; at T = 1
+    # (softmax(8, 0) and softmax(6, 0) have normalised entropies 0.005 and 0.025) both confident rows
+    # pass; the student still gets the softened rows
+    assert judged_soft.keep.tolist() == [True, False, False]
+    assert judged_t1.keep.tolist() == [True, True, False]
+    np.testing.assert_allclose(judged_t1.probs, soft, atol=1e-6)
