@@ -2,7 +2,9 @@
 
 `flwr run` starts a detached local SuperLink and exits 0 even when the ServerApp failed, so the
 launcher reads the outcome from the run folder's progress events and from `flwr list`, and stops
-the local SuperLink it started, by PID.
+the local SuperLink it started, by PID. Each run gets its own Flower home (under FLWR_HOME, or
+`.flwr-home/` in the project) and its own free local ports, so simulations can run side by side and
+a stale SuperLink of an earlier run is never reused.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -63,17 +67,17 @@ def simulate(
     timeout_s: float | None = None,
 ) -> Outcome:
     """Run one simulation to the end and return its results; raise RunFailed with the reason if it fails."""
-    home = flwr_home()
-    home.mkdir(parents=True, exist_ok=True)
     run_dir = resolve_run_dir(cfg)
     if (run_dir / RESULTS).exists():
         raise RunFailed(f"run folder {run_dir} already holds results; choose another run-name or output-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
+    home = flwr_home() / "runs" / f"{run_dir.name}-{os.getpid()}"
+    home.mkdir(parents=True, exist_ok=True)
+    http_port, control_port = free_ports(2)
     # `flwr run` starts `flower-superlink` from PATH: make sure it is this environment's.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home), "PATH": path}
-    check_no_foreign_superlink(home)
-    before = set(local_superlinks(home))
+    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home), "PATH": path,
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)}
     log_path = run_dir / "flwr.log"
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as handle:
         handle.write(to_toml(overrides))
@@ -91,12 +95,13 @@ def simulate(
         status = run_status(run_id, env) if run_id else None
     finally:
         os.unlink(config_file)
-        for pid in set(local_superlinks(home)) - before:
+        for pid in local_superlinks(home):
             stop(pid)
     finished = [e for e in events if e.get("event") == "finished"]
     if finished and finished[-1].get("status") == "completed":
         if status and "failed" in status:
             raise RunFailed(f"Flower reports run {run_id} as {status}; see {log_path}")
+        shutil.rmtree(home, ignore_errors=True)  # kept after a failure, for its superlink.log
         return Outcome(run_dir, json.loads((run_dir / RESULTS).read_text()), run_id, log_path)
     if finished:
         raise RunFailed(f"{finished[-1].get('error', 'the run failed')} (log: {log_path})")
@@ -168,18 +173,20 @@ def last_error(log_path: Path) -> str:
 
 
 def local_superlinks(home: Path) -> list[int]:
-    """PIDs of local simulation SuperLinks whose database lies under `home`."""
-    return [pid for pid, cmd in _superlink_processes() if str(home / "local-superlink") in cmd]
+    """PIDs of local simulation SuperLinks whose files lie under `home`."""
+    return [pid for pid, cmd in _superlink_processes() if f"{home}{os.sep}" in cmd]
 
 
-def check_no_foreign_superlink(home: Path) -> None:
-    """A local SuperLink of another FLWR_HOME would hold the local ports and serve a stale app."""
-    for pid, cmd in _superlink_processes():
-        if "--simulation" in cmd and str(home / "local-superlink") not in cmd:
-            raise RunFailed(
-                f"a local SuperLink of another FLWR_HOME is running (pid {pid}) and holds the local ports; "
-                f"stop it (kill {pid}) or run with FLWR_HOME set to its home"
-            )
+def free_ports(count: int) -> list[int]:
+    """Ports the OS reports free on 127.0.0.1 right now."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _superlink_processes() -> list[tuple[int, str]]:

@@ -97,3 +97,36 @@ def test_bad_input_fails_fast_without_traceback(setting: str, expected: str, hom
     assert result.returncode == 1
     assert expected in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_compare_runs_methods_and_baselines(tmp_path: Path, home: Path) -> None:
+    # Prepare: one rule, one variant using FedMD, top-k codec, sampling, schedule and two-stage student
+    out = tmp_path / "runs"
+    variant = ('fedmd:digest-epochs=1,revisit-epochs=1,codec="topk",codec-top-k=2,public-fraction=0.5,'
+               'student-head-epochs=1,temperature-schedule="linear",temperature-final=1.0')
+
+    # Execute
+    result = fedstill("compare", "digits-tiny", "--rules", "expertise", "--method", variant,
+                      "--fedavg-rounds", "2", "--set", f"output-dir={out}", "--set", 'run-name="cmp"', home=home)
+
+    # Assert
+    assert result.returncode == 0, result.stdout + result.stderr
+    folder = out / "compare-cmp"
+    summary = json.loads((folder / "results.json").read_text())
+    assert set(summary["methods"]) == {"expertise", "fedmd"}
+    fedmd = summary["methods"]["fedmd"]["rounds"]
+    assert [r["temperature"] for r in fedmd] == [3.0, 1.0]
+    assert all(r["distilled_samples"] == 200 for r in fedmd)
+    # top-2 of 200 rows: 200 x 2 x (2 value bytes + 1 index byte), plus framing
+    assert all(1_200 < b < 3_500 for r in fedmd for b in r["uplink_bytes_per_client"].values())
+    assert fedmd[0]["digest_failed"] == {} and fedmd[0]["downlink_bytes"] > summary["methods"]["expertise"]["rounds"][0]["downlink_bytes"]
+    fedavg = summary["baselines"]["fedavg"]["rounds"]
+    assert len(fedavg) == 2
+    # FedAvg sends the student's weights: 13,706 float32 parameters per client per round
+    assert all(b > 13_706 * 4 for r in fedavg for b in r["uplink_bytes_per_client"].values())
+    assert len(summary["baselines"]["local_only"]["per_client"]) == 3
+    assert summary["baselines"]["centralised"]["teacher"]["model"] == "cnn-large"
+    table = (folder / "comparison.md").read_text()
+    assert "| fedmd |" in table and "| fedavg |" in table and "local-only" in table
+    assert (folder / "accuracy_per_round.png").stat().st_size > 0
+    assert (folder / "accuracy_vs_uplink.png").stat().st_size > 0
