@@ -4,6 +4,7 @@ with a markdown table and plots (accuracy per round; accuracy against cumulative
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,8 @@ def parse_methods(rules: list[str], methods: list[str]) -> list[Method]:
         label, sep, body = item.partition(":")
         if not sep or not label.strip():
             raise ConfigError(f"--method expects label:key=value,key=value, got {item!r}")
-        found.append(Method(label.strip(), parse_sets([kv for kv in body.split(",") if kv.strip()])))
+        pairs = re.split(r",(?=\s*[A-Za-z][\w-]*\s*=)", body)  # commas inside quoted values stay
+        found.append(Method(label.strip(), parse_sets([kv for kv in pairs if kv.strip()])))
     labels = [m.label for m in found]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"method labels must be unique, got {labels}")
