@@ -22,7 +22,7 @@ def fedavg_train(content: RecordDict, cfg: RunConfig, site: Site, server_round: 
     model = build_model(cfg.student_model, site.private.num_classes, tuple(site.private.images.shape[1:]))
     try:
         model.load_state_dict(arrays.to_torch_state_dict())
-    except RuntimeError as error:
+    except (RuntimeError, TypeError, ValueError) as error:
         raise MessageFormatError(f"fedavg: global weights do not fit {cfg.student_model}: {error}") from None
     loss = train_supervised(
         model, site.private.images, site.private.labels, epochs=cfg.local_epochs, lr=cfg.teacher_lr,

@@ -30,7 +30,7 @@ class Method:
 def parse_methods(rules: list[str], methods: list[str]) -> list[Method]:
     """`--rules mean,era` -> one method per aggregation rule; `--method label:key=value,key=value`
     -> a named variant (for example `era-fedmd:aggregation=era,digest-epochs=1`)."""
-    found = [Method(rule, {"aggregation": rule}) for item in rules for rule in item.split(",") if rule.strip()]
+    found = [Method(rule.strip(), {"aggregation": rule.strip()}) for item in rules for rule in item.split(",") if rule.strip()]
     for item in methods:
         label, sep, body = item.partition(":")
         if not sep or not label.strip():
@@ -116,10 +116,10 @@ def markdown_table(summary: dict[str, Any]) -> str:
              "|---|---:|---:|---:|---:|---|"]
     for row in rows_of(summary):
         if "error" in row:
-            lines.append(f"| {row['method']} | failed | | | | {row['error']} |")
+            lines.append(f"| {row['method']} | failed | | | | {_cell(row['error'])} |")
             continue
         total, per_round = row.get("uplink_per_client_total"), row.get("uplink_per_client_round")
-        note = row.get("note") or (f"teachers' mean {row['teachers']:.4f}" if row.get("teachers") else "")
+        note = row.get("note") or (f"teachers' mean {row['teachers']:.4f}" if row.get("teachers") is not None else "")
         lines.append(
             f"| {row['method']} | {row['accuracy']:.4f} | {row.get('rounds', '')} | "
             f"{_mb(total)} | {_mb(per_round)} | {note} |"
@@ -127,6 +127,11 @@ def markdown_table(summary: dict[str, Any]) -> str:
     scenario = summary.get("scenario") or {}
     header = f"# Comparison: {scenario.get('scenario', '?')}\n\n" if scenario else "# Comparison\n\n"
     return header + "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """Text made safe for one markdown table cell: no row breaks, no column breaks."""
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def _mb(value: float | None) -> str:

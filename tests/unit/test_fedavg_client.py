@@ -1,0 +1,140 @@
+"""Unit tests of the FedAvg baseline's client step (client/fedavg.py) on a tiny digits site."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from client.fedavg import fedavg_train
+from client.site import Site
+from common.config import RunConfig, default_run_config
+from common.data import load_split, public_fingerprint
+from common.errors import MessageFormatError
+from common.models import build_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Train on one thread, as the app does (torch-threads = 1): tiny models slow down badly on more."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def site() -> Site:
+    split = load_split("digits", "", 400, 42)
+    return Site(
+        partition_id=2, private=split.private.subset(np.arange(250)), public=split.public, test=split.test,
+        fingerprint=public_fingerprint(split.public),
+    )
+
+
+@pytest.fixture(scope="module")
+def cfg() -> RunConfig:
+    return RunConfig.from_run_config({
+        **default_run_config(), "dataset": "digits", "public-size": 400, "method": "fedavg",
+        "student-model": "cnn-student", "local-epochs": 1,
+    })
+
+
+def global_weights(name: str = "cnn-student", num_classes: int = 10) -> dict[str, torch.Tensor]:
+    return build_model(name, num_classes, (8, 8), seed=0).state_dict()
+
+
+def test_returns_trained_weights_of_the_same_shapes_and_counts(site: Site, cfg: RunConfig) -> None:
+    # Prepare
+    weights = global_weights()
+    content = RecordDict({"arrays": ArrayRecord(weights), "config": ConfigRecord({"server-round": 1})})
+
+    # Execute
+    reply = fedavg_train(content, cfg, site, server_round=1)
+
+    # Assert
+    assert set(reply.keys()) == {"arrays", "metrics"}
+    assert isinstance(reply["arrays"], ArrayRecord) and isinstance(reply["metrics"], MetricRecord)
+    trained = reply["arrays"].to_torch_state_dict()
+    assert list(trained) == list(weights)
+    for name, value in weights.items():
+        assert trained[name].shape == value.shape, name
+        assert trained[name].dtype == value.dtype, name
+        assert not torch.equal(trained[name], value), f"{name} did not change"
+    metrics = reply["metrics"]
+    assert metrics["num-examples"] == len(site.private) == 250
+    assert math.isfinite(metrics["train-loss"]) and metrics["train-loss"] > 0
+
+
+def test_the_global_weights_in_the_message_are_not_modified(site: Site, cfg: RunConfig) -> None:
+    # Prepare
+    weights = global_weights()
+    arrays = ArrayRecord(weights)
+    content = RecordDict({"arrays": arrays})
+
+    # Execute
+    fedavg_train(content, cfg, site, server_round=1)
+
+    # Assert
+    for name, value in arrays.to_torch_state_dict().items():
+        assert torch.equal(value, weights[name]), name
+
+
+def test_the_same_round_trains_reproducibly(site: Site, cfg: RunConfig) -> None:
+    # Prepare
+    content = RecordDict({"arrays": ArrayRecord(global_weights())})
+
+    # Execute
+    first = fedavg_train(content, cfg, site, server_round=3)["arrays"].to_torch_state_dict()
+    second = fedavg_train(content, cfg, site, server_round=3)["arrays"].to_torch_state_dict()
+
+    # Assert
+    for name, value in first.items():
+        assert torch.equal(value, second[name]), name
+
+
+@pytest.mark.parametrize(
+    ("arrays", "expected"),
+    [
+        pytest.param(lambda: ArrayRecord(global_weights("cnn-large")), "size mismatch", id="cnn-large"),
+        pytest.param(lambda: ArrayRecord(global_weights("mlp")), "Missing key", id="mlp"),
+        pytest.param(lambda: ArrayRecord(global_weights("cnn-student", num_classes=9)), "size mismatch", id="9-classes"),
+        pytest.param(lambda: ArrayRecord({}), "Missing key", id="empty"),
+        pytest.param(lambda: ArrayRecord({**global_weights(), "extra.weight": torch.zeros(2)}), "Unexpected key", id="extra-key"),
+    ],
+)
+def test_weights_of_another_architecture_are_a_message_format_error(site: Site, cfg: RunConfig, arrays, expected: str) -> None:
+    # Prepare
+    content = RecordDict({"arrays": arrays()})
+
+    # Execute / Assert
+    with pytest.raises(MessageFormatError, match=rf"fedavg: global weights do not fit cnn-student: (.|\n)*{expected}"):
+        fedavg_train(content, cfg, site, server_round=1)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(RecordDict({}), id="empty"),
+        pytest.param(RecordDict({"weights": ArrayRecord(global_weights())}), id="other-name"),
+        pytest.param(RecordDict({"arrays": ConfigRecord({"x": 1})}), id="not-an-array-record"),
+    ],
+)
+def test_missing_global_weights_are_a_message_format_error(site: Site, cfg: RunConfig, content: RecordDict) -> None:
+    # Execute / Assert
+    with pytest.raises(MessageFormatError, match="fedavg: expected an ArrayRecord 'arrays' holding the global model"):
+        fedavg_train(content, cfg, site, server_round=1)
+
+
+def test_non_numeric_weights_are_a_message_format_error(site: Site, cfg: RunConfig) -> None:
+    # Prepare
+    arrays = {name: Array(value.numpy()) for name, value in global_weights().items()}
+    arrays["head.3.bias"] = Array(np.array(["x"] * 10))
+    content = RecordDict({"arrays": ArrayRecord(arrays)})
+
+    # Execute / Assert
+    with pytest.raises(MessageFormatError, match="fedavg: global weights"):
+        fedavg_train(content, cfg, site, server_round=1)
