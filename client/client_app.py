@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 import numpy as np
 
 from client.fedavg import fedavg_train
+from client.release import load_identity, sign_and_log
 from client.site import Site, load_site
 from client.teacher import digest_round, restore_teacher, save_teacher, train_round
 from common.config import RunConfig
@@ -44,7 +45,14 @@ def soft_labels(msg: Message, context: Context) -> Message:
         teacher_params=count_parameters(teacher), teacher_rounds=rounds_trained + 1,
         class_counts=_class_counts(site) if query.want_class_counts else None, top_k=query.top_k,
     )
-    return Message(reply.to_record(), reply_to=msg)
+    record = reply.to_record()
+    identity = load_identity(cfg, context.node_config)
+    if identity is not None:
+        record = sign_and_log(
+            identity, record, msg.content, run_id=context.run_id, round_=query.round, node_id=context.node_id,
+            fingerprint=site.fingerprint, with_counts=query.want_class_counts, with_accuracy=query.evaluate_teacher,
+        )
+    return Message(record, reply_to=msg)
 
 
 @app.train("digest")

@@ -70,6 +70,9 @@ class RunConfig:
     era_temperature: float
     trim_fraction: float
     selective_threshold: float
+    allow_list: str
+    coordinator_key: str
+    sites_dir: str
 
     @classmethod
     def from_run_config(cls, raw: Mapping[str, Any]) -> RunConfig:

@@ -45,4 +45,11 @@ class PrivacyBudgetExceeded(FedstillError):
 
 
 class AuditError(FedstillError):
-    """A signature, payload digest or ledger link does not verify."""
+    """A signature, payload digest or ledger link does not verify.
+
+    `check` names the check that failed ("signature", "digest", "allow-list", ...), for the ledger.
+    """
+
+    def __init__(self, message: str, check: str = "audit") -> None:
+        super().__init__(message)
+        self.check = check

@@ -6,6 +6,8 @@ Each message is a dataclass with `to_record()` and a validating `from_record()` 
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -13,10 +15,13 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from common.audit.attestation import Attestation
+from common.audit.canonical import canonical
 from common.codecs import CODECS, decode, encode, require_simplex, simplex_tolerance, wire_schema
 from common.errors import FingerprintMismatch, MessageFormatError
 
 SOFT_LABELS_TYPE = "query.soft_labels"
+ATTESTATION = "attestation"
 DIGEST_TYPE = "train.digest"
 
 
@@ -282,3 +287,53 @@ def _field(record: Any, where: str, key: str, kind: type) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise MessageFormatError(f"{where}: key {key!r} must be {kind.__name__}, got {type(value).__name__}")
     return value
+
+
+def record_digest(record: RecordDict, exclude: tuple[str, ...] = (ATTESTATION,)) -> tuple[str, int]:
+    """sha256 (hex) and size of a message's content as sent, every record but `exclude`.
+
+    The digest covers, in sorted key order, each record's key and type and, for arrays, each array's
+    name, dtype, shape, storage type and exact data bytes; for config and metric records, the RFC 8785
+    canonical JSON of their values (bytes values as base64). The size counts the array data bytes.
+    """
+    digest, size = hashlib.sha256(), 0
+    for key in sorted(k for k in record.keys() if k not in exclude):
+        value = record[key]
+        digest.update(canonical({"record": key, "type": type(value).__name__}))
+        if isinstance(value, ArrayRecord):
+            for name in sorted(value.keys()):
+                array = value[name]
+                digest.update(canonical({"array": name, "dtype": array.dtype, "shape": list(array.shape),
+                                         "stype": array.stype, "bytes": len(array.data)}))
+                digest.update(array.data)
+                size += len(array.data)
+        else:
+            items = {k: base64.b64encode(v).decode("ascii") if isinstance(v, bytes) else v for k, v in value.items()}
+            encoded = canonical(items)
+            digest.update(encoded)
+            size += len(encoded)
+    return digest.hexdigest(), size
+
+
+def payload_description(record: RecordDict, key: str = "soft-labels") -> dict[str, Any]:
+    """Kind, codec, shape and dtype of each released array, as an attestation states them."""
+    arrays = _get(record, key, ArrayRecord)
+    release = record.get("release")
+    return {
+        "kind": key,
+        "codec": release.get("codec") if isinstance(release, ConfigRecord) else None,
+        "arrays": {name: {"dtype": arrays[name].dtype, "shape": list(arrays[name].shape)} for name in sorted(arrays.keys())},
+    }
+
+
+def attach_attestation(record: RecordDict, attestation: Attestation) -> RecordDict:
+    record[ATTESTATION] = ConfigRecord(attestation.as_dict())
+    return record
+
+
+def read_attestation(record: RecordDict) -> Attestation | None:
+    """The reply's attestation, None when it has none; a malformed one is a MessageFormatError."""
+    if ATTESTATION not in record:
+        return None
+    config = _get(record, ATTESTATION, ConfigRecord)
+    return Attestation(_field(config, ATTESTATION, "statement", str), _field(config, ATTESTATION, "signature", str))

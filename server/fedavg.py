@@ -4,7 +4,7 @@ training the student architecture, with the bytes each way measured and the same
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -48,7 +48,9 @@ class MeasuredFedAvg(FedAvg):
         return super().aggregate_train(server_round, replies)
 
 
-def run_fedavg(grid: Grid, cfg: RunConfig, run: RunFolder, split: FederatedSplit) -> None:
+def run_fedavg(
+    grid: Grid, cfg: RunConfig, run: RunFolder, split: FederatedSplit, on_finish: Callable[[], dict[str, Any]] | None = None
+) -> None:
     """`num-server-rounds` of FedAvg on the student architecture; every node trains `local-epochs`."""
     test = split.test
     model = build_model(cfg.student_model, test.num_classes, tuple(test.images.shape[1:]), seed=cfg.seed)
@@ -84,6 +86,8 @@ def run_fedavg(grid: Grid, cfg: RunConfig, run: RunFolder, split: FederatedSplit
                    timeout=cfg.round_timeout, evaluate_fn=evaluate)
     if len(run.rounds) < cfg.num_server_rounds:
         raise QuorumError(f"FedAvg finished only {len(run.rounds)} of {cfg.num_server_rounds} rounds; see the log")
+    if on_finish is not None:
+        run.sections["audit"] = on_finish()
     run.finish({
         "student_accuracy": run.rounds[-1]["student_accuracy"],
         "student_params": count_parameters(model),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,10 +12,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common.aggregation import NEEDS_CLASS_COUNTS
+from common.audit.attestation import Attestation
 from common.config import RunConfig, temperature_at
-from common.errors import FedstillError, QuorumError
+from common.errors import AuditError, FedstillError, QuorumError
 from common.messages import (
-    DIGEST_TYPE, SOFT_LABELS_TYPE, DigestInstruction, DigestReply, SoftLabelQuery, SoftLabelReply, record_nbytes,
+    DIGEST_TYPE, SOFT_LABELS_TYPE, DigestInstruction, DigestReply, SoftLabelQuery, SoftLabelReply, record_digest,
+    record_nbytes,
 )
 
 WAIT_POLL_S = 1.0
@@ -29,6 +32,12 @@ class RoundReplies:
     rejected: dict[int, str] = field(default_factory=dict)  # node id -> reason
     uplink_bytes: dict[int, int] = field(default_factory=dict)  # node id -> bytes received
     downlink_bytes: int = 0
+    checks: dict[int, str] = field(default_factory=dict)  # rejected node id -> the check that failed
+    attestations: dict[int, Attestation | None] = field(default_factory=dict)  # node id -> what it signed
+    payload_digests: dict[int, tuple[str, int]] = field(default_factory=dict)  # node id -> (sha256, bytes)
+
+
+ReplyCheck = Callable[[int, RecordDict], "Attestation | None"]
 
 
 def wait_for_nodes(grid: Grid, cfg: RunConfig) -> list[int]:
@@ -50,8 +59,11 @@ def wait_for_nodes(grid: Grid, cfg: RunConfig) -> list[int]:
     return sorted(nodes)
 
 
-def query_soft_labels(grid: Grid, nodes: list[int], query: SoftLabelQuery, timeout: float) -> RoundReplies:
-    """Send `query` to every node and keep the replies that pass validation."""
+def query_soft_labels(
+    grid: Grid, nodes: list[int], query: SoftLabelQuery, timeout: float, check: ReplyCheck | None = None
+) -> RoundReplies:
+    """Send `query` to every node and keep the replies that pass `check` (the audit trail's attestation
+    check) and validation."""
     messages = [
         Message(content=query.to_record(), dst_node_id=node, message_type=SOFT_LABELS_TYPE, group_id=str(query.round))
         for node in nodes
@@ -61,27 +73,36 @@ def query_soft_labels(grid: Grid, nodes: list[int], query: SoftLabelQuery, timeo
          None if reply.has_error() else reply.content)
         for reply in grid.send_and_receive(messages, timeout=timeout)
     ]
-    return judge_replies(query, nodes, answers, timeout)
+    return judge_replies(query, nodes, answers, timeout, check)
 
 
 def judge_replies(
-    query: SoftLabelQuery, nodes: list[int], answers: list[tuple[int, str | None, RecordDict | None]], timeout: float
+    query: SoftLabelQuery, nodes: list[int], answers: list[tuple[int, str | None, RecordDict | None]], timeout: float,
+    check: ReplyCheck | None = None,
 ) -> RoundReplies:
-    """Validate each `(node, error reason, content)` answer; a bad one is dropped with its reason, never raised."""
+    """Check each `(node, error reason, content)` answer: first its attestation (`check`), then its schema.
+
+    A bad answer is dropped with its reason and the name of the failed check, never raised.
+    """
     result = RoundReplies(downlink_bytes=record_nbytes(query.to_record()) * len(nodes))
     for node, error, content in answers:
         if error is not None or content is None:
-            result.rejected[node] = f"node error: {error}"
+            result.rejected[node], result.checks[node] = f"node error: {error}", "node-error"
             continue
         result.uplink_bytes[node] = record_nbytes(content)
         try:
+            result.payload_digests[node] = record_digest(content)
+            if check is not None:
+                result.attestations[node] = check(node, content)
             result.accepted[node] = SoftLabelReply.from_record(content, query)
+        except AuditError as problem:
+            result.rejected[node], result.checks[node] = f"{type(problem).__name__}: {problem}", problem.check
         except FedstillError as problem:
-            result.rejected[node] = f"{type(problem).__name__}: {problem}"
+            result.rejected[node], result.checks[node] = f"{type(problem).__name__}: {problem}", "format"
         except Exception as problem:  # noqa: BLE001 - no reply, however malformed, may crash the server
-            result.rejected[node] = f"unreadable reply ({type(problem).__name__}: {problem})"
+            result.rejected[node], result.checks[node] = f"unreadable reply ({type(problem).__name__}: {problem})", "format"
     for node in set(nodes) - set(result.accepted) - set(result.rejected):
-        result.rejected[node] = f"no reply within round-timeout={timeout:g} s"
+        result.rejected[node], result.checks[node] = f"no reply within round-timeout={timeout:g} s", "timeout"
     for node, reason in sorted(result.rejected.items()):
         log(WARNING, "round %d: dropped node %d: %s", query.round, node, reason)
     return result

@@ -36,6 +36,7 @@ class RunFolder:
     path: Path
     cfg: RunConfig
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    sections: dict[str, Any] = field(default_factory=dict)  # extra results.json sections ("audit", ...)
 
     @classmethod
     def create(cls, cfg: RunConfig) -> RunFolder:
@@ -65,7 +66,8 @@ class RunFolder:
         write_json(self.path / STUDENT_CONFIG, meta)
 
     def finish(self, final: dict[str, Any]) -> dict[str, Any]:
-        results = {"status": "completed", "scenario": self.cfg.to_dict(), "rounds": self.rounds, "final": final}
+        results = {"status": "completed", "scenario": self.cfg.to_dict(), "rounds": self.rounds, "final": final,
+                   **self.sections}
         write_json(self.path / RESULTS, results)
         plot_accuracy(self.rounds, final, self.path / PLOT)
         self.event("finished", status="completed")
@@ -76,6 +78,7 @@ class RunFolder:
         reason = f"{type(error).__name__}: {error}"
         write_json(self.path / RESULTS, {
             "status": "failed", "error": reason, "scenario": self.cfg.to_dict(), "rounds": self.rounds, "final": None,
+            **self.sections,
         })
         self.event("finished", status="failed", error=reason)
 

@@ -8,6 +8,7 @@ baseline instead (server/fedavg.py).
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,8 @@ from common.messages import DigestInstruction, SoftLabelQuery
 from server.distill import Student, ensemble_accuracy
 from server.fedavg import run_fedavg
 from server.rounds import RoundReplies, make_query, query_soft_labels, require_quorum, send_digest, wait_for_nodes
-from server.run_folder import RunFolder
+from server.audit_trail import AuditTrail
+from server.run_folder import STUDENT, RunFolder
 
 INFO = 20
 app = ServerApp()
@@ -32,20 +34,24 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_run_config(context.run_config)
     run = RunFolder.create(cfg)
+    trail = None
     try:
+        trail = AuditTrail.open(cfg, run.path, context.run_id)
         split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size)
         nodes = wait_for_nodes(grid, cfg)
         run.event("nodes", count=len(nodes))
         if cfg.method == "fedavg":
-            run_fedavg(grid, cfg, run, split)
+            run_fedavg(grid, cfg, run, split, partial(trail.finished, cfg.num_server_rounds, run.path / STUDENT))
         else:
-            run_distillation(grid, cfg, run, split)
+            run_distillation(grid, cfg, run, split, trail)
     except BaseException as error:
+        if trail is not None:
+            run.sections["audit"] = trail.failed(error)
         run.fail(error)
         raise
 
 
-def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: FederatedSplit) -> None:
+def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: FederatedSplit, trail: AuditTrail) -> None:
     public, test = split.public, split.test
     fingerprint = public_fingerprint(public)
     student = Student(cfg, public.num_classes, tuple(public.images.shape[1:]))
@@ -54,7 +60,10 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
     for round_ in range(1, cfg.num_server_rounds + 1):
         started = time.monotonic()
         query = make_query(cfg, round_, fingerprint, len(public), public.num_classes)
-        replies = query_soft_labels(grid, sorted(grid.get_node_ids()), query, cfg.round_timeout)
+        nodes = sorted(grid.get_node_ids())
+        trail.round_opened(query, query.to_record(), nodes)
+        replies = query_soft_labels(grid, nodes, query, cfg.round_timeout, partial(trail.check_reply, query))
+        trail.record_replies(round_, replies)
         require_quorum(replies, cfg, round_)
 
         accepted = list(replies.accepted.values())
@@ -62,6 +71,7 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
         ensemble = aggregate(cfg.aggregation, [r.soft_labels for r in accepted], [r.num_examples for r in accepted],
                              class_counts=_class_counts(accepted), params=params)
         kept = query.sample_ids[ensemble.keep]
+        trail.aggregated(round_, cfg.aggregation, sorted(replies.accepted), ensemble.probs, len(kept))
         loss = student.distil(public, kept, ensemble.probs[ensemble.keep], round_, query.temperature)
         row = round_row(query, replies, student.accuracy(test), ensemble_accuracy(ensemble.probs, public.labels[query.sample_ids]))
         row.update(student_loss=loss, distilled_samples=int(len(kept)))
@@ -74,8 +84,10 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
         row["wall_s"] = round(time.monotonic() - started, 3)
         run.record_round(row)
         run.save_student(student.model, student_meta(cfg, public.num_classes, public.images.shape[1:], round_))
+        trail.checkpoint(round_, run.path / STUDENT, row["student_accuracy"])
         log(INFO, "round %d: student accuracy %.4f, %d replies", round_, row["student_accuracy"], len(accepted))
 
+    run.sections["audit"] = trail.finished(cfg.num_server_rounds, run.path / STUDENT)
     run.finish(final_figures(cfg, run, student.params, replies))
 
 

@@ -1,4 +1,4 @@
-"""The `fedstill` command line: `fedstill simulate [SCENARIO] [--set key=value]...`."""
+"""The `fedstill` command line: simulate, compare, scenarios, keygen, audit verify|report."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from common.errors import FedstillError
+from simulations.audit_cli import audit_app, keygen
 
 app = typer.Typer(help="fedstill: federated knowledge distillation on Flower.", no_args_is_help=True, add_completion=False)
+app.command()(keygen)
+app.add_typer(audit_app, name="audit")
 console = Console()
 
 

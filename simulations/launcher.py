@@ -27,6 +27,7 @@ from typing import Any
 from common.config import RunConfig
 from common.errors import FedstillError
 from server.run_folder import PROGRESS, RESULTS, resolve_run_dir
+from simulations.provision import provision_sites
 from simulations.scenarios import to_toml
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -71,6 +72,8 @@ def simulate(
     if (run_dir / RESULTS).exists():
         raise RunFailed(f"run folder {run_dir} already holds results; choose another run-name or output-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.allow_list and not cfg.sites_dir:
+        overrides = {**overrides, **provision_sites(run_dir, cfg.num_clients)}
     home = flwr_home() / "runs" / f"{run_dir.name}-{os.getpid()}"
     home.mkdir(parents=True, exist_ok=True)
     http_port, control_port = free_ports(2)

@@ -1,0 +1,78 @@
+"""What leaves the site, signed and logged: the institution's identity, attestations and release log.
+
+An institution's identity comes from its node config (`institution-id`, `signing-key`, and
+`release-log`, deployment) or, in simulation, from `sites-dir/institution-<partition-id>/`, which
+`fedstill simulate` provisions as each institution's `fedstill keygen` would. Every reply is logged
+in the release log before it is returned, so the site's record never misses something that left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import RecordDict
+
+from common.audit import kinds
+from common.audit.attestation import attest
+from common.audit.keys import Signer, load_signer, private_key_path
+from common.audit.ledger import Ledger
+from common.config import RunConfig
+from common.errors import ConfigError
+from common.messages import attach_attestation, payload_description, record_digest
+
+RELEASE_LOG = "release-log.jsonl"
+SOFT_LABEL_CATEGORIES = ["soft labels on public transfer samples", "training summary (num-examples, loss, teacher size)"]
+COUNTS_CATEGORY = "per-class counts of private data"
+ACCURACY_CATEGORY = "teacher accuracy on the benchmark test set"
+
+
+@dataclass(frozen=True)
+class Identity:
+    signer: Signer
+    release_log: Path
+
+
+def site_folder(sites_dir: str | Path, partition_id: int) -> Path:
+    return Path(sites_dir) / simulated_institution(partition_id)
+
+
+def simulated_institution(partition_id: int) -> str:
+    return f"institution-{partition_id}"
+
+
+def load_identity(cfg: RunConfig, node_config: Mapping[str, Any]) -> Identity | None:
+    """This node's signing identity, or None when it has none (an unaudited simulation)."""
+    if "signing-key" in node_config or "institution-id" in node_config:
+        name, key = node_config.get("institution-id"), node_config.get("signing-key")
+        if not isinstance(name, str) or not isinstance(key, str):
+            raise ConfigError("node config needs both 'institution-id' and 'signing-key' (paths as strings), "
+                              "for example --node-config 'institution-id=\"hospital-a\" signing-key=\"keys/hospital-a.key\"'")
+        log = node_config.get("release-log") or str(Path(key).expanduser().parent / RELEASE_LOG)
+        return Identity(load_signer(key, name), Path(str(log)).expanduser())
+    if cfg.sites_dir and isinstance(node_config.get("partition-id"), int):
+        name = simulated_institution(node_config["partition-id"])
+        folder = site_folder(cfg.sites_dir, node_config["partition-id"])
+        return Identity(load_signer(private_key_path(folder, name), name), folder / RELEASE_LOG)
+    return None
+
+
+def sign_and_log(
+    identity: Identity, reply: RecordDict, query: RecordDict, *, run_id: int, round_: int, node_id: int,
+    fingerprint: str, with_counts: bool, with_accuracy: bool,
+) -> RecordDict:
+    """Attest `reply` (bound to its exact bytes and to the query), log the release, attach the attestation."""
+    payload_sha256, payload_bytes = record_digest(reply)
+    query_sha256, _ = record_digest(query)
+    categories = SOFT_LABEL_CATEGORIES + [COUNTS_CATEGORY] * with_counts + [ACCURACY_CATEGORY] * with_accuracy
+    attestation = attest(
+        identity.signer, run_id=run_id, round_=round_, node_id=node_id, public_fingerprint=fingerprint,
+        query_sha256=query_sha256, payload_sha256=payload_sha256, payload_bytes=payload_bytes,
+        payload=payload_description(reply), data_categories=categories,
+    )
+    log = Ledger.open(identity.release_log, identity.signer, {"institution_id": identity.signer.name})
+    log.append(kinds.RELEASE, {"run_id": str(run_id), "round": int(round_), "node_id": str(node_id),
+                               "attestation": attestation.as_dict()})
+    return attach_attestation(reply, attestation)

@@ -1,0 +1,1 @@
+"""Provable compliance: institution keys, signed release attestations, hash-chained ledgers, verification."""

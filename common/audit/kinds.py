@@ -1,0 +1,38 @@
+"""The entry kinds of the coordinator's ledger and of an institution's release log, and what each body holds.
+
+Coordinator ledger (`<run folder>/ledger.jsonl`, signer "coordinator"):
+    ledger-opened       {signer, key, run_name, allow_list: {institution: key} | null}
+    run-started         {run_id, run_name, scenario, method, aggregation, codec, num_server_rounds, config_sha256, config}
+    round-opened        {round, nodes, query_sha256, temperature, codec, samples, public_fingerprint}
+    reply-accepted      {round, node_id, institution_id, payload_sha256, payload_bytes, uplink_bytes, attestation}
+    reply-rejected      {round, node_id, institution_id, check, reason, attestation}
+    aggregated          {round, rule, nodes, institutions, samples_kept, ensemble_sha256}
+    student-checkpoint  {round, file, sha256, student_accuracy}
+    run-finished        {status: "completed", rounds, student_sha256}
+    run-failed          {status: "failed", error}
+    ledger-resumed      {run_id}                       a restarted server continues the chain
+    ledger-recovered    {torn_bytes, torn_sha256, set_aside}
+
+Institution release log (`release-log.jsonl`, signer = the institution id):
+    ledger-opened       {signer, key, institution_id}
+    release             {run_id, round, node_id, attestation}
+
+Run and node ids are decimal strings (64-bit ids do not fit RFC 8785 numbers).
+`attestation` is {"statement": <canonical JSON text>, "signature": <base64>} (common.audit.attestation),
+or null for an unsigned reply (only when the coordinator runs without an allow-list).
+Rejection checks: "node-error", "timeout", "format", "unsigned", "allow-list", "signature", "statement", "digest".
+"""
+
+from __future__ import annotations
+
+RUN_STARTED = "run-started"
+ROUND_OPENED = "round-opened"
+REPLY_ACCEPTED = "reply-accepted"
+REPLY_REJECTED = "reply-rejected"
+AGGREGATED = "aggregated"
+CHECKPOINT = "student-checkpoint"
+RUN_FINISHED = "run-finished"
+RUN_FAILED = "run-failed"
+RELEASE = "release"
+CLOSING = (RUN_FINISHED, RUN_FAILED)
+COORDINATOR = "coordinator"

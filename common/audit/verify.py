@@ -1,0 +1,283 @@
+"""Verification of a coordinator ledger and of institutions' release logs, and their cross-check.
+
+Every check that fails becomes a `Finding` naming the file, the line, the entry and the check; the
+verifier never stops at the first problem, so an auditor sees everything that is wrong at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.audit import kinds
+from common.audit.attestation import Attestation, check_attestation, read_statement
+from common.audit.canonical import canonical
+from common.audit.keys import key_id, verify_signature
+from common.audit.ledger import CORE_FIELDS, ENTRY_FIELDS, GENESIS_PREV, OPENED, entry_hash
+from common.errors import AuditError
+
+
+@dataclass(frozen=True)
+class Finding:
+    log: str
+    line: int | None
+    seq: int | None
+    kind: str | None
+    check: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.log if self.line is None else f"{self.log} line {self.line}"
+        if self.seq is not None or self.kind:
+            where += f" (entry {self.seq if self.seq is not None else '?'}, {self.kind or '?'})"
+        return f"{where}: {self.check}: {self.message}"
+
+
+@dataclass
+class Chain:
+    """The entries of one log that parsed, with their line numbers, and what was wrong with the log."""
+
+    path: Path
+    entries: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    problems: list[Finding] = field(default_factory=list)
+
+    @property
+    def genesis(self) -> dict[str, Any] | None:
+        return self.entries[0][1] if self.entries and self.entries[0][1].get("kind") == OPENED else None
+
+    def problem(self, line: int | None, entry: dict[str, Any] | None, check: str, message: str) -> None:
+        entry = entry or {}
+        seq = entry.get("seq") if isinstance(entry.get("seq"), int) else None
+        kind = entry.get("kind") if isinstance(entry.get("kind"), str) else None
+        self.problems.append(Finding(self.path.name, line, seq, kind, check, message))
+
+
+@dataclass
+class Verification:
+    problems: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    checked: dict[str, int] = field(default_factory=dict)  # log name -> entries read
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def read_chain(path: Path | str, trusted_key: str | None = None) -> Chain:
+    """Parse a log and check its structure: JSON, fields, canonical form, sequence, log id, hash links,
+    entry hashes, one signer (the trusted key when given) and every signature."""
+    chain = Chain(Path(path))
+    if not chain.path.is_file():
+        chain.problem(None, None, "file", "not found")
+        return chain
+    data = chain.path.read_bytes()
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    elif lines:
+        chain.problem(len(lines), None, "truncation", "the last line is incomplete (no final newline): the file was cut")
+    prev, seq, ledger_id, signer_key = GENESIS_PREV, 0, None, trusted_key
+    for number, raw in enumerate(lines, start=1):
+        entry = _parse(chain, number, raw)
+        if entry is None:
+            continue
+        if number == 1:
+            ledger_id = entry["ledger"]
+            if entry["kind"] != OPENED:
+                chain.problem(number, entry, "genesis", f"the first entry must be {OPENED!r}: the start of the log is missing")
+            if signer_key is None:
+                signer_key = entry["key"]
+        if entry["seq"] != seq:
+            chain.problem(number, entry, "sequence", f"expected entry {seq}, found {entry['seq']} (entries deleted, inserted or reordered)")
+        if entry["ledger"] != ledger_id:
+            chain.problem(number, entry, "log id", f"entry belongs to log {entry['ledger']}, not {ledger_id} (replayed from another log)")
+        if entry["prev"] != prev:
+            chain.problem(number, entry, "hash link", f"prev is {entry['prev'][:16]}..., the previous entry's hash is {prev[:16]}...")
+        if entry_hash(entry) != entry["hash"]:
+            chain.problem(number, entry, "entry hash", "the content does not match its hash (the entry was altered)")
+        if entry["key"] != signer_key:
+            chain.problem(number, entry, "signer", f"signed by key {key_id(entry['key'])}, this log's key is {key_id(signer_key)}")
+        try:
+            verify_signature(entry["key"], entry["sig"], entry["hash"].encode("ascii"), "entry")
+        except AuditError as error:
+            chain.problem(number, entry, "signature", str(error).removeprefix("entry: "))
+        chain.entries.append((number, entry))
+        prev, seq = entry["hash"], entry["seq"] + 1
+    if trusted_key and chain.entries and chain.entries[0][1]["key"] != trusted_key:
+        chain.problem(chain.entries[0][0], chain.entries[0][1], "trust anchor",
+                      f"the log's key {key_id(chain.entries[0][1]['key'])} is not the pinned key {key_id(trusted_key)}")
+    return chain
+
+
+def _parse(chain: Chain, number: int, raw: bytes) -> dict[str, Any] | None:
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        chain.problem(number, None, "json", "not a JSON object (the line was altered or cut)")
+        return None
+    if not isinstance(entry, dict):
+        chain.problem(number, None, "json", "not a JSON object")
+        return None
+    missing = [name for name in ENTRY_FIELDS if name not in entry]
+    types_ok = (isinstance(entry.get("seq"), int) and all(isinstance(entry.get(n), str) for n in ("ledger", "kind", "prev", "hash", "key", "sig"))
+                and isinstance(entry.get("body"), dict))
+    if missing or not types_ok:
+        chain.problem(number, entry, "fields", f"missing or ill-typed fields {missing or list(CORE_FIELDS)}")
+        return None
+    try:
+        if canonical(entry) != raw:
+            chain.problem(number, entry, "canonical form", "the line is not the RFC 8785 form of its entry (bytes were altered)")
+    except AuditError as error:
+        chain.problem(number, entry, "canonical form", str(error))
+    return entry
+
+
+def verify_ledger(
+    ledger: Path | str, *, coordinator_key: str | None = None, allow_list: dict[str, str] | None = None,
+    client_logs: Iterable[Path | str] = (),
+) -> Verification:
+    """Verify a coordinator ledger, then each institution's release log against it."""
+    result = Verification()
+    chain = read_chain(ledger, coordinator_key)
+    result.checked[chain.path.name] = len(chain.entries)
+    if coordinator_key is None and chain.entries:
+        result.notes.append(f"coordinator key not pinned: taken from the ledger itself (key {key_id(chain.entries[0][1]['key'])}); "
+                            f"pass --coordinator-key to check it against a key you trust")
+    genesis = chain.genesis
+    recorded = genesis["body"].get("allow_list") if genesis else None
+    if allow_list is not None and recorded is not None and allow_list != recorded:
+        changed = {name for name, _ in set(allow_list.items()) ^ set(recorded.items())}
+        chain.problem(1, genesis, "allow-list", f"the ledger's allow-list differs from the one given, for {sorted(changed)}")
+    keys = allow_list if allow_list is not None else recorded
+    run_ids = _check_semantics(chain, keys)
+    result.problems += chain.problems
+    _check_companions(chain, result)
+    for log in client_logs:
+        _check_client_log(Path(log), keys or {}, chain, run_ids, result)
+    return result
+
+
+def _check_semantics(chain: Chain, keys: dict[str, str] | None) -> set[str]:
+    """Attestations of accepted replies, round order, and a closing entry."""
+    run_ids = {e["body"].get("run_id") for _, e in chain.entries if e["kind"] == kinds.RUN_STARTED}
+    open_round = None
+    for number, entry in chain.entries:
+        body, kind = entry["body"], entry["kind"]
+        if kind == kinds.ROUND_OPENED:
+            open_round = body.get("round")
+        elif kind in (kinds.REPLY_ACCEPTED, kinds.REPLY_REJECTED, kinds.AGGREGATED) and body.get("round") != open_round:
+            chain.problem(number, entry, "round order", f"about round {body.get('round')}, but the open round is {open_round}")
+        if kind == kinds.REPLY_ACCEPTED:
+            _check_accepted(chain, number, entry, keys, run_ids)
+    if chain.entries and chain.entries[-1][1]["kind"] not in kinds.CLOSING:
+        number, last = chain.entries[-1]
+        chain.problem(number, last, "closing entry",
+                      f"the ledger ends without {' or '.join(kinds.CLOSING)}: it was truncated, or the run has not ended")
+    return {r for r in run_ids if isinstance(r, str)}
+
+
+def _check_accepted(chain: Chain, number: int, entry: dict[str, Any], keys: dict[str, str] | None, run_ids: set) -> None:
+    body = entry["body"]
+    attestation = _attestation(body)
+    if keys is None:
+        return  # the run had no allow-list: replies were not signed-verified (recorded in ledger-opened)
+    if attestation is None:
+        chain.problem(number, entry, "attestation", f"reply of node {body.get('node_id')} accepted without an attestation")
+        return
+    expected = {"round": body.get("round"), "node_id": body.get("node_id"), "payload_sha256": body.get("payload_sha256"),
+                "payload_bytes": body.get("payload_bytes"), "institution_id": body.get("institution_id")}
+    try:
+        fields = check_attestation(attestation, keys, expected, "attestation")
+        if fields["run_id"] not in run_ids:
+            chain.problem(number, entry, "attestation", f"made for run {fields['run_id']}, this ledger's runs are {sorted(run_ids)} (replayed)")
+    except AuditError as error:
+        chain.problem(number, entry, "attestation", str(error).removeprefix("attestation: "))
+
+
+def _check_companions(chain: Chain, result: Verification) -> None:
+    """The run folder's results.json and student checkpoint against the ledger, when they lie beside it."""
+    if not chain.entries:
+        return
+    folder, (number, last) = chain.path.parent, chain.entries[-1]
+    checkpoints = [(n, e) for n, e in chain.entries if e["kind"] == kinds.CHECKPOINT]
+    student = folder / (checkpoints[-1][1]["body"].get("file", "") if checkpoints else "")
+    if checkpoints and student.is_file():
+        digest = hashlib.sha256(student.read_bytes()).hexdigest()
+        if digest != checkpoints[-1][1]["body"].get("sha256"):
+            n, e = checkpoints[-1]
+            result.problems.append(Finding(chain.path.name, n, e["seq"], e["kind"], "student checkpoint",
+                                           f"{student.name} has sha256 {digest[:16]}..., the ledger recorded {str(e['body'].get('sha256'))[:16]}..."))
+    results = folder / "results.json"
+    if results.is_file():
+        try:
+            audit = json.loads(results.read_text(encoding="utf-8")).get("audit") or {}
+        except ValueError:
+            audit = {}
+        head, count = audit.get("ledger_head"), audit.get("ledger_entries")
+        if head is not None and (head != last["hash"] or count != len(chain.entries)):
+            result.problems.append(Finding(chain.path.name, number, last["seq"], last["kind"], "results",
+                                           f"results.json records {count} entries ending {str(head)[:16]}..., the ledger has "
+                                           f"{len(chain.entries)} ending {last['hash'][:16]}... (entries removed or added)"))
+
+
+def _check_client_log(path: Path, keys: dict[str, str], ledger: Chain, run_ids: set[str], result: Verification) -> None:
+    probe = read_chain(path)
+    genesis = probe.genesis
+    institution = genesis["body"].get("institution_id") if genesis else None
+    trusted = keys.get(institution) if institution else None
+    chain = read_chain(path, trusted) if trusted else probe
+    if genesis and trusted is None:
+        chain.problem(1, genesis, "allow-list", f"institution {institution!r} is not on the allow-list")
+    result.checked[str(path)] = len(chain.entries)
+    in_ledger = {}
+    timeouts = set()
+    for _, entry in ledger.entries:
+        attestation = _attestation(entry["body"])
+        if attestation is not None:
+            in_ledger[(attestation.statement, attestation.signature)] = entry
+        if entry["kind"] == kinds.REPLY_REJECTED and entry["body"].get("check") == "timeout":
+            timeouts.add((entry["body"].get("round"), entry["body"].get("node_id")))
+    logged = set()
+    for number, entry in chain.entries:
+        if entry["kind"] != kinds.RELEASE:
+            continue
+        attestation = _attestation(entry["body"])
+        if attestation is None:
+            chain.problem(number, entry, "attestation", "release without an attestation")
+            continue
+        try:
+            fields = read_statement(attestation, "attestation")
+            if fields["institution_id"] != institution:
+                raise AuditError(f"attestation: made by {fields['institution_id']!r}, this is {institution!r}'s log")
+            if trusted:
+                verify_signature(trusted, attestation.signature, attestation.statement.encode("utf-8"), "attestation")
+        except AuditError as error:
+            chain.problem(number, entry, "attestation", str(error).removeprefix("attestation: "))
+            continue
+        if fields["run_id"] not in run_ids:
+            continue
+        logged.add((attestation.statement, attestation.signature))
+        if (attestation.statement, attestation.signature) not in in_ledger:
+            where = (fields["round"], fields["node_id"])
+            if where in timeouts:
+                result.notes.append(f"{path.name}: the release of round {where[0]} reached the coordinator after its round-timeout (ledger records the timeout)")
+            else:
+                chain.problem(number, entry, "cross-check", f"release of round {fields['round']} (payload {fields['payload_sha256'][:16]}...) "
+                                                            f"is not in the ledger, or was changed there")
+    for (statement, signature), entry in in_ledger.items():
+        fields = json.loads(statement)
+        if fields.get("institution_id") == institution and entry["kind"] == kinds.REPLY_ACCEPTED and (statement, signature) not in logged:
+            result.problems.append(Finding(ledger.path.name, None, entry["seq"], entry["kind"], "cross-check",
+                                           f"the ledger holds a release by {institution!r} in round {fields.get('round')} that its log does not"))
+    result.problems += chain.problems
+
+
+def _attestation(body: dict[str, Any]) -> Attestation | None:
+    value = body.get("attestation")
+    if isinstance(value, dict) and isinstance(value.get("statement"), str) and isinstance(value.get("signature"), str):
+        return Attestation(value["statement"], value["signature"])
+    return None

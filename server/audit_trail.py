@@ -1,0 +1,168 @@
+"""The coordinator's audit trail: checks each reply's attestation before aggregation, and keeps the ledger.
+
+Every event of a run goes into `<run folder>/ledger.jsonl`, signed by the coordinator's key: the run,
+each round's query, each reply accepted or rejected (with the institution's attestation verbatim and
+the reason), the aggregation, every student checkpoint and the end of the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import RecordDict
+
+from common.audit import kinds
+from common.audit.attestation import Attestation, check_attestation
+from common.audit.canonical import canonical, sha256_hex
+from common.audit.keys import Signer, load_allow_list, load_signer, private_key_path, write_key_pair
+from common.audit.ledger import RESUMED, Ledger
+from common.config import RunConfig
+from common.errors import AuditError, FedstillError
+from common.messages import SoftLabelQuery, read_attestation, record_digest
+
+LEDGER = "ledger.jsonl"
+
+
+@dataclass
+class AuditTrail:
+    ledger: Ledger
+    run_id: str  # Flower's run id, as a decimal string (RFC 8785 cannot hold 64-bit integers)
+    allow_list: dict[str, str] | None  # None: replies are logged but not signature-checked
+    bindings: dict[int, str] = field(default_factory=dict)  # node id -> institution id, first come
+    query_sha256: str = ""
+    rejections: int = 0
+
+    @classmethod
+    def open(cls, cfg: RunConfig, run_dir: Path, run_id: int) -> AuditTrail:
+        """Open (or continue) the run's ledger and record that the run started."""
+        signer = coordinator_signer(cfg, run_dir)
+        allow_list = load_allow_list(cfg.allow_list) if cfg.allow_list else None
+        path = run_dir / LEDGER
+        existed = path.exists() and path.stat().st_size > 0
+        ledger = Ledger.open(path, signer, {"run_name": run_dir.name, "allow_list": allow_list})
+        trail = cls(ledger, str(run_id), allow_list)
+        if existed:
+            ledger.append(RESUMED, {"run_id": str(run_id)})
+        config = cfg.to_dict()
+        ledger.append(kinds.RUN_STARTED, {
+            "run_id": str(run_id), "run_name": run_dir.name, "scenario": cfg.scenario, "method": cfg.method,
+            "aggregation": cfg.aggregation, "codec": cfg.codec, "num_server_rounds": cfg.num_server_rounds,
+            "config_sha256": sha256_hex(canonical(config)), "config": config,
+        })
+        return trail
+
+    def round_opened(self, query: SoftLabelQuery, query_record: RecordDict, nodes: list[int]) -> None:
+        self.query_sha256, _ = record_digest(query_record)
+        self.ledger.append(kinds.ROUND_OPENED, {
+            "round": query.round, "nodes": [str(n) for n in nodes], "query_sha256": self.query_sha256,
+            "temperature": float(query.temperature), "codec": query.codec, "samples": int(len(query.sample_ids)),
+            "public_fingerprint": query.fingerprint,
+        })
+
+    def check_reply(self, query: SoftLabelQuery, node: int, content: RecordDict) -> Attestation | None:
+        """Verify a reply's attestation against the allow-list and the bytes received; raise AuditError."""
+        try:
+            attestation = read_attestation(content)
+        except FedstillError as error:
+            raise AuditError(f"malformed attestation: {error}", "statement") from None
+        if self.allow_list is None:
+            return attestation
+        if attestation is None:
+            raise AuditError("the reply is unsigned; every institution must sign its releases (node config "
+                             "signing-key and institution-id)", "unsigned")
+        payload_sha256, payload_bytes = record_digest(content)
+        fields = check_attestation(attestation, self.allow_list, {
+            "run_id": self.run_id, "round": query.round, "node_id": str(node), "public_fingerprint": query.fingerprint,
+            "query_sha256": self.query_sha256, "payload_sha256": payload_sha256, "payload_bytes": payload_bytes,
+        }, "attestation")
+        self._bind(int(node), fields["institution_id"])
+        return attestation
+
+    def _bind(self, node: int, institution: str) -> None:
+        bound = self.bindings.get(node)
+        holder = next((n for n, name in self.bindings.items() if name == institution and n != node), None)
+        if bound not in (None, institution) or holder is not None:
+            raise AuditError(
+                f"identity: node {node} signs as {institution!r}, but "
+                + (f"it signed as {bound!r} before" if bound not in (None, institution) else f"node {holder} is {institution!r}"),
+                "identity",
+            )
+        self.bindings[node] = institution
+
+    def record_replies(self, round_: int, replies: Any) -> None:
+        """One ledger entry per node of the round: accepted (with its attestation) or rejected (with why)."""
+        for node, reply in sorted(replies.accepted.items()):
+            attestation = replies.attestations.get(node)
+            content_digest = replies.payload_digests.get(node, ("", 0))
+            self.ledger.append(kinds.REPLY_ACCEPTED, {
+                "round": round_, "node_id": str(node), "institution_id": _institution(attestation),
+                "payload_sha256": content_digest[0], "payload_bytes": content_digest[1],
+                "uplink_bytes": int(replies.uplink_bytes.get(node, 0)),
+                "attestation": attestation.as_dict() if attestation else None,
+            })
+        for node, reason in sorted(replies.rejected.items()):
+            attestation = replies.attestations.get(node)
+            self.rejections += 1
+            self.ledger.append(kinds.REPLY_REJECTED, {
+                "round": round_, "node_id": str(node), "institution_id": _institution(attestation),
+                "check": replies.checks.get(node, "format"), "reason": reason,
+                "attestation": attestation.as_dict() if attestation else None,
+            })
+
+    def aggregated(self, round_: int, rule: str, nodes: list[int], probs: np.ndarray, kept: int) -> None:
+        self.ledger.append(kinds.AGGREGATED, {
+            "round": round_, "rule": rule, "nodes": [str(n) for n in nodes],
+            "institutions": [self.bindings.get(int(n)) for n in nodes], "samples_kept": int(kept),
+            "ensemble_sha256": hashlib.sha256(np.ascontiguousarray(probs, dtype=np.float32).tobytes()).hexdigest(),
+        })
+
+    def checkpoint(self, round_: int, student: Path, accuracy: float) -> None:
+        self.ledger.append(kinds.CHECKPOINT, {"round": round_, "file": student.name, "sha256": _file_sha256(student),
+                                              "student_accuracy": float(accuracy)})
+
+    def finished(self, rounds: int, student: Path) -> dict[str, Any]:
+        self.ledger.append(kinds.RUN_FINISHED, {"status": "completed", "rounds": rounds, "student_sha256": _file_sha256(student)})
+        return self.summary()
+
+    def failed(self, error: BaseException) -> dict[str, Any]:
+        self.ledger.append(kinds.RUN_FAILED, {"status": "failed", "error": f"{type(error).__name__}: {error}"[:2000]})
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        """The `audit` section of results.json."""
+        entries = self.ledger.entries()
+        return {
+            "ledger": LEDGER, "ledger_entries": len(entries), "ledger_head": entries[-1]["hash"],
+            "coordinator_key": self.ledger.signer.public, "signatures_checked": self.allow_list is not None,
+            "institutions": dict(sorted((str(n), name) for n, name in self.bindings.items())),
+            "rejections": self.rejections,
+        }
+
+
+def coordinator_signer(cfg: RunConfig, run_dir: Path) -> Signer:
+    """The coordinator's key: `coordinator-key`, or one made for this run in the run folder."""
+    if cfg.coordinator_key:
+        return load_signer(cfg.coordinator_key, kinds.COORDINATOR)
+    path = private_key_path(run_dir, kinds.COORDINATOR)
+    if path.exists():
+        return load_signer(path, kinds.COORDINATOR)
+    signer = Signer.generate(kinds.COORDINATOR)
+    write_key_pair(signer, run_dir)
+    return signer
+
+
+def _institution(attestation: Attestation | None) -> str | None:
+    if attestation is None:
+        return None
+    try:
+        return attestation.fields.get("institution_id")
+    except ValueError:
+        return None
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -1,0 +1,91 @@
+"""`fedstill keygen` and `fedstill audit verify|report`: institution identities and compliance checks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from common.audit.keys import (
+    PASSPHRASE_ENV, Signer, check_name, decode_public, load_allow_list, write_allow_list, write_key_pair,
+)
+from common.errors import AuditError, ConfigError, FedstillError
+
+audit_app = typer.Typer(help="Verify ledgers and release logs; build compliance reports.", no_args_is_help=True)
+console = Console()
+
+
+def keygen(
+    name: str = typer.Argument(..., help="Institution id (or 'coordinator'): letters, digits, '.', '_', '-'."),
+    out: Path = typer.Option(Path("keys"), "--out", "-o", help="Folder for NAME.key (0600) and NAME.pub."),
+    passphrase_env: str = typer.Option("", help=f"Encrypt the private key with the passphrase in this environment variable (e.g. {PASSPHRASE_ENV})."),
+    allow_list: Path = typer.Option(None, help="Also add the public key to this allow-list TOML (created if missing)."),
+) -> None:
+    """Make an Ed25519 key pair for an institution (or the coordinator)."""
+    try:
+        signer = Signer.generate(check_name(name))
+        passphrase = None
+        if passphrase_env:
+            if not os.environ.get(passphrase_env):
+                raise ConfigError(f"--passphrase-env {passphrase_env}: that environment variable is empty or unset")
+            passphrase = os.environ[passphrase_env].encode("utf-8")
+        private, public = write_key_pair(signer, out, passphrase)
+        if allow_list is not None:
+            entries = load_allow_list(allow_list) if allow_list.exists() else {}
+            if name in entries:
+                raise ConfigError(f"{allow_list} already lists {name!r}; remove that line first to replace its key")
+            write_allow_list(allow_list, {**entries, name: signer.public})
+    except FedstillError as error:
+        _fail(error)
+    console.print(f"private key {private} (mode 0600{', encrypted' if passphrase else ''}); public key {public}")
+    console.print(f"allow-list line:  \"{name}\" = \"{signer.public}\"", soft_wrap=True)
+    if allow_list is not None:
+        console.print(f"added to {allow_list}")
+
+
+@audit_app.command()
+def verify(
+    ledger: Path = typer.Argument(..., help="The coordinator's ledger.jsonl (in the run folder)."),
+    client_log: list[Path] = typer.Option([], "--client-log", "-c", help="An institution's release-log.jsonl to cross-check (repeatable)."),
+    coordinator_key: Path = typer.Option(None, help="The coordinator's public key file (.pub) you trust; pins the ledger's signer."),
+    allow_list: Path = typer.Option(None, help="The allow-list of institution keys you trust (default: the one the ledger recorded)."),
+) -> None:
+    """Check every signature, hash link and sequence number, and cross-check institutions' release logs."""
+    from common.audit.verify import verify_ledger
+
+    try:
+        pinned = _read_public(coordinator_key) if coordinator_key else None
+        keys = load_allow_list(allow_list) if allow_list else None
+        result = verify_ledger(ledger, coordinator_key=pinned, allow_list=keys, client_logs=client_log)
+    except FedstillError as error:
+        _fail(error)
+    for name, count in result.checked.items():
+        console.print(f"read {count} entries of {escape(str(name))}")
+    for note in result.notes:
+        console.print(f"[yellow]note[/]: {escape(note)}", soft_wrap=True)
+    for problem in result.problems:
+        console.print(f"[red]FAIL[/] {escape(str(problem))}", soft_wrap=True)
+    if not result.ok:
+        console.print(f"[red]{len(result.problems)} problem(s)[/]: the record cannot be trusted as it stands")
+        raise typer.Exit(code=1)
+    console.print("[green]OK[/]: every signature, hash link and sequence number holds"
+                  + (f"; {len(client_log)} release log(s) match the ledger" if client_log else ""))
+
+
+def _read_public(path: Path) -> str:
+    if not path.is_file():
+        raise ConfigError(f"coordinator key {path} not found (the run folder holds coordinator.pub)")
+    text = path.read_text(encoding="ascii", errors="replace").strip()
+    try:
+        decode_public(text, str(path))
+    except AuditError as error:
+        raise ConfigError(str(error)) from None
+    return text
+
+
+def _fail(error: BaseException) -> None:
+    console.print(f"[red]{type(error).__name__}[/]: {escape(str(error))}", soft_wrap=True)
+    raise typer.Exit(code=1)
