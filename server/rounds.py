@@ -16,8 +16,8 @@ from common.audit.attestation import Attestation
 from common.config import RunConfig, temperature_at
 from common.errors import AuditError, FedstillError, QuorumError
 from common.messages import (
-    DIGEST_TYPE, SOFT_LABELS_TYPE, DigestInstruction, DigestReply, SoftLabelQuery, SoftLabelReply, record_digest,
-    record_nbytes,
+    DIGEST_TYPE, SOFT_LABELS_TYPE, DigestInstruction, DigestReply, SoftLabelQuery, SoftLabelReply, read_attestation,
+    record_digest, record_nbytes,
 )
 
 WAIT_POLL_S = 1.0
@@ -92,6 +92,7 @@ def judge_replies(
         result.uplink_bytes[node] = record_nbytes(content)
         try:
             result.payload_digests[node] = record_digest(content)
+            result.attestations[node] = _claimed_attestation(content)  # kept for the ledger, even if rejected
             if check is not None:
                 result.attestations[node] = check(node, content)
             result.accepted[node] = SoftLabelReply.from_record(content, query)
@@ -106,6 +107,13 @@ def judge_replies(
     for node, reason in sorted(result.rejected.items()):
         log(WARNING, "round %d: dropped node %d: %s", query.round, node, reason)
     return result
+
+
+def _claimed_attestation(content: RecordDict) -> Attestation | None:
+    try:
+        return read_attestation(content)
+    except FedstillError:
+        return None
 
 
 def require_quorum(replies: RoundReplies, cfg: RunConfig, round_: int) -> None:

@@ -5,7 +5,8 @@ Coordinator ledger (`<run folder>/ledger.jsonl`, signer "coordinator"):
     run-started         {run_id, run_name, scenario, method, aggregation, codec, num_server_rounds, config_sha256, config}
     round-opened        {round, nodes, query_sha256, temperature, codec, samples, public_fingerprint}
     reply-accepted      {round, node_id, institution_id, payload_sha256, payload_bytes, uplink_bytes, attestation}
-    reply-rejected      {round, node_id, institution_id, check, reason, attestation}
+    reply-rejected      {round, node_id, institution_id, check, reason, attestation}   (institution and
+                        attestation as the reply claimed them, unverified, or null)
     aggregated          {round, rule, nodes, institutions, samples_kept, ensemble_sha256}
     student-checkpoint  {round, file, sha256, student_accuracy}
     run-finished        {status: "completed", rounds, student_sha256}

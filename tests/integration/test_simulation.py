@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from run_cli import fedstill
 from safetensors.torch import load_file
 
 from common.models import build_model
-from simulations.launcher import OFFLINE_ENV, local_superlinks
 
 pytestmark = pytest.mark.integration
-PROJECT = Path(__file__).resolve().parents[2]
-
-
-def fedstill(*args: str, home: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "simulations.cli", *args], capture_output=True, text=True,
-        env=env, cwd=PROJECT, timeout=timeout,
-    )
-
-
-@pytest.fixture
-def home(tmp_path: Path):
-    path = tmp_path / "flwr-home"
-    yield path
-    assert local_superlinks(path) == [], "the launcher left a local SuperLink running"
 
 
 def test_tiny_federation_runs_end_to_end(tmp_path: Path, home: Path) -> None:
@@ -63,6 +44,15 @@ def test_tiny_federation_runs_end_to_end(tmp_path: Path, home: Path) -> None:
     student.load_state_dict(load_file(str(run / "student.safetensors")))
     assert (run / "accuracy.png").stat().st_size > 0
     assert "student accuracy" in result.stdout
+    # the run is audited: a ledger and three release logs that `fedstill audit verify` accepts
+    assert results["audit"]["signatures_checked"] is True
+    assert sorted(results["audit"]["institutions"].values()) == ["institution-0", "institution-1", "institution-2"]
+    logs = sorted(str(p) for p in (run / "sites").glob("*/release-log.jsonl"))
+    assert len(logs) == 3
+    verified = fedstill("audit", "verify", str(run / "ledger.jsonl"), "--coordinator-key", str(run / "coordinator.pub"),
+                        *[arg for log in logs for arg in ("--client-log", log)], home=home)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "OK" in verified.stdout and "3 release log(s) match the ledger" in verified.stdout
 
 
 def test_failed_run_exits_nonzero_with_reason(tmp_path: Path, home: Path) -> None:
@@ -78,6 +68,9 @@ def test_failed_run_exits_nonzero_with_reason(tmp_path: Path, home: Path) -> Non
     assert "QuorumError" in result.stdout and "min-clients" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
     kept = json.loads((out / "fails" / "results.json").read_text())
+    assert kept["audit"]["rejections"] == 3  # the three late replies are in the ledger, with the reason
+    verified = fedstill("audit", "verify", str(out / "fails" / "ledger.jsonl"), home=home)
+    assert verified.returncode == 0, verified.stdout
     assert kept["status"] == "failed" and "QuorumError" in kept["error"] and kept["rounds"] == []
 
 
