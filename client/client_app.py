@@ -65,7 +65,12 @@ def digest(msg: Message, context: Context) -> Message:
     teacher, rounds_trained = restore_teacher(context.state, cfg, site)
     digest_loss, revisit_loss = digest_round(teacher, cfg, site, instruction, rounds_trained)
     save_teacher(context.state, teacher, cfg, site, rounds_trained)
-    return Message(DigestReply(instruction.round, digest_loss, revisit_loss).to_record(), reply_to=msg)
+    record = DigestReply(instruction.round, digest_loss, revisit_loss).to_record()
+    identity = load_identity(cfg, context.node_config)
+    if identity is not None:
+        record = sign_and_log(identity, record, msg.content, run_id=context.run_id, round_=instruction.round,
+                              node_id=context.node_id, fingerprint=site.fingerprint, digest=True)
+    return Message(record, reply_to=msg)
 
 
 @app.train()

@@ -27,6 +27,7 @@ RELEASE_LOG = "release-log.jsonl"
 SOFT_LABEL_CATEGORIES = ["soft labels on public transfer samples", "training summary (num-examples, loss, teacher size)"]
 COUNTS_CATEGORY = "per-class counts of private data"
 ACCURACY_CATEGORY = "teacher accuracy on the benchmark test set"
+DIGEST_CATEGORY = "training summary (FedMD digest and revisit losses)"
 
 
 @dataclass(frozen=True)
@@ -61,16 +62,24 @@ def load_identity(cfg: RunConfig, node_config: Mapping[str, Any]) -> Identity | 
 
 def sign_and_log(
     identity: Identity, reply: RecordDict, query: RecordDict, *, run_id: int, round_: int, node_id: int,
-    fingerprint: str, with_counts: bool, with_accuracy: bool,
+    fingerprint: str, with_counts: bool = False, with_accuracy: bool = False, digest: bool = False,
 ) -> RecordDict:
-    """Attest `reply` (bound to its exact bytes and to the query), log the release, attach the attestation."""
+    """Attest `reply` (bound to its exact bytes and to the query), log the release, attach the attestation.
+
+    A soft-label reply states the soft labels and what else it carries (counts, accuracy); a FedMD
+    digest reply (`digest=True`) releases only the two losses of the digest and revisit steps.
+    """
     payload_sha256, payload_bytes = record_digest(reply)
     query_sha256, _ = record_digest(query)
-    categories = SOFT_LABEL_CATEGORIES + [COUNTS_CATEGORY] * with_counts + [ACCURACY_CATEGORY] * with_accuracy
+    if digest:
+        payload, categories = {"kind": "digest-losses", "codec": None, "arrays": {}}, [DIGEST_CATEGORY]
+    else:
+        payload = payload_description(reply)
+        categories = SOFT_LABEL_CATEGORIES + [COUNTS_CATEGORY] * with_counts + [ACCURACY_CATEGORY] * with_accuracy
     attestation = attest(
         identity.signer, run_id=run_id, round_=round_, node_id=node_id, public_fingerprint=fingerprint,
         query_sha256=query_sha256, payload_sha256=payload_sha256, payload_bytes=payload_bytes,
-        payload=payload_description(reply), data_categories=categories,
+        payload=payload, data_categories=categories,
     )
     log = Ledger.open(identity.release_log, identity.signer, {"institution_id": identity.signer.name})
     log.append(kinds.RELEASE, {"run_id": str(run_id), "round": int(round_), "node_id": str(node_id),

@@ -22,7 +22,7 @@ from common.audit.keys import Signer, load_allow_list, load_signer, private_key_
 from common.audit.ledger import RESUMED, Ledger
 from common.config import RunConfig
 from common.errors import AuditError, FedstillError
-from common.messages import SoftLabelQuery, read_attestation, record_digest
+from common.messages import DigestInstruction, SoftLabelQuery, read_attestation, record_digest
 
 LEDGER = "ledger.jsonl"
 
@@ -64,7 +64,22 @@ class AuditTrail:
         })
 
     def check_reply(self, query: SoftLabelQuery, node: int, content: RecordDict) -> Attestation | None:
-        """Verify a reply's attestation against the allow-list and the bytes received; raise AuditError."""
+        """Verify a soft-label reply's attestation against the allow-list and the bytes received; raise AuditError."""
+        return self._check(query.round, query.fingerprint, node, content)
+
+    def digest_opened(self, instruction: DigestInstruction, record: RecordDict, nodes: list[int]) -> None:
+        """FedMD: the consensus goes down; the digest replies that come back are releases too."""
+        self.query_sha256, _ = record_digest(record)
+        self.ledger.append(kinds.DIGEST_OPENED, {
+            "round": instruction.round, "nodes": [str(n) for n in nodes], "query_sha256": self.query_sha256,
+            "samples": int(len(instruction.sample_ids)), "digest_epochs": instruction.digest_epochs,
+            "revisit_epochs": instruction.revisit_epochs,
+        })
+
+    def check_digest_reply(self, instruction: DigestInstruction, node: int, content: RecordDict) -> Attestation | None:
+        return self._check(instruction.round, instruction.fingerprint, node, content)
+
+    def _check(self, round_: int, fingerprint: str, node: int, content: RecordDict) -> Attestation | None:
         try:
             attestation = read_attestation(content)
         except FedstillError as error:
@@ -76,7 +91,7 @@ class AuditTrail:
                              "signing-key and institution-id)", "unsigned")
         payload_sha256, payload_bytes = record_digest(content)
         fields = check_attestation(attestation, self.allow_list, {
-            "run_id": self.run_id, "round": query.round, "node_id": str(node), "public_fingerprint": query.fingerprint,
+            "run_id": self.run_id, "round": round_, "node_id": str(node), "public_fingerprint": fingerprint,
             "query_sha256": self.query_sha256, "payload_sha256": payload_sha256, "payload_bytes": payload_bytes,
         }, "attestation")
         self._bind(int(node), fields["institution_id"])
@@ -93,22 +108,27 @@ class AuditTrail:
             )
         self.bindings[node] = institution
 
-    def record_replies(self, round_: int, replies: Any) -> None:
-        """One ledger entry per node of the round: accepted (with its attestation) or rejected (with why)."""
-        for node, reply in sorted(replies.accepted.items()):
+    def record_replies(self, round_: int, replies: Any, phase: str = "soft-labels") -> None:
+        """One ledger entry per node of the round: accepted (with its attestation) or rejected (with why).
+
+        `replies` is a RoundReplies, or (phase "digest") a DigestOutcome.
+        """
+        accepted = replies.accepted if isinstance(replies.accepted, set) else set(replies.accepted)
+        rejected = replies.failed if phase == "digest" else replies.rejected
+        uplink = getattr(replies, "uplink_bytes", {})
+        for node in sorted(accepted):
             attestation = replies.attestations.get(node)
-            content_digest = replies.payload_digests.get(node, ("", 0))
+            sha256, size = replies.payload_digests.get(node, ("", 0))
             self.ledger.append(kinds.REPLY_ACCEPTED, {
-                "round": round_, "node_id": str(node), "institution_id": _institution(attestation),
-                "payload_sha256": content_digest[0], "payload_bytes": content_digest[1],
-                "uplink_bytes": int(replies.uplink_bytes.get(node, 0)),
+                "round": round_, "phase": phase, "node_id": str(node), "institution_id": _institution(attestation),
+                "payload_sha256": sha256, "payload_bytes": size, "uplink_bytes": int(uplink.get(node, 0)),
                 "attestation": attestation.as_dict() if attestation else None,
             })
-        for node, reason in sorted(replies.rejected.items()):
+        for node, reason in sorted(rejected.items()):
             attestation = replies.attestations.get(node)
             self.rejections += 1
             self.ledger.append(kinds.REPLY_REJECTED, {
-                "round": round_, "node_id": str(node), "institution_id": _institution(attestation),
+                "round": round_, "phase": phase, "node_id": str(node), "institution_id": _institution(attestation),
                 "check": replies.checks.get(node, "format"), "reason": reason,
                 "attestation": attestation.as_dict() if attestation else None,
             })

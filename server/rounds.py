@@ -144,27 +144,45 @@ def sample_public(cfg: RunConfig, round_: int, public_size: int) -> np.ndarray:
     return np.sort(rng.choice(public_size, size=count, replace=False)).astype(np.int64)
 
 
-def send_digest(grid: Grid, nodes: list[int], instruction: DigestInstruction, timeout: float) -> tuple[int, dict[int, str]]:
-    """FedMD: send the consensus down; returns the downlink bytes and the nodes that failed, with reasons."""
-    content = instruction.to_record()
+@dataclass
+class DigestOutcome:
+    """What came back from a FedMD digest step: who answered properly, who failed and why."""
+
+    downlink_bytes: int = 0
+    accepted: set[int] = field(default_factory=set)
+    failed: dict[int, str] = field(default_factory=dict)  # node id -> reason
+    checks: dict[int, str] = field(default_factory=dict)  # failed node id -> the check that failed
+    attestations: dict[int, Attestation | None] = field(default_factory=dict)
+    payload_digests: dict[int, tuple[str, int]] = field(default_factory=dict)
+
+
+def send_digest(
+    grid: Grid, nodes: list[int], instruction: DigestInstruction, timeout: float, check: ReplyCheck | None = None
+) -> DigestOutcome:
+    """FedMD: send the consensus down; check each answer (attestation first, then its schema)."""
     messages = [
         Message(content=instruction.to_record(), dst_node_id=node, message_type=DIGEST_TYPE, group_id=f"{instruction.round}-digest")
         for node in nodes
     ]
-    failed: dict[int, str] = {}
-    answered = set()
+    outcome = DigestOutcome(downlink_bytes=record_nbytes(instruction.to_record()) * len(nodes))
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
-        answered.add(node)
         if reply.has_error():
-            failed[node] = f"node error: {reply.error.reason}"
+            outcome.failed[node], outcome.checks[node] = f"node error: {reply.error.reason}", "node-error"
             continue
         try:
+            outcome.payload_digests[node] = record_digest(reply.content)
+            outcome.attestations[node] = _claimed_attestation(reply.content)
+            if check is not None:
+                outcome.attestations[node] = check(node, reply.content)
             DigestReply.from_record(reply.content)
+            outcome.accepted.add(node)
+        except AuditError as problem:
+            outcome.failed[node], outcome.checks[node] = f"{type(problem).__name__}: {problem}", problem.check
         except Exception as problem:  # noqa: BLE001 - a malformed reply may not crash the server
-            failed[node] = f"unreadable digest reply ({type(problem).__name__}: {problem})"
-    for node in set(nodes) - answered:
-        failed[node] = f"no digest reply within round-timeout={timeout:g} s"
-    for node, reason in sorted(failed.items()):
+            outcome.failed[node], outcome.checks[node] = f"unreadable digest reply ({type(problem).__name__}: {problem})", "format"
+    for node in set(nodes) - outcome.accepted - set(outcome.failed):
+        outcome.failed[node], outcome.checks[node] = f"no digest reply within round-timeout={timeout:g} s", "timeout"
+    for node, reason in sorted(outcome.failed.items()):
         log(WARNING, "round %d digest: node %d: %s", instruction.round, node, reason)
-    return record_nbytes(content) * len(nodes), failed
+    return outcome

@@ -78,9 +78,12 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
         if (cfg.digest_epochs or cfg.revisit_epochs) and round_ < cfg.num_server_rounds:
             instruction = DigestInstruction(round_, fingerprint, query.temperature, query.sample_ids, ensemble.probs,
                                             cfg.digest_epochs, cfg.revisit_epochs)
-            digest_bytes, failed = send_digest(grid, sorted(replies.accepted), instruction, cfg.round_timeout)
-            row.update(downlink_bytes=row["downlink_bytes"] + digest_bytes,
-                       digest_failed={str(n): reason for n, reason in sorted(failed.items())})
+            digest_nodes = sorted(replies.accepted)
+            trail.digest_opened(instruction, instruction.to_record(), digest_nodes)
+            outcome = send_digest(grid, digest_nodes, instruction, cfg.round_timeout, partial(trail.check_digest_reply, instruction))
+            trail.record_replies(round_, outcome, phase="digest")
+            row.update(downlink_bytes=row["downlink_bytes"] + outcome.downlink_bytes,
+                       digest_failed={str(n): reason for n, reason in sorted(outcome.failed.items())})
         row["wall_s"] = round(time.monotonic() - started, 3)
         run.record_round(row)
         run.save_student(student.model, student_meta(cfg, public.num_classes, public.images.shape[1:], round_))

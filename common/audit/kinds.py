@@ -4,10 +4,12 @@ Coordinator ledger (`<run folder>/ledger.jsonl`, signer "coordinator"):
     ledger-opened       {signer, key, run_name, allow_list: {institution: key} | null}
     run-started         {run_id, run_name, scenario, method, aggregation, codec, num_server_rounds, config_sha256, config}
     round-opened        {round, nodes, query_sha256, temperature, codec, samples, public_fingerprint}
-    reply-accepted      {round, node_id, institution_id, payload_sha256, payload_bytes, uplink_bytes, attestation}
-    reply-rejected      {round, node_id, institution_id, check, reason, attestation}   (institution and
+    reply-accepted      {round, phase, node_id, institution_id, payload_sha256, payload_bytes, uplink_bytes, attestation}
+    reply-rejected      {round, phase, node_id, institution_id, check, reason, attestation}   (institution and
                         attestation as the reply claimed them, unverified, or null)
     aggregated          {round, rule, nodes, institutions, samples_kept, ensemble_sha256}
+    digest-opened       {round, nodes, query_sha256, samples, digest_epochs, revisit_epochs}   FedMD only; its
+                        replies follow as reply-accepted/-rejected with phase "digest"
     student-checkpoint  {round, file, sha256, student_accuracy}
     run-finished        {status: "completed", rounds, student_sha256}
     run-failed          {status: "failed", error}
@@ -21,7 +23,9 @@ Institution release log (`release-log.jsonl`, signer = the institution id):
 Run and node ids are decimal strings (64-bit ids do not fit RFC 8785 numbers).
 `attestation` is {"statement": <canonical JSON text>, "signature": <base64>} (common.audit.attestation),
 or null for an unsigned reply (only when the coordinator runs without an allow-list).
-Rejection checks: "node-error", "timeout", "format", "unsigned", "allow-list", "signature", "statement", "digest".
+`phase` is "soft-labels" (the answer to round-opened) or "digest" (the answer to digest-opened).
+Rejection checks: "node-error", "timeout", "format", "unsigned", "allow-list", "signature", "statement",
+"digest" (payload digest mismatch), "identity" (a node changed institution, or two nodes claim one).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ ROUND_OPENED = "round-opened"
 REPLY_ACCEPTED = "reply-accepted"
 REPLY_REJECTED = "reply-rejected"
 AGGREGATED = "aggregated"
+DIGEST_OPENED = "digest-opened"
 CHECKPOINT = "student-checkpoint"
 RUN_FINISHED = "run-finished"
 RUN_FAILED = "run-failed"
