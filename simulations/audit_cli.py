@@ -15,7 +15,7 @@ from common.audit.keys import (
 from common.errors import AuditError, ConfigError, FedstillError
 
 audit_app = typer.Typer(help="Verify ledgers and release logs; build compliance reports.", no_args_is_help=True)
-console = Console()
+console = Console(soft_wrap=True)  # paths and findings stay on one line each
 
 
 def keygen(
@@ -73,6 +73,41 @@ def verify(
         raise typer.Exit(code=1)
     console.print("[green]OK[/]: every signature, hash link and sequence number holds"
                   + (f"; {len(client_log)} release log(s) match the ledger" if client_log else ""))
+
+
+@audit_app.command()
+def report(
+    ledgers: list[Path] = typer.Argument(..., metavar="LEDGER...", help="Coordinator ledgers (ledger.jsonl), one per run."),
+    client_log: list[Path] = typer.Option([], "--client-log", "-c", help="An institution's release-log.jsonl to cross-check (repeatable)."),
+    coordinator_key: Path = typer.Option(None, help="The coordinator's public key file (.pub) you trust; pins every ledger's signer."),
+    allow_list: Path = typer.Option(None, help="The allow-list of institution keys you trust (default: the one each ledger recorded)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Folder for audit-report.json/.md and plots (default: the first ledger's folder)."),
+) -> None:
+    """Verify runs and report, per institution, what it released: rounds, bytes, data categories, privacy, rejections."""
+    from common.audit.report import build_report, write_report
+
+    try:
+        pinned = _read_public(coordinator_key) if coordinator_key else None
+        keys = load_allow_list(allow_list) if allow_list else None
+        result = build_report(ledgers, client_log, coordinator_key=pinned, allow_list=keys)
+        paths = write_report(result, out if out is not None else ledgers[0].parent)
+    except FedstillError as error:
+        _fail(error)
+    for ledger in result["ledgers"]:
+        status = "[green]verified[/]" if ledger["ok"] else f"[red]NOT VERIFIED[/] ({len(ledger['problems'])} problem(s))"
+        console.print(f"{escape(ledger['path'])} ({escape(ledger['run'])}): {status}", soft_wrap=True)
+        for problem in ledger["problems"][:5]:
+            console.print(f"  [red]FAIL[/] {escape(problem)}", soft_wrap=True)
+        if len(ledger["problems"]) > 5:
+            console.print(f"  ... and {len(ledger['problems']) - 5} more (see the report)")
+    for name, inst in result["institutions"].items():
+        console.print(f"{escape(name)}: {len(inst['runs'])} run(s), {sum(len(r) for r in inst['rounds'].values())} round(s), "
+                      f"{inst['releases_accepted']} accepted, {inst['releases_rejected']} rejected, {inst['bytes_sent']:,} bytes sent")
+    for path in paths:
+        console.print(f"wrote {escape(str(path))}", soft_wrap=True)
+    if not result["verified"]:
+        console.print("[red]the report is marked NOT VERIFIED[/]: the record cannot be trusted as it stands")
+        raise typer.Exit(code=1)
 
 
 def _read_public(path: Path) -> str:

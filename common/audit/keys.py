@@ -58,6 +58,8 @@ def verify_signature(public: str, signature: str, data: bytes, where: str) -> No
         raw = base64.b64decode(signature, validate=True)
     except Exception:
         raise AuditError(f"{where}: signature is not base64") from None
+    if base64.b64encode(raw).decode("ascii") != signature:
+        raise AuditError(f"{where}: signature is not in canonical base64 (altered padding bits)")
     try:
         decode_public(public, where).verify(raw, data)
     except InvalidSignature:

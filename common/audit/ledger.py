@@ -129,6 +129,16 @@ class Ledger:
 
     def _recover_torn_tail(self, handle: Any, size: int) -> dict[str, Any] | None:
         start = _last_newline_before(handle, size) + 1
+        if start > 0:  # the last whole entry must be ours before we touch the file
+            try:
+                whole = json.loads(_last_line(handle, start))
+            except ValueError:
+                whole = None  # not an entry: _last_entry refuses it below
+            if isinstance(whole, dict) and whole.get("key") != self.signer.public:
+                raise AuditError(
+                    f"{self.path} is signed by {whole.get('signer')!r}, not by {self.signer.name!r}, and its last "
+                    f"line is torn: open it with its own key to recover it"
+                )
         handle.seek(start)
         torn = handle.read()
         aside = self.path.with_name(f"{self.path.name}.torn-{utc_now().replace(':', '')}")

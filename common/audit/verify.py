@@ -18,7 +18,7 @@ from common.audit.attestation import Attestation, check_attestation, read_statem
 from common.audit.canonical import canonical
 from common.audit.keys import key_id, verify_signature
 from common.audit.ledger import CORE_FIELDS, ENTRY_FIELDS, GENESIS_PREV, OPENED, entry_hash
-from common.errors import AuditError
+from common.errors import AuditError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,12 @@ class Chain:
         entry = entry or {}
         seq = entry.get("seq") if isinstance(entry.get("seq"), int) else None
         kind = entry.get("kind") if isinstance(entry.get("kind"), str) else None
-        self.problems.append(Finding(self.path.name, line, seq, kind, check, message))
+        self.problems.append(Finding(self.label, line, seq, kind, check, message))
+
+    @property
+    def label(self) -> str:
+        """The file as findings name it: its folder and name (every release log is `release-log.jsonl`)."""
+        return f"{self.path.parent.name}/{self.path.name}" if self.path.parent.name else self.path.name
 
 
 @dataclass
@@ -80,7 +85,7 @@ def read_chain(path: Path | str, trusted_key: str | None = None) -> Chain:
         lines.pop()
     elif lines:
         chain.problem(len(lines), None, "truncation", "the last line is incomplete (no final newline): the file was cut")
-    prev, seq, ledger_id, signer_key = GENESIS_PREV, 0, None, trusted_key
+    prev, seq, ledger_id, signer_key, signer_name = GENESIS_PREV, 0, None, trusted_key, None
     for number, raw in enumerate(lines, start=1):
         entry = _parse(chain, number, raw)
         if entry is None:
@@ -99,8 +104,14 @@ def read_chain(path: Path | str, trusted_key: str | None = None) -> Chain:
             chain.problem(number, entry, "hash link", f"prev is {entry['prev'][:16]}..., the previous entry's hash is {prev[:16]}...")
         if entry_hash(entry) != entry["hash"]:
             chain.problem(number, entry, "entry hash", "the content does not match its hash (the entry was altered)")
+        if signer_key is None:
+            signer_key = entry["key"]  # the first line did not parse: take the first readable entry's key
+        if signer_name is None and entry["kind"] == OPENED and isinstance(entry["body"].get("signer"), str):
+            signer_name = entry["body"]["signer"]
         if entry["key"] != signer_key:
             chain.problem(number, entry, "signer", f"signed by key {key_id(entry['key'])}, this log's key is {key_id(signer_key)}")
+        if signer_name is not None and entry["signer"] != signer_name:
+            chain.problem(number, entry, "signer", f"names its signer {entry['signer'][:40]!r}, this log's signer is {signer_name!r}")
         try:
             verify_signature(entry["key"], entry["sig"], entry["hash"].encode("ascii"), "entry")
         except AuditError as error:
@@ -142,6 +153,11 @@ def verify_ledger(
 ) -> Verification:
     """Verify a coordinator ledger, then each institution's release log against it."""
     result = Verification()
+    client_logs = list(client_logs)
+    missing = [str(p) for p in (ledger, *client_logs) if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(f"not found: {', '.join(missing)}; give the run folder's ledger.jsonl and each "
+                          f"institution's release-log.jsonl")
     chain = read_chain(ledger, coordinator_key)
     result.checked[chain.path.name] = len(chain.entries)
     if coordinator_key is None and chain.entries:
@@ -157,7 +173,7 @@ def verify_ledger(
     result.problems += chain.problems
     _check_companions(chain, result)
     for log in client_logs:
-        _check_client_log(Path(log), keys or {}, chain, run_ids, result)
+        _check_client_log(Path(log), keys, chain, run_ids, result)
     return result
 
 
@@ -209,30 +225,43 @@ def _check_companions(chain: Chain, result: Verification) -> None:
         digest = hashlib.sha256(student.read_bytes()).hexdigest()
         if digest != checkpoints[-1][1]["body"].get("sha256"):
             n, e = checkpoints[-1]
-            result.problems.append(Finding(chain.path.name, n, e["seq"], e["kind"], "student checkpoint",
+            result.problems.append(Finding(chain.label, n, e["seq"], e["kind"], "student checkpoint",
                                            f"{student.name} has sha256 {digest[:16]}..., the ledger recorded {str(e['body'].get('sha256'))[:16]}..."))
     results = folder / "results.json"
     if results.is_file():
         try:
-            audit = json.loads(results.read_text(encoding="utf-8")).get("audit") or {}
-        except ValueError:
+            data = json.loads(results.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            data = None
+        audit = data.get("audit", {}) if isinstance(data, dict) else None
+        if not isinstance(audit, dict):
+            result.problems.append(Finding(chain.label, None, None, None, "results",
+                                           "results.json beside the ledger is not readable or its audit section is not an object"))
             audit = {}
         head, count = audit.get("ledger_head"), audit.get("ledger_entries")
         if head is not None and (head != last["hash"] or count != len(chain.entries)):
-            result.problems.append(Finding(chain.path.name, number, last["seq"], last["kind"], "results",
+            result.problems.append(Finding(chain.label, number, last["seq"], last["kind"], "results",
                                            f"results.json records {count} entries ending {str(head)[:16]}..., the ledger has "
                                            f"{len(chain.entries)} ending {last['hash'][:16]}... (entries removed or added)"))
 
 
-def _check_client_log(path: Path, keys: dict[str, str], ledger: Chain, run_ids: set[str], result: Verification) -> None:
+def _check_client_log(path: Path, keys: dict[str, str] | None, ledger: Chain, run_ids: set[str], result: Verification) -> None:
+    """One institution's release log: its own chain, signed by its allow-listed key, against the ledger.
+
+    With no allow-list at all (a run without signature checks) the log's own key is used, and said so.
+    """
     probe = read_chain(path)
     genesis = probe.genesis
     institution = genesis["body"].get("institution_id") if genesis else None
-    trusted = keys.get(institution) if institution else None
+    trusted = keys.get(institution) if institution and keys is not None else None
     chain = read_chain(path, trusted) if trusted else probe
-    if genesis and trusted is None:
+    if genesis and trusted is None and keys is not None:
         chain.problem(1, genesis, "allow-list", f"institution {institution!r} is not on the allow-list")
+    elif keys is None:
+        result.notes.append(f"{chain.label}: no allow-list, so {institution!r}'s key is taken from its own log")
+        trusted = genesis["body"].get("key") if genesis else None
     result.checked[str(path)] = len(chain.entries)
+    line_of = {entry["seq"]: number for number, entry in ledger.entries}
     in_ledger = {}
     timeouts = set()
     for _, entry in ledger.entries:
@@ -264,14 +293,19 @@ def _check_client_log(path: Path, keys: dict[str, str], ledger: Chain, run_ids: 
         if (attestation.statement, attestation.signature) not in in_ledger:
             where = (fields["round"], fields["node_id"])
             if where in timeouts:
-                result.notes.append(f"{path.name}: the release of round {where[0]} reached the coordinator after its round-timeout (ledger records the timeout)")
+                result.notes.append(f"{chain.label}: the release of round {where[0]} reached the coordinator after its round-timeout (ledger records the timeout)")
             else:
                 chain.problem(number, entry, "cross-check", f"release of round {fields['round']} (payload {fields['payload_sha256'][:16]}...) "
                                                             f"is not in the ledger, or was changed there")
     for (statement, signature), entry in in_ledger.items():
-        fields = json.loads(statement)
+        try:
+            fields = json.loads(statement)
+        except ValueError:
+            continue  # an unreadable attestation in the ledger is reported by the ledger's own checks
+        if not isinstance(fields, dict):
+            continue
         if fields.get("institution_id") == institution and entry["kind"] == kinds.REPLY_ACCEPTED and (statement, signature) not in logged:
-            result.problems.append(Finding(ledger.path.name, None, entry["seq"], entry["kind"], "cross-check",
+            result.problems.append(Finding(ledger.label, line_of.get(entry["seq"]), entry["seq"], entry["kind"], "cross-check",
                                            f"the ledger holds a release by {institution!r} in round {fields.get('round')} that its log does not"))
     result.problems += chain.problems
 
