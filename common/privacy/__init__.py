@@ -1,0 +1,1 @@
+"""Formal privacy for institutions: mechanisms (DP-SGD teachers, PATE inside an institution), accounting, budgets."""
