@@ -1,23 +1,28 @@
 """ClientApp: an institution answers `query.soft_labels` with its teacher's soft labels on the public set.
 
-Only soft labels on public samples and counts leave the node: never weights, gradients or samples.
+Only soft labels on public samples and counts leave the node (masked, under secure aggregation):
+never weights, gradients or samples. Every reply is signed and logged when the node has an identity.
 """
 
 from __future__ import annotations
 
-import torch
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
+from typing import Any
 
 import numpy as np
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
 
 from client.fedavg import fedavg_train
 from client.release import load_identity, sign_and_log
+from client.secure import masked_vector, round_keys, share_bundles, unmask_shares
 from client.site import Site, load_site
 from client.teacher import digest_round, restore_teacher, save_teacher, train_round
 from common.config import RunConfig
 from common.errors import FingerprintMismatch, MessageFormatError
-from common.messages import DigestInstruction, DigestReply, SoftLabelQuery, SoftLabelReply
+from common.messages import (
+    DigestInstruction, DigestReply, MaskedReply, SecAggRoster, SecAggSetup, SecAggUnmask, SoftLabelQuery, SoftLabelReply,
+)
 from common.models import count_parameters
 from common.training import accuracy, predict_probs
 
@@ -26,10 +31,12 @@ app = ClientApp()
 
 @app.query("soft_labels")
 def soft_labels(msg: Message, context: Context) -> Message:
-    """Train the teacher one more round, then answer with softmax(teacher(public) / T)."""
+    """Train the teacher one more round, then answer with softmax(teacher(public) / T) — masked, under
+    secure aggregation."""
     cfg, site = _setup(context)
     query = SoftLabelQuery.from_record(msg.content)
     check_query(query, site.fingerprint, site.private.num_classes, len(site.public))
+    shared = SecAggRoster.from_record(msg.content)
 
     teacher, rounds_trained = restore_teacher(context.state, cfg, site)
     loss = train_round(teacher, cfg, site, rounds_trained)
@@ -39,19 +46,61 @@ def soft_labels(msg: Message, context: Context) -> Message:
     teacher_accuracy = (
         accuracy(teacher, site.test.images, site.test.labels) if query.evaluate_teacher else -1.0
     )
+    figures = {"train_loss": loss, "teacher_accuracy": teacher_accuracy, "teacher_params": count_parameters(teacher),
+               "teacher_rounds": rounds_trained + 1}
+    if shared is not None:
+        weight = float(len(site.private)) if shared.weighted else 1.0
+        masked = masked_vector(context.state, context.node_id, context.run_id, shared, probs, weight)
+        record = MaskedReply(round=query.round, fingerprint=site.fingerprint, masked=masked, **figures).to_record()
+        return _reply(record, msg, context, cfg, site, query.round, kind="secagg-masked")
     reply = SoftLabelReply(
         round=query.round, fingerprint=site.fingerprint, codec=query.codec, soft_labels=probs,
-        num_examples=len(site.private), train_loss=loss, teacher_accuracy=teacher_accuracy,
-        teacher_params=count_parameters(teacher), teacher_rounds=rounds_trained + 1,
-        class_counts=_class_counts(site) if query.want_class_counts else None, top_k=query.top_k,
+        num_examples=len(site.private), class_counts=_class_counts(site) if query.want_class_counts else None,
+        top_k=query.top_k, **figures,
     )
-    record = reply.to_record()
+    return _reply(reply.to_record(), msg, context, cfg, site, query.round,
+                  with_counts=query.want_class_counts, with_accuracy=query.evaluate_teacher)
+
+
+@app.query("secagg_setup")
+def secagg_setup(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 1: this round's public keys."""
+    cfg, site = _setup(context)
+    setup = SecAggSetup.from_record(msg.content)
+    return _reply(round_keys(context.state, setup.round).to_record(), msg, context, cfg, site, setup.round, kind="secagg-keys")
+
+
+@app.query("secagg_shares")
+def secagg_shares(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 2: sealed shares of this round's secrets, one bundle per institution."""
+    cfg, site = _setup(context)
+    request = _roster(msg)
+    bundles = share_bundles(context.state, context.node_id, context.run_id, request)
+    return _reply(bundles.to_record(), msg, context, cfg, site, request.round, kind="secagg-bundles")
+
+
+@app.query("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 4: the shares that open the sum (never both secrets of one institution)."""
+    cfg, site = _setup(context)
+    request = SecAggUnmask.from_record(msg.content)
+    shares = unmask_shares(context.state, context.node_id, context.run_id, request, _roster(msg))
+    return _reply(shares.to_record(), msg, context, cfg, site, request.round, kind="secagg-shares")
+
+
+def _roster(msg: Message) -> SecAggRoster:
+    roster = SecAggRoster.from_record(msg.content)
+    if roster is None:
+        raise MessageFormatError("secure aggregation: the message carries no roster (records 'secagg', 'secagg-roster')")
+    return roster
+
+
+def _reply(record: RecordDict, msg: Message, context: Context, cfg: RunConfig, site: Site, round_: int, **release: Any) -> Message:
+    """Sign and log what leaves the node (when it has an identity), then send it."""
     identity = load_identity(cfg, context.node_config)
     if identity is not None:
-        record = sign_and_log(
-            identity, record, msg.content, run_id=context.run_id, round_=query.round, node_id=context.node_id,
-            fingerprint=site.fingerprint, with_counts=query.want_class_counts, with_accuracy=query.evaluate_teacher,
-        )
+        record = sign_and_log(identity, record, msg.content, run_id=context.run_id, round_=round_,
+                              node_id=context.node_id, fingerprint=site.fingerprint, **release)
     return Message(record, reply_to=msg)
 
 
@@ -66,11 +115,7 @@ def digest(msg: Message, context: Context) -> Message:
     digest_loss, revisit_loss = digest_round(teacher, cfg, site, instruction, rounds_trained)
     save_teacher(context.state, teacher, cfg, site, rounds_trained)
     record = DigestReply(instruction.round, digest_loss, revisit_loss).to_record()
-    identity = load_identity(cfg, context.node_config)
-    if identity is not None:
-        record = sign_and_log(identity, record, msg.content, run_id=context.run_id, round_=instruction.round,
-                              node_id=context.node_id, fingerprint=site.fingerprint, digest=True)
-    return Message(record, reply_to=msg)
+    return _reply(record, msg, context, cfg, site, instruction.round, digest=True)
 
 
 @app.train()

@@ -60,18 +60,31 @@ def load_identity(cfg: RunConfig, node_config: Mapping[str, Any]) -> Identity | 
     return None
 
 
+SECAGG_RELEASES = {
+    "secagg-keys": ["ephemeral public keys for secure aggregation"],
+    "secagg-bundles": ["encrypted secret shares for secure aggregation, readable only by their addressee"],
+    "secagg-masked": ["masked soft labels on public transfer samples (unreadable alone: secure aggregation)",
+                      "training summary (loss, teacher size)"],
+    "secagg-shares": ["secret shares that open the sum of the institutions' soft labels"],
+}
+
+
 def sign_and_log(
     identity: Identity, reply: RecordDict, query: RecordDict, *, run_id: int, round_: int, node_id: int,
     fingerprint: str, with_counts: bool = False, with_accuracy: bool = False, digest: bool = False,
+    kind: str | None = None,
 ) -> RecordDict:
     """Attest `reply` (bound to its exact bytes and to the query), log the release, attach the attestation.
 
     A soft-label reply states the soft labels and what else it carries (counts, accuracy); a FedMD
-    digest reply (`digest=True`) releases only the two losses of the digest and revisit steps.
+    digest reply (`digest=True`) releases only two losses; `kind` names a secure-aggregation
+    message (a key of SECAGG_RELEASES).
     """
     payload_sha256, payload_bytes = record_digest(reply)
     query_sha256, _ = record_digest(query)
-    if digest:
+    if kind is not None:
+        payload, categories = {"kind": kind, "codec": None, "arrays": {}}, SECAGG_RELEASES[kind]
+    elif digest:
         payload, categories = {"kind": "digest-losses", "codec": None, "arrays": {}}, [DIGEST_CATEGORY]
     else:
         payload = payload_description(reply)

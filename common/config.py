@@ -73,6 +73,8 @@ class RunConfig:
     allow_list: str
     coordinator_key: str
     sites_dir: str
+    secure_aggregation: bool
+    secagg_threshold: int
 
     @classmethod
     def from_run_config(cls, raw: Mapping[str, Any]) -> RunConfig:
@@ -143,7 +145,7 @@ class RunConfig:
             (bool(self.output_dir), "output-dir must not be empty"),
         ]
         problems = [message for ok, message in checks if not ok]
-        problems += _check_models(self) + _check_registries(self)
+        problems += _check_models(self) + _check_registries(self) + _check_secure_aggregation(self)
         if problems:
             raise ConfigError("bad run config: " + "; ".join(problems))
 
@@ -186,6 +188,26 @@ def _check_models(cfg: RunConfig) -> list[str]:
         f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}"
         for name in names if name not in MODELS
     ]
+
+
+def _check_secure_aggregation(cfg: RunConfig) -> list[str]:
+    """Secure aggregation shows the server only a sum: rules that need each institution's rows cannot run."""
+    from common.aggregation import NEEDS_INDIVIDUAL_ROWS
+
+    problems = []
+    if cfg.secagg_threshold != 0 and not 2 <= cfg.secagg_threshold <= cfg.num_clients:
+        problems.append(f"secagg-threshold must be 0 (a majority of each round's institutions) or in "
+                        f"[2, num-clients={cfg.num_clients}], got {cfg.secagg_threshold}")
+    if not cfg.secure_aggregation:
+        return problems
+    if cfg.aggregation in NEEDS_INDIVIDUAL_ROWS:
+        problems.append(f"aggregation {cfg.aggregation!r} needs each institution's soft labels, which secure "
+                        f"aggregation hides from the server; use 'mean' or 'weighted', or set secure-aggregation=false")
+    if cfg.method == "fedavg":
+        problems.append("secure-aggregation applies to soft labels; the FedAvg baseline (method 'fedavg') does not use it")
+    if cfg.num_clients < 3 or cfg.min_clients < 2:
+        problems.append("secure aggregation needs num-clients >= 3 and min-clients >= 2: with fewer, the sum reveals each input")
+    return problems
 
 
 def _check_registries(cfg: RunConfig) -> list[str]:

@@ -34,6 +34,7 @@ class AuditTrail:
     allow_list: dict[str, str] | None  # None: replies are logged but not signature-checked
     bindings: dict[int, str] = field(default_factory=dict)  # node id -> institution id, first come
     query_sha256: str = ""
+    query_digests: dict[int, str] = field(default_factory=dict)  # node -> digest, when each got its own message
     rejections: int = 0
 
     @classmethod
@@ -57,6 +58,7 @@ class AuditTrail:
 
     def round_opened(self, query: SoftLabelQuery, query_record: RecordDict, nodes: list[int]) -> None:
         self.query_sha256, _ = record_digest(query_record)
+        self.query_digests = {}
         self.ledger.append(kinds.ROUND_OPENED, {
             "round": query.round, "nodes": [str(n) for n in nodes], "query_sha256": self.query_sha256,
             "temperature": float(query.temperature), "codec": query.codec, "samples": int(len(query.sample_ids)),
@@ -70,11 +72,26 @@ class AuditTrail:
     def digest_opened(self, instruction: DigestInstruction, record: RecordDict, nodes: list[int]) -> None:
         """FedMD: the consensus goes down; the digest replies that come back are releases too."""
         self.query_sha256, _ = record_digest(record)
+        self.query_digests = {}
         self.ledger.append(kinds.DIGEST_OPENED, {
             "round": instruction.round, "nodes": [str(n) for n in nodes], "query_sha256": self.query_sha256,
             "samples": int(len(instruction.sample_ids)), "digest_epochs": instruction.digest_epochs,
             "revisit_epochs": instruction.revisit_epochs,
         })
+
+    def exchange_opened(self, phase: str, round_: int, records: dict[int, RecordDict]) -> None:
+        """A secure-aggregation exchange goes out (one message per node, possibly each its own)."""
+        self.query_digests = {node: record_digest(record)[0] for node, record in records.items()}
+        digests = set(self.query_digests.values())
+        self.query_sha256 = digests.pop() if len(digests) == 1 else ""
+        self.ledger.append(kinds.EXCHANGE_OPENED, {
+            "round": round_, "phase": phase, "nodes": [str(n) for n in sorted(records)],
+            "query_sha256": self.query_sha256 or {str(n): d for n, d in sorted(self.query_digests.items())},
+        })
+
+    def check_exchange(self, round_: int, fingerprint: str, node: int, content: RecordDict) -> Attestation | None:
+        """Verify the attestation of a secure-aggregation reply (keys, bundles, shares)."""
+        return self._check(round_, fingerprint, node, content)
 
     def check_digest_reply(self, instruction: DigestInstruction, node: int, content: RecordDict) -> Attestation | None:
         return self._check(instruction.round, instruction.fingerprint, node, content)
@@ -92,7 +109,8 @@ class AuditTrail:
         payload_sha256, payload_bytes = record_digest(content)
         fields = check_attestation(attestation, self.allow_list, {
             "run_id": self.run_id, "round": round_, "node_id": str(node), "public_fingerprint": fingerprint,
-            "query_sha256": self.query_sha256, "payload_sha256": payload_sha256, "payload_bytes": payload_bytes,
+            "query_sha256": self.query_digests.get(int(node), self.query_sha256),
+            "payload_sha256": payload_sha256, "payload_bytes": payload_bytes,
         }, "attestation")
         self._bind(int(node), fields["institution_id"])
         return attestation
@@ -114,7 +132,7 @@ class AuditTrail:
         `replies` is a RoundReplies, or (phase "digest") a DigestOutcome.
         """
         accepted = replies.accepted if isinstance(replies.accepted, set) else set(replies.accepted)
-        rejected = replies.failed if phase == "digest" else replies.rejected
+        rejected = replies.failed if phase == "digest" else replies.rejected  # DigestOutcome names them `failed`
         uplink = getattr(replies, "uplink_bytes", {})
         for node in sorted(accepted):
             attestation = replies.attestations.get(node)

@@ -17,6 +17,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.aggregation import AggregationParams, aggregate
+from common.aggregation.base import Aggregate
 from common.config import RunConfig
 from common.data import FederatedSplit, load_split, public_fingerprint
 from common.messages import DigestInstruction, SoftLabelQuery
@@ -25,6 +26,7 @@ from server.fedavg import run_fedavg
 from server.rounds import RoundReplies, make_query, query_soft_labels, require_quorum, send_digest, wait_for_nodes
 from server.audit_trail import AuditTrail
 from server.run_folder import STUDENT, RunFolder
+from server.secure_rounds import secure_soft_labels
 
 INFO = 20
 app = ServerApp()
@@ -60,16 +62,7 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
     for round_ in range(1, cfg.num_server_rounds + 1):
         started = time.monotonic()
         query = make_query(cfg, round_, fingerprint, len(public), public.num_classes)
-        nodes = sorted(grid.get_node_ids())
-        trail.round_opened(query, query.to_record(), nodes)
-        replies = query_soft_labels(grid, nodes, query, cfg.round_timeout, partial(trail.check_reply, query))
-        trail.record_replies(round_, replies)
-        require_quorum(replies, cfg, round_)
-
-        accepted = list(replies.accepted.values())
-        params = AggregationParams(cfg.era_temperature, cfg.trim_fraction, cfg.selective_threshold, query.temperature)
-        ensemble = aggregate(cfg.aggregation, [r.soft_labels for r in accepted], [r.num_examples for r in accepted],
-                             class_counts=_class_counts(accepted), params=params)
+        replies, ensemble = collect_and_aggregate(grid, cfg, trail, query)
         kept = query.sample_ids[ensemble.keep]
         trail.aggregated(round_, cfg.aggregation, sorted(replies.accepted), ensemble.probs, len(kept))
         loss = student.distil(public, kept, ensemble.probs[ensemble.keep], round_, query.temperature)
@@ -88,13 +81,32 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
         run.record_round(row)
         run.save_student(student.model, student_meta(cfg, public.num_classes, public.images.shape[1:], round_))
         trail.checkpoint(round_, run.path / STUDENT, row["student_accuracy"])
-        log(INFO, "round %d: student accuracy %.4f, %d replies", round_, row["student_accuracy"], len(accepted))
+        log(INFO, "round %d: student accuracy %.4f, %d replies", round_, row["student_accuracy"], len(replies.accepted))
 
     run.sections["audit"] = trail.finished(cfg.num_server_rounds, run.path / STUDENT)
     run.finish(final_figures(cfg, run, student.params, replies))
 
 
-def round_row(query: SoftLabelQuery, replies: RoundReplies, student_acc: float, ensemble_acc: float) -> dict[str, Any]:
+def collect_and_aggregate(grid: Grid, cfg: RunConfig, trail: AuditTrail, query: SoftLabelQuery) -> tuple[Any, Aggregate]:
+    """Query every node, check and record the replies, and aggregate them (or, under secure aggregation,
+    run the masked exchanges and open only the sum)."""
+    nodes = sorted(grid.get_node_ids())
+    if cfg.secure_aggregation:
+        probs, replies = secure_soft_labels(grid, cfg, trail, query, nodes)
+        require_quorum(replies, cfg, query.round)
+        return replies, Aggregate(probs, np.ones(len(probs), dtype=bool))
+    trail.round_opened(query, query.to_record(), nodes)
+    replies = query_soft_labels(grid, nodes, query, cfg.round_timeout, partial(trail.check_reply, query))
+    trail.record_replies(query.round, replies)
+    require_quorum(replies, cfg, query.round)
+    accepted = list(replies.accepted.values())
+    params = AggregationParams(cfg.era_temperature, cfg.trim_fraction, cfg.selective_threshold, query.temperature)
+    ensemble = aggregate(cfg.aggregation, [r.soft_labels for r in accepted], [r.num_examples for r in accepted],
+                         class_counts=_class_counts(accepted), params=params)
+    return replies, ensemble
+
+
+def round_row(query: SoftLabelQuery, replies: Any, student_acc: float, ensemble_acc: float) -> dict[str, Any]:
     """The per-round record of results.json."""
     accepted = sorted(replies.accepted.items())
     return {

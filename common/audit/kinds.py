@@ -10,6 +10,9 @@ Coordinator ledger (`<run folder>/ledger.jsonl`, signer "coordinator"):
     aggregated          {round, rule, nodes, institutions, samples_kept, ensemble_sha256}
     digest-opened       {round, nodes, query_sha256, samples, digest_epochs, revisit_epochs}   FedMD only; its
                         replies follow as reply-accepted/-rejected with phase "digest"
+    exchange-opened     {round, phase, nodes, query_sha256 (one digest, or node -> digest)}   secure
+                        aggregation: phases "secagg-keys", "secagg-bundles" (before round-opened) and
+                        "secagg-shares" (after the masked soft labels); replies follow with that phase
     student-checkpoint  {round, file, sha256, student_accuracy}
     run-finished        {status: "completed", rounds, student_sha256}
     run-failed          {status: "failed", error}
@@ -23,7 +26,8 @@ Institution release log (`release-log.jsonl`, signer = the institution id):
 Run and node ids are decimal strings (64-bit ids do not fit RFC 8785 numbers).
 `attestation` is {"statement": <canonical JSON text>, "signature": <base64>} (common.audit.attestation),
 or null for an unsigned reply (only when the coordinator runs without an allow-list).
-`phase` is "soft-labels" (the answer to round-opened) or "digest" (the answer to digest-opened).
+`phase` is "soft-labels" (the answer to round-opened), "digest" (to digest-opened) or a secure-aggregation
+phase (to exchange-opened).
 Rejection checks: "node-error", "timeout", "format", "unsigned", "allow-list", "signature", "statement",
 "digest" (payload digest mismatch), "identity" (a node changed institution, or two nodes claim one).
 """
@@ -36,6 +40,7 @@ REPLY_ACCEPTED = "reply-accepted"
 REPLY_REJECTED = "reply-rejected"
 AGGREGATED = "aggregated"
 DIGEST_OPENED = "digest-opened"
+EXCHANGE_OPENED = "exchange-opened"
 CHECKPOINT = "student-checkpoint"
 RUN_FINISHED = "run-finished"
 RUN_FAILED = "run-failed"

@@ -183,7 +183,7 @@ def _check_semantics(chain: Chain, keys: dict[str, str] | None) -> set[str]:
     open_round = None
     for number, entry in chain.entries:
         body, kind = entry["body"], entry["kind"]
-        if kind == kinds.ROUND_OPENED:
+        if kind in (kinds.ROUND_OPENED, kinds.DIGEST_OPENED, kinds.EXCHANGE_OPENED):
             open_round = body.get("round")
         elif kind in (kinds.REPLY_ACCEPTED, kinds.REPLY_REJECTED, kinds.AGGREGATED) and body.get("round") != open_round:
             chain.problem(number, entry, "round order", f"about round {body.get('round')}, but the open round is {open_round}")

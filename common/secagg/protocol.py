@@ -1,20 +1,22 @@
 """The secure-aggregation protocol's steps, as pure functions: client setup, masked input, unmasking; server sum.
 
-One round, over three exchanges (after Bonawitz et al., 2017, with a semi-honest server):
+One round, over four exchanges (Bonawitz et al., 2017, for a semi-honest server):
 
-1. setup: each client makes two X25519 key pairs (mask keys c, share-encryption keys s) and sends
+1. keys: each client makes two X25519 key pairs (mask keys c, share-encryption keys s) and sends
    the public halves; the server publishes the roster (node -> index 1..n, public keys) and the
    threshold t.
-2. masked input: each client draws a self seed b, splits b and its mask private key c into n Shamir
-   shares (threshold t), encrypts share j for client j (AES-GCM under HKDF(X25519(s_i, S_j))), and
-   sends y_i = x_i + masks (common/secagg/masking.py) with the encrypted shares, via the server.
-3. unmask: the server names the survivors U (clients whose y arrived) and the dropped D; each
-   survivor decrypts the shares addressed to it and returns the b-shares of U and the c-shares of D,
-   never both for one client. The server rebuilds each b_j (j in U) and each c_d (d in D), removes
-   the self masks and the dropped clients' pairwise masks, and is left with sum_{i in U} x_i.
+2. shares: each client draws a self seed b and splits b and its mask private key c into n Shamir
+   shares (threshold t); share j goes to client j inside an AES-GCM bundle (key HKDF(X25519(s_i, S_j))),
+   relayed by the server, which cannot open it.
+3. masked input: each client that distributed shares sends y_i = x_i + PRG(b_i) + pairwise masks with
+   every other such client (common/secagg/masking.py).
+4. unmask: the server names the survivors U (whose y arrived) and the dropped D (who shared but sent
+   no y); each survivor opens the bundles addressed to it and returns the b-shares of U and the
+   c-shares of D, never both for one client. The server rebuilds each b_j (j in U) and c_d (d in D),
+   removes the self masks and the dropped clients' pairwise masks, and is left with sum_{i in U} x_i.
 
 What the server holds of one client is y_i, uniformly random on its own, and shares it cannot open.
-The round survives any dropouts after step 1 as long as at least t clients answer step 3.
+The round survives any dropouts after step 2 as long as at least t clients answer step 4.
 """
 
 from __future__ import annotations
@@ -69,32 +71,39 @@ def make_roster(public_keys: dict[int, tuple[bytes, bytes]]) -> Roster:
     return {node: RosterEntry(i, *public_keys[node]) for i, node in enumerate(sorted(public_keys), start=1)}
 
 
-def client_masked_input(
-    node: int, secrets: ClientSecrets, roster: Roster, threshold: int, vector: np.ndarray, context: bytes
-) -> tuple[np.ndarray, dict[int, bytes]]:
-    """Step 2: the masked vector (uint64, flattened) and one encrypted share bundle per roster member."""
+def client_share_bundles(
+    node: int, secrets: ClientSecrets, roster: Roster, threshold: int, context: bytes
+) -> tuple[bytes, dict[int, bytes]]:
+    """Step 2: a fresh self seed b, and for every roster member one AES-GCM bundle of its shares of b and c."""
     me = _member(roster, node)
     if not 2 <= threshold <= len(roster):
         raise ConfigError(f"secure aggregation: threshold must be in [2, {len(roster)} clients], got {threshold}")
     self_seed = os.urandom(32)
     points = [entry.index for entry in roster.values()]
     b_shares, c_shares = split(self_seed, threshold, points), split(secrets.mask_private, threshold, points)
-    mask_key = X25519PrivateKey.from_private_bytes(secrets.mask_private)
-    pair_seeds = {entry.index: derive_seed(mask_key, entry.mask_key, PAIR_INFO + context)
-                  for peer, entry in roster.items() if peer != node}
-    masked = apply_masks(quantise(vector), me.index, self_seed, pair_seeds)
     bundles = {
         peer: _seal(secrets, me, entry, context, b_shares[entry.index], c_shares[entry.index])
         for peer, entry in roster.items()
     }
-    return masked, bundles
+    return self_seed, bundles
+
+
+def client_masked_input(
+    node: int, secrets: ClientSecrets, shared: Roster, self_seed: bytes, vector: np.ndarray, context: bytes
+) -> np.ndarray:
+    """Step 3: y = x + PRG(b) + pairwise masks with every client that distributed its shares (`shared`)."""
+    me = _member(shared, node)
+    mask_key = X25519PrivateKey.from_private_bytes(secrets.mask_private)
+    pair_seeds = {entry.index: derive_seed(mask_key, entry.mask_key, PAIR_INFO + context)
+                  for peer, entry in shared.items() if peer != node}
+    return apply_masks(quantise(vector), me.index, self_seed, pair_seeds)
 
 
 def client_unmask(
     node: int, secrets: ClientSecrets, roster: Roster, threshold: int, bundles: dict[int, bytes],
     survivors: set[int], dropped: set[int], context: bytes,
 ) -> dict[int, tuple[str, int]]:
-    """Step 3: the b-share of every survivor and the c-share of every dropped client, from their bundles.
+    """Step 4: the b-share of every survivor and the c-share of every dropped client, from their bundles.
 
     Refuses (AuditError) a request that could unmask one client's input: a client both surviving and
     dropped, clients outside the roster, or fewer survivors than the threshold.
@@ -117,7 +126,11 @@ def server_sum(
     masked: dict[int, np.ndarray], answers: dict[int, dict[int, tuple[str, int]]], roster: Roster, threshold: int,
     context: bytes,
 ) -> np.ndarray:
-    """Step 3, server: sum_{i in survivors} x_i (uint64 fixed point) from the masked vectors and the shares."""
+    """Step 4, server: sum_{i in survivors} x_i (uint64 fixed point) from the masked vectors and the shares.
+
+    `roster` holds the clients that distributed shares (step 2); those of them without a masked
+    vector are the dropped, whose pairwise masks are removed with their rebuilt mask keys.
+    """
     survivors = set(masked)
     dropped = set(roster) - survivors
     length = len(next(iter(masked.values())))

@@ -1,4 +1,4 @@
-"""Typed messages between server and institutions; the only module that knows Flower records.
+"""Typed messages between server and institutions; the only package that knows Flower records.
 
 Each message is a dataclass with `to_record()` and a validating `from_record()` that raises
 `MessageFormatError` naming the field, the value found and what was expected.
@@ -337,3 +337,9 @@ def read_attestation(record: RecordDict) -> Attestation | None:
         return None
     config = _get(record, ATTESTATION, ConfigRecord)
     return Attestation(_field(config, ATTESTATION, "statement", str), _field(config, ATTESTATION, "signature", str))
+
+
+from common.messages.secagg import (  # noqa: E402 - re-exported: one import site for every message
+    SETUP_TYPE, SHARES_TYPE, UNMASK_TYPE, MaskedReply, SecAggBundles, SecAggKeys, SecAggRoster, SecAggSetup,
+    SecAggShares, SecAggUnmask,
+)
