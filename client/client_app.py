@@ -14,51 +14,41 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.fedavg import fedavg_train
+from client.answer import answer_query
 from client.release import load_identity, sign_and_log
 from client.secure import masked_vector, round_keys, share_bundles, unmask_shares
 from client.site import Site, load_site
-from client.teacher import digest_round, restore_teacher, save_teacher, train_round
+from client.teacher import digest_round, restore_teacher, save_teacher
 from common.config import RunConfig
 from common.errors import FingerprintMismatch, MessageFormatError
 from common.messages import (
     DigestInstruction, DigestReply, MaskedReply, SecAggRoster, SecAggSetup, SecAggUnmask, SoftLabelQuery, SoftLabelReply,
 )
-from common.models import count_parameters
-from common.training import accuracy, predict_probs
 
 app = ClientApp()
 
 
 @app.query("soft_labels")
 def soft_labels(msg: Message, context: Context) -> Message:
-    """Train the teacher one more round, then answer with softmax(teacher(public) / T) — masked, under
-    secure aggregation."""
+    """Train the teacher one more round, then answer with softmax(teacher(public) / T) (or PATE's noisy
+    votes) — masked, under secure aggregation."""
     cfg, site = _setup(context)
     query = SoftLabelQuery.from_record(msg.content)
     check_query(query, site.fingerprint, site.private.num_classes, len(site.public))
     shared = SecAggRoster.from_record(msg.content)
-
-    teacher, rounds_trained = restore_teacher(context.state, cfg, site)
-    loss = train_round(teacher, cfg, site, rounds_trained)
-    save_teacher(context.state, teacher, cfg, site, rounds_trained + 1)
-
-    probs = predict_probs(teacher, site.public.images[query.sample_ids], query.temperature)
-    teacher_accuracy = (
-        accuracy(teacher, site.test.images, site.test.labels) if query.evaluate_teacher else -1.0
-    )
-    figures = {"train_loss": loss, "teacher_accuracy": teacher_accuracy, "teacher_params": count_parameters(teacher),
-               "teacher_rounds": rounds_trained + 1}
+    answer = answer_query(context, cfg, site, query)
+    probs, figures = answer.probs, answer.figures
     if shared is not None:
         weight = float(len(site.private)) if shared.weighted else 1.0
         masked = masked_vector(context.state, context.node_id, context.run_id, shared, probs, weight)
         record = MaskedReply(round=query.round, fingerprint=site.fingerprint, masked=masked, **figures).to_record()
-        return _reply(record, msg, context, cfg, site, query.round, kind="secagg-masked")
+        return _reply(record, msg, context, cfg, site, query.round, kind="secagg-masked", privacy=answer.privacy)
     reply = SoftLabelReply(
         round=query.round, fingerprint=site.fingerprint, codec=query.codec, soft_labels=probs,
         num_examples=len(site.private), class_counts=_class_counts(site) if query.want_class_counts else None,
         top_k=query.top_k, **figures,
     )
-    return _reply(reply.to_record(), msg, context, cfg, site, query.round,
+    return _reply(reply.to_record(), msg, context, cfg, site, query.round, privacy=answer.privacy,
                   with_counts=query.want_class_counts, with_accuracy=query.evaluate_teacher)
 
 

@@ -24,6 +24,7 @@ from common.errors import ConfigError
 from common.messages import attach_attestation, payload_description, record_digest
 
 RELEASE_LOG = "release-log.jsonl"
+SITE_CONFIG = "site.toml"  # a simulated institution's own settings (its privacy budget)
 SOFT_LABEL_CATEGORIES = ["soft labels on public transfer samples", "training summary (num-examples, loss, teacher size)"]
 COUNTS_CATEGORY = "per-class counts of private data"
 ACCURACY_CATEGORY = "teacher accuracy on the benchmark test set"
@@ -72,7 +73,7 @@ SECAGG_RELEASES = {
 def sign_and_log(
     identity: Identity, reply: RecordDict, query: RecordDict, *, run_id: int, round_: int, node_id: int,
     fingerprint: str, with_counts: bool = False, with_accuracy: bool = False, digest: bool = False,
-    kind: str | None = None,
+    kind: str | None = None, privacy: dict | None = None,
 ) -> RecordDict:
     """Attest `reply` (bound to its exact bytes and to the query), log the release, attach the attestation.
 
@@ -92,7 +93,7 @@ def sign_and_log(
     attestation = attest(
         identity.signer, run_id=run_id, round_=round_, node_id=node_id, public_fingerprint=fingerprint,
         query_sha256=query_sha256, payload_sha256=payload_sha256, payload_bytes=payload_bytes,
-        payload=payload, data_categories=categories,
+        payload=payload, data_categories=categories, privacy=privacy,
     )
     log = Ledger.open(identity.release_log, identity.signer, {"institution_id": identity.signer.name})
     log.append(kinds.RELEASE, {"run_id": str(run_id), "round": int(round_), "node_id": str(node_id),

@@ -20,6 +20,7 @@ DATASETS = ("fashion-mnist", "digits")
 METHODS = ("distill", "fedavg")
 SCHEDULES = ("constant", "linear")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
+PRIVACY = ("none", "dp-sgd", "pate")
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
@@ -75,6 +76,12 @@ class RunConfig:
     sites_dir: str
     secure_aggregation: bool
     secagg_threshold: int
+    privacy: str
+    dp_noise_multiplier: float
+    dp_max_grad_norm: float
+    pate_teachers: int
+    pate_queries: int
+    pate_sigma: float
 
     @classmethod
     def from_run_config(cls, raw: Mapping[str, Any]) -> RunConfig:
@@ -145,7 +152,7 @@ class RunConfig:
             (bool(self.output_dir), "output-dir must not be empty"),
         ]
         problems = [message for ok, message in checks if not ok]
-        problems += _check_models(self) + _check_registries(self) + _check_secure_aggregation(self)
+        problems += _check_models(self) + _check_registries(self) + _check_secure_aggregation(self) + _check_privacy(self)
         if problems:
             raise ConfigError("bad run config: " + "; ".join(problems))
 
@@ -188,6 +195,25 @@ def _check_models(cfg: RunConfig) -> list[str]:
         f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}"
         for name in names if name not in MODELS
     ]
+
+
+def _check_privacy(cfg: RunConfig) -> list[str]:
+    """The run's privacy mechanism and its parameters (the budget itself is each institution's own)."""
+    checks = [
+        (cfg.privacy in PRIVACY, f"privacy must be one of {PRIVACY}, got {cfg.privacy!r}"),
+        (cfg.dp_noise_multiplier >= 0, f"dp-noise-multiplier must be >= 0 (0: calibrate to each budget), got {cfg.dp_noise_multiplier}"),
+        (cfg.dp_max_grad_norm > 0, f"dp-max-grad-norm must be > 0, got {cfg.dp_max_grad_norm}"),
+        (cfg.pate_teachers >= 2, f"pate-teachers must be >= 2, got {cfg.pate_teachers}"),
+        (cfg.pate_queries >= 1, f"pate-queries must be >= 1, got {cfg.pate_queries}"),
+        (cfg.pate_sigma >= 0, f"pate-sigma must be >= 0 (0: calibrate to each budget), got {cfg.pate_sigma}"),
+    ]
+    problems = [message for ok, message in checks if not ok]
+    if cfg.privacy != "none" and cfg.revisit_epochs > 0:
+        problems.append("revisit-epochs > 0 trains the teacher on private data outside the privacy mechanism; "
+                        "set revisit-epochs = 0 with privacy, or privacy = \"none\"")
+    if cfg.privacy != "none" and cfg.method == "fedavg":
+        problems.append("privacy mechanisms apply to soft-label releases; the FedAvg baseline (method 'fedavg') has none")
+    return problems
 
 
 def _check_secure_aggregation(cfg: RunConfig) -> list[str]:

@@ -87,7 +87,7 @@ def judge_replies(
     result = RoundReplies(downlink_bytes=record_nbytes(query.to_record()) * len(nodes))
     for node, error, content in answers:
         if error is not None or content is None:
-            result.rejected[node], result.checks[node] = f"node error: {error}", "node-error"
+            result.rejected[node], result.checks[node] = f"node error: {error}", node_error_check(str(error))
             continue
         result.uplink_bytes[node] = record_nbytes(content)
         try:
@@ -107,6 +107,11 @@ def judge_replies(
     for node, reason in sorted(result.rejected.items()):
         log(WARNING, "round %d: dropped node %d: %s", query.round, node, reason)
     return result
+
+
+def node_error_check(reason: str) -> str:
+    """The ledger's name for an error reply: a refusal on privacy budget is told apart from a failure."""
+    return "privacy-budget" if "PrivacyBudgetExceeded" in reason else "node-error"
 
 
 def _claimed_attestation(content: RecordDict) -> Attestation | None:
@@ -136,10 +141,11 @@ def make_query(cfg: RunConfig, round_: int, fingerprint: str, public_size: int, 
 
 
 def sample_public(cfg: RunConfig, round_: int, public_size: int) -> np.ndarray:
-    """Sorted ids of the public samples used this round: all of them, or a seeded `public-fraction`."""
-    if cfg.public_fraction >= 1.0:
+    """Sorted ids of the public samples used this round: all of them, a seeded `public-fraction`, or
+    under PATE the `pate-queries` samples the institutions answer (each answer spends privacy)."""
+    count = cfg.pate_queries if cfg.privacy == "pate" else max(1, round(cfg.public_fraction * public_size))
+    if count >= public_size:
         return np.arange(public_size, dtype=np.int64)
-    count = max(1, round(cfg.public_fraction * public_size))
     rng = np.random.default_rng([cfg.seed, round_])
     return np.sort(rng.choice(public_size, size=count, replace=False)).astype(np.int64)
 

@@ -25,6 +25,7 @@ from server.distill import Student, ensemble_accuracy
 from server.fedavg import run_fedavg
 from server.rounds import RoundReplies, make_query, query_soft_labels, require_quorum, send_digest, wait_for_nodes
 from server.audit_trail import AuditTrail
+from server.privacy_section import privacy_section
 from server.run_folder import STUDENT, RunFolder
 from server.secure_rounds import secure_soft_labels
 
@@ -49,6 +50,7 @@ def main(grid: Grid, context: Context) -> None:
     except BaseException as error:
         if trail is not None:
             run.sections["audit"] = trail.failed(error)
+            run.sections["privacy"] = privacy_section(cfg, trail.ledger.entries())
         run.fail(error)
         raise
 
@@ -84,6 +86,7 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
         log(INFO, "round %d: student accuracy %.4f, %d replies", round_, row["student_accuracy"], len(replies.accepted))
 
     run.sections["audit"] = trail.finished(cfg.num_server_rounds, run.path / STUDENT)
+    run.sections["privacy"] = privacy_section(cfg, trail.ledger.entries())
     run.finish(final_figures(cfg, run, student.params, replies))
 
 

@@ -1,4 +1,4 @@
-"""The `fedstill` command line: simulate, compare, scenarios, keygen, audit verify|report."""
+"""The `fedstill` command line: simulate, compare, privacy-sweep, scenarios, keygen, audit verify|report."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.errors import FedstillError
+from common.errors import ConfigError, FedstillError
 from simulations.audit_cli import audit_app, keygen
 
 app = typer.Typer(help="fedstill: federated knowledge distillation on Flower.", no_args_is_help=True, add_completion=False)
@@ -94,6 +94,49 @@ def compare(
     failed = [label for label, entry in {**summary["methods"], **summary["baselines"]}.items() if "error" in entry]
     if failed:
         console.print(f"[red]failed[/]: {', '.join(failed)} (see {folder / 'results.json'})")
+        raise typer.Exit(code=1)
+
+
+@app.command("privacy-sweep")
+def privacy_sweep(
+    scenario: str = typer.Argument(None, help="Scenario name or .toml file."),
+    mechanism: str = typer.Option("dp-sgd", help="dp-sgd (DP teacher training) or pate (GNMax votes inside each institution)."),
+    epsilons: str = typer.Option("1,2,4,8", help="Budgets epsilon per institution, comma-separated."),
+    delta: float = typer.Option(1e-5, help="Each institution's delta."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a run-config key for every run (repeatable)."),
+    cpus_per_client: int = typer.Option(1, min=1, help="CPUs Ray reserves per simulated client."),
+) -> None:
+    """Student accuracy against each institution's privacy budget, with a non-private reference."""
+    from simulations.privacy_sweep import TABLE, parse_epsilons, run_sweep
+    from simulations.scenarios import resolve
+
+    try:
+        overrides, cfg = resolve(scenario, set_, Path.cwd())
+        preflight(cfg)
+        budgets = parse_epsilons(epsilons)
+        if not 0 < delta < 1:
+            raise ConfigError(f"--delta must be in (0, 1), got {delta}")
+        folder = Path(cfg.output_dir) / f"privacy-sweep-{cfg.run_name or cfg.scenario}-{mechanism}"
+        base = {k: v for k, v in overrides.items() if k not in ("run-name", "output-dir")}
+        console.print(f"[bold]fedstill privacy-sweep[/] {cfg.scenario}: {mechanism}, epsilon {budgets} -> {folder}")
+        with _progress() as progress:
+            stages: list[Any] = []
+
+            def on_stage(label: str, stage_cfg: Any):
+                if stages:
+                    _end(progress, stages[-1])
+                stages.append(progress.add_task(label, total=stage_cfg.num_server_rounds))
+                return lambda event: _show(progress, stages[-1], event, label)
+
+            summary = run_sweep(base, folder, mechanism, budgets, delta=delta, cpus_per_client=cpus_per_client,
+                                on_stage=on_stage)
+            if stages:
+                _end(progress, stages[-1])
+    except FedstillError as error:
+        _fail(error)
+    console.print((folder / TABLE).read_text(), markup=False)
+    if any("error" in point for point in summary["points"]):
+        console.print(f"[red]some runs failed[/] (see {folder / 'results.json'})")
         raise typer.Exit(code=1)
 
 

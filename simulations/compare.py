@@ -3,6 +3,8 @@ with a markdown table and plots (accuracy per round; accuracy against cumulative
 
 from __future__ import annotations
 
+import json
+
 import os
 import re
 from collections.abc import Callable
@@ -66,9 +68,12 @@ def run_comparison(
         overrides = {**overrides, "output-dir": str(folder), "run-name": label}
         try:
             cfg = RunConfig.from_run_config({**default_run_config(), **overrides})
-            outcome = launcher.simulate(cfg, overrides, cpus_per_client=cpus_per_client, on_event=on_stage(label, cfg))
-            entry = {"run_dir": str(outcome.run_dir), "rounds": outcome.results["rounds"], "final": outcome.results["final"]}
-            summary["scenario"] = summary["scenario"] or outcome.results["scenario"]
+            results = finished_run(folder / label, cfg)
+            if results is None:
+                outcome = launcher.simulate(cfg, overrides, cpus_per_client=cpus_per_client, on_event=on_stage(label, cfg))
+                results = outcome.results
+            entry = {"run_dir": str(folder / label), "rounds": results["rounds"], "final": results["final"]}
+            summary["scenario"] = summary["scenario"] or results["scenario"]
         except FedstillError as error:
             entry = {"error": f"{type(error).__name__}: {error}"}
         (summary["baselines"] if label == "fedavg" else summary["methods"])[label] = entry
@@ -83,6 +88,37 @@ def run_comparison(
     (folder / TABLE).write_text(markdown_table(summary), encoding="utf-8")
     plot_comparison(summary, folder)
     return summary
+
+
+def finished_run(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The results of an earlier, completed run of the same config in `run_dir` (a comparison that was
+    interrupted goes on where it stopped); None when there is none. An unfinished or different run
+    there is moved aside to `<name>.previous-<n>`, never deleted."""
+    results_path = run_dir / "results.json"
+    if not run_dir.exists():
+        return None
+    try:
+        results = json.loads(results_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        results = None
+    if isinstance(results, dict) and results.get("status") == "completed" and _same_run(results.get("scenario"), cfg):
+        return results
+    n = 1
+    while run_dir.with_name(f"{run_dir.name}.previous-{n}").exists():
+        n += 1
+    run_dir.rename(run_dir.with_name(f"{run_dir.name}.previous-{n}"))
+    return None
+
+
+PROVISIONED = frozenset({"allow-list", "sites-dir", "coordinator-key"})  # filled in per run by the launcher
+
+
+def _same_run(recorded: Any, cfg: RunConfig) -> bool:
+    """Same settings, key by key (keys newer than the recorded run are taken as their defaults then)."""
+    if not isinstance(recorded, dict):
+        return False
+    wanted = cfg.to_dict()
+    return all(recorded[key] == value for key, value in wanted.items() if key in recorded and key not in PROVISIONED)
 
 
 def rows_of(summary: dict[str, Any]) -> list[dict[str, Any]]:

@@ -66,14 +66,21 @@ def simulate(
     cpus_per_client: int = 1,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     timeout_s: float | None = None,
+    site: dict[str, Any] | None = None,
 ) -> Outcome:
-    """Run one simulation to the end and return its results; raise RunFailed with the reason if it fails."""
+    """Run one simulation to the end and return its results; raise RunFailed with the reason if it fails.
+
+    `site` holds every simulated institution's own settings (its `max-epsilon` and `delta`).
+    """
     run_dir = resolve_run_dir(cfg)
     if (run_dir / RESULTS).exists():
         raise RunFailed(f"run folder {run_dir} already holds results; choose another run-name or output-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.allow_list and not cfg.sites_dir:
-        overrides = {**overrides, **provision_sites(run_dir, cfg.num_clients)}
+        overrides = {**overrides, **provision_sites(run_dir, cfg.num_clients, site)}
+    elif site:
+        raise RunFailed("site settings (a privacy budget) go into provisioned sites; with allow-list or sites-dir "
+                        "set, write them into each institution's site.toml yourself")
     home = flwr_home() / "runs" / f"{run_dir.name}-{os.getpid()}"
     home.mkdir(parents=True, exist_ok=True)
     http_port, control_port = free_ports(2)

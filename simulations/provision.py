@@ -2,7 +2,8 @@
 
 In a real federation each institution runs `fedstill keygen` and sends its public key to the
 coordinator, who lists it in the allow-list. A simulation does the same on one machine: one key pair
-per simulated institution in `<run folder>/sites/institution-<i>/`, and `<run folder>/allow-list.toml`.
+per simulated institution in `<run folder>/sites/institution-<i>/` (with the institution's own
+`site.toml`: its privacy budget), and `<run folder>/allow-list.toml`.
 """
 
 from __future__ import annotations
@@ -10,20 +11,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from client.release import simulated_institution, site_folder
+from client.release import SITE_CONFIG, simulated_institution, site_folder
 from common.audit.keys import Signer, write_allow_list, write_key_pair
+from simulations.scenarios import to_toml
 
 SITES = "sites"
 ALLOW_LIST = "allow-list.toml"
 
 
-def provision_sites(run_dir: Path, num_clients: int) -> dict[str, Any]:
-    """Make keys and the allow-list for `num_clients` simulated institutions; return the run-config overrides."""
+def provision_sites(run_dir: Path, num_clients: int, site: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Make keys and the allow-list for `num_clients` simulated institutions, and write each one's own
+    settings (`site`: its privacy budget, `max-epsilon` and `delta`) into its `site.toml`; return the
+    run-config overrides."""
     sites = Path(run_dir) / SITES
     institutions = {}
     for partition_id in range(num_clients):
         signer = Signer.generate(simulated_institution(partition_id))
-        write_key_pair(signer, site_folder(sites, partition_id), overwrite=True)
+        folder = site_folder(sites, partition_id)
+        write_key_pair(signer, folder, overwrite=True)
+        if site:
+            (folder / SITE_CONFIG).write_text(to_toml(site), encoding="utf-8")
         institutions[signer.name] = signer.public
     allow_list = Path(run_dir) / ALLOW_LIST
     write_allow_list(allow_list, institutions)

@@ -308,11 +308,22 @@ def record_digest(record: RecordDict, exclude: tuple[str, ...] = (ATTESTATION,))
                 digest.update(array.data)
                 size += len(array.data)
         else:
-            items = {k: base64.b64encode(v).decode("ascii") if isinstance(v, bytes) else v for k, v in value.items()}
+            items = {k: _canonical_value(v) for k, v in value.items()}
             encoded = canonical(items)
             digest.update(encoded)
             size += len(encoded)
     return digest.hexdigest(), size
+
+
+def _canonical_value(value: Any) -> Any:
+    """A record value as RFC 8785 can hold it: bytes as base64, non-finite floats as their names."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, float) and not np.isfinite(value):
+        return repr(value)
+    if isinstance(value, list):
+        return [_canonical_value(v) for v in value]
+    return value
 
 
 def payload_description(record: RecordDict, key: str = "soft-labels") -> dict[str, Any]:

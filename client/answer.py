@@ -1,0 +1,53 @@
+"""What an institution computes for one soft-label query: train its teacher(s) a round, then label the public samples.
+
+Without privacy: the teacher trains one more round on the private data and answers softmax(logits/T).
+With `privacy = "dp-sgd"`: the same, with the round's training done by DP-SGD within the budget.
+With `privacy = "pate"`: sub-teachers on disjoint shards vote, and the noisy votes are the answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Context
+
+from client.privacy import dpsgd_round, load_policy, pate_round
+from client.site import Site
+from client.teacher import restore_teacher, save_teacher, train_round
+from common.config import RunConfig
+from common.messages import SoftLabelQuery
+from common.models import count_parameters
+from common.training import accuracy, predict_probs
+
+
+@dataclass(frozen=True)
+class Answer:
+    probs: np.ndarray  # (m, C) float32, rows on the simplex
+    figures: dict[str, Any]  # train_loss, teacher_accuracy, teacher_params, teacher_rounds
+    privacy: dict[str, Any] | None  # the attestation's privacy statement; None without a mechanism
+
+
+def answer_query(context: Context, cfg: RunConfig, site: Site, query: SoftLabelQuery) -> Answer:
+    if cfg.privacy == "pate":
+        policy = load_policy(cfg, context.node_config)
+        probs, loss, teacher_accuracy, params, privacy = pate_round(
+            context.state, cfg, site, policy, query.sample_ids, context.run_id, query.round)
+        rounds = int(context.state["pate-meta"]["rounds"])
+        return Answer(probs, _figures(loss, teacher_accuracy if query.evaluate_teacher else -1.0, params, rounds), privacy)
+    teacher, rounds_trained = restore_teacher(context.state, cfg, site)
+    privacy = None
+    if cfg.privacy == "dp-sgd":
+        policy = load_policy(cfg, context.node_config)
+        loss, privacy = dpsgd_round(teacher, cfg, site, policy, context.run_id, query.round, rounds_trained)
+    else:
+        loss = train_round(teacher, cfg, site, rounds_trained)
+    save_teacher(context.state, teacher, cfg, site, rounds_trained + 1)
+    probs = predict_probs(teacher, site.public.images[query.sample_ids], query.temperature)
+    teacher_accuracy = accuracy(teacher, site.test.images, site.test.labels) if query.evaluate_teacher else -1.0
+    return Answer(probs, _figures(loss, teacher_accuracy, count_parameters(teacher), rounds_trained + 1), privacy)
+
+
+def _figures(loss: float, teacher_accuracy: float, params: int, rounds: int) -> dict[str, Any]:
+    return {"train_loss": loss, "teacher_accuracy": teacher_accuracy, "teacher_params": params, "teacher_rounds": rounds}

@@ -1,0 +1,167 @@
+"""The institution's privacy: its own budget and ledger, and the two mechanisms that spend it.
+
+The budget (`max-epsilon` at `delta`) is the institution's, from its node config (simulation: its
+site folder's `site.toml`); the server never sets it. Before anything that spends privacy, the
+institution computes what the spend would bring its total to and refuses (PrivacyBudgetExceeded,
+an error reply the server records) when that exceeds its budget. Noise is drawn from the operating
+system's entropy, never from the run's public seed, so no other party can reproduce it.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from torch import nn
+
+from client.release import SITE_CONFIG, simulated_institution
+from client.site import Site
+from common.config import RunConfig
+from common.errors import ConfigError
+from common.models import build_model, count_parameters
+from common.privacy.accounting import ACCOUNTANT, calibrate_dpsgd, calibrate_gnmax
+from common.privacy.budget import PrivacyLedger
+from common.privacy.dpsgd import planned_event, train_dpsgd
+from common.privacy.pate import gnmax_event, gnmax_soft_labels, shard_indices, vote_histograms
+from common.training import predict_logits, train_supervised
+
+LEDGER_FILE = "privacy-ledger.json"
+DEFAULT_DELTA = 1e-5
+PATE_KEY, PATE_META_KEY = "pate-teachers", "pate-meta"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """An institution's privacy budget and where its privacy ledger lives."""
+
+    max_epsilon: float
+    delta: float
+    ledger_path: Path
+
+    def ledger(self) -> PrivacyLedger:
+        return PrivacyLedger.open(self.ledger_path, self.max_epsilon, self.delta)
+
+
+def load_policy(cfg: RunConfig, node_config: Mapping[str, Any]) -> Policy:
+    """The node's budget: node config `max-epsilon`, `delta`, `privacy-ledger`; in simulation, its site.toml."""
+    settings: dict[str, Any] = dict(node_config)
+    folder = None
+    if cfg.sites_dir and isinstance(node_config.get("partition-id"), int):
+        folder = Path(cfg.sites_dir) / simulated_institution(node_config["partition-id"])
+        if (folder / SITE_CONFIG).is_file():
+            try:
+                settings = {**tomllib.loads((folder / SITE_CONFIG).read_text(encoding="utf-8")), **settings}
+            except tomllib.TOMLDecodeError as error:
+                raise ConfigError(f"{folder / SITE_CONFIG} is not valid TOML: {error}") from None
+    ledger = settings.get("privacy-ledger") or (folder / LEDGER_FILE if folder else None)
+    if ledger is None:
+        raise ConfigError("privacy needs the institution's own privacy ledger: set node config "
+                          "privacy-ledger=\"/path/privacy-ledger.json\" (fedstill simulate sets one per site)")
+    max_epsilon, delta = settings.get("max-epsilon", math.inf), settings.get("delta", DEFAULT_DELTA)
+    if not isinstance(max_epsilon, (int, float)) or not max_epsilon > 0:
+        raise ConfigError(f"max-epsilon must be a number > 0 (or absent: no budget), got {max_epsilon!r}")
+    if not isinstance(delta, float) or not 0 < delta < 1:
+        raise ConfigError(f"delta must be a float in (0, 1), got {delta!r}")
+    return Policy(float(max_epsilon), delta, Path(str(ledger)).expanduser())
+
+
+def statement(mechanism: str, parameters: dict[str, Any], before: float, after: float, delta: float) -> dict[str, Any]:
+    """The `privacy` part of a release's attestation."""
+    return {"mechanism": mechanism, "parameters": parameters, "epsilon": max(0.0, after - before),
+            "epsilon_total": after, "delta": delta, "accountant": f"dp-accounting {ACCOUNTANT}"}
+
+
+def dpsgd_round(teacher: nn.Module, cfg: RunConfig, site: Site, policy: Policy, run_id: int, round_: int,
+                rounds_trained: int) -> tuple[float, dict[str, Any]]:
+    """Mechanism 1: one round of DP-SGD on the private data, within the budget; returns (loss, statement).
+
+    The noise multiplier is `dp-noise-multiplier`, or (when 0) the one that spends exactly the budget
+    over the run's planned rounds. When the budget cannot pay for another round the teacher stops
+    training: what it releases after that is post-processing of DP weights and costs nothing.
+    """
+    ledger = policy.ledger()
+    n = len(site.private)
+    per_round = planned_event(n, cfg.teacher_batch_size, cfg.local_epochs, 1.0)
+    z = cfg.dp_noise_multiplier or _calibrated_z(policy, per_round, cfg.num_server_rounds)
+    event = {**per_round, "noise_multiplier": z}
+    before = ledger.spent()
+    parameters = {"noise_multiplier": z, "max_grad_norm": cfg.dp_max_grad_norm, "sample_rate": event["sample_rate"],
+                  "steps_per_round": event["steps"], "budget": policy.max_epsilon}
+    if ledger.would_spend([event]) > policy.max_epsilon + 1e-9:
+        if rounds_trained == 0:
+            ledger.check([event], f"round {round_}: DP-SGD training")  # nothing trained yet: refuse
+        return float("nan"), statement("dp-sgd", {**parameters, "frozen": True}, before, before, policy.delta)
+    loss, done = train_dpsgd(teacher, site.private.images, site.private.labels, epochs=cfg.local_epochs,
+                             lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size, noise_multiplier=z,
+                             max_grad_norm=cfg.dp_max_grad_norm, seed=secrets.randbits(63))
+    after = ledger.record([done], str(run_id), round_)
+    return loss, statement("dp-sgd", parameters, before, after, policy.delta)
+
+
+def _calibrated_z(policy: Policy, per_round: dict[str, Any], rounds: int) -> float:
+    if math.isinf(policy.max_epsilon):
+        raise ConfigError("dp-noise-multiplier = 0 asks to calibrate the noise to this institution's budget, "
+                          "but it has none: set max-epsilon in its node config, or set dp-noise-multiplier")
+    return calibrate_dpsgd(policy.max_epsilon, policy.delta, per_round["sample_rate"], per_round["steps"] * rounds)
+
+
+def pate_round(state: RecordDict, cfg: RunConfig, site: Site, policy: Policy, sample_ids: np.ndarray,
+               run_id: int, round_: int) -> tuple[np.ndarray, float, float, int, dict[str, Any]]:
+    """Mechanism 2: PATE inside the institution. Sub-teachers on disjoint shards train a round, vote on
+    the queried public samples, and the institution releases GNMax-noised vote histograms as soft labels.
+    Returns (soft labels, loss, ensemble test accuracy, parameters of all sub-teachers, statement)."""
+    ledger = policy.ledger()
+    sigma = cfg.pate_sigma or _calibrated_sigma(policy, len(sample_ids), cfg.num_server_rounds)
+    event = gnmax_event(sigma, len(sample_ids))
+    ledger.check([event], f"round {round_}: {len(sample_ids)} PATE answers")  # refuse before any work
+    teachers, losses = _pate_teachers(state, cfg, site)
+    votes = vote_histograms(_predictions(teachers, site.public.images[sample_ids]), site.private.num_classes)
+    probs = gnmax_soft_labels(votes, sigma, np.random.default_rng(secrets.randbits(128)))
+    before = ledger.spent()
+    after = ledger.record([event], str(run_id), round_)
+    test_votes = vote_histograms(_predictions(teachers, site.test.images), site.private.num_classes)
+    accuracy = float((test_votes.argmax(axis=1) == site.test.labels).mean())
+    parameters = {"teachers": len(teachers), "sigma": sigma, "l2_sensitivity": event["l2_sensitivity"],
+                  "queries": len(sample_ids), "budget": policy.max_epsilon}
+    return probs, float(np.mean(losses)), accuracy, sum(count_parameters(t) for t in teachers), \
+        statement("pate-gnmax", parameters, before, after, policy.delta)
+
+
+def _calibrated_sigma(policy: Policy, queries: int, rounds: int) -> float:
+    if math.isinf(policy.max_epsilon):
+        raise ConfigError("pate-sigma = 0 asks to calibrate the noise to this institution's budget, but it has "
+                          "none: set max-epsilon in its node config, or set pate-sigma")
+    return calibrate_gnmax(policy.max_epsilon, policy.delta, queries * rounds)
+
+
+def _pate_teachers(state: RecordDict, cfg: RunConfig, site: Site) -> tuple[list[nn.Module], list[float]]:
+    """Restore the sub-teachers from node state, train each one more round on its own shard, save them."""
+    name, size = cfg.teacher_model_for(site.partition_id), tuple(site.private.images.shape[1:])
+    shards = shard_indices(len(site.private), cfg.pate_teachers, cfg.seed + site.partition_id)
+    meta = state.get(PATE_META_KEY)
+    rounds = int(meta["rounds"]) if isinstance(meta, ConfigRecord) and meta.get("model") == name else 0
+    teachers, losses = [], []
+    for k, shard in enumerate(shards):
+        model = build_model(name, site.private.num_classes, size, seed=cfg.seed + 97 * site.partition_id + k)
+        if rounds and f"{PATE_KEY}-{k}" in state:
+            model.load_state_dict(state[f"{PATE_KEY}-{k}"].to_torch_state_dict())
+        losses.append(train_supervised(model, site.private.images[shard], site.private.labels[shard],
+                                       epochs=cfg.local_epochs, lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size,
+                                       seed=cfg.seed * 1_000_003 + site.partition_id * 1_009 + rounds * 31 + k))
+        state[f"{PATE_KEY}-{k}"] = ArrayRecord(model.state_dict())
+        teachers.append(model)
+    state[PATE_META_KEY] = ConfigRecord({"model": name, "rounds": rounds + 1})
+    return teachers, losses
+
+
+def _predictions(teachers: list[nn.Module], images: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return np.stack([predict_logits(t, images).argmax(dim=1).numpy() for t in teachers])  # (k, m)

@@ -1,0 +1,65 @@
+"""The `privacy` section of results.json, read back from the run's ledger (what each institution signed)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from common.audit import kinds
+from common.config import RunConfig
+
+PRIVATE_PHASES = ("soft-labels",)
+
+
+def privacy_section(cfg: RunConfig, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mechanism and parameters, epsilon per institution per round (as attested), delta, and refusals.
+
+    Figures come from the institutions' signed attestations, so they are the institutions' own
+    accounting; refusals (PrivacyBudgetExceeded) come from the rejections the ledger recorded.
+    """
+    per_round: dict[int, dict[str, Any]] = {}
+    parameters: dict[str, Any] = {}
+    deltas = set()
+    refusals = []
+    for entry in entries:
+        body = entry["body"]
+        if entry["kind"] == kinds.REPLY_REJECTED and "PrivacyBudgetExceeded" in str(body.get("reason", "")):
+            refusals.append({"round": body.get("round"), "node_id": body.get("node_id"),
+                             "institution_id": body.get("institution_id"), "reason": body.get("reason")})
+        if entry["kind"] != kinds.REPLY_ACCEPTED or body.get("phase") not in PRIVATE_PHASES:
+            continue
+        statement = _statement(body)
+        privacy = statement.get("privacy") or {}
+        if privacy.get("mechanism", "none") == "none":
+            continue
+        institution = statement.get("institution_id") or str(body.get("node_id"))
+        per_round.setdefault(body["round"], {})[institution] = {
+            "epsilon": privacy.get("epsilon"), "epsilon_total": privacy.get("epsilon_total"),
+            "frozen": bool((privacy.get("parameters") or {}).get("frozen", False)),
+        }
+        parameters.setdefault(institution, privacy.get("parameters"))
+        deltas.add(privacy.get("delta"))
+    final = {}
+    for round_ in sorted(per_round):
+        for institution, figures in per_round[round_].items():
+            final[institution] = figures["epsilon_total"]
+    return {
+        "mechanism": cfg.privacy, "secure_aggregation": cfg.secure_aggregation,
+        "run_parameters": {"dp-noise-multiplier": cfg.dp_noise_multiplier, "dp-max-grad-norm": cfg.dp_max_grad_norm,
+                           "pate-teachers": cfg.pate_teachers, "pate-sigma": cfg.pate_sigma, "pate-queries": cfg.pate_queries},
+        "delta": sorted(d for d in deltas if d is not None),
+        "institution_parameters": parameters,
+        "epsilon_per_round": [{"round": r, "institutions": per_round[r]} for r in sorted(per_round)],
+        "epsilon_final": final,
+        "epsilon_max": max(final.values()) if final else None,
+        "refusals": refusals,
+    }
+
+
+def _statement(body: dict[str, Any]) -> dict[str, Any]:
+    attestation = body.get("attestation") or {}
+    try:
+        statement = json.loads(attestation.get("statement", "{}"))
+    except ValueError:
+        return {}
+    return statement if isinstance(statement, dict) else {}
