@@ -94,7 +94,7 @@ def dpsgd_round(teacher: nn.Module, cfg: RunConfig, site: Site, policy: Policy, 
     event = {**per_round, "noise_multiplier": z}
     before = ledger.spent()
     parameters = {"noise_multiplier": z, "max_grad_norm": cfg.dp_max_grad_norm, "sample_rate": event["sample_rate"],
-                  "steps_per_round": event["steps"], "budget": policy.max_epsilon}
+                  "steps_per_round": event["steps"], "budget": _budget(policy)}
     if ledger.would_spend([event]) > policy.max_epsilon + 1e-9:
         if rounds_trained == 0:
             ledger.check([event], f"round {round_}: DP-SGD training")  # nothing trained yet: refuse
@@ -104,6 +104,11 @@ def dpsgd_round(teacher: nn.Module, cfg: RunConfig, site: Site, policy: Policy, 
                              max_grad_norm=cfg.dp_max_grad_norm, seed=secrets.randbits(63))
     after = ledger.record([done], str(run_id), round_)
     return loss, statement("dp-sgd", parameters, before, after, policy.delta)
+
+
+def _budget(policy: Policy) -> float | None:
+    """The budget as an attestation states it: None for an institution without one."""
+    return None if math.isinf(policy.max_epsilon) else policy.max_epsilon
 
 
 def _calibrated_z(policy: Policy, per_round: dict[str, Any], rounds: int) -> float:
@@ -130,7 +135,7 @@ def pate_round(state: RecordDict, cfg: RunConfig, site: Site, policy: Policy, sa
     test_votes = vote_histograms(_predictions(teachers, site.test.images), site.private.num_classes)
     accuracy = float((test_votes.argmax(axis=1) == site.test.labels).mean())
     parameters = {"teachers": len(teachers), "sigma": sigma, "l2_sensitivity": event["l2_sensitivity"],
-                  "queries": len(sample_ids), "budget": policy.max_epsilon}
+                  "queries": len(sample_ids), "budget": _budget(policy)}
     return probs, float(np.mean(losses)), accuracy, sum(count_parameters(t) for t in teachers), \
         statement("pate-gnmax", parameters, before, after, policy.delta)
 

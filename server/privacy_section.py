@@ -18,14 +18,17 @@ def privacy_section(cfg: RunConfig, entries: list[dict[str, Any]]) -> dict[str, 
     accounting; refusals (PrivacyBudgetExceeded) come from the rejections the ledger recorded.
     """
     per_round: dict[int, dict[str, Any]] = {}
+    names = {e["body"].get("node_id"): e["body"].get("institution_id") for e in entries
+             if e["kind"] == kinds.REPLY_ACCEPTED and e["body"].get("institution_id")}
     parameters: dict[str, Any] = {}
     deltas = set()
     refusals = []
     for entry in entries:
         body = entry["body"]
-        if entry["kind"] == kinds.REPLY_REJECTED and "PrivacyBudgetExceeded" in str(body.get("reason", "")):
+        if entry["kind"] == kinds.REPLY_REJECTED and body.get("check") == "privacy-budget":
             refusals.append({"round": body.get("round"), "node_id": body.get("node_id"),
-                             "institution_id": body.get("institution_id"), "reason": body.get("reason")})
+                             "institution_id": body.get("institution_id") or names.get(body.get("node_id")),
+                             "reason": body.get("reason")})
         if entry["kind"] != kinds.REPLY_ACCEPTED or body.get("phase") not in PRIVATE_PHASES:
             continue
         statement = _statement(body)

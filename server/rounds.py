@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,7 +88,7 @@ def judge_replies(
     result = RoundReplies(downlink_bytes=record_nbytes(query.to_record()) * len(nodes))
     for node, error, content in answers:
         if error is not None or content is None:
-            result.rejected[node], result.checks[node] = f"node error: {error}", node_error_check(str(error))
+            result.rejected[node], result.checks[node] = _node_error(str(error)), node_error_check(str(error))
             continue
         result.uplink_bytes[node] = record_nbytes(content)
         try:
@@ -107,6 +108,21 @@ def judge_replies(
     for node, reason in sorted(result.rejected.items()):
         log(WARNING, "round %d: dropped node %d: %s", query.round, node, reason)
     return result
+
+
+def short_reason(reason: str, limit: int = 600) -> str:
+    """A node's error as one readable line: the exception's own message, not the simulation engine's traceback."""
+    marker = "Message: "
+    if marker in reason:
+        reason = reason[reason.rindex(marker) + len(marker):]
+        reason = re.sub(r"['\">)\s]+$", "", reason)
+    reason = " ".join(reason.split())
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
+
+
+def _node_error(reason: str) -> str:
+    prefix = "PrivacyBudgetExceeded: " if node_error_check(reason) == "privacy-budget" else ""
+    return f"node error: {prefix}{short_reason(reason)}"
 
 
 def node_error_check(reason: str) -> str:
@@ -174,7 +190,7 @@ def send_digest(
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            outcome.failed[node], outcome.checks[node] = f"node error: {reply.error.reason}", "node-error"
+            outcome.failed[node], outcome.checks[node] = _node_error(reply.error.reason), node_error_check(reply.error.reason)
             continue
         try:
             outcome.payload_digests[node] = record_digest(reply.content)

@@ -27,7 +27,7 @@ from common.messages import (
 from common.secagg.masking import dequantise
 from common.secagg.protocol import make_roster, server_sum
 from server.audit_trail import AuditTrail
-from server.rounds import node_error_check
+from server.rounds import _node_error, node_error_check
 
 WARNING = 30
 
@@ -56,7 +56,7 @@ def exchange(
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            result.rejected[node], result.checks[node] = f"node error: {reply.error.reason}", node_error_check(reply.error.reason)
+            result.rejected[node], result.checks[node] = _node_error(reply.error.reason), node_error_check(reply.error.reason)
             continue
         content = reply.content
         result.uplink_bytes[node] = record_nbytes(content)

@@ -31,6 +31,7 @@ def simulate(
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a run-config key: --set num-server-rounds=3 (repeatable)."),
     cpus_per_client: int = typer.Option(1, min=1, help="CPUs Ray reserves per simulated client."),
     timeout: float = typer.Option(0, help="Stop the run after this many seconds (0: no limit)."),
+    site: list[str] = typer.Option([], "--site", help="Every simulated institution's own setting, into its site.toml: --site max-epsilon=4 --site delta=1e-5 (repeatable)."),
 ) -> None:
     """Run a scenario on Flower's simulation engine and print its results."""
     from simulations import launcher
@@ -46,6 +47,7 @@ def simulate(
             outcome = launcher.simulate(
                 cfg, overrides, cpus_per_client=cpus_per_client,
                 on_event=lambda event: _show(progress, task, event), timeout_s=timeout or None,
+                site=parse_site(site),
             )
     except FedstillError as error:
         _fail(error)
@@ -147,6 +149,27 @@ def scenarios() -> None:
 
     for name in list_scenarios():
         console.print(name)
+
+
+SITE_KEYS = {"max-epsilon": float, "delta": float}
+
+
+def parse_site(items: list[str]) -> dict[str, Any] | None:
+    """`--site key=value` settings of every simulated institution (its privacy budget), or of one:
+    `--site institution-2.max-epsilon=1`. Returns {key: value, "institutions": {name: {key: value}}}."""
+    settings: dict[str, Any] = {}
+    for item in items:
+        target, _, value = item.partition("=")
+        name, _, key = target.strip().rpartition(".")
+        if key not in SITE_KEYS:
+            raise ConfigError(f"--site {item!r}: known institution settings are {sorted(SITE_KEYS)}, "
+                              f"optionally for one institution: institution-<i>.max-epsilon=...")
+        try:
+            number = SITE_KEYS[key](value)
+        except ValueError:
+            raise ConfigError(f"--site {item!r}: {key} must be a number") from None
+        (settings.setdefault("institutions", {}).setdefault(name, {}) if name else settings)[key] = number
+    return settings or None
 
 
 def preflight(cfg: Any) -> None:

@@ -21,16 +21,18 @@ ALLOW_LIST = "allow-list.toml"
 
 def provision_sites(run_dir: Path, num_clients: int, site: dict[str, Any] | None = None) -> dict[str, Any]:
     """Make keys and the allow-list for `num_clients` simulated institutions, and write each one's own
-    settings (`site`: its privacy budget, `max-epsilon` and `delta`) into its `site.toml`; return the
-    run-config overrides."""
+    settings (`site`: its privacy budget, `max-epsilon` and `delta`, with per-institution values under
+    `site["institutions"][name]`) into its `site.toml`; return the run-config overrides."""
     sites = Path(run_dir) / SITES
     institutions = {}
     for partition_id in range(num_clients):
         signer = Signer.generate(simulated_institution(partition_id))
         folder = site_folder(sites, partition_id)
         write_key_pair(signer, folder, overwrite=True)
-        if site:
-            (folder / SITE_CONFIG).write_text(to_toml(site), encoding="utf-8")
+        own = {k: v for k, v in (site or {}).items() if k != "institutions"}
+        own.update((site or {}).get("institutions", {}).get(signer.name, {}))
+        if own:
+            (folder / SITE_CONFIG).write_text(to_toml(own), encoding="utf-8")
         institutions[signer.name] = signer.public
     allow_list = Path(run_dir) / ALLOW_LIST
     write_allow_list(allow_list, institutions)
