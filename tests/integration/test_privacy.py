@@ -1,0 +1,65 @@
+"""End to end: privacy budgets institutions control, and secure aggregation, in real Flower simulations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from run_cli import fedstill
+
+pytestmark = pytest.mark.integration
+
+
+def test_an_institution_out_of_budget_refuses_and_the_run_goes_on(tmp_path: Path, home: Path) -> None:
+    # Prepare: PATE answers at sigma 8 cost epsilon 14.1 in round 1 and bring the total to 22.0 in
+    # round 2; institution 2 allows itself 21, the others 30.
+    out = tmp_path / "runs"
+
+    # Execute
+    result = fedstill(
+        "simulate", "digits-tiny", "--set", f"output-dir={out}", "--set", 'run-name="budget"',
+        "--set", 'privacy="pate"', "--set", "pate-teachers=3", "--set", "pate-queries=200", "--set", "pate-sigma=8.0",
+        "--site", "max-epsilon=30", "--site", "institution-2.max-epsilon=21", home=home,
+    )
+
+    # Assert: round 2 goes on with the two institutions that can still pay
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads((out / "budget" / "results.json").read_text())
+    privacy = results["privacy"]
+    assert [sorted(r["institutions"]) for r in privacy["epsilon_per_round"]] == [
+        ["institution-0", "institution-1", "institution-2"], ["institution-0", "institution-1"]]
+    assert 14.0 < privacy["epsilon_per_round"][0]["institutions"]["institution-2"]["epsilon_total"] <= 21
+    assert privacy["epsilon_max"] <= 30 and privacy["delta"] == [1e-05]
+    (refusal,) = privacy["refusals"]
+    assert refusal["round"] == 2 and refusal["institution_id"] == "institution-2"
+    assert "PrivacyBudgetExceeded" in refusal["reason"] and "max-epsilon 21" in refusal["reason"]
+    assert results["rounds"][1]["clients_replied"] == 2
+    # the institution's own ledger holds only what it spent
+    ledger = json.loads((out / "budget" / "sites" / "institution-2" / "privacy-ledger.json").read_text())
+    assert len(ledger["entries"]) == 1 and ledger["delta"] == 1e-05
+
+
+def test_secure_aggregation_opens_only_the_sum_and_the_record_verifies(tmp_path: Path, home: Path) -> None:
+    # Prepare
+    out = tmp_path / "runs"
+
+    # Execute
+    result = fedstill("simulate", "digits-tiny", "--set", f"output-dir={out}", "--set", 'run-name="secagg"',
+                      "--set", "secure-aggregation=true", "--set", 'aggregation="weighted"', home=home)
+
+    # Assert
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = out / "secagg"
+    results = json.loads((run / "results.json").read_text())
+    assert all(row["clients_replied"] == 3 for row in results["rounds"])
+    assert results["final"]["student_accuracy"] > 0.3
+    entries = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+    phases = [e["body"]["phase"] for e in entries if e["kind"] == "exchange-opened"]
+    assert phases == ["secagg-keys", "secagg-bundles", "secagg-shares"] * 2
+    masked = [json.loads(e["body"]["attestation"]["statement"]) for e in entries
+              if e["kind"] == "reply-accepted" and e["body"]["phase"] == "soft-labels"]
+    assert len(masked) == 6 and {m["payload"]["kind"] for m in masked} == {"secagg-masked"}
+    logs = sorted(str(p) for p in (run / "sites").glob("*/release-log.jsonl"))
+    verified = fedstill("audit", "verify", str(run / "ledger.jsonl"), *[a for log in logs for a in ("-c", log)], home=home)
+    assert verified.returncode == 0, verified.stdout
