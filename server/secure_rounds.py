@@ -97,6 +97,7 @@ def secure_soft_labels(
 
     keys = run("secagg-keys", {n: SecAggSetup(round_).to_record() for n in nodes}, SETUP_TYPE,
                lambda c: SecAggKeys.from_record(c, round_))
+    _drop_shared_keys(keys)
     roster = make_roster({n: (k.mask_key, k.share_key) for n, k in keys.accepted.items()})
     threshold = cfg.secagg_threshold or max(2, len(roster) // 2 + 1)
     _require(len(roster), threshold, cfg, round_, "sent keys")
@@ -126,6 +127,17 @@ def secure_soft_labels(
     return _mean(dequantise(total), len(query.sample_ids), query.num_classes), _combined(masked, phases)
 
 
+def _drop_shared_keys(keys: Exchange) -> None:
+    """Nodes that sent a key another node also sent cannot take part (their masks would not be theirs alone)."""
+    seen: dict[bytes, list[int]] = {}
+    for node, k in keys.accepted.items():
+        for key in (k.mask_key, k.share_key):
+            seen.setdefault(key, []).append(node)
+    for node in sorted({n for nodes in seen.values() if len(nodes) > 1 for n in nodes}):
+        del keys.accepted[node]
+        keys.rejected[node], keys.checks[node] = "AuditError: secure aggregation: a public key this node sent was also sent by another node", "secagg"
+
+
 def _mean(values: np.ndarray, rows: int, classes: int) -> np.ndarray:
     """sum(w * p) / sum(w), rows put back on the simplex (fixed-point rounding is below 1e-6)."""
     weight = values[-1]
@@ -148,11 +160,14 @@ def _combined(masked: Exchange, phases: list[Exchange]) -> Exchange:
     return result
 
 
+MIN_PARTIES = 3  # with two, each learns the other's soft labels from the sum
+
+
 def _require(count: int, threshold: int, cfg: RunConfig, round_: int, what: str) -> None:
-    need = max(threshold, cfg.min_clients)
+    need = max(threshold, cfg.min_clients, MIN_PARTIES)
     if count < need:
         raise QuorumError(f"round {round_}: only {count} institutions {what}; secure aggregation needs "
-                          f"{need} (threshold {threshold}, min-clients {cfg.min_clients})")
+                          f"{need} (threshold {threshold}, min-clients {cfg.min_clients}, and never fewer than {MIN_PARTIES})")
 
 
 def _merge(first: RecordDict, second: RecordDict) -> RecordDict:

@@ -86,8 +86,11 @@ class SecAggRoster:
         except (KeyError, TypeError, ValueError) as error:
             raise MessageFormatError(f"secagg-roster: unreadable ({error})") from None
         n = len(nodes)
-        if indices.shape != (n,) or mask_keys.shape != (n, 32) or share_keys.shape != (n, 32) or mask_keys.dtype != np.uint8:
-            raise MessageFormatError("secagg-roster: expected nodes (n,), indices (n,), keys (n, 32) uint8")
+        if (indices.shape != (n,) or indices.dtype.kind not in "iu" or mask_keys.shape != (n, 32) or share_keys.shape != (n, 32)
+                or mask_keys.dtype != np.uint8 or share_keys.dtype != np.uint8 or nodes.dtype != np.uint64):
+            raise MessageFormatError("secagg-roster: expected nodes (n,) uint64, indices (n,) int, keys (n, 32) uint8")
+        if n and sorted(int(i) for i in indices) != list(range(1, n + 1)) and min(int(i) for i in indices) < 1:
+            raise MessageFormatError("secagg-roster: indices must be positive Shamir points")
         roster = {int(node): RosterEntry(int(i), bytes(m), bytes(s))
                   for node, i, m, s in zip(nodes, indices, mask_keys, share_keys)}
         result = cls(_field(config, "secagg", "round", int), _field(config, "secagg", "threshold", int),
@@ -186,12 +189,19 @@ class SecAggUnmask:
     def from_record(cls, record: RecordDict) -> SecAggUnmask:
         config, bundles = _get(record, "secagg-unmask", ConfigRecord), _get(record, "bundles", ConfigRecord)
         try:
-            survivors = [int(n) for n in config.get("survivors", [])]
-            dropped = [int(n) for n in config.get("dropped", [])]
+            survivors = [int(n) for n in _list(config, "survivors")]
+            dropped = [int(n) for n in _list(config, "dropped")]
         except (TypeError, ValueError):
             raise MessageFormatError("secagg-unmask: survivors and dropped must be lists of node ids") from None
         return cls(_field(config, "secagg-unmask", "round", int), survivors, dropped,
                    {int(node): _field(bundles, "bundles", node, bytes) for node in bundles.keys()})
+
+
+def _list(config: ConfigRecord, key: str) -> list:
+    value = config.get(key)
+    if not isinstance(value, list):
+        raise MessageFormatError(f"secagg-unmask: survivors and dropped must be lists of node ids, {key!r} is {type(value).__name__}")
+    return value
 
 
 @dataclass(frozen=True)

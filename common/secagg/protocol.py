@@ -117,7 +117,7 @@ def client_unmask(
     for source in sorted(survivors | dropped):
         if source not in bundles:
             raise AuditError(f"secure aggregation: no share bundle from node {source}", "secagg")
-        b_share, c_share = _open(secrets, roster[source], me, context, bundles[source])
+        b_share, c_share = _open(secrets, roster[source], me, context, bundles[source], source)
         answer[source] = ("b", b_share) if source in survivors else ("c", c_share)
     return answer
 
@@ -150,7 +150,10 @@ def server_sum(
 def _rebuild(source: int, kind: str, answers: dict[int, dict[int, tuple[str, int]]], roster: Roster, threshold: int) -> bytes:
     shares = {roster[responder].index: answer[source][1] for responder, answer in answers.items()
               if source in answer and answer[source][0] == kind}
-    return reconstruct(shares, threshold)
+    try:
+        return reconstruct(shares, threshold, length=32)
+    except AuditError as error:
+        raise AuditError(f"secure aggregation: node {source}'s {'self seed' if kind == 'b' else 'mask key'}: {error}", "secagg") from None
 
 
 def _seal(secrets: ClientSecrets, me: RosterEntry, peer: RosterEntry, context: bytes, b_share: int, c_share: int) -> bytes:
@@ -161,13 +164,13 @@ def _seal(secrets: ClientSecrets, me: RosterEntry, peer: RosterEntry, context: b
     return nonce + AESGCM(key).encrypt(nonce, plaintext, context + _pair(me.index, peer.index))
 
 
-def _open(secrets: ClientSecrets, source: RosterEntry, me: RosterEntry, context: bytes, bundle: bytes) -> tuple[int, int]:
+def _open(secrets: ClientSecrets, source: RosterEntry, me: RosterEntry, context: bytes, bundle: bytes, node: int) -> tuple[int, int]:
     key = derive_seed(X25519PrivateKey.from_private_bytes(secrets.share_private), source.share_key,
                       SHARE_INFO + context + _pair(source.index, me.index))
     try:
         plaintext = AESGCM(key).decrypt(bundle[:12], bundle[12:], context + _pair(source.index, me.index))
     except (InvalidTag, ValueError):
-        raise AuditError(f"secure aggregation: the share bundle from client {source.index} does not decrypt "
+        raise AuditError(f"secure aggregation: the share bundle from node {node} (client {source.index}) does not decrypt "
                          f"(altered, or meant for another client or round)", "secagg") from None
     return int.from_bytes(plaintext[:SHARE_BYTES], "big"), int.from_bytes(plaintext[SHARE_BYTES:], "big")
 

@@ -28,8 +28,9 @@ def split(secret: bytes, threshold: int, xs: list[int]) -> dict[int, int]:
     return {x: _evaluate(coefficients, x) for x in xs}
 
 
-def reconstruct(shares: dict[int, int], threshold: int) -> bytes:
-    """The secret from at least `threshold` shares (Lagrange interpolation at 0)."""
+def reconstruct(shares: dict[int, int], threshold: int, length: int | None = None) -> bytes:
+    """The secret from at least `threshold` shares (Lagrange interpolation at 0); `length`, when given,
+    is the secret's known size in bytes, and anything else is refused as altered shares."""
     if len(shares) < threshold:
         raise AuditError(f"secret sharing: {len(shares)} shares, {threshold} are needed to reconstruct", "secagg")
     points = sorted(shares.items())[:threshold]
@@ -42,9 +43,10 @@ def reconstruct(shares: dict[int, int], threshold: int) -> bytes:
                 denominator = denominator * (xi - xj) % PRIME
         value = (value + yi * numerator * pow(denominator, -1, PRIME)) % PRIME
     raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
-    if not raw or raw[0] != 1:
+    secret = raw[1:]
+    if not raw or raw[0] != 1 or len(secret) > MAX_SECRET_BYTES or (length is not None and len(secret) != length):
         raise AuditError("secret sharing: the shares do not reconstruct a valid secret (altered or mixed shares)", "secagg")
-    return raw[1:]
+    return secret
 
 
 def _evaluate(coefficients: list[int], x: int) -> int:

@@ -1,0 +1,593 @@
+"""Unit tests of a secure-aggregation round: server/secure_rounds.py against the institutions' real steps.
+
+A stand-in Grid hands each message to the real client steps of client/secure.py, with one node state per
+institution; the server side (exchanges, roster, sum, ledger) is the real one, with a real AuditTrail.
+Also here: the institution's node state (client/secure.py) and the run-config rules of secure aggregation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+import server.secure_rounds as secure_rounds
+from client.secure import STATE_KEY, masked_vector, round_keys, share_bundles, unmask_shares
+from common.audit import kinds
+from common.audit.ledger import OPENED
+from common.audit.verify import verify_ledger
+from common.config import RunConfig
+from common.errors import AuditError, ConfigError, FedstillError, QuorumError
+from common.messages import (
+    SETUP_TYPE, SHARES_TYPE, SOFT_LABELS_TYPE, UNMASK_TYPE, MaskedReply, SecAggBundles, SecAggRoster, SecAggSetup,
+    SecAggShares, SecAggUnmask, SoftLabelQuery,
+)
+from common.secagg.masking import prg, quantise
+from common.secagg.protocol import RosterEntry
+from common.secagg.shamir import reconstruct
+from server.audit_trail import LEDGER, AuditTrail
+from server.secure_rounds import secure_soft_labels
+
+RUN_ID = 2**63 - 25  # Flower's run ids are 64-bit
+FINGERPRINT = "ab" * 32
+SAMPLES, CLASSES = 6, 3
+NODES = [2**63 + 11, 2**63 + 12, 2**63 + 13, 2**63 + 14, 2**63 + 15]  # uint64 node ids, past int64
+WEIGHTS = {node: float(w) for node, w in zip(NODES, (50, 120, 300, 75, 999))}  # len(private) of each institution
+
+
+def make_query(round_: int = 1) -> SoftLabelQuery:
+    return SoftLabelQuery(round=round_, fingerprint=FINGERPRINT, temperature=2.0, codec="float16", num_classes=CLASSES,
+                          sample_ids=np.arange(SAMPLES, dtype=np.int64), evaluate_teacher=False)
+
+
+def soft_labels(nodes: list[int] = NODES) -> dict[int, np.ndarray]:
+    """(SAMPLES, CLASSES) float32 rows on the simplex, different for every institution."""
+    rng = np.random.default_rng(17)
+    return {node: rng.dirichlet(np.ones(CLASSES), size=SAMPLES).astype(np.float32) for node in nodes}
+
+
+PROBS = soft_labels()
+
+
+class Institutions:
+    """Stands in for Flower's Grid: every message goes to that node's real secure-aggregation step (client/secure.py),
+    with its own node state; `failing` makes a node answer a message type with an error reply or not at all, and
+    `tamper` alters a reply's content after the node made it. Every content the server receives is kept."""
+
+    def __init__(self, probs: dict[int, np.ndarray] = PROBS, weights: dict[int, float] = WEIGHTS, *,
+                 failing: dict[tuple[int, str], str] | None = None,
+                 tamper: Callable[[int, str, RecordDict], RecordDict] | None = None) -> None:
+        self.probs, self.weights = probs, weights
+        self.failing = failing or {}
+        self.tamper = tamper
+        self.states = {node: RecordDict() for node in probs}
+        self.sent: list[Message] = []
+        self.received: list[tuple[int, str, RecordDict]] = []
+
+    def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+        self.sent += messages
+        replies = []
+        for message in messages:
+            node, kind = message.metadata.dst_node_id, message.metadata.message_type
+            failure = self.failing.get((node, kind))
+            if failure == "silent":
+                continue
+            if failure == "error":
+                replies.append(Message(Error(code=0, reason="RuntimeError: lost connection"), reply_to=message))
+                continue
+            try:
+                content = self.answer(node, kind, message.content)
+            except FedstillError as error:  # as Flower's ClientApp turns an exception into an error reply
+                replies.append(Message(Error(code=0, reason=f"{type(error).__name__}: {error}"), reply_to=message))
+                continue
+            if self.tamper is not None:
+                content = self.tamper(node, kind, content)
+            self.received.append((node, kind, content))
+            replies.append(Message(content, reply_to=message))
+        return replies
+
+    def answer(self, node: int, kind: str, content: RecordDict) -> RecordDict:
+        state = self.states[node]
+        if kind == SETUP_TYPE:
+            return round_keys(state, SecAggSetup.from_record(content).round).to_record()
+        if kind == SHARES_TYPE:
+            return share_bundles(state, node, RUN_ID, SecAggRoster.from_record(content)).to_record()
+        if kind == SOFT_LABELS_TYPE:
+            query, shared = SoftLabelQuery.from_record(content), SecAggRoster.from_record(content)
+            weight = self.weights[node] if shared.weighted else 1.0
+            masked = masked_vector(state, node, RUN_ID, shared, self.probs[node], weight)
+            return MaskedReply(query.round, query.fingerprint, masked, train_loss=0.4, teacher_accuracy=-1.0,
+                               teacher_params=1000, teacher_rounds=query.round).to_record()
+        if kind == UNMASK_TYPE:
+            request = SecAggUnmask.from_record(content)
+            return unmask_shares(state, node, RUN_ID, request, SecAggRoster.from_record(content)).to_record()
+        raise AssertionError(f"unexpected message type {kind}")
+
+    def destinations(self, kind: str) -> list[int]:
+        return sorted(m.metadata.dst_node_id for m in self.sent if m.metadata.message_type == kind)
+
+
+@pytest.fixture(autouse=True)
+def _server_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower builds a Message only inside a running task: give this process the ServerApp's identity."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", RUN_ID)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+
+
+def secure_config(mapping: dict[str, Any], **overrides: Any) -> RunConfig:
+    raw = dict(mapping)
+    raw.update({"secure-aggregation": True, "aggregation": "mean", "num-clients": len(NODES), "min-clients": 3,
+                "allow-list": "", "coordinator-key": "", "round-timeout": 30.0})
+    raw.update({key.replace("_", "-"): value for key, value in overrides.items()})
+    return RunConfig.from_run_config(raw)
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    return folder
+
+
+def open_trail(cfg: RunConfig, folder: Path) -> AuditTrail:
+    return AuditTrail.open(cfg, folder, RUN_ID)
+
+
+def mean_of(nodes: list[int], weights: dict[int, float] | None = None) -> np.ndarray:
+    w = None if weights is None else [weights[n] for n in nodes]
+    return np.average([PROBS[n].astype(np.float64) for n in nodes], axis=0, weights=w)
+
+
+# --- the ensemble ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rule", ["mean", "weighted"])
+def test_a_secure_round_returns_the_plain_ensemble(run_dir: Path, run_config_mapping: dict[str, Any], rule: str) -> None:
+    # Prepare
+    cfg = secure_config(run_config_mapping, aggregation=rule)
+    grid = Institutions()
+
+    # Execute
+    probs, outcome = secure_soft_labels(grid, cfg, open_trail(cfg, run_dir), make_query(), NODES)
+
+    # Assert
+    expected = mean_of(NODES, WEIGHTS if rule == "weighted" else None)
+    assert probs.shape == (SAMPLES, CLASSES) and probs.dtype == np.float32
+    assert np.abs(probs - expected).max() < 1e-6
+    assert sorted(outcome.accepted) == NODES and outcome.rejected == {}
+    assert all(isinstance(reply, MaskedReply) for reply in outcome.accepted.values())
+    assert set(outcome.uplink_bytes) == set(NODES) and outcome.downlink_bytes > 0
+
+
+def test_weighted_and_plain_means_differ_for_unequal_weights(run_dir: Path, run_config_mapping: dict[str, Any]) -> None:
+    # Prepare: guards the test above against weights that happen not to matter
+    cfg = secure_config(run_config_mapping, aggregation="weighted")
+
+    # Execute
+    probs, _ = secure_soft_labels(Institutions(), cfg, open_trail(cfg, run_dir), make_query(), NODES)
+
+    # Assert
+    assert np.abs(probs - mean_of(NODES)).max() > 1e-3
+
+
+@pytest.mark.parametrize(("failure", "check"), [("error", "node-error"), ("silent", "timeout")])
+def test_a_node_failing_at_the_masked_step_is_dropped_and_the_others_sum_opens(
+    run_dir: Path, run_config_mapping: dict[str, Any], failure: str, check: str,
+) -> None:
+    # Prepare
+    cfg = secure_config(run_config_mapping)
+    gone = NODES[2]
+    grid = Institutions(failing={(gone, SOFT_LABELS_TYPE): failure})
+    trail = open_trail(cfg, run_dir)
+
+    # Execute
+    probs, outcome = secure_soft_labels(grid, cfg, trail, make_query(), NODES)
+
+    # Assert
+    others = [n for n in NODES if n != gone]
+    assert np.abs(probs - mean_of(others)).max() < 1e-6
+    assert sorted(outcome.accepted) == others
+    assert outcome.checks == {gone: check}
+    assert grid.destinations(UNMASK_TYPE) == others
+    unmask = SecAggUnmask.from_record(next(m.content for m in grid.sent if m.metadata.message_type == UNMASK_TYPE))
+    assert (unmask.survivors, unmask.dropped) == (others, [gone])
+    rejected = [e["body"] for e in trail.ledger.entries() if e["kind"] == kinds.REPLY_REJECTED]
+    assert [(b["phase"], b["node_id"], b["check"]) for b in rejected] == [("soft-labels", str(gone), check)]
+
+
+def test_survivors_silent_at_unmask_still_count_while_threshold_answer(
+    run_dir: Path, run_config_mapping: dict[str, Any],
+) -> None:
+    # Prepare: threshold 3 of 5 (a majority); two survivors give no shares
+    cfg = secure_config(run_config_mapping)
+    grid = Institutions(failing={(NODES[0], UNMASK_TYPE): "error", (NODES[4], UNMASK_TYPE): "silent"})
+
+    # Execute
+    probs, outcome = secure_soft_labels(grid, cfg, open_trail(cfg, run_dir), make_query(), NODES)
+
+    # Assert
+    assert np.abs(probs - mean_of(NODES)).max() < 1e-6  # their masked soft labels are in the sum
+    assert sorted(outcome.rejected) == [NODES[0], NODES[4]]
+
+
+@pytest.mark.parametrize(
+    ("kind", "what"),
+    [(SETUP_TYPE, "sent keys"), (SHARES_TYPE, "distributed their shares"),
+     (SOFT_LABELS_TYPE, "sent masked soft labels"), (UNMASK_TYPE, "returned shares")],
+    ids=["keys", "bundles", "masked", "unmask"],
+)
+def test_fewer_than_threshold_institutions_is_a_quorum_error(
+    run_dir: Path, run_config_mapping: dict[str, Any], kind: str, what: str,
+) -> None:
+    # Prepare: min-clients 2, so the threshold is what stops the round
+    cfg = secure_config(run_config_mapping, min_clients=2, secagg_threshold=3)
+    grid = Institutions(failing={(node, kind): "error" for node in NODES[:3]})
+
+    # Execute / Assert
+    with pytest.raises(QuorumError, match=f"only 2 institutions {what}; secure aggregation needs 3 \\(threshold 3"):
+        secure_soft_labels(grid, cfg, open_trail(cfg, run_dir), make_query(), NODES)
+
+
+@pytest.mark.parametrize(("failing_keys", "threshold"), [(0, 3), (1, 3), (2, 2)])
+def test_the_default_threshold_is_a_majority_of_those_that_sent_keys(
+    run_dir: Path, run_config_mapping: dict[str, Any], failing_keys: int, threshold: int,
+) -> None:
+    # Prepare
+    cfg = secure_config(run_config_mapping, min_clients=2)
+    grid = Institutions(failing={(node, SETUP_TYPE): "error" for node in NODES[:failing_keys]})
+
+    # Execute
+    probs, _ = secure_soft_labels(grid, cfg, open_trail(cfg, run_dir), make_query(), NODES)
+
+    # Assert
+    roster = SecAggRoster.from_record(next(m.content for m in grid.sent if m.metadata.message_type == SHARES_TYPE))
+    assert (len(roster.roster), roster.threshold) == (len(NODES) - failing_keys, threshold)
+    assert np.abs(probs - mean_of(NODES[failing_keys:])).max() < 1e-6
+
+
+def test_the_configured_threshold_is_the_one_used(run_dir: Path, run_config_mapping: dict[str, Any]) -> None:
+    # Prepare
+    cfg = secure_config(run_config_mapping, min_clients=2, secagg_threshold=5)
+    grid = Institutions(failing={(NODES[1], SOFT_LABELS_TYPE): "error"})
+
+    # Execute / Assert
+    with pytest.raises(QuorumError, match=r"only 4 institutions sent masked soft labels; .* \(threshold 5"):
+        secure_soft_labels(grid, cfg, open_trail(cfg, run_dir), make_query(), NODES)
+    roster = SecAggRoster.from_record(next(m.content for m in grid.sent if m.metadata.message_type == SHARES_TYPE))
+    assert roster.threshold == 5
+
+
+# --- what the server holds -------------------------------------------------------------------------------------
+
+def arrays_in(record: RecordDict) -> Iterator[np.ndarray]:
+    for value in record.values():
+        if isinstance(value, ArrayRecord):
+            yield from (array.numpy() for array in value.values())
+
+
+def raw_bytes(record: RecordDict) -> bytes:
+    """Every array's data and every bytes value of a record, end to end."""
+    parts = [array.data for value in record.values() if isinstance(value, ArrayRecord) for array in value.values()]
+    parts += [v for value in record.values() if not isinstance(value, ArrayRecord) for v in value.values()
+              if isinstance(v, bytes)]
+    return b"|".join(parts)
+
+
+def plaintext_in(record: RecordDict, plain: dict[int, np.ndarray]) -> list[str]:
+    """What of any institution's plaintext the record holds: its soft labels, w * soft labels, w, their
+    quantised form, as arrays (exactly or to 1e-3), or anywhere in its bytes; and any non-uint64 array."""
+    findings = [f"a {array.dtype} array" for array in arrays_in(record) if array.dtype != np.uint64]
+    everything = raw_bytes(record)
+    for node, vector in plain.items():
+        quantised = quantise(vector)
+        secrets = {"probs": PROBS[node], "w * probs and w": vector, "w * probs": vector[:-1]}
+        for array in (a.reshape(-1) for a in arrays_in(record)):
+            findings += [f"{name} of node {node}" for name, secret in secrets.items() if array.size == secret.size
+                         and np.allclose(array.astype(np.float64), secret.reshape(-1), atol=1e-3)]
+            if array.shape == quantised.shape and np.any(array == quantised):
+                findings.append(f"entries of quantised input of node {node}")
+        for name, data in {"probs": PROBS[node].tobytes(), "quantised": quantised.tobytes(),
+                           "quantised w * probs": quantised[:-1].tobytes()}.items():
+            if data in everything:
+                findings.append(f"{name} bytes of node {node}")
+    return findings
+
+
+def rebuilt_self_seed(grid: Institutions, node: int) -> bytes:
+    """A survivor's self seed b, rebuilt from the b-shares the server received (as server_sum does)."""
+    roster = SecAggRoster.from_record(next(m.content for m in grid.sent if m.metadata.message_type == SHARES_TYPE)).roster
+    shares = {roster[responder].index: SecAggShares.from_record(record, 1).shares[node][1]
+              for responder, kind, record in grid.received if kind == UNMASK_TYPE}
+    return reconstruct(shares, 3)
+
+
+def test_the_server_only_ever_holds_masked_vectors_and_opens_only_the_sum(
+    run_dir: Path, run_config_mapping: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare
+    cfg = secure_config(run_config_mapping, aggregation="weighted")
+    grid = Institutions()
+    opened: list[np.ndarray] = []
+    dequantise = secure_rounds.dequantise
+    monkeypatch.setattr(secure_rounds, "dequantise", lambda values: opened.append(values.copy()) or dequantise(values))
+    plain = {n: np.concatenate([WEIGHTS[n] * PROBS[n].astype(np.float64).reshape(-1), [WEIGHTS[n]]]) for n in NODES}
+
+    # Execute
+    probs, outcome = secure_soft_labels(grid, cfg, open_trail(cfg, run_dir), make_query(), NODES)
+
+    # Assert
+    assert len(grid.received) == 4 * len(NODES)
+    for node, kind, record in grid.received:
+        assert plaintext_in(record, plain) == [], (node, kind)
+    for node, reply in outcome.accepted.items():
+        assert plaintext_in(reply.to_record(), plain) == [], node
+        without_self_mask = reply.masked - prg(rebuilt_self_seed(grid, node), reply.masked.size)  # all the server can do
+        assert not np.any(without_self_mask == quantise(plain[node])), node
+    assert len(opened) == 1  # one vector is ever opened: the sum
+    assert np.array_equal(opened[0], np.sum([quantise(v) for v in plain.values()], axis=0, dtype=np.uint64))
+    assert np.abs(probs - mean_of(NODES, WEIGHTS)).max() < 1e-6
+
+
+def test_private_keys_and_self_seed_stay_in_node_state(run_dir: Path, run_config_mapping: dict[str, Any]) -> None:
+    # Prepare
+    cfg = secure_config(run_config_mapping)
+    kept: dict[int, list[bytes]] = {}
+
+    def remember_secrets(node: int, kind: str, content: RecordDict) -> RecordDict:
+        record = grid.states[node].get(STATE_KEY)
+        if record is not None:
+            kept.setdefault(node, []).extend(v for v in record.values() if isinstance(v, bytes))
+        return content
+
+    grid = Institutions(tamper=remember_secrets)
+
+    # Execute
+    secure_soft_labels(grid, cfg, open_trail(cfg, run_dir), make_query(), NODES)
+
+    # Assert
+    assert all(len(set(secrets)) == 3 for secrets in kept.values())  # mask key, share key, self seed
+    for _, _, record in grid.received:
+        everything = raw_bytes(record)
+        assert not any(secret in everything for secrets in kept.values() for secret in secrets)
+    assert all(STATE_KEY not in state for state in grid.states.values())  # forgotten once the shares were given
+
+
+# --- the ledger ------------------------------------------------------------------------------------------------
+
+def test_the_ledger_records_every_phase_and_verifies(run_dir: Path, run_config_mapping: dict[str, Any]) -> None:
+    # Prepare
+    cfg = secure_config(run_config_mapping)
+    trail = open_trail(cfg, run_dir)
+    grid = Institutions(failing={(NODES[3], SOFT_LABELS_TYPE): "error"})
+    student = run_dir / "student.safetensors"
+    student.write_bytes(b"student weights after round 1")
+
+    # Execute
+    probs, outcome = secure_soft_labels(grid, cfg, trail, make_query(), NODES)
+    trail.aggregated(1, cfg.aggregation, sorted(outcome.accepted), probs, SAMPLES)
+    trail.checkpoint(1, student, 0.5)
+    trail.finished(1, student)
+
+    # Assert
+    entries = trail.ledger.entries()
+    steps = [(e["kind"], e["body"].get("phase")) for e in entries]
+    survivors = [n for n in NODES if n != NODES[3]]
+    assert steps == (
+        [(OPENED, None), (kinds.RUN_STARTED, None)]
+        + [(kinds.EXCHANGE_OPENED, "secagg-keys")] + [(kinds.REPLY_ACCEPTED, "secagg-keys")] * 5
+        + [(kinds.EXCHANGE_OPENED, "secagg-bundles")] + [(kinds.REPLY_ACCEPTED, "secagg-bundles")] * 5
+        + [(kinds.ROUND_OPENED, None)] + [(kinds.REPLY_ACCEPTED, "soft-labels")] * 4
+        + [(kinds.REPLY_REJECTED, "soft-labels")]
+        + [(kinds.EXCHANGE_OPENED, "secagg-shares")] + [(kinds.REPLY_ACCEPTED, "secagg-shares")] * 4
+        + [(kinds.AGGREGATED, None), (kinds.CHECKPOINT, None), (kinds.RUN_FINISHED, None)]
+    )
+    shares_opened = next(e["body"] for e in entries if e["body"].get("phase") == "secagg-shares")
+    assert shares_opened["nodes"] == [str(n) for n in survivors]
+    assert isinstance(shares_opened["query_sha256"], dict)  # each survivor got its own bundles
+    round_opened = next(e["body"] for e in entries if e["kind"] == kinds.ROUND_OPENED)
+    assert round_opened["nodes"] == [str(n) for n in NODES]
+    result = verify_ledger(run_dir / LEDGER)
+    assert result.problems == [], "\n".join(map(str, result.problems))
+
+
+def test_a_bundle_altered_in_relay_drops_only_its_reader_at_unmask(
+    run_dir: Path, run_config_mapping: dict[str, Any],
+) -> None:
+    # Prepare: the bundle NODES[0] sealed for NODES[1] is altered after it left NODES[0]
+    cfg = secure_config(run_config_mapping)
+    source, reader = NODES[0], NODES[1]
+
+    def alter(node: int, kind: str, content: RecordDict) -> RecordDict:
+        if (node, kind) != (source, SHARES_TYPE):
+            return content
+        bundles = {int(node): bundle for node, bundle in content["bundles"].items()}
+        flipped = bundles[reader][:-1] + bytes([bundles[reader][-1] ^ 1])  # one bit of the GCM tag
+        return SecAggBundles(1, {**bundles, reader: flipped}).to_record()
+
+    grid = Institutions(tamper=alter)
+    trail = open_trail(cfg, run_dir)
+
+    # Execute
+    probs, outcome = secure_soft_labels(grid, cfg, trail, make_query(), NODES)
+
+    # Assert
+    assert np.abs(probs - mean_of(NODES)).max() < 1e-6  # the reader's soft labels still count; four gave shares
+    assert outcome.checks == {reader: "node-error"}
+    assert f"AuditError: secure aggregation: the share bundle from node {source} (client 1) does not decrypt" in outcome.rejected[reader]
+    rejected = [e["body"] for e in trail.ledger.entries() if e["kind"] == kinds.REPLY_REJECTED]
+    assert [(b["phase"], b["node_id"]) for b in rejected] == [("secagg-shares", str(reader))]
+
+
+# --- altered shares ------------------------------------------------------------------------------------------------
+
+FORGED = int.from_bytes(b"\x01" + b"\x07" * 65, "big")  # every share equal: the polynomial is this constant
+
+
+def forge_shares(target: int, kind: str) -> Callable[[int, str, RecordDict], RecordDict]:
+    """A tamper hook: every unmasking answer gives FORGED as its `kind` share of node `target`."""
+
+    def tamper(node: int, message_type: str, content: RecordDict) -> RecordDict:
+        if message_type != UNMASK_TYPE:
+            return content
+        shares = SecAggShares.from_record(content, 1).shares
+        return SecAggShares(1, {**shares, target: (kind, FORGED)}).to_record()
+
+    return tamper
+
+
+def test_forged_self_mask_shares_end_the_round_with_a_quorum_error(
+    run_dir: Path, run_config_mapping: dict[str, Any],
+) -> None:
+    # Prepare
+    cfg = secure_config(run_config_mapping)
+    grid = Institutions(tamper=forge_shares(NODES[0], "b"))
+
+    # Execute / Assert
+    with pytest.raises(QuorumError, match="secure aggregation could not open the sum"):
+        secure_soft_labels(grid, cfg, open_trail(cfg, run_dir), make_query(), NODES)
+
+
+def test_forged_mask_key_shares_end_the_round_with_a_quorum_error(
+    run_dir: Path, run_config_mapping: dict[str, Any],
+) -> None:
+    # Prepare
+    cfg = secure_config(run_config_mapping)
+    dropped = NODES[2]
+    grid = Institutions(failing={(dropped, SOFT_LABELS_TYPE): "error"}, tamper=forge_shares(dropped, "c"))
+
+    # Execute / Assert
+    with pytest.raises(QuorumError, match="secure aggregation could not open the sum"):
+        secure_soft_labels(grid, cfg, open_trail(cfg, run_dir), make_query(), NODES)
+
+
+# --- the institution's node state (client/secure.py) ------------------------------------------------------------
+
+def two_step_setup(nodes: list[int] = NODES[:3]) -> tuple[dict[int, RecordDict], SecAggRoster]:
+    """Step 1 for `nodes`, and the roster the server would publish (threshold 2)."""
+    states = {node: RecordDict() for node in nodes}
+    keys = {node: round_keys(states[node], 1) for node in nodes}
+    roster = {node: RosterEntry(i, keys[node].mask_key, keys[node].share_key) for i, node in enumerate(sorted(nodes), 1)}
+    return states, SecAggRoster(1, 2, False, roster)
+
+
+def test_round_keys_send_only_public_halves() -> None:
+    # Prepare
+    state = RecordDict()
+
+    # Execute
+    keys = round_keys(state, 4)
+
+    # Assert
+    secrets = state[STATE_KEY]
+    assert secrets["round"] == 4
+    sent = keys.to_record()["secagg-keys"]
+    assert {secrets["mask-private"], secrets["share-private"]}.isdisjoint({sent["mask-key"], sent["share-key"]})
+
+
+def test_a_roster_that_substitutes_this_nodes_keys_is_refused() -> None:
+    # Prepare
+    states, request = two_step_setup()
+    node = NODES[0]
+    entry = request.roster[node]
+    swapped_keys = RosterEntry(entry.index, entry.share_key, entry.mask_key)
+    swapped = SecAggRoster(1, 2, False, {**request.roster, node: swapped_keys})
+
+    # Execute / Assert
+    with pytest.raises(AuditError, match="the roster does not hold this node's keys"):
+        share_bundles(states[node], node, RUN_ID, swapped)
+
+
+def test_a_node_that_gave_no_shares_sends_no_masked_vector() -> None:
+    # Prepare
+    states, request = two_step_setup()
+
+    # Execute / Assert
+    with pytest.raises(AuditError, match="this node gave no shares this round"):
+        masked_vector(states[NODES[0]], NODES[0], RUN_ID, request, PROBS[NODES[0]], 1.0)
+
+
+def test_a_node_without_this_rounds_keys_takes_no_step() -> None:
+    # Prepare
+    states, request = two_step_setup()
+    later = SecAggRoster(2, 2, False, request.roster)
+
+    # Execute / Assert
+    with pytest.raises(AuditError, match="no keys for round 2"):
+        share_bundles(states[NODES[0]], NODES[0], RUN_ID, later)
+    with pytest.raises(AuditError, match="no keys for round 1"):
+        share_bundles(RecordDict(), NODES[0], RUN_ID, request)
+
+
+def test_a_node_gives_its_shares_once_then_forgets_the_round() -> None:
+    # Prepare: a second request could ask for the other share of a client (b first, then c)
+    nodes = NODES[:3]
+    states, request = two_step_setup(nodes)
+    bundles = {node: share_bundles(states[node], node, RUN_ID, request).bundles for node in nodes}
+    for node in nodes:
+        masked_vector(states[node], node, RUN_ID, request, PROBS[node], 1.0)
+    me = nodes[0]
+    inbox = {source: bundles[source][me] for source in nodes}
+    first = SecAggUnmask(1, list(nodes), [], inbox)
+    second = SecAggUnmask(1, [me, nodes[1]], [nodes[2]], inbox)
+
+    # Execute
+    shares = unmask_shares(states[me], me, RUN_ID, first, request)
+
+    # Assert
+    assert {node: kind for node, (kind, _) in shares.shares.items()} == {node: "b" for node in nodes}
+    assert STATE_KEY not in states[me]
+    with pytest.raises(AuditError, match="no keys for round 1"):
+        unmask_shares(states[me], me, RUN_ID, second, request)
+
+
+# --- the run config -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rule", ["confidence", "median", "trimmed-mean", "era", "expertise", "selective"])
+def test_rules_that_need_each_institutions_rows_are_refused(run_config_mapping: dict[str, Any], rule: str) -> None:
+    message = f"aggregation '{rule}' needs each institution's soft labels.*use 'mean' or 'weighted'"
+    with pytest.raises(ConfigError, match=message):
+        secure_config(run_config_mapping, aggregation=rule)
+
+
+def test_without_secure_aggregation_every_rule_is_allowed(run_config_mapping: dict[str, Any]) -> None:
+    # Execute
+    cfg = secure_config(run_config_mapping, aggregation="median", secure_aggregation=False)
+
+    # Assert
+    assert cfg.aggregation == "median" and not cfg.secure_aggregation
+
+
+def test_fedavg_with_secure_aggregation_is_refused(run_config_mapping: dict[str, Any]) -> None:
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="FedAvg baseline \\(method 'fedavg'\\) does not use it"):
+        secure_config(run_config_mapping, method="fedavg")
+
+
+@pytest.mark.parametrize(("clients", "minimum"), [(2, 2), (1, 1), (5, 1)])
+def test_secure_aggregation_needs_three_clients_and_two_replies(
+    run_config_mapping: dict[str, Any], clients: int, minimum: int,
+) -> None:
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="secure aggregation needs num-clients >= 3 and min-clients >= 2"):
+        secure_config(run_config_mapping, num_clients=clients, min_clients=minimum)
+
+
+@pytest.mark.parametrize("threshold", [1, -1, len(NODES) + 1])
+def test_a_threshold_out_of_range_is_refused(run_config_mapping: dict[str, Any], threshold: int) -> None:
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=f"secagg-threshold must be 0 .* or in \\[2, num-clients=5\\], got {threshold}"):
+        secure_config(run_config_mapping, secagg_threshold=threshold)
+
+
+@pytest.mark.parametrize("threshold", [0, 2, len(NODES)])
+def test_thresholds_in_range_are_accepted(run_config_mapping: dict[str, Any], threshold: int) -> None:
+    # Execute
+    cfg = secure_config(run_config_mapping, secagg_threshold=threshold)
+
+    # Assert
+    assert cfg.secagg_threshold == threshold
