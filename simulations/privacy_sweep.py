@@ -17,7 +17,7 @@ from common.config import PRIVACY, RunConfig, default_run_config
 from common.errors import ConfigError, FedstillError
 from server.run_folder import write_json
 from simulations import launcher
-from simulations.compare import finished_run
+from simulations.compare import _cell, finished_run
 
 TABLE, PLOT = "sweep.md", "accuracy_vs_epsilon.png"
 DEFAULT_DELTA = 1e-5
@@ -77,7 +77,7 @@ def sweep_table(summary: dict[str, Any]) -> str:
     for point in summary["points"]:
         budget = "none (non-private)" if point["budget"] is None else f"{point['budget']:g}"
         if "error" in point:
-            lines.append(f"| {budget} | failed: {' '.join(point['error'].split())[:200]} | | | | |")
+            lines.append(f"| {budget} | failed: {_cell(point['error'][:300])} | | | | |")
             continue
         gap = "" if reference is None or point["budget"] is None else f"{(point['accuracy'] - reference) * 100:+.2f} pts"
         spent = "" if point.get("epsilon_spent_max") is None else f"{point['epsilon_spent_max']:.3f}"
