@@ -63,3 +63,32 @@ def test_secure_aggregation_opens_only_the_sum_and_the_record_verifies(tmp_path:
     logs = sorted(str(p) for p in (run / "sites").glob("*/release-log.jsonl"))
     verified = fedstill("audit", "verify", str(run / "ledger.jsonl"), *[a for log in logs for a in ("-c", log)], home=home)
     assert verified.returncode == 0, verified.stdout
+
+
+def test_secure_aggregation_survives_an_institution_that_drops_after_sharing(tmp_path: Path, home: Path) -> None:
+    # Prepare: four institutions; in round 2 institution 3 gives its shares, then refuses to answer (its
+    # privacy budget is spent), so its pairwise masks must be removed with its rebuilt mask key.
+    out = tmp_path / "runs"
+
+    # Execute
+    result = fedstill(
+        "simulate", "digits-tiny", "--set", f"output-dir={out}", "--set", 'run-name="dropout"',
+        "--set", "num-clients=4", "--set", "min-clients=3", "--set", "secure-aggregation=true",
+        "--set", 'privacy="pate"', "--set", "pate-teachers=3", "--set", "pate-queries=200", "--set", "pate-sigma=8.0",
+        "--site", "max-epsilon=30", "--site", "institution-3.max-epsilon=21", home=home,
+    )
+
+    # Assert
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = out / "dropout"
+    results = json.loads((run / "results.json").read_text())
+    assert [row["clients_replied"] for row in results["rounds"]] == [4, 3]
+    entries = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+    round_two = [e["body"] for e in entries if e["body"].get("round") == 2 and e["kind"].startswith("reply-")]
+    shared = {b["node_id"] for b in round_two if b["phase"] == "secagg-bundles" and "check" not in b}
+    refused = [b for b in round_two if b["phase"] == "soft-labels" and b.get("check") == "privacy-budget"]
+    assert len(shared) == 4 and len(refused) == 1 and refused[0]["node_id"] in shared
+    unmasked = [e["body"] for e in entries if e["kind"] == "exchange-opened" and e["body"]["round"] == 2
+                and e["body"]["phase"] == "secagg-shares"]
+    assert len(unmasked) == 1 and len(unmasked[0]["nodes"]) == 3
+    assert results["privacy"]["refusals"][0]["institution_id"] == "institution-3"
