@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 import simulations.baselines as baselines
 from common.config import RunConfig, default_run_config
@@ -16,15 +15,6 @@ from common.models import build_model, count_parameters
 
 PUBLIC_SIZE = 400
 TEACHERS = "cnn-tiny,cnn-large"  # round-robin over 3 clients: tiny, large, tiny
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Train on one thread, as the app does (torch-threads = 1): tiny models slow down badly on more."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def make_cfg(**overrides: Any) -> RunConfig:

@@ -254,15 +254,6 @@ def test_check_public_refuses_ids_outside_the_public_set(bad_id: int) -> None:
 TEMPERATURE = 2.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Train on one thread, as the app does (torch-threads = 1): tiny models slow down badly on more."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def site() -> Site:
     split = load_split("digits", "", 400, 42)

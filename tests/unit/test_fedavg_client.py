@@ -17,15 +17,6 @@ from common.errors import MessageFormatError
 from common.models import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Train on one thread, as the app does (torch-threads = 1): tiny models slow down badly on more."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def site() -> Site:
     split = load_split("digits", "", 400, 42)
