@@ -110,8 +110,8 @@ def test_compare_runs_methods_and_baselines(tmp_path: Path, home: Path) -> None:
     fedmd = summary["methods"]["fedmd"]["rounds"]
     assert [r["temperature"] for r in fedmd] == [3.0, 1.0]
     assert all(r["distilled_samples"] == 200 for r in fedmd)
-    # top-2 of 200 rows: 200 x 2 x (2 value bytes + 1 index byte), plus framing
-    assert all(1_200 < b < 3_500 for r in fedmd for b in r["uplink_bytes_per_client"].values())
+    # top-2 of 200 rows: 200 x 2 x (2 value bytes + 1 index byte), plus framing and the signed attestation
+    assert all(1_200 < b < 6_000 for r in fedmd for b in r["uplink_bytes_per_client"].values())
     assert fedmd[0]["digest_failed"] == {} and fedmd[0]["downlink_bytes"] > summary["methods"]["expertise"]["rounds"][0]["downlink_bytes"]
     fedavg = summary["baselines"]["fedavg"]["rounds"]
     assert len(fedavg) == 2

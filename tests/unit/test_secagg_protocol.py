@@ -279,7 +279,7 @@ def test_a_tampered_bundle_is_an_audit_error_naming_its_source(position: int) ->
     inbox = {**shared.inbox[11], 12: bytes(bundle)}
 
     # Execute / Assert
-    with pytest.raises(AuditError, match=f"bundle from node .* \(client {shared.roster[12].index}\) does not decrypt") as caught:
+    with pytest.raises(AuditError, match=rf"bundle from node .* \(client {shared.roster[12].index}\) does not decrypt") as caught:
         client_unmask(11, shared.secrets[11], shared.roster, 2, inbox, {11, 12, 13}, set(), CONTEXT)
     assert caught.value.check == "secagg"
 
