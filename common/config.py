@@ -211,6 +211,8 @@ def _check_privacy(cfg: RunConfig) -> list[str]:
     if cfg.privacy != "none" and cfg.revisit_epochs > 0:
         problems.append("revisit-epochs > 0 trains the teacher on private data outside the privacy mechanism; "
                         "set revisit-epochs = 0 with privacy, or privacy = \"none\"")
+    if cfg.privacy != "none" and cfg.local_epochs < 1:
+        problems.append(f"privacy {cfg.privacy!r} trains on private data each round: local-epochs must be >= 1, got {cfg.local_epochs}")
     if cfg.privacy != "none" and cfg.method == "fedavg":
         problems.append("privacy mechanisms apply to soft-label releases; the FedAvg baseline (method 'fedavg') has none")
     return problems

@@ -1,0 +1,113 @@
+"""Privacy settings: the run config's checks, an institution's own budget, and the results' privacy section."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client.privacy import load_policy, statement
+from common.audit import kinds
+from common.config import RunConfig
+from common.errors import ConfigError
+from server.privacy_section import privacy_section
+from server.rounds import node_error_check, short_reason
+
+
+def config(mapping: dict[str, Any], **overrides: Any) -> RunConfig:
+    return RunConfig.from_run_config({**mapping, **overrides})
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"privacy": "laplace"}, "privacy must be one of"),
+    ({"privacy": "dp-sgd", "revisit-epochs": 1}, "revisit-epochs > 0 trains the teacher on private data"),
+    ({"privacy": "pate", "method": "fedavg"}, "the FedAvg baseline"),
+    ({"privacy": "dp-sgd", "local-epochs": 0}, "local-epochs must be >= 1"),
+    ({"dp-noise-multiplier": -1.0}, "dp-noise-multiplier must be >= 0"),
+    ({"dp-max-grad-norm": 0.0}, "dp-max-grad-norm must be > 0"),
+    ({"pate-teachers": 1}, "pate-teachers must be >= 2"),
+    ({"pate-queries": 0}, "pate-queries must be >= 1"),
+])
+def test_bad_privacy_settings_are_refused_with_the_fix(run_config_mapping: dict, overrides: dict, message: str) -> None:
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=message):
+        config(run_config_mapping, **overrides)
+
+
+def test_the_budget_comes_from_the_site_and_the_node_config_wins(tmp_path: Path, run_config_mapping: dict) -> None:
+    # Prepare
+    cfg = config(run_config_mapping, **{"sites-dir": str(tmp_path)})
+    site = tmp_path / "institution-3"
+    site.mkdir()
+    (site / "site.toml").write_text("max-epsilon = 4.0\ndelta = 1e-6\n")
+
+    # Execute
+    from_site = load_policy(cfg, {"partition-id": 3})
+    from_node = load_policy(cfg, {"partition-id": 3, "max-epsilon": 2.0})
+
+    # Assert
+    assert (from_site.max_epsilon, from_site.delta, from_site.ledger_path) == (4.0, 1e-6, site / "privacy-ledger.json")
+    assert from_node.max_epsilon == 2.0
+
+
+def test_a_node_without_a_ledger_or_with_a_bad_budget_is_told_how(tmp_path: Path, run_config_mapping: dict) -> None:
+    # Prepare
+    cfg = config(run_config_mapping)
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="privacy-ledger="):
+        load_policy(cfg, {"partition-id": 0})
+    with pytest.raises(ConfigError, match="max-epsilon must be a number > 0"):
+        load_policy(cfg, {"privacy-ledger": str(tmp_path / "l.json"), "max-epsilon": -1.0})
+    with pytest.raises(ConfigError, match="delta must be a float in"):
+        load_policy(cfg, {"privacy-ledger": str(tmp_path / "l.json"), "delta": 2.0})
+    unlimited = load_policy(cfg, {"privacy-ledger": str(tmp_path / "l.json")})
+    assert math.isinf(unlimited.max_epsilon) and unlimited.delta == 1e-5
+
+
+def entry(kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": kind, "body": body}
+
+
+def accepted(round_: int, node: str, institution: str, eps: float, total: float) -> dict[str, Any]:
+    privacy = statement("dp-sgd", {"noise_multiplier": 1.1}, total - eps, total, 1e-5)
+    text = json.dumps({"institution_id": institution, "privacy": privacy})
+    return entry(kinds.REPLY_ACCEPTED, {"round": round_, "phase": "soft-labels", "node_id": node,
+                                         "institution_id": institution, "attestation": {"statement": text, "signature": "x"}})
+
+
+def test_the_privacy_section_reads_what_institutions_signed(run_config_mapping: dict) -> None:
+    # Prepare
+    cfg = config(run_config_mapping, privacy="dp-sgd")
+    entries = [
+        accepted(1, "11", "hospital-a", 1.5, 1.5), accepted(1, "12", "bank-b", 1.5, 1.5),
+        accepted(2, "11", "hospital-a", 0.5, 2.0),
+        entry(kinds.REPLY_REJECTED, {"round": 2, "phase": "soft-labels", "node_id": "12", "institution_id": None,
+                                     "check": "privacy-budget", "reason": "node error: PrivacyBudgetExceeded: ..."}),
+    ]
+
+    # Execute
+    section = privacy_section(cfg, entries)
+
+    # Assert
+    assert section["mechanism"] == "dp-sgd" and section["delta"] == [1e-5]
+    assert section["epsilon_final"] == {"hospital-a": 2.0, "bank-b": 1.5} and section["epsilon_max"] == 2.0
+    assert [sorted(r["institutions"]) for r in section["epsilon_per_round"]] == [["bank-b", "hospital-a"], ["hospital-a"]]
+    assert section["refusals"] == [{"round": 2, "node_id": "12", "institution_id": "bank-b",
+                                    "reason": "node error: PrivacyBudgetExceeded: ..."}]
+
+
+def test_node_errors_are_one_readable_line_and_refusals_are_named() -> None:
+    # Prepare
+    engine = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>: Traceback ...\n  File x\n"
+              "common.errors.PrivacyBudgetExceeded: ...\nException ClientAppException occurred. Message: "
+              "round 2: 200 PATE answers refused: spent 14.1'>)")
+
+    # Execute / Assert
+    assert short_reason(engine) == "round 2: 200 PATE answers refused: spent 14.1"
+    assert node_error_check(engine) == "privacy-budget"
+    assert node_error_check("KeyError: 'x'") == "node-error"
+    assert len(short_reason("y" * 5000)) == 600
