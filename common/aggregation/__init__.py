@@ -4,7 +4,7 @@ Plain numpy, independent of Flower. `aggregate` validates the inputs once, stack
 `(n, C)` rows into `(k, n, C)` float64 (each row renormalised), and hands them to the named rule,
 which returns an `Aggregate`: `(n, C)` float32 rows on the simplex and a `(n,)` keep mask.
 
-    averaging.py  mean, weighted, confidence, era, expertise
+    averaging.py  mean, weighted, confidence, era, expertise, balanced-expertise
     robust.py     median, trimmed-mean
     filtering.py  selective
 
@@ -20,7 +20,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.aggregation.averaging import confidence_rule, era_rule, expertise_rule, mean_rule, weighted_rule
+from common.aggregation.averaging import (
+    balanced_expertise_rule, confidence_rule, era_rule, expertise_rule, mean_rule, weighted_rule,
+)
 from common.aggregation.base import Aggregate, AggregationParams, Rule, RuleInput
 from common.aggregation.filtering import selective_rule
 from common.aggregation.robust import median_rule, trimmed_mean_rule
@@ -37,12 +39,13 @@ RULES: dict[str, Rule] = {
     "confidence": confidence_rule,
     "era": era_rule,
     "expertise": expertise_rule,
+    "balanced-expertise": balanced_expertise_rule,
     "median": median_rule,
     "trimmed-mean": trimmed_mean_rule,
     "selective": selective_rule,
 }
 NEEDS_INDIVIDUAL_ROWS: frozenset[str] = frozenset(RULES) - {"mean", "weighted"}
-NEEDS_CLASS_COUNTS: frozenset[str] = frozenset({"expertise"})  # the query must ask for per-class counts
+NEEDS_CLASS_COUNTS: frozenset[str] = frozenset({"expertise", "balanced-expertise"})  # the query must ask for per-class counts
 
 
 def aggregate(

@@ -111,3 +111,44 @@ def expertise_rule(inputs: RuleInput) -> Aggregate:
     weights = np.full(counts.shape, 1.0 / counts.shape[0])  # (k, C)
     weights[:, held] = counts[:, held] / totals[held]
     return to_aggregate(np.einsum("jc,jnc->nc", weights, inputs.stack), inputs.stack)
+
+
+def balanced_expertise_rule(inputs: RuleInput) -> Aggregate:
+    r"""Expertise weighting of prior-corrected teachers: each institution's rows are first turned into
+    what its teacher would say under a uniform class prior, over the classes it holds, then combined
+    per class as in `expertise`.
+
+    .. math::
+        \pi_{jc} = \frac{n_{jc}}{\sum_{c'} n_{jc'}}, \qquad
+        r_{jic} = \frac{[n_{jc} > 0]\; q_{jic}\, \pi_{jc}^{-1/T}}{\sum_{c'} [n_{jc'} > 0]\; q_{jic'}\, \pi_{jc'}^{-1/T}}, \qquad
+        \tilde p_{ic} = \sum_j w_{jc}\, r_{jic}, \qquad w_{jc} = \frac{n_{jc}}{\sum_{j'} n_{j'c}}
+
+    with T the temperature the soft labels were made at. A teacher trained on a skewed label
+    distribution has its logits shifted by :math:`\log \pi_{jc}`; subtracting that shift is the logit
+    adjustment of Menon et al. (2021), "Long-tail learning via logit adjustment", ICLR, as FedLC
+    (Zhang et al., 2022, ICML) applies it to label skew in federated learning. At temperature T the
+    shift is :math:`\log \pi_{jc} / T` on the log-probabilities, hence the power :math:`-1/T`. Classes an
+    institution never saw carry no evidence from it (its weight there is 0 anyway) and are dropped
+    before renormalising, so its prior-corrected mass stays on what it knows. A row left with no mass
+    on the classes it holds becomes uniform over them. Like `expertise`, it needs the class counts
+    (counts only) and helps most under strong label skew, where one institution's teacher calls nearly
+    everything one of its few classes.
+    """
+    if inputs.class_counts is None:
+        raise ConfigError(
+            "aggregation 'balanced-expertise' needs every institution's class counts; "
+            "ask for them in the query (want_class_counts) and pass them to aggregate()"
+        )
+    counts = inputs.class_counts  # (k, C)
+    held = counts > 0  # (k, C)
+    sizes = counts.sum(axis=1, keepdims=True)  # (k, 1)
+    prior = np.divide(counts, sizes, out=np.ones_like(counts), where=sizes > 0)
+    scale = np.where(held, np.power(np.where(held, prior, 1.0), -1.0 / inputs.params.temperature), 0.0)  # (k, C)
+    corrected = inputs.stack * scale[:, None, :]  # (k, n, C)
+    mass = corrected.sum(axis=2, keepdims=True)
+    uniform = held / np.maximum(held.sum(axis=1, keepdims=True), 1)  # (k, C)
+    corrected = np.where(mass > 0, corrected / np.where(mass > 0, mass, 1.0),
+                         np.broadcast_to(uniform[:, None, :], corrected.shape))
+    rows_without_counts = ~held.any(axis=1)  # an institution that reported no samples at all: keep its rows
+    corrected[rows_without_counts] = inputs.stack[rows_without_counts]
+    return expertise_rule(RuleInput(corrected, inputs.num_examples, counts, inputs.params))

@@ -30,9 +30,10 @@ def counts(*values: int) -> np.ndarray:
 
 def test_registry_names_every_rule() -> None:
     # Assert
-    assert set(RULES) == {"mean", "weighted", "confidence", "era", "expertise", "median", "trimmed-mean", "selective"}
+    assert set(RULES) == {"mean", "weighted", "confidence", "era", "expertise", "balanced-expertise", "median",
+                          "trimmed-mean", "selective"}
     assert NEEDS_INDIVIDUAL_ROWS == frozenset(RULES) - {"mean", "weighted"}
-    assert NEEDS_CLASS_COUNTS == {"expertise"}
+    assert NEEDS_CLASS_COUNTS == {"expertise", "balanced-expertise"}
 
 
 # --- mean (the tests of the former module, on `Aggregate`) ----------------------------------------
@@ -173,6 +174,8 @@ ONE_HOT_CASES = {
     "era": np.array([1.0, math.exp(-3.5), math.exp(-4.5)]) / (1 + math.exp(-3.5) + math.exp(-4.5)),
     # class 0 from the one-hot institution (its only class), classes 1 and 2 from the other: [1, 0.5, 0.3] / 1.8
     "expertise": np.array([1.0, 0.5, 0.3]) / 1.8,
+    # institution 1's equal priors on classes 1 and 2 change nothing: [0.5, 0.3] / 0.8 -> [1, 0.625, 0.375] / 2
+    "balanced-expertise": [0.5, 0.3125, 0.1875],
     "median": [0.6, 0.25, 0.15],  # the median of two values is their mean
     "trimmed-mean": [0.6, 0.25, 0.15],  # floor(0.1 * 2) = 0: nothing to trim
     "selective": [0.6, 0.25, 0.15],
@@ -218,6 +221,17 @@ GOLDEN = [
     # each expert puts all its mass on the class it never saw: no mass left -> the mean
     pytest.param("expertise", [[[0.0, 1.0]], [[1.0, 0.0]]], [5, 5], [[5, 0], [0, 5]], P(),
                  [[0.5, 0.5]], None, id="expertise-row-without-mass-is-the-mean"),
+    # institution 0 (prior [3/4, 1/4, 0]): [0.6 / 0.75, 0.3 / 0.25] = [0.8, 1.2] -> [0.4, 0.6, 0]; institution 1
+    # holds only class 2 -> [0, 0, 1]; each class has one expert: [0.4, 0.6, 1] / 2
+    pytest.param("balanced-expertise", [[[0.6, 0.3, 0.1]], [[0.2, 0.2, 0.6]]], [4, 4], [[3, 1, 0], [0, 0, 4]], P(),
+                 [[0.2, 0.3, 0.5]], None, id="balanced-expertise-divides-out-each-prior"),
+    # at T = 2 the prior enters as its square root: [0.6 / 0.75 ** 0.5, 0.3 / 0.25 ** 0.5] = [0.69282, 0.6]
+    pytest.param("balanced-expertise", [[[0.6, 0.3, 0.1]], [[0.2, 0.2, 0.6]]], [4, 4], [[3, 1, 0], [0, 0, 4]],
+                 P(temperature=2.0), [np.array([0.6 / 0.75 ** 0.5, 0.6, 0.6 / 0.75 ** 0.5 + 0.6]) / (2 * (0.6 / 0.75 ** 0.5 + 0.6))],
+                 None, id="balanced-expertise-at-the-soft-label-temperature"),
+    # institution 0 puts all its mass on class 1, which it never saw: uniform over what it holds (class 0)
+    pytest.param("balanced-expertise", [[[0.0, 1.0]], [[0.0, 1.0]]], [5, 5], [[5, 0], [0, 5]], P(),
+                 [[0.5, 0.5]], None, id="balanced-expertise-row-without-mass-on-held-classes"),
     # class 0: (0.3 + 0.5) / 2 = 0.4; class 1: (0.5 + 0.7) / 2 = 0.6
     pytest.param("median", [[[0.1, 0.9]], [[0.3, 0.7]], [[0.5, 0.5]], [[1.0, 0.0]]], [1] * 4, None, P(),
                  [[0.4, 0.6]], None, id="median-of-an-even-number-averages-the-middle-pair"),
@@ -296,7 +310,7 @@ def test_no_majority_on_any_class_falls_back_to_the_mean(rule: str) -> None:
 @pytest.mark.parametrize("soft_labels", [[np.full((1, 2), 0.5)], []], ids=["with-labels", "empty"])
 def test_unknown_rule_is_a_config_error(soft_labels) -> None:
     # Execute / Assert
-    known = "confidence, era, expertise, mean, median, selective, trimmed-mean, weighted"
+    known = "balanced-expertise, confidence, era, expertise, mean, median, selective, trimmed-mean, weighted"
     with pytest.raises(ConfigError, match=f"unknown aggregation 'krum'; known rules: {known}"):
         aggregate("krum", soft_labels, [1] * len(soft_labels))
 
@@ -334,10 +348,11 @@ def test_bad_num_examples_are_refused(num_examples: list[int]) -> None:
         aggregate("weighted", [rows([0.5, 0.5]), rows([0.5, 0.5])], num_examples)
 
 
-def test_expertise_without_class_counts_is_a_config_error() -> None:
+@pytest.mark.parametrize("rule", sorted(NEEDS_CLASS_COUNTS))
+def test_rules_on_class_counts_without_them_are_a_config_error(rule: str) -> None:
     # Execute / Assert
-    with pytest.raises(ConfigError, match="aggregation 'expertise' needs every institution's class counts"):
-        aggregate("expertise", [rows([0.5, 0.5])], [1])
+    with pytest.raises(ConfigError, match=f"aggregation '{rule}' needs every institution's class counts"):
+        aggregate(rule, [rows([0.5, 0.5])], [1])
 
 
 @pytest.mark.parametrize(

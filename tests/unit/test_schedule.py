@@ -211,7 +211,7 @@ def test_query_carries_the_rounds_temperature_sample_and_settings() -> None:
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
-def test_only_the_expertise_rule_asks_for_class_counts(rule: str) -> None:
+def test_only_the_expertise_rules_ask_for_class_counts(rule: str) -> None:
     # Prepare
     cfg = make_cfg(aggregation=rule)
 
@@ -219,7 +219,7 @@ def test_only_the_expertise_rule_asks_for_class_counts(rule: str) -> None:
     query = make_query(cfg, 1, FINGERPRINT, public_size=20, num_classes=10)
 
     # Assert
-    assert query.want_class_counts is (rule == "expertise")
+    assert query.want_class_counts is (rule in ("expertise", "balanced-expertise"))
 
 
 @pytest.mark.parametrize(("codec_top_k", "num_classes", "expected"), [(1, 10, 1), (3, 10, 3), (10, 10, 10), (25, 10, 10), (5, 2, 2)])

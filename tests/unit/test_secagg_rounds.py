@@ -547,7 +547,7 @@ def test_a_node_gives_its_shares_once_then_forgets_the_round() -> None:
 
 # --- the run config -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("rule", ["confidence", "median", "trimmed-mean", "era", "expertise", "selective"])
+@pytest.mark.parametrize("rule", ["confidence", "median", "trimmed-mean", "era", "expertise", "balanced-expertise", "selective"])
 def test_rules_that_need_each_institutions_rows_are_refused(run_config_mapping: dict[str, Any], rule: str) -> None:
     message = f"aggregation '{rule}' needs each institution's soft labels.*use 'mean' or 'weighted'"
     with pytest.raises(ConfigError, match=message):

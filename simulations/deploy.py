@@ -1,0 +1,336 @@
+"""A whole deployed federation on one machine: the coordinator's SuperLink (TLS, node authentication)
+and one SuperNode per institution, each with its own keys, data folder and Flower home.
+
+This is the deployment of docs/deployment.md run on loopback, with every process started here and
+stopped here: the integration tests, `fedstill deploy-local` and the deployment benchmark use it.
+Each institution's SuperNode is started through `fedstill supernode`, which checks the node's files
+and its TLS connection first, exactly as an institution would start it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.audit.keys import Signer, private_key_path, write_allow_list, write_key_pair
+from common.certs import CA_CERT, NODES, SERVER_CERT, SERVER_KEY, make_ca, make_node_key, make_server_cert, write_node_key, write_pem
+from common.errors import FedstillError
+from simulations.launcher import OFFLINE_ENV, PROJECT_DIR, find_run_id, free_ports, last_error
+from simulations.scenarios import to_toml
+
+FEDERATION = "deploy"
+ALLOW_LIST = "allow-list.toml"
+STARTUP_TIMEOUT_S = 60.0
+TERMINAL = ("finished",)
+
+
+class DeployError(FedstillError):
+    """The local deployment could not start, or a run on it did not complete."""
+
+
+@dataclass
+class Node:
+    name: str
+    folder: Path  # the institution's own folder: keys, data, release log, privacy ledger, Flower home
+    node_config: dict[str, Any]
+    port: int
+    process: subprocess.Popen | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "supernode.log"
+
+
+@dataclass
+class LocalFederation:
+    """Start with `start()` (or `with`); `run(...)` submits a run with `flwr run` and waits for it."""
+
+    work: Path
+    institutions: list[str]
+    node_configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra node config per institution
+    superlink_port: int = 0
+    nodes: dict[str, Node] = field(default_factory=dict)
+    superlink: subprocess.Popen | None = None
+    started: list[subprocess.Popen] = field(default_factory=list)  # every process started here, to stop them all
+
+    def __post_init__(self) -> None:
+        self.work = Path(self.work).resolve()
+        self.certs = self.work / "certs"
+        self.home = self.work / "flwr-home"  # the coordinator's flwr CLI and SuperLink
+
+    # --- setup -------------------------------------------------------------------------------------
+
+    def provision(self) -> None:
+        """What the coordinator and each institution make once: CA + SuperLink certificate, one node
+        authentication key and one audit signing key per institution, and the allow-list."""
+        ca_key, ca_cert = make_ca("fedstill CA (local deployment)", 30)
+        key, cert = make_server_cert(ca_key, ca_cert, ["127.0.0.1", "localhost"], 30)
+        write_pem(self.certs / CA_CERT, ca_cert, overwrite=True)
+        write_pem(self.certs / SERVER_CERT, cert, overwrite=True)
+        write_pem(self.certs / SERVER_KEY, key, private=True, overwrite=True)
+        public_keys = {}
+        for name in self.institutions:
+            folder = self.site(name)
+            write_node_key(make_node_key(), self.certs / NODES, name, overwrite=True)
+            signer = Signer.generate(name)
+            write_key_pair(signer, folder / "keys", overwrite=True)
+            public_keys[name] = signer.public
+        write_allow_list(self.work / ALLOW_LIST, public_keys)
+
+    def site(self, name: str) -> Path:
+        return self.work / "sites" / name
+
+    def node_config(self, name: str) -> dict[str, Any]:
+        """The node config an institution passes to its SuperNode: its audit identity, its ledgers, its
+        teacher state, plus what `node_configs` adds (its data path, its privacy budget)."""
+        folder = self.site(name)
+        if name not in self.institutions:  # a node the federation did not provision (tests of refusals)
+            return dict(self.node_configs.get(name, {}))
+        config = {
+            "institution-id": name,
+            "signing-key": str(private_key_path(folder / "keys", name)),
+            "release-log": str(folder / "release-log.jsonl"),
+            "privacy-ledger": str(folder / "privacy-ledger.json"),
+            "state-dir": str(folder / "state"),
+        }
+        config.update(self.node_configs.get(name, {}))
+        return config
+
+    def run_config(self) -> dict[str, Any]:
+        """Run-config keys the coordinator adds to every run on this federation."""
+        return {"allow-list": str(self.work / ALLOW_LIST)}
+
+    # --- processes ---------------------------------------------------------------------------------
+
+    def env(self, home: Path) -> dict[str, str]:
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        return {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home), "PATH": path}
+
+    def start(self) -> LocalFederation:
+        self.work.mkdir(parents=True, exist_ok=True)
+        if not (self.certs / CA_CERT).is_file():
+            self.provision()
+        self.superlink_port = self.superlink_port or free_ports(1)[0]
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
+            f'address = "127.0.0.1:{self.superlink_port}"\nroot-certificates = "{self.certs / CA_CERT}"\n',
+            encoding="utf-8",
+        )
+        self.start_superlink()
+        for name in self.institutions:
+            self.register(name)
+            self.start_node(name)
+        self.wait_for_nodes(len(self.institutions))
+        return self
+
+    def start_superlink(self) -> None:
+        command = [
+            str(Path(sys.executable).parent / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.superlink_port),
+            "--ssl-ca-certfile", str(self.certs / CA_CERT), "--ssl-certfile", str(self.certs / SERVER_CERT),
+            "--ssl-keyfile", str(self.certs / SERVER_KEY), "--enable-supernode-auth",
+            "--database", str(self.work / "superlink.db"), "--disable-runtime-dependency-installation",
+        ]
+        self.superlink = _spawn(command, self.work / "superlink.log", self.env(self.home), self.work)
+        self.started.append(self.superlink)
+        _wait_for_port(self.superlink_port, self.superlink, self.work / "superlink.log")
+
+    def register(self, name: str) -> None:
+        out = self.flwr("supernode", "register", str(self.certs / NODES / f"{name}.pub"), FEDERATION, "--name", name)
+        if out.returncode != 0 and "already in use" not in out.stdout + out.stderr:  # registered in an earlier start
+            raise DeployError(f"registering {name}'s node key failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
+
+    def start_node(self, name: str, *, auth_key: Path | None = None, ca: Path | None = None,
+                   extra: list[str] | None = None) -> Node:
+        """Start (or restart) an institution's SuperNode through `fedstill supernode`."""
+        if name in self.nodes and self.nodes[name].process and self.nodes[name].process.poll() is None:
+            raise DeployError(f"the SuperNode of {name} is still running; kill_node({name!r}) first")
+        folder = self.site(name)
+        (folder / "flwr-home").mkdir(parents=True, exist_ok=True)
+        port = self.nodes[name].port if name in self.nodes else free_ports(1)[0]
+        config = self.node_config(name)
+        command = [
+            sys.executable, "-m", "simulations.cli", "supernode",
+            "--superlink", f"127.0.0.1:{self.superlink_port}",
+            "--root-certificates", str(ca or self.certs / CA_CERT),
+            "--auth-supernode-private-key", str(auth_key or self.certs / NODES / f"{name}.key"),
+            "--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in config.items()),
+            "--port", str(port), *(extra or []),
+        ]
+        node = Node(name, folder, config, port)
+        node.process = _spawn(command, node.log_path, self.env(folder / "flwr-home"), PROJECT_DIR)
+        self.started.append(node.process)
+        self.nodes[name] = node
+        return node
+
+    def kill_node(self, name: str) -> None:
+        """Kill an institution's SuperNode and its ClientApp processes at once (SIGKILL, no goodbye)."""
+        node = self.nodes[name]
+        if node.process and node.process.poll() is None:
+            _kill_group(node.process, signal.SIGKILL)
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flwr.cli.app", *args], capture_output=True, text=True,
+                              env=self.env(self.home), cwd=PROJECT_DIR, timeout=timeout)
+
+    def online_nodes(self) -> list[dict[str, Any]]:
+        out = self.flwr("supernode", "list", FEDERATION, "--format", "json")
+        try:
+            data = json.loads(out.stdout[out.stdout.index("{"):])
+        except ValueError:
+            return []
+        return [n for n in data.get("nodes", []) if str(n.get("status", "")).lower() == "online"]
+
+    def wait_for_nodes(self, count: int, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if len(self.online_nodes()) >= count:
+                return
+            for node in self.nodes.values():
+                if node.process and node.process.poll() is not None:
+                    raise DeployError(f"SuperNode of {node.name} exited: {_tail(node.log_path)}")
+            time.sleep(1.0)
+        raise DeployError(f"fewer than {count} SuperNodes came online within {timeout_s:.0f} s; "
+                          f"see {self.work}/sites/*/supernode.log")
+
+    # --- runs --------------------------------------------------------------------------------------
+
+    def submit(self, overrides: dict[str, Any]) -> str:
+        """`flwr run . deploy --run-config ...`; returns the run id."""
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as handle:
+            handle.write(to_toml({**self.run_config(), **overrides}))
+            config_file = handle.name
+        log = self.work / "flwr-run.log"
+        try:
+            out = self.flwr("run", str(PROJECT_DIR), FEDERATION, "--run-config", config_file)
+        finally:
+            os.unlink(config_file)
+        log.write_text(out.stdout + out.stderr, encoding="utf-8")
+        run_id = find_run_id(log)
+        if out.returncode != 0 or run_id is None:
+            raise DeployError(f"`flwr run` did not start a run: {last_error(log)}")
+        return run_id
+
+    def status(self, run_id: str) -> str | None:
+        """`finished:completed`, `finished:failed`, `running`, ... as `flwr list` reports it."""
+        out = self.flwr("list", FEDERATION, "--run-id", run_id, "--format", "json")
+        try:
+            run = json.loads(out.stdout[out.stdout.index("{"):])["runs"][0]
+        except (ValueError, KeyError, IndexError):
+            return None
+        details = run.get("status-details")
+        return f"{run['status']}:{details}" if details and details != "N/A" else run["status"]
+
+    def wait(self, run_id: str, timeout_s: float = 900.0, poll_s: float = 2.0) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.status(run_id) or ""
+            if status.startswith(TERMINAL):
+                return status
+            if self.superlink and self.superlink.poll() is not None:
+                raise DeployError(f"the SuperLink exited: {_tail(self.work / 'superlink.log')}")
+            time.sleep(poll_s)
+        raise DeployError(f"run {run_id} did not finish within {timeout_s:.0f} s")
+
+    def run(self, overrides: dict[str, Any], timeout_s: float = 900.0) -> tuple[str, str]:
+        run_id = self.submit(overrides)
+        return run_id, self.wait(run_id, timeout_s)
+
+    def serverapp_pids(self) -> list[int]:
+        """The ServerApp processes the SuperLink runs (its `flwr-serverapp` children)."""
+        return _descendants(self.superlink.pid, "flwr-serverapp") if self.superlink else []
+
+    # --- teardown ----------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop every SuperNode (with its ClientApps), then the SuperLink (with its ServerApps)."""
+        for process in [p for p in self.started if p is not self.superlink] + [self.superlink]:
+            if process is not None:
+                _kill_group(process, signal.SIGTERM)
+
+    def __enter__(self) -> LocalFederation:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _spawn(command: list[str], log_path: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """Start a process in its own session (so it and its children stop together), output to a log."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+
+
+def _kill_group(process: subprocess.Popen, sig: int, grace_s: float = 10.0) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        process.wait(timeout=grace_s)
+    # children that outlived their parent (same process group) go too
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, log_path: Path, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise DeployError(f"the SuperLink exited at start: {_tail(log_path)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise DeployError(f"the SuperLink did not open port {port} within {timeout_s:.0f} s: {_tail(log_path)}")
+
+
+def _descendants(pid: int, name_part: str) -> list[int]:
+    """PIDs of `pid`'s descendants whose command line contains `name_part`."""
+    children: dict[int, list[int]] = {}
+    commands: dict[int, str] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        parent = int(stat[stat.rfind(")") + 2:].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found, queue = [], list(children.get(pid, []))
+    while queue:
+        child = queue.pop()
+        if name_part in commands.get(child, ""):
+            found.append(child)
+        queue.extend(children.get(child, []))
+    return found
+
+
+def _tail(path: Path, chars: int = 1500) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return f"(no log at {path})"
