@@ -30,6 +30,11 @@ FASHION_MNIST_FIX = (
     "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) from "
     "https://github.com/zalandoresearch/fashion-mnist and set data-dir to their folder"
 )
+LABEL_NAMES = {  # class names per dataset, in class-index order
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),
+    "digits": tuple(str(digit) for digit in range(10)),
+}
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
 
@@ -102,7 +107,7 @@ def _load_fashion_mnist(folder: str) -> tuple[ImageSet, ImageSet]:
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"Fashion-MNIST folder {folder} does not exist: {FASHION_MNIST_FIX}")
-    arrays = {key: _read_idx(_find_idx(root, stem)) for key, stem in FASHION_MNIST_FILES.items()}
+    arrays = {key: read_idx(_find_idx(root, stem), FASHION_MNIST_FIX) for key, stem in FASHION_MNIST_FILES.items()}
     for part in ("train", "test"):
         if arrays[f"{part}-images"].shape[0] != arrays[f"{part}-labels"].shape[0]:
             raise DataError(
@@ -129,30 +134,45 @@ def _find_idx(root: Path, stem: str) -> Path:
     raise DataError(f"missing {stem}(.gz) in {root}: {FASHION_MNIST_FIX}")
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """Parse an idx file (big-endian header: magic, dims; then uint8 data); images must be 3-d."""
+def read_idx(path: Path, fix: str = "re-download it") -> np.ndarray:
+    """Parse an idx file (big-endian header: magic, dims; then uint8 data); images must be 3-d.
+
+    `fix` ends every error message: what the owner of the file should do about it.
+    """
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as error:
-        raise DataError(f"cannot read {path}: {error}; the file is corrupt, {FASHION_MNIST_FIX}") from None
+        raise DataError(f"cannot read {path}: {error}; the file is corrupt, {fix}") from None
     if len(raw) < 8:
-        raise DataError(f"{path} is too short to be an idx file; the file is corrupt, re-download it")
+        raise DataError(f"{path} is too short to be an idx file; the file is corrupt, {fix}")
     magic = int.from_bytes(raw[:4], "big")
     if magic not in (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC):
-        raise DataError(f"{path} is not an idx file (magic number {magic}); the file is corrupt, re-download it")
+        raise DataError(f"{path} is not an idx file (magic number {magic}); the file is corrupt, {fix}")
     ndim = 3 if magic == IDX_IMAGES_MAGIC else 1
     if ("images" in path.name) != (ndim == 3):
         wanted = "images (magic 2051)" if "images" in path.name else "labels (magic 2049)"
-        raise DataError(f"{path} should hold {wanted} but its magic number is {magic}; the files are mixed up, re-download them")
+        raise DataError(f"{path} should hold {wanted} but its magic number is {magic}; the files are mixed up, {fix}")
     header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is too short for its idx header ({header} bytes); the file is corrupt, {fix}")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(shape))
     if len(raw) != expected:
         raise DataError(
             f"{path} holds {len(raw)} bytes but its header {shape} needs {expected}: the file is "
-            "truncated or corrupt, re-download it"
+            f"truncated or corrupt, {fix}"
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write uint8 images `(n, height, width)` or labels `(n,)` as an idx file (the inverse of `read_idx`)."""
+    array = np.ascontiguousarray(array)
+    if array.ndim not in (1, 3) or array.size and (array.min() < 0 or array.max() > 255):
+        raise DataError(f"idx: can write uint8 images (n, h, w) or labels (n,), got shape {array.shape}")
+    magic = IDX_IMAGES_MAGIC if array.ndim == 3 else IDX_LABELS_MAGIC
+    header = b"".join(int(v).to_bytes(4, "big") for v in (magic, *array.shape))
+    Path(path).write_bytes(header + array.astype(np.uint8).tobytes())
 
 
 @functools.lru_cache(maxsize=2)

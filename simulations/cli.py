@@ -14,10 +14,12 @@ from rich.table import Table
 from common.errors import ConfigError, FedstillError
 from simulations.audit_cli import audit_app, keygen
 from simulations.certs_cli import certs
+from simulations.site_data import site_data
 
 app = typer.Typer(help="fedstill: federated knowledge distillation on Flower.", no_args_is_help=True, add_completion=False)
 app.command()(keygen)
 app.command()(certs)
+app.command("site-data")(site_data)
 app.add_typer(audit_app, name="audit")
 console = Console()
 
