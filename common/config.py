@@ -58,6 +58,7 @@ class RunConfig:
     node_wait_timeout: float
     output_dir: str
     run_name: str
+    resume: bool
     torch_threads: int
     evaluate_teachers: bool
     method: str
@@ -150,6 +151,8 @@ class RunConfig:
              "round-timeout and node-wait-timeout must be > 0 seconds"),
             (self.torch_threads >= 1, f"torch-threads must be >= 1, got {self.torch_threads}"),
             (bool(self.output_dir), "output-dir must not be empty"),
+            (self.run_name or not self.resume,
+             "resume = true needs run-name: the name of the run folder (in output-dir) to continue"),
         ]
         problems = [message for ok, message in checks if not ok]
         problems += _check_models(self) + _check_registries(self) + _check_secure_aggregation(self) + _check_privacy(self)

@@ -2,12 +2,14 @@
 
 Every event of a run goes into `<run folder>/ledger.jsonl`, signed by the coordinator's key: the run,
 each round's query, each reply accepted or rejected (with the institution's attestation verbatim and
-the reason), the aggregation, every student checkpoint and the end of the run.
+the reason), the aggregation, every student checkpoint and the end of the run. A restarted server
+continues the same chain (`ledger-resumed`); a run resumed from its checkpoint says so (`run-resumed`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ class AuditTrail:
     query_sha256: str = ""
     query_digests: dict[int, str] = field(default_factory=dict)  # node -> digest, when each got its own message
     rejections: int = 0
+    earlier_institutions: dict[str, str] = field(default_factory=dict)  # node id -> institution, before a resume
 
     @classmethod
     def open(cls, cfg: RunConfig, run_dir: Path, run_id: int) -> AuditTrail:
@@ -158,9 +161,37 @@ class AuditTrail:
             "ensemble_sha256": hashlib.sha256(np.ascontiguousarray(probs, dtype=np.float32).tobytes()).hexdigest(),
         })
 
-    def checkpoint(self, round_: int, student: Path, accuracy: float) -> None:
-        self.ledger.append(kinds.CHECKPOINT, {"round": round_, "file": student.name, "sha256": _file_sha256(student),
-                                              "student_accuracy": float(accuracy)})
+    def checkpoint(self, round_: int, student: Path, accuracy: float) -> dict[str, Any]:
+        return self.ledger.append(kinds.CHECKPOINT, {"round": round_, "file": student.name, "sha256": _file_sha256(student),
+                                                     "student_accuracy": float(accuracy)})
+
+    def head(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """The audit state a run checkpoint keeps: the ledger entry it follows, and the counts so far."""
+        return {"seq": entry["seq"], "hash": entry["hash"], "ledger": entry["ledger"], "rejections": self.rejections,
+                "institutions": self.institutions()}
+
+    def resumed(self, round_: int, audit: dict[str, Any], run_ids: list[str]) -> dict[str, Any]:
+        """A resumed run continues after the checkpoint of round `round_` (ledger entry `audit["seq"]`).
+
+        What was recorded after that entry, by the run(s) that stopped, stays in the chain: this entry says
+        which rounds it belongs to, so a verifier knows those attempts were abandoned, not completed.
+        """
+        self.rejections = int(audit.get("rejections", 0))
+        self.earlier_institutions = dict(audit.get("institutions", {}))
+        after = [e for e in self.ledger.entries() if e["seq"] > audit["seq"]]
+        interrupted = [run_ids[-1]] if run_ids else []
+        interrupted += [e["body"].get("run_id") for e in after if e["kind"] == kinds.RUN_STARTED]
+        return self.ledger.append(kinds.RUN_RESUMED, {
+            "run_id": self.run_id, "checkpoint_round": round_, "checkpoint_seq": audit["seq"],
+            "checkpoint_hash": audit["hash"],
+            "interrupted_run_ids": sorted({r for r in interrupted if isinstance(r, str) and r != self.run_id}),
+            "abandoned_rounds": sorted({e["body"]["round"] for e in after if e["kind"] in kinds.ROUND_WORK
+                                        and isinstance(e["body"].get("round"), int)}),
+        })
+
+    def institutions(self) -> dict[str, str]:
+        """Node id -> institution id of every node that signed a reply in this run (and before a resume)."""
+        return dict(sorted({**self.earlier_institutions, **{str(n): name for n, name in self.bindings.items()}}.items()))
 
     def finished(self, rounds: int, student: Path) -> dict[str, Any]:
         self.ledger.append(kinds.RUN_FINISHED, {"status": "completed", "rounds": rounds, "student_sha256": _file_sha256(student)})
@@ -176,7 +207,7 @@ class AuditTrail:
         return {
             "ledger": LEDGER, "ledger_entries": len(entries), "ledger_head": entries[-1]["hash"],
             "coordinator_key": self.ledger.signer.public, "signatures_checked": self.allow_list is not None,
-            "institutions": dict(sorted((str(n), name) for n, name in self.bindings.items())),
+            "institutions": self.institutions(),
             "rejections": self.rejections,
         }
 
@@ -204,3 +235,19 @@ def _institution(attestation: Attestation | None) -> str | None:
 
 def _file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def ledger_holds(run_dir: Path, seq: int, digest: str) -> bool:
+    """Whether the run folder's ledger holds entry `seq` with hash `digest` (read only, nothing verified)."""
+    path = Path(run_dir) / LEDGER
+    if not path.is_file():
+        return False
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle):
+            if number == seq:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    return False
+                return isinstance(entry, dict) and entry.get("seq") == seq and entry.get("hash") == digest
+    return False

@@ -54,6 +54,16 @@ class Student:
             epochs=cfg.student_epochs, batch_size=cfg.student_batch_size, seed=cfg.seed + round_,
         )
 
+    def optimizer_states(self) -> dict[str, dict]:
+        """The optimizers' state, kept across rounds and so across a resume."""
+        return {"optimizer": self.optimizer.state_dict(), "head_optimizer": self.head_optimizer.state_dict()}
+
+    def restore(self, weights: dict[str, torch.Tensor], optimizers: dict[str, dict]) -> None:
+        """Continue from a checkpoint: the weights, then each optimizer's moments and step counts."""
+        self.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(optimizers["optimizer"])
+        self.head_optimizer.load_state_dict(optimizers["head_optimizer"])
+
     def accuracy(self, data: ImageSet) -> float:
         return accuracy(self.model, data.images, data.labels)
 

@@ -1,10 +1,14 @@
 """The FedAvg baseline (McMahan et al., 2017) in the same harness: Flower's own `FedAvg` strategy
-training the student architecture, with the bytes each way measured and the same run folder."""
+training the student architecture, with the bytes each way measured and the same run folder.
+
+It checkpoints after every round like distillation (the global weights; FedAvg keeps no server-side
+optimizer) and resumes from there: Flower's loop then runs the remaining rounds, numbered from 1 in
+its own log, and `MeasuredFedAvg` shifts them back to the run's round numbers."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -18,7 +22,10 @@ from common.messages import record_nbytes
 from common.models import build_model, count_parameters
 from common.training import accuracy
 from common.errors import QuorumError
-from server.run_folder import RunFolder
+from server.audit_trail import AuditTrail
+from server.checkpoint import Checkpoint
+from server.resume import Checkpointer
+from server.run_folder import STUDENT, RunFolder
 
 INFO = 20
 
@@ -26,18 +33,27 @@ INFO = 20
 class MeasuredFedAvg(FedAvg):
     """Flower's FedAvg, unchanged, but counting the bytes of every message it sends and receives."""
 
-    def __init__(self, **kwargs: Any):
+    def __init__(self, round_offset: int = 0, **kwargs: Any):
         super().__init__(**kwargs)
+        self.round_offset = round_offset  # rounds completed before a resume
         self.downlink: dict[int, int] = {}
         self.uplink: dict[int, dict[str, int]] = {}
         self.replied: dict[int, int] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.downlink[server_round] = sum(record_nbytes(m.content) for m in messages)
         return messages
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        return super().aggregate_evaluate(server_round + self.round_offset, replies)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.round_offset
         replies = list(replies)
         good = [r for r in replies if not r.has_error()]
         self.uplink[server_round] = {str(r.metadata.src_node_id): record_nbytes(r.content) for r in good}
@@ -49,22 +65,30 @@ class MeasuredFedAvg(FedAvg):
 
 
 def run_fedavg(
-    grid: Grid, cfg: RunConfig, run: RunFolder, split: FederatedSplit, on_finish: Callable[[], dict[str, Any]] | None = None
+    grid: Grid, cfg: RunConfig, run: RunFolder, split: FederatedSplit, trail: AuditTrail, keeper: Checkpointer,
+    resumed: Checkpoint | None = None,
 ) -> None:
     """`num-server-rounds` of FedAvg on the student architecture; every node trains `local-epochs`."""
     test = split.test
     model = build_model(cfg.student_model, test.num_classes, tuple(test.images.shape[1:]), seed=cfg.seed)
+    done = 0
+    if resumed is not None:
+        model.load_state_dict(resumed.student)
+        done = resumed.state.round
+        log(INFO, "FedAvg resumes after round %d: Flower's log counts the %d remaining rounds from 1", done,
+            cfg.num_server_rounds - done)
     strategy = MeasuredFedAvg(
-        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=cfg.min_clients,
+        round_offset=done, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=cfg.min_clients,
         min_available_nodes=cfg.min_clients,
     )
     started = [time.monotonic()]
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
         acc = accuracy(model, test.images, test.labels)
-        if server_round == 0:
+        if flower_round == 0:
             return MetricRecord({"accuracy": acc})
+        server_round = flower_round + done
         if strategy.replied.get(server_round, 0) < cfg.min_clients:
             raise QuorumError(f"round {server_round}: {strategy.replied.get(server_round, 0)} replies, min-clients is {cfg.min_clients}")
         uplink = strategy.uplink.get(server_round, {})
@@ -79,15 +103,16 @@ def run_fedavg(
         run.save_student(model, {"model": cfg.student_model, "num_classes": test.num_classes,
                                  "image_size": list(test.images.shape[1:]), "round": server_round,
                                  "method": "fedavg", "dataset": cfg.dataset, "scenario": cfg.scenario})
+        keeper.save(server_round, trail.checkpoint(server_round, run.path / STUDENT, acc), model.state_dict())
         log(INFO, "fedavg round %d: accuracy %.4f", server_round, acc)
         return MetricRecord({"accuracy": acc})
 
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.num_server_rounds,
-                   timeout=cfg.round_timeout, evaluate_fn=evaluate)
+    if done < cfg.num_server_rounds:
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.num_server_rounds - done,
+                       timeout=cfg.round_timeout, evaluate_fn=evaluate)
     if len(run.rounds) < cfg.num_server_rounds:
         raise QuorumError(f"FedAvg finished only {len(run.rounds)} of {cfg.num_server_rounds} rounds; see the log")
-    if on_finish is not None:
-        run.sections["audit"] = on_finish()
+    run.sections["audit"] = trail.finished(cfg.num_server_rounds, run.path / STUDENT)
     run.finish({
         "student_accuracy": run.rounds[-1]["student_accuracy"],
         "student_params": count_parameters(model),

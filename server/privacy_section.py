@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from common.audit import kinds
+from common.audit.verify import abandoned_entries
 from common.config import RunConfig
 
 PRIVATE_PHASES = ("soft-labels",)
@@ -15,15 +16,19 @@ def privacy_section(cfg: RunConfig, entries: list[dict[str, Any]]) -> dict[str, 
     """Mechanism and parameters, epsilon per institution per round (as attested), delta, and refusals.
 
     Figures come from the institutions' signed attestations, so they are the institutions' own
-    accounting; refusals (PrivacyBudgetExceeded) come from the rejections the ledger recorded.
+    accounting; refusals (PrivacyBudgetExceeded) come from the rejections the ledger recorded. Releases
+    of a round abandoned when the server stopped (a resumed run, `run-resumed`) are listed apart: they
+    left the institutions and their spend is in every later `epsilon_total`, but the round was run again.
     """
+    abandoned = abandoned_entries(entries)
+    kept = [entry for entry in entries if entry.get("seq") not in abandoned]
     per_round: dict[int, dict[str, Any]] = {}
     names = {e["body"].get("node_id"): e["body"].get("institution_id") for e in entries
              if e["kind"] == kinds.REPLY_ACCEPTED and e["body"].get("institution_id")}
     parameters: dict[str, Any] = {}
     deltas = set()
     refusals = []
-    for entry in entries:
+    for entry in kept:
         body = entry["body"]
         if entry["kind"] == kinds.REPLY_REJECTED and body.get("check") == "privacy-budget":
             refusals.append({"round": body.get("round"), "node_id": body.get("node_id"),
@@ -56,7 +61,17 @@ def privacy_section(cfg: RunConfig, entries: list[dict[str, Any]]) -> dict[str, 
         "epsilon_final": final,
         "epsilon_max": max(final.values()) if final else None,
         "refusals": refusals,
+        "abandoned_releases": [_abandoned(entry) for entry in entries
+                               if entry.get("seq") in abandoned and entry["kind"] == kinds.REPLY_ACCEPTED],
     }
+
+
+def _abandoned(entry: dict[str, Any]) -> dict[str, Any]:
+    body, statement = entry["body"], _statement(entry["body"])
+    privacy = statement.get("privacy") or {}
+    return {"round": body.get("round"), "phase": body.get("phase"), "node_id": body.get("node_id"),
+            "institution_id": statement.get("institution_id") or body.get("institution_id"),
+            "epsilon": privacy.get("epsilon"), "epsilon_total": privacy.get("epsilon_total")}
 
 
 def _statement(body: dict[str, Any]) -> dict[str, Any]:

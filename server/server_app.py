@@ -2,7 +2,8 @@
 
 One round: query -> validate -> aggregate -> distil student -> evaluate -> checkpoint
 (-> FedMD digest: the consensus goes back down). `method = "fedavg"` runs the weight-averaging
-baseline instead (server/fedavg.py).
+baseline instead (server/fedavg.py). With `resume = true` the run continues from the run folder's
+checkpoint, after the last completed round (server/resume.py).
 """
 
 from __future__ import annotations
@@ -23,30 +24,40 @@ from common.data import FederatedSplit, load_split, public_fingerprint
 from common.messages import DigestInstruction, SoftLabelQuery
 from server.distill import Student, ensemble_accuracy
 from server.fedavg import run_fedavg
-from server.rounds import RoundReplies, make_query, query_soft_labels, require_quorum, send_digest, wait_for_nodes
+from server.rounds import make_query, query_soft_labels, require_quorum, send_digest, wait_for_nodes
 from server.audit_trail import AuditTrail
 from server.privacy_section import privacy_section
+from server.checkpoint import Checkpoint
+from server.resume import Checkpointer, plan_start
 from server.run_folder import STUDENT, RunFolder
 from server.secure_rounds import secure_soft_labels
 
-INFO = 20
+INFO, WARNING = 20, 30
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_run_config(context.run_config)
+    start = plan_start(cfg)  # refuses (ConfigError) before anything is written
+    if start.done:
+        log(WARNING, "%s", start.note)
+        return
+    if start.note:
+        log(INFO, "%s", start.note)
     run = RunFolder.create(cfg)
     trail = None
     try:
         trail = AuditTrail.open(cfg, run.path, context.run_id)
+        keeper = Checkpointer.start(cfg, run, trail, start)
         split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size)
         nodes = wait_for_nodes(grid, cfg)
         run.event("nodes", count=len(nodes))
         if cfg.method == "fedavg":
-            run_fedavg(grid, cfg, run, split, partial(trail.finished, cfg.num_server_rounds, run.path / STUDENT))
+            run_fedavg(grid, cfg, run, split, trail, keeper, start.checkpoint)
         else:
-            run_distillation(grid, cfg, run, split, trail)
+            run_distillation(grid, cfg, run, split, trail, keeper, start.checkpoint)
+        keeper.finished()
     except BaseException as error:
         if trail is not None:
             run.sections["audit"] = trail.failed(error)
@@ -55,13 +66,16 @@ def main(grid: Grid, context: Context) -> None:
         raise
 
 
-def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: FederatedSplit, trail: AuditTrail) -> None:
+def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: FederatedSplit, trail: AuditTrail,
+                     keeper: Checkpointer, resumed: Checkpoint | None = None) -> None:
     public, test = split.public, split.test
     fingerprint = public_fingerprint(public)
     student = Student(cfg, public.num_classes, tuple(public.images.shape[1:]))
+    if resumed is not None:
+        student.restore(resumed.student, resumed.optimizers)
     log(INFO, "run folder %s; public set %d samples, fingerprint %s", run.path, len(public), fingerprint[:12])
 
-    for round_ in range(1, cfg.num_server_rounds + 1):
+    for round_ in range(resumed.state.round + 1 if resumed else 1, cfg.num_server_rounds + 1):
         started = time.monotonic()
         query = make_query(cfg, round_, fingerprint, len(public), public.num_classes)
         replies, ensemble = collect_and_aggregate(grid, cfg, trail, query)
@@ -82,12 +96,13 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
         row["wall_s"] = round(time.monotonic() - started, 3)
         run.record_round(row)
         run.save_student(student.model, student_meta(cfg, public.num_classes, public.images.shape[1:], round_))
-        trail.checkpoint(round_, run.path / STUDENT, row["student_accuracy"])
+        entry = trail.checkpoint(round_, run.path / STUDENT, row["student_accuracy"])
+        keeper.save(round_, entry, student.model.state_dict(), student.optimizer_states())
         log(INFO, "round %d: student accuracy %.4f, %d replies", round_, row["student_accuracy"], len(replies.accepted))
 
     run.sections["audit"] = trail.finished(cfg.num_server_rounds, run.path / STUDENT)
     run.sections["privacy"] = privacy_section(cfg, trail.ledger.entries())
-    run.finish(final_figures(cfg, run, student.params, replies))
+    run.finish(final_figures(cfg, run, student.params))
 
 
 def collect_and_aggregate(grid: Grid, cfg: RunConfig, trail: AuditTrail, query: SoftLabelQuery) -> tuple[Any, Aggregate]:
@@ -128,8 +143,8 @@ def round_row(query: SoftLabelQuery, replies: Any, student_acc: float, ensemble_
     }
 
 
-def final_figures(cfg: RunConfig, run: RunFolder, student_params: int, last: RoundReplies) -> dict[str, Any]:
-    teachers = {str(n): r.teacher_params for n, r in sorted(last.accepted.items())}
+def final_figures(cfg: RunConfig, run: RunFolder, student_params: int) -> dict[str, Any]:
+    teachers = dict(run.rounds[-1]["teacher_params"])  # the last round's institutions
     teacher_acc = list(run.rounds[-1]["teacher_accuracy"].values())
     return {
         "student_accuracy": run.rounds[-1]["student_accuracy"],

@@ -17,6 +17,11 @@ Coordinator ledger (`<run folder>/ledger.jsonl`, signer "coordinator"):
     run-finished        {status: "completed", rounds, student_sha256}
     run-failed          {status: "failed", error}
     ledger-resumed      {run_id}                       a restarted server continues the chain
+    run-resumed         {run_id, checkpoint_round, checkpoint_seq, checkpoint_hash, interrupted_run_ids,
+                        abandoned_rounds}   after run-started, when `resume = true` continues from the checkpoint
+                        made after round `checkpoint_round` (its student-checkpoint entry is `checkpoint_seq`).
+                        Entries after that seq, of the `interrupted_run_ids`, stay in the chain: the rounds they
+                        were about (`abandoned_rounds`) were abandoned and are run again after this entry
     ledger-recovered    {torn_bytes, torn_sha256, set_aside}
 
 Institution release log (`release-log.jsonl`, signer = the institution id):
@@ -44,6 +49,8 @@ EXCHANGE_OPENED = "exchange-opened"
 CHECKPOINT = "student-checkpoint"
 RUN_FINISHED = "run-finished"
 RUN_FAILED = "run-failed"
+RUN_RESUMED = "run-resumed"
 RELEASE = "release"
 CLOSING = (RUN_FINISHED, RUN_FAILED)
+ROUND_WORK = (ROUND_OPENED, REPLY_ACCEPTED, REPLY_REJECTED, AGGREGATED, DIGEST_OPENED, EXCHANGE_OPENED, CHECKPOINT)
 COORDINATOR = "coordinator"

@@ -10,7 +10,7 @@ from typing import Any
 from common.audit import kinds
 from common.audit.canonical import utc_now
 from common.audit.ledger import OPENED, RESUMED
-from common.audit.verify import Chain, read_chain, verify_ledger
+from common.audit.verify import Chain, abandoned_releases, abandoned_entries, read_chain, verify_ledger
 from common.audit.report_page import BYTES_PLOT, EPSILON_PLOT, JSON_FILE, MARKDOWN_FILE, write_report
 from common.errors import ConfigError
 
@@ -144,16 +144,20 @@ def _run_summary(chain: Chain, label: str, verified: bool) -> dict[str, Any]:
     first = started[0] if started else {}
     closing = next((e for _, e in reversed(chain.entries) if e["kind"] in kinds.CLOSING), None)
     end = closing["body"] if closing else {}
-    checkpoints = _bodies(chain, kinds.CHECKPOINT)
-    aggregated = _bodies(chain, kinds.AGGREGATED)
+    abandoned = abandoned_entries(entry for _, entry in chain.entries)
+    kept = [entry for _, entry in chain.entries if entry["seq"] not in abandoned]
+    checkpoints = [e["body"] for e in kept if e["kind"] == kinds.CHECKPOINT]
+    aggregated = [e["body"] for e in kept if e["kind"] == kinds.AGGREGATED]
     return {
         "run": label, "ledger": str(chain.path), "verified": verified, "run_name": first.get("run_name"),
         "run_ids": sorted({str(body.get("run_id")) for body in started}), "scenario": first.get("scenario"),
         "method": first.get("method"), "aggregation": first.get("aggregation"), "num_server_rounds": first.get("num_server_rounds"),
-        "rounds_opened": len(_bodies(chain, kinds.ROUND_OPENED)), "rounds_aggregated": len(aggregated),
+        "rounds_opened": sum(e["kind"] == kinds.ROUND_OPENED for e in kept), "rounds_aggregated": len(aggregated),
         "digests_opened": len(_bodies(chain, kinds.DIGEST_OPENED)),
         "rounds": end.get("rounds", len(aggregated)),
         "status": end.get("status", "unfinished"), "error": end.get("error"), "restarts": len(_bodies(chain, RESUMED)),
+        "resumes": [{"run_id": b.get("run_id"), "after_round": b.get("checkpoint_round"), "abandoned_rounds": b.get("abandoned_rounds"),
+                     "interrupted_run_ids": b.get("interrupted_run_ids")} for b in _bodies(chain, kinds.RUN_RESUMED)],
         "started": next((e["time"] for _, e in chain.entries if e["kind"] == kinds.RUN_STARTED), None),
         "ended": closing["time"] if closing else None,
         "student_sha256": end.get("student_sha256") or (checkpoints[-1].get("sha256") if checkpoints else None),
@@ -252,18 +256,20 @@ def _summarise_privacy(institution: dict[str, Any]) -> None:
 def _add_release_log(report: dict[str, Any], log: Chain, chains: list[Chain], labels: list[str]) -> None:
     """Which releases of an institution's log the ledgers record: accepted, rejected, late (timed out) or missing.
 
-    Late and missing releases left the institution all the same: their bytes and privacy count too.
+    Late, abandoned (made for a round the coordinator abandoned when it stopped, before a resume) and missing
+    releases left the institution all the same: their bytes and privacy count too.
     """
-    where, runs, timeouts = {}, {}, set()
+    where, runs, timeouts, abandoned = {}, {}, set(), {}
     for chain, label in zip(chains, labels):
         runs.update({run_id: label for run_id in _run_ids(chain)})
+        abandoned.update(abandoned_releases(chain))
         for _, entry in chain.entries:
             if (signed := _signed(entry["body"])) is not None:
                 where[signed] = entry["kind"]
             if entry["kind"] == kinds.REPLY_REJECTED and entry["body"].get("check") == "timeout":
                 timeouts.add((label, _round(entry["body"]), str(entry["body"].get("node_id"))))
     name, path = _institution_of(log), str(log.path)
-    counts, missing = {"releases": 0, "accepted": 0, "rejected": 0, "late": 0, "other_runs": 0}, []
+    counts, missing = {"releases": 0, "accepted": 0, "rejected": 0, "late": 0, "abandoned": 0, "other_runs": 0}, []
     for body in _bodies(log, kinds.RELEASE):
         counts["releases"] += 1
         kind, label, round_ = where.get(_signed(body)), runs.get(str(body.get("run_id"))), _round(body)
@@ -271,14 +277,17 @@ def _add_release_log(report: dict[str, Any], log: Chain, chains: list[Chain], la
             counts["other_runs" if label is None else "accepted" if kind == kinds.REPLY_ACCEPTED else "rejected"] += 1
             continue
         late = (label, round_, str(body.get("node_id"))) in timeouts
+        after = abandoned.get(str(body.get("run_id")))
+        dropped = not late and after is not None and round_ is not None and round_ > after  # the coordinator stopped
         counts["late"] += late
-        missing += [] if late else [{"run": label, "round": round_}]
+        counts["abandoned"] += dropped
+        missing += [] if late or dropped else [{"run": label, "round": round_}]
         statement = _statement(body)
         if owner := name or statement.get("institution_id"):
             _institution(report, str(owner))["releases_only_logged"] += 1
             phase = "digest" if _payload_kind(statement) == DIGEST_PAYLOAD else SOFT_LABELS
             _add_release(_institution(report, str(owner)), label, round_, int(_number(statement.get("payload_bytes"))), statement,
-                         "late" if late else "not in the ledger", phase)
+                         "late" if late else "abandoned" if dropped else "not in the ledger", phase)
     checked = [ledger["run"] for ledger in report["ledgers"] if path in ledger["release_logs"]]
     report["release_logs"].append({"path": path, "institution": name, **counts, "missing": missing, "all_in_ledger": not missing,
                                    "checked_against": checked})

@@ -58,7 +58,9 @@ def _md_runs(report: dict[str, Any]) -> str:
     return _section("Runs", ["run", "run id(s)", "scenario", "method", "aggregation", "rounds", "status", "student sha256"], [
         [run["run"] + ("" if run["verified"] else " *(unverified)*"), ", ".join(run["run_ids"]), run["scenario"], run["method"],
          run["aggregation"], f"{run['rounds']} of {run['num_server_rounds']}",
-         f"{run['status']}" + (f": {run['error']}" if run["error"] else ""),
+         f"{run['status']}" + (f": {run['error']}" if run["error"] else "")
+         + "".join(f" (resumed after round {r['after_round']}, round(s) {r['abandoned_rounds']} abandoned and run again)"
+                   for r in run.get("resumes", [])),
          f"`{run['student_sha256']}`" if run["student_sha256"] else ""] for run in report["runs"]])
 
 
@@ -67,7 +69,7 @@ def _md_institutions(report: dict[str, Any]) -> str:
     for name, inst in report["institutions"].items():
         logs = [log for log in report["release_logs"] if log["institution"] == name]
         missing = sum(len(log["missing"]) for log in logs)
-        late = f" ({inst['releases_only_logged'] - missing} late)" if inst["releases_only_logged"] > missing else ""
+        late = f" ({inst['releases_only_logged'] - missing} late or abandoned)" if inst["releases_only_logged"] > missing else ""
         logged = (f"{sum(log['releases'] for log in logs)} logged, " + (f"**{missing} missing from the ledger**" if missing else
                   "all in the ledger") + late) if logs else "not given"
         rounds = "; ".join(f"{run}: {', '.join(map(str, r)) if len(r) <= 8 else f'{len(r)} rounds, {r[0]}-{r[-1]}'}"
@@ -79,7 +81,7 @@ def _md_institutions(report: dict[str, Any]) -> str:
     return _section("Institutions", ["institution", "runs", "rounds joined", "accepted", "rejected", "bytes accepted", "bytes sent",
                                      "data categories", "first release", "last release", "release log"], rows,
                     note="*Bytes sent* counts every attested release: accepted, rejected, and those only the release log holds "
-                         "(late, or missing from the ledger).")
+                         "(late, made for a round abandoned when the coordinator stopped, or missing from the ledger).")
 
 
 def _md_rejections(report: dict[str, Any]) -> str:
@@ -105,8 +107,10 @@ def _md_privacy(report: dict[str, Any]) -> str:
 
 def _md_release_logs(report: dict[str, Any]) -> str:
     return _section("Release logs", ["log", "institution", "releases", "accepted", "rejected", "late (timed out)",
-                                     "missing from the ledger", "of other runs", "all in the ledger", "checked against"], [
+                                     "abandoned (coordinator stopped)", "missing from the ledger", "of other runs",
+                                     "all in the ledger", "checked against"], [
         [f"`{log['path']}`", log["institution"], log["releases"], log["accepted"], log["rejected"], log["late"],
+         log.get("abandoned", 0),
          "; ".join(f"{m['run']} round {m['round']}" for m in log["missing"]) or "0", log["other_runs"],
          "yes" if log["all_in_ledger"] else "**no**", ", ".join(log["checked_against"]) or "**not checked**"]
         for log in report["release_logs"]], empty="No institution's release log was given: the ledgers were not cross-checked.")

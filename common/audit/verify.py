@@ -180,9 +180,16 @@ def verify_ledger(
 def _check_semantics(chain: Chain, keys: dict[str, str] | None) -> set[str]:
     """Attestations of accepted replies, round order, and a closing entry."""
     run_ids = {e["body"].get("run_id") for _, e in chain.entries if e["kind"] == kinds.RUN_STARTED}
-    open_round = None
-    for number, entry in chain.entries:
+    open_round, resumed_after = None, None
+    for index, (number, entry) in enumerate(chain.entries):
         body, kind = entry["body"], entry["kind"]
+        if kind == kinds.RUN_RESUMED:
+            _check_resume(chain, index)
+            resumed_after = body.get("checkpoint_round")
+        if kind in (kinds.ROUND_OPENED, kinds.EXCHANGE_OPENED) and resumed_after is not None:
+            if isinstance(resumed_after, int) and body.get("round") != resumed_after + 1:
+                chain.problem(number, entry, "resume", f"the run resumed after round {resumed_after}, but opens round {body.get('round')}")
+            resumed_after = None
         if kind in (kinds.ROUND_OPENED, kinds.DIGEST_OPENED, kinds.EXCHANGE_OPENED):
             open_round = body.get("round")
         elif kind in (kinds.REPLY_ACCEPTED, kinds.REPLY_REJECTED, kinds.AGGREGATED) and body.get("round") != open_round:
@@ -194,6 +201,38 @@ def _check_semantics(chain: Chain, keys: dict[str, str] | None) -> set[str]:
         chain.problem(number, last, "closing entry",
                       f"the ledger ends without {' or '.join(kinds.CLOSING)}: it was truncated, or the run has not ended")
     return {r for r in run_ids if isinstance(r, str)}
+
+
+def _check_resume(chain: Chain, index: int) -> None:
+    """A `run-resumed` entry follows its run's `run-started` and names an earlier entry of this chain, by seq and
+    hash, as its checkpoint (a `student-checkpoint` of the round it resumes after, or for a run without one yet
+    the last entry before the stop)."""
+    number, entry = chain.entries[index]
+    body = entry["body"]
+    seq, digest, round_ = body.get("checkpoint_seq"), body.get("checkpoint_hash"), body.get("checkpoint_round")
+    previous = chain.entries[index - 1][1] if index else {}
+    if previous.get("kind") != kinds.RUN_STARTED or previous["body"].get("run_id") != body.get("run_id"):
+        chain.problem(number, entry, "resume", f"does not follow the run-started entry of run {body.get('run_id')}")
+    target = next((e for _, e in chain.entries if e["seq"] == seq), None) if isinstance(seq, int) and seq < entry["seq"] else None
+    if target is None:
+        chain.problem(number, entry, "resume", f"its checkpoint entry {seq} is not an earlier entry of this ledger")
+    elif target["hash"] != digest:
+        chain.problem(number, entry, "resume", f"its checkpoint entry {seq} has hash {target['hash'][:16]}..., "
+                                               f"the resume names {str(digest)[:16]}...")
+    elif target["kind"] == kinds.CHECKPOINT and target["body"].get("round") != round_:
+        chain.problem(number, entry, "resume", f"resumes after round {round_}, but its checkpoint entry {seq} is "
+                                               f"of round {target['body'].get('round')}")
+
+
+def abandoned_releases(chain: Chain) -> dict[str, int]:
+    """Run id -> the round after which a resume abandoned that run's later rounds."""
+    found: dict[str, int] = {}
+    for _, entry in chain.entries:
+        if entry["kind"] != kinds.RUN_RESUMED or not isinstance(entry["body"].get("checkpoint_round"), int):
+            continue
+        for run_id in entry["body"].get("interrupted_run_ids") or []:
+            found[str(run_id)] = min(found.get(str(run_id), entry["body"]["checkpoint_round"]), entry["body"]["checkpoint_round"])
+    return found
 
 
 def _check_accepted(chain: Chain, number: int, entry: dict[str, Any], keys: dict[str, str] | None, run_ids: set) -> None:
@@ -270,7 +309,7 @@ def _check_client_log(path: Path, keys: dict[str, str] | None, ledger: Chain, ru
             in_ledger[(attestation.statement, attestation.signature)] = entry
         if entry["kind"] == kinds.REPLY_REJECTED and entry["body"].get("check") == "timeout":
             timeouts.add((entry["body"].get("round"), entry["body"].get("node_id")))
-    logged = set()
+    logged, abandoned = set(), abandoned_releases(ledger)
     for number, entry in chain.entries:
         if entry["kind"] != kinds.RELEASE:
             continue
@@ -292,7 +331,11 @@ def _check_client_log(path: Path, keys: dict[str, str] | None, ledger: Chain, ru
         logged.add((attestation.statement, attestation.signature))
         if (attestation.statement, attestation.signature) not in in_ledger:
             where = (fields["round"], fields["node_id"])
-            if where in timeouts:
+            after = abandoned.get(str(fields["run_id"]))
+            if after is not None and isinstance(fields["round"], int) and fields["round"] > after:
+                result.notes.append(f"{chain.label}: the release of round {where[0]} of run {fields['run_id']} belongs to an "
+                                    f"attempt abandoned when the coordinator stopped (the run resumed after round {after})")
+            elif where in timeouts:
                 result.notes.append(f"{chain.label}: the release of round {where[0]} reached the coordinator after its round-timeout (ledger records the timeout)")
             else:
                 chain.problem(number, entry, "cross-check", f"release of round {fields['round']} (payload {fields['payload_sha256'][:16]}...) "
@@ -308,6 +351,20 @@ def _check_client_log(path: Path, keys: dict[str, str] | None, ledger: Chain, ru
             result.problems.append(Finding(ledger.label, line_of.get(entry["seq"]), entry["seq"], entry["kind"], "cross-check",
                                            f"the ledger holds a release by {institution!r} in round {fields.get('round')} that its log does not"))
     result.problems += chain.problems
+
+
+def abandoned_entries(entries: Iterable[dict[str, Any]]) -> set[int]:
+    """Seqs of the round entries (round-opened, replies, aggregated, checkpoints...) of attempts that a
+    resumed run abandoned: those between a `run-resumed` entry and the checkpoint it resumed from."""
+    entries = list(entries)
+    abandoned: set[int] = set()
+    numbered = [e for e in entries if isinstance(e.get("seq"), int) and isinstance(e.get("body"), dict)]
+    for resume in (e for e in numbered if e.get("kind") == kinds.RUN_RESUMED):
+        start = resume["body"].get("checkpoint_seq")
+        if not isinstance(start, int):
+            continue
+        abandoned |= {e["seq"] for e in numbered if start < e["seq"] < resume["seq"] and e.get("kind") in kinds.ROUND_WORK}
+    return abandoned
 
 
 def _attestation(body: dict[str, Any]) -> Attestation | None:
