@@ -139,11 +139,13 @@ def check_public(
     if server_fingerprint != fingerprint:
         raise FingerprintMismatch(
             f"public set fingerprint mismatch: server has {server_fingerprint[:12]}..., this node has "
-            f"{fingerprint[:12]}...; check this node's data-dir, public-size and seed"
+            f"{fingerprint[:12]}...; check this node's data-dir, public-size and seed, or its node config public-dir "
+            "if its copy of the public set lives elsewhere"
         )
     if server_classes != num_classes:
         raise MessageFormatError(
-            f"label space mismatch: server expects {server_classes} classes, this node has {num_classes}"
+            f"label space mismatch: server expects {server_classes} classes, this node has {num_classes}; "
+            f"the node must run the server's dataset, with labels 0..{server_classes - 1}"
         )
     if len(sample_ids) and (sample_ids.min() < 0 or sample_ids.max() >= public_size):
         raise MessageFormatError(f"sample-ids: indices must lie in [0, {public_size}) of the public set")

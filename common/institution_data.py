@@ -36,11 +36,11 @@ FORMAT_WORDS = {"idx": "idx image", "images": "per-class image", "csv": "tabular
                 "jsonl": "text JSONL"}
 TASK_LAYOUTS = {
     "image": "a folder of idx files (<prefix>-images-idx3-ubyte and <prefix>-labels-idx1-ubyte, optionally .gz) "
-             "or of per-class image folders (<data-path>/<class>/*.png)",
+             "or of per-class image folders, <data-path>/<class>/*.png",
     "tabular": "a CSV or Parquet file with a 'label' column and numeric feature columns",
     "text": 'a JSONL file with one {"text": ..., "label": ...} object per line',
 }
-IDX_FIX = "export the file again (`fedstill site-data --format idx` writes an example of the layout)"
+IDX_FIX = "export the file again; `fedstill site-data --format idx` writes an example of the layout"
 LABEL_COLUMN = "label"
 
 
@@ -66,8 +66,8 @@ class LabelSpace:
         return self._by_name.get(_normal(text))
 
     def describe(self) -> str:
-        names = f" or by label name ({', '.join(_normal(n) for n in self.names)})" if self.names and \
-            any(not n.isdigit() for n in self.names) else ""
+        named = self.names and any(not n.isdigit() for n in self.names)
+        names = f" or label names: {', '.join(_normal(n) for n in self.names)}" if named else ""
         return f"class indices 0..{self.num_classes - 1}{names}"
 
 
@@ -235,7 +235,7 @@ def _gray_image(path: Path, space: LabelSpace) -> np.ndarray:
         with Image.open(path) as image:
             image.load()
             if image.mode not in ("L", "1", "P", "LA", "RGB", "RGBA"):
-                raise DataError(f"image {path} has pixel mode {image.mode}; save it as 8-bit grayscale (mode L)")
+                raise DataError(f"image {path} has pixel mode {image.mode}; save it as 8-bit grayscale, mode L")
             pixels = np.asarray(image if image.mode == "L" else image.convert("RGB"))
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise DataError(f"cannot read image {path} ({type(error).__name__}); the file is corrupt: "
@@ -260,7 +260,7 @@ def read_table(path: Path, fmt: str, space: LabelSpace) -> TabularSet:
     where = f"data-path {path}"
     if LABEL_COLUMN not in frame.columns:
         raise DataError(f"{where} has no '{LABEL_COLUMN}' column (columns: {_names([str(c) for c in frame.columns])}); "
-                        f"name the column holding the class '{LABEL_COLUMN}'")
+                        f"rename the column holding the class to {LABEL_COLUMN}")
     if frame.empty:
         raise DataError(f"{where} holds no rows; export this institution's data into it")
     features = frame.drop(columns=[LABEL_COLUMN])
@@ -332,7 +332,7 @@ def _label_values(values: list, space: LabelSpace, where: str, line) -> np.ndarr
     unknown: list[str] = []
     for i, value in enumerate(values):
         if isinstance(value, (bool, np.bool_)) or value is None or (isinstance(value, float) and np.isnan(value)):
-            raise DataError(f"{where}: {line(i)} has no class label; every row needs one ({space.describe()})")
+            raise DataError(f"{where}: {line(i)} has no class label; every row needs one: {space.describe()}")
         if isinstance(value, (int, np.integer)):
             out[i] = int(value)
         elif isinstance(value, (float, np.floating)):

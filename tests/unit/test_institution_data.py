@@ -30,6 +30,7 @@ from common.institution_data import (
 )
 from common.messages import SoftLabelQuery
 from common.partition import partition_indices
+from server.rounds import short_reason
 from simulations.site_data import write_site_data
 
 SIDE = 8
@@ -403,9 +404,9 @@ IMAGE_ERRORS = [
     (_stray_file_beside_classes, r"holds class folders and also the files 'labels.csv'", r"move those files"),
     (_corrupt_png, r"cannot read image .*\.png \(UnidentifiedImageError\); the file is corrupt", r"export it again or remove"),
     (_colour_png, r"image .*a.png is in colour", r"convert it to 8-bit grayscale"),
-    (_sixteen_bit_png, r"has pixel mode I;16", r"save it as 8-bit grayscale"),
+    (_sixteen_bit_png, r"has pixel mode I;16", r"save it as 8-bit grayscale, mode L"),
     (_csv_for_images, r"holds tabular CSV data but scenario dataset .* is an image task",
-     r"point data-path at a folder of idx files .* or of per-class image folders"),
+     r"point data-path at a folder of idx files .* or of per-class image folders, <data-path>/<class>/\*.png$"),
     (_jsonl_for_images, r"holds text JSONL data but scenario dataset .* is an image task", r"point data-path at a folder"),
 ]
 
@@ -424,6 +425,7 @@ def test_bad_image_data_is_refused_with_the_problem_and_the_fix(tmp_path: Path, 
     message = str(caught.value)
     assert re.search(problem, message), message
     assert re.search(fix, message), message
+    assert_reaches_the_server_whole(message)
 
 
 def test_the_image_task_refusal_reads_as_documented(tmp_path: Path) -> None:
@@ -453,14 +455,14 @@ def _parquet_with_gaps(root: Path) -> Path:
 
 
 TABLE_ERRORS = [
-    (_write("no-label.csv", "a,b\n1,2\n"), r"has no 'label' column \(columns: 'a', 'b'\)", r"name the column"),
+    (_write("no-label.csv", "a,b\n1,2\n"), r"has no 'label' column \(columns: 'a', 'b'\)", r"rename the column holding the class to label"),
     (_write("empty.csv", "a,label\n"), r"holds no rows", r"export this institution's data"),
     (_write("only-label.csv", "label\n1\n"), r"no feature columns", r"add the feature columns"),
     (_write("text-feature.csv", "city,label\nParis,0\n"), r"feature columns 'city' are not numeric", r"encode them"),
-    (_write("float-label.csv", "x,label\n1,0\n2,1.5\n"), r"line 3 has a non-integer label", r"class indices 0..2 or by label name"),
+    (_write("float-label.csv", "x,label\n1,0\n2,1.5\n"), r"line 3 has a non-integer label", r"class indices 0..2 or label names"),
     (_write("missing-label.csv", "x,label\n1,0\n2,\n"), r"line 3 has no class label", r"every row needs one"),
     (_write("unknown-name.csv", "x,label\n1,low\n2,giant\n"), r"labels 'giant' are not classes of credit",
-     r"by label name \(low, medium, high\)"),
+     r"or label names: low, medium, high$"),
     (_write("outside.csv", "x,label\n1,0\n2,3\n"), r"1 of 2 labels lie outside the label space \[0, 3\)", r"labels must be"),
     (_write("negative.csv", "x,label\n1,-1\n"), r"outside the label space \[0, 3\) of credit \(found labels from -1 to -1\)",
      r"labels must be"),
@@ -499,6 +501,13 @@ def _assert_refused(path: Path, space: LabelSpace, problem: str, fix: str) -> No
         load_institution_data(path, space)
     assert re.search(problem, str(caught.value)), str(caught.value)
     assert re.search(fix, str(caught.value)), str(caught.value)
+    assert_reaches_the_server_whole(str(caught.value))
+
+
+def assert_reaches_the_server_whole(message: str) -> None:
+    """The server keeps a node error's own message (judge_replies' short_reason): nothing of it may be cut."""
+    framed = f"<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. Message: {message}'>"
+    assert short_reason(framed) == " ".join(message.split())
 
 
 def test_no_message_carries_values_read_from_the_file(tmp_path: Path) -> None:
@@ -610,8 +619,9 @@ def test_public_dir_overrides_data_dir_and_a_wrong_public_set_is_refused(
 
     # Assert: the server's query about another public set is refused, naming both fingerprints and the fix
     query = SoftLabelQuery(1, "f" * 64, 2.0, "float16", 10, np.arange(5, dtype=np.int64), False)
-    with pytest.raises(FingerprintMismatch, match=r"public set fingerprint mismatch: server has ffffffffffff\.\.\..*check"):
+    with pytest.raises(FingerprintMismatch, match=r"public set fingerprint mismatch: server has ffffffffffff\.\.\..*public-dir") as caught:
         check_query(query, site.fingerprint, site.private.num_classes, len(site.public))
+    assert_reaches_the_server_whole(str(caught.value))
     right = SoftLabelQuery(1, site.fingerprint, 2.0, "float16", 10, np.arange(5, dtype=np.int64), False)
     check_query(right, site.fingerprint, site.private.num_classes, len(site.public))
 
@@ -627,8 +637,9 @@ def test_label_space_mismatches_are_refused(tmp_path: Path, run_config_mapping: 
     # Execute / Assert: labels outside the scenario's classes, and a server with another label space
     with pytest.raises(DataError, match=r"outside the label space \[0, 10\) of digits"):
         load_site(cfg, {"data-path": str(wrong)}, RecordDict())
-    with pytest.raises(MessageFormatError, match="label space mismatch: server expects 5 classes, this node has 10"):
+    with pytest.raises(MessageFormatError, match="label space mismatch: server expects 5 classes, this node has 10") as caught:
         check_query(query, site.fingerprint, site.private.num_classes, len(site.public))
+    assert_reaches_the_server_whole(str(caught.value))
 
 
 @pytest.mark.parametrize(("node", "message"), [
