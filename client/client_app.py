@@ -18,7 +18,7 @@ from client.answer import answer_query
 from client.release import load_identity, sign_and_log
 from client.secure import masked_vector, round_keys, share_bundles, unmask_shares
 from client.site import Site, load_site
-from client.teacher import digest_round, restore_teacher, save_teacher
+from client.teacher import attach_store, digest_round, restore_teacher, save_teacher, teacher_store
 from common.config import RunConfig
 from common.errors import FingerprintMismatch, MessageFormatError
 from common.messages import (
@@ -121,7 +121,9 @@ def fedavg(msg: Message, context: Context) -> Message:
 def _setup(context: Context) -> tuple[RunConfig, Site]:
     cfg = RunConfig.from_run_config(context.run_config)
     torch.set_num_threads(cfg.torch_threads)
-    return cfg, load_site(cfg, context.node_config, context.state)
+    site = load_site(cfg, context.node_config, context.state)
+    attach_store(context.state, teacher_store(cfg, site, context.node_config, context.run_id))  # survives a restart
+    return cfg, site
 
 
 def _class_counts(site: Site) -> np.ndarray:

@@ -61,6 +61,20 @@ def load_identity(cfg: RunConfig, node_config: Mapping[str, Any]) -> Identity | 
     return None
 
 
+def site_home(cfg: RunConfig, node_config: Mapping[str, Any]) -> Path | None:
+    """The institution's own folder, where it keeps what is its own (release log, privacy ledger, teacher):
+    the release log's folder in deployment, `sites-dir/institution-<partition-id>/` in simulation; None
+    for a node without an identity (an unaudited simulation)."""
+    if "signing-key" in node_config or "institution-id" in node_config:
+        key, log = node_config.get("signing-key"), node_config.get("release-log")
+        if isinstance(log, str) and log:
+            return Path(log).expanduser().parent
+        return Path(key).expanduser().parent if isinstance(key, str) and key else None
+    if cfg.sites_dir and isinstance(node_config.get("partition-id"), int):
+        return site_folder(cfg.sites_dir, node_config["partition-id"])
+    return None
+
+
 SECAGG_RELEASES = {
     "secagg-keys": ["ephemeral public keys for secure aggregation"],
     "secagg-bundles": ["encrypted secret shares for secure aggregation, readable only by their addressee"],

@@ -1,13 +1,36 @@
-"""The institution's teacher: restored from node state, trained a little more each round, saved back."""
+"""The institution's teacher: restored from node state, trained a little more each round, saved back.
+
+Node state is lost when a SuperNode restarts, so a node with a state folder also keeps the teacher on
+disk: node config `state-dir`, by default the institution's own folder (client.release.site_home);
+a plain simulation without one keeps it in memory only. The file, `teacher-<digest>.safetensors`, is
+written atomically after every training step and holds in its header the settings that make the
+teacher valid here (model, data, seed, privacy mechanism, run); a restarted node restores it only when
+they match, and otherwise trains a fresh teacher and says why.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.common.logger import log
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from client.release import site_home
 from client.site import Site
+from common.audit.canonical import canonical, sha256_hex, utc_now
 from common.config import RunConfig
+from common.data import ImageSet
+from common.errors import ConfigError
 from common.losses import distillation_loss
 from common.messages import DigestInstruction
 from common.models import build_model, images_to_tensor
@@ -15,6 +38,66 @@ from common.training import train_epochs, train_supervised
 
 TEACHER_KEY = "teacher"
 TEACHER_META_KEY = "teacher-meta"
+STORE_KEY = "teacher-store"  # node state: where this node's teacher is kept on disk, and its settings digest
+STATE_DIR = "state-dir"  # node config key
+HEADER_KEY = "fedstill-teacher"
+INFO, WARNING = 20, 30
+
+
+@dataclass(frozen=True)
+class TeacherStore:
+    """Where a node keeps its teacher on disk, and the settings a saved teacher must have been trained for."""
+
+    folder: Path
+    settings: dict[str, Any]
+
+    @property
+    def digest(self) -> str:
+        return sha256_hex(canonical(self.settings))
+
+    @property
+    def path(self) -> Path:
+        return self.folder / f"teacher-{self.digest[:16]}.safetensors"
+
+
+def teacher_store(cfg: RunConfig, site: Site, node_config: Mapping[str, Any], run_id: int) -> TeacherStore | None:
+    """The node's store: node config `state-dir`, else the institution's folder; None keeps the teacher in memory."""
+    folder = node_config.get(STATE_DIR)
+    if folder is not None and (not isinstance(folder, str) or not folder):
+        raise ConfigError(f"node config {STATE_DIR} must be a folder path (a string), got {folder!r}; for example "
+                          f"--node-config '{STATE_DIR}=\"/var/lib/fedstill/hospital-a\"'")
+    folder = Path(folder).expanduser() if folder else site_home(cfg, node_config)
+    return None if folder is None else TeacherStore(folder, teacher_settings(cfg, site, run_id))
+
+
+def teacher_settings(cfg: RunConfig, site: Site, run_id: int) -> dict[str, Any]:
+    """What makes a saved teacher this node's teacher for this run. The run is its run-name (kept by a resumed
+    run), or Flower's run id when unnamed; the privacy mechanism, because a DP teacher must only ever have
+    been trained under DP."""
+    return {
+        "model": cfg.teacher_model_for(site.partition_id), "dataset": cfg.dataset, "seed": cfg.seed,
+        "partition_id": site.partition_id, "num_classes": site.private.num_classes,
+        "image_size": list(site.private.images.shape[1:]), "private_data_sha256": _data_sha256(site.private),
+        "public_fingerprint": site.fingerprint, "privacy": cfg.privacy, "run": cfg.run_name or f"run-id {run_id}",
+    }
+
+
+def attach_store(state: RecordDict, store: TeacherStore | None) -> None:
+    """Tie node state to the on-disk teacher; a node whose state holds no teacher (it restarted) restores it."""
+    if store is None:
+        return
+    state[STORE_KEY] = ConfigRecord({"path": str(store.path), "digest": store.digest, "settings": json.dumps(store.settings)})
+    meta = state.get(TEACHER_META_KEY)
+    if isinstance(meta, ConfigRecord) and meta.get("digest") == store.digest and TEACHER_KEY in state:
+        return
+    saved = _read(store)
+    if saved is None:
+        return
+    weights, header = saved
+    state[TEACHER_KEY] = ArrayRecord(weights)
+    state[TEACHER_META_KEY] = ConfigRecord({"model": header["model"], "rounds-trained": int(header["rounds_trained"]),
+                                            "digest": store.digest})
+    log(INFO, "teacher restored from %s: %s, %d round(s) trained", store.path, header["model"], header["rounds_trained"])
 
 
 def restore_teacher(state: RecordDict, cfg: RunConfig, site: Site) -> tuple[nn.Module, int]:
@@ -22,8 +105,9 @@ def restore_teacher(state: RecordDict, cfg: RunConfig, site: Site) -> tuple[nn.M
     name = cfg.teacher_model_for(site.partition_id)
     image_size = tuple(site.private.images.shape[1:])
     model = build_model(name, site.private.num_classes, image_size, seed=cfg.seed + site.partition_id)
-    meta = state.get(TEACHER_META_KEY)
-    if isinstance(meta, ConfigRecord) and meta.get("model") == name and TEACHER_KEY in state:
+    meta, store = state.get(TEACHER_META_KEY), state.get(STORE_KEY)
+    matches = not isinstance(store, ConfigRecord) or (isinstance(meta, ConfigRecord) and meta.get("digest") == store.get("digest"))
+    if isinstance(meta, ConfigRecord) and meta.get("model") == name and TEACHER_KEY in state and matches:
         model.load_state_dict(state[TEACHER_KEY].to_torch_state_dict())
         return model, int(meta["rounds-trained"])
     return model, 0
@@ -39,11 +123,27 @@ def train_round(model: nn.Module, cfg: RunConfig, site: Site, rounds_trained: in
 
 
 def save_teacher(state: RecordDict, model: nn.Module, cfg: RunConfig, site: Site, rounds_trained: int) -> None:
-    """Keep the teacher in node state so the next round continues training it."""
+    """Keep the teacher in node state so the next round continues training it, and on disk when the node has
+    a store (the file is replaced atomically: a crash leaves the previous teacher or this one)."""
+    name, store = cfg.teacher_model_for(site.partition_id), state.get(STORE_KEY)
     state[TEACHER_KEY] = ArrayRecord(model.state_dict())
-    state[TEACHER_META_KEY] = ConfigRecord({
-        "model": cfg.teacher_model_for(site.partition_id), "rounds-trained": rounds_trained,
-    })
+    meta = {"model": name, "rounds-trained": rounds_trained}
+    if isinstance(store, ConfigRecord):
+        meta["digest"] = store["digest"]
+    state[TEACHER_META_KEY] = ConfigRecord(meta)
+    if isinstance(store, ConfigRecord):
+        header = {"format": 1, "model": name, "rounds_trained": rounds_trained, "digest": store["digest"],
+                  "settings": json.loads(str(store["settings"])), "saved": utc_now()}
+        _write_atomically(Path(str(store["path"])), model, header)
+
+
+def saved_header(path: Path) -> dict[str, Any] | None:
+    """A saved teacher's header: model, rounds trained, settings digest and settings (None when it has none)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return json.loads((handle.metadata() or {}).get(HEADER_KEY, "null") or "null")
+    except (SafetensorError, OSError, ValueError):
+        return None
 
 
 def digest_round(model: nn.Module, cfg: RunConfig, site: Site, digest: DigestInstruction, rounds_trained: int) -> tuple[float, float]:
@@ -64,3 +164,45 @@ def digest_round(model: nn.Module, cfg: RunConfig, site: Site, digest: DigestIns
         seed=cfg.seed * 1_000_003 + site.partition_id * 1_009 + rounds_trained + 700_000,
     )
     return digest_loss, revisit_loss
+
+
+def _read(store: TeacherStore) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The saved teacher of `store`'s settings, or None (and a log line saying why a fresh one is trained)."""
+    if store.path.is_file():
+        header = saved_header(store.path)
+        if header is not None and header.get("digest") == store.digest:
+            try:
+                return load_file(str(store.path)), header
+            except (SafetensorError, OSError):
+                pass
+        log(WARNING, "teacher file %s is unreadable or does not match this node's settings: training a fresh teacher",
+            store.path)
+        return None
+    others = sorted(store.folder.glob("teacher-*.safetensors"), key=lambda p: p.stat().st_mtime) if store.folder.is_dir() else []
+    if others and isinstance(latest := saved_header(others[-1]), dict):
+        settings = latest.get("settings") if isinstance(latest.get("settings"), dict) else {}
+        differing = sorted(k for k in store.settings if settings.get(k) != store.settings[k])
+        log(WARNING, "the teacher saved in %s was trained for other settings (%s differ): training a fresh teacher",
+            others[-1], ", ".join(differing) or "format")
+    return None
+
+
+def _write_atomically(path: Path, model: nn.Module, header: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
+              metadata={HEADER_KEY: json.dumps(header)})
+    descriptor = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    os.replace(tmp, path)
+
+
+def _data_sha256(data: ImageSet) -> str:
+    """The private data's identity: its images and labels, in order (never leaves the node)."""
+    digest = hashlib.sha256(f"{data.images.shape}|{data.images.dtype}|".encode())
+    digest.update(data.images.tobytes())
+    digest.update(data.labels.astype("int64").tobytes())
+    return digest.hexdigest()
