@@ -111,19 +111,19 @@ def load_institution_data(data_path: str | Path, space: LabelSpace) -> PrivateDa
     if not path.exists():
         raise DataError(f"data-path {path} does not exist; set the node config's data-path to the absolute path of "
                         f"this institution's data: {TASK_LAYOUTS[space.task]}")
-    fmt, source = detect_format(path, space)
-    if FORMAT_TASKS[fmt] != space.task:
-        raise DataError(
-            f"data-path {path} holds {FORMAT_WORDS[fmt]} data but scenario dataset {space.dataset} is "
-            f"{_article(space.task)} {space.task} task; point data-path at {TASK_LAYOUTS[space.task]}"
-        )
-    if fmt == "idx":
-        return read_idx_folder(source, space)
-    if fmt == "images":
-        return read_image_folders(source, space)
-    if fmt == "jsonl":
-        return read_jsonl(source, space)
-    return read_table(source, fmt, space)
+    try:
+        fmt, source = detect_format(path, space)
+        if FORMAT_TASKS[fmt] != space.task:
+            raise DataError(
+                f"data-path {path} holds {FORMAT_WORDS[fmt]} data but scenario dataset {space.dataset} is "
+                f"{_article(space.task)} {space.task} task; point data-path at {TASK_LAYOUTS[space.task]}"
+            )
+        if fmt in ("idx", "images"):
+            return (read_idx_folder if fmt == "idx" else read_image_folders)(source, space)
+        return read_jsonl(source, space) if fmt == "jsonl" else read_table(source, fmt, space)
+    except OSError as error:  # a folder or file the node may not list or open
+        raise DataError(f"cannot read {error.filename or path} ({error.strerror or type(error).__name__}); make "
+                        "data-path readable by the user that runs the SuperNode") from None
 
 
 def detect_format(path: Path, space: LabelSpace | None = None) -> tuple[str, Path]:

@@ -109,7 +109,7 @@ def site_data(
 
 def _report(cfg, written: list[WrittenSite], fingerprint: str, fmt: str) -> None:
     table = Table(title=f"{cfg.scenario}: {len(written)} institutions, {cfg.partitioner}, {fmt}")
-    table.add_column("institution")
+    table.add_column("institution", no_wrap=True)
     table.add_column("samples", justify="right")
     for label in range(len(written[0].class_counts)):
         table.add_column(str(label), justify="right")

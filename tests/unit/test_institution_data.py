@@ -428,6 +428,20 @@ def test_bad_image_data_is_refused_with_the_problem_and_the_fix(tmp_path: Path, 
     assert_reaches_the_server_whole(message)
 
 
+def test_an_unreadable_folder_is_a_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: the node's user may not list the folder (a stand-in for chmod, which root ignores)
+    folder = idx_folder(tmp_path / "data", *sample_images(3))
+
+    def refuse(self: Path):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", refuse)
+
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"cannot read .*data \(Permission denied\); make data-path readable by the user"):
+        load_institution_data(folder, IMAGE_SPACE)
+
+
 def test_the_image_task_refusal_reads_as_documented(tmp_path: Path) -> None:
     # Prepare
     space = LabelSpace("fashion-mnist", "image", 10, (), (28, 28))
