@@ -195,7 +195,7 @@ class LocalFederation:
         while time.monotonic() < deadline:
             if len(self.online_nodes()) >= count:
                 return
-            for node in self.nodes.values():
+            for node in (self.nodes[n] for n in self.institutions if n in self.nodes):
                 if node.process and node.process.poll() is not None:
                     raise DeployError(f"SuperNode of {node.name} exited: {_tail(node.log_path)}")
             time.sleep(1.0)

@@ -1,0 +1,160 @@
+"""The deployed federation on loopback: a SuperLink with TLS and node authentication, three SuperNodes
+with their own data folders and keys, runs through `flwr run`, refusals, and faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from common.audit.verify import verify_ledger
+from common.certs import make_ca, make_node_key, write_node_key, write_pem
+from common.config import RunConfig, default_run_config
+from simulations.deploy import LocalFederation
+from simulations.site_data import write_site_data
+
+INSTITUTIONS = ["institution-0", "institution-1", "institution-2"]
+SCENARIO = {
+    "scenario": "deploy-digits", "dataset": "digits", "num-clients": 3, "min-clients": 2, "public-size": 500,
+    "teacher-models": "mlp", "student-model": "mlp", "torch-threads": 1, "round-timeout": 120.0,
+}
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    work = tmp_path_factory.mktemp("deploy")
+    cfg = RunConfig.from_run_config({**default_run_config(), **SCENARIO})
+    written, _ = write_site_data(cfg, work / "sites", fmt="idx")  # each institution's own data folder
+    configs = {site.name: {"data-path": str(site.folder)} for site in written}
+    assert sorted(configs) == INSTITUTIONS
+    fed = LocalFederation(work, INSTITUTIONS, node_configs=configs)
+    with fed:
+        yield fed
+    time.sleep(1.0)
+    assert all(p.poll() is not None for p in fed.started), "a started process is still running"
+    assert _processes_under(work) == [], "a SuperLink, SuperNode, ServerApp or ClientApp outlived the federation"
+
+
+def run_dir(fed: LocalFederation, name: str) -> Path:
+    return fed.work / "runs" / name
+
+
+def settings(fed: LocalFederation, name: str, **extra) -> dict:
+    return {**SCENARIO, "output-dir": str(fed.work / "runs"), "run-name": name, **extra}
+
+
+def test_two_rounds_over_tls_with_authenticated_nodes(federation: LocalFederation) -> None:
+    # Execute
+    run_id, status = federation.run(settings(federation, "two-rounds", **{"num-server-rounds": 2}), timeout_s=300)
+
+    # Assert: Flower says completed, and the run folder holds the student and complete results
+    assert status == "finished:completed"
+    folder = run_dir(federation, "two-rounds")
+    results = json.loads((folder / "results.json").read_text())
+    assert results["status"] == "completed"
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    assert all(r["clients_replied"] == 3 for r in results["rounds"])
+    assert (folder / "student.safetensors").stat().st_size > 0
+    assert sorted(results["audit"]["institutions"].values()) == INSTITUTIONS
+    logs = [federation.site(n) / "release-log.jsonl" for n in INSTITUTIONS]
+    report = verify_ledger(folder / "ledger.jsonl", client_logs=logs)
+    assert report.ok, report.problems
+
+
+def test_a_node_whose_key_is_not_registered_is_refused(federation: LocalFederation, tmp_path: Path) -> None:
+    # Prepare: a node key the coordinator never registered
+    write_node_key(make_node_key(), tmp_path, "rogue")
+    federation.node_configs["rogue"] = {}
+
+    # Execute
+    node = federation.start_node("rogue", auth_key=tmp_path / "rogue.key", extra=["--max-retries", "1"])
+    code = node.process.wait(timeout=120)
+
+    # Assert
+    assert code != 0
+    assert "Failed to activate SuperNode" in node.log_path.read_text()
+    assert len(federation.online_nodes()) == len(INSTITUTIONS)
+
+
+def test_a_node_given_the_wrong_ca_fails_with_a_clear_error(federation: LocalFederation, tmp_path: Path) -> None:
+    # Prepare: a CA that did not sign the SuperLink's certificate
+    _, other_ca = make_ca("somebody else's CA", 1)
+    write_pem(tmp_path / "ca.crt", other_ca)
+    federation.node_configs["wrong-ca"] = {}
+
+    # Execute
+    node = federation.start_node("wrong-ca", ca=tmp_path / "ca.crt", auth_key=federation.certs / "nodes" / "institution-0.key")
+    code = node.process.wait(timeout=60)
+
+    # Assert
+    assert code == 1
+    log = node.log_path.read_text()
+    assert "does not vouch for" in log and "get the federation's ca.crt from the coordinator" in log
+    assert "Starting Flower SuperNode" not in log
+
+
+def test_a_node_killed_mid_round_is_skipped(federation: LocalFederation) -> None:
+    # Execute: kill institution-2's SuperNode (and its ClientApp) as soon as round 1 opens
+    run_id = federation.submit(settings(federation, "node-killed", **{"num-server-rounds": 2, "round-timeout": 60.0}))
+    ledger = run_dir(federation, "node-killed") / "ledger.jsonl"
+    _wait_for(lambda: ledger.exists() and '"round-opened"' in ledger.read_text(), 120)
+    federation.kill_node("institution-2")
+    status = federation.wait(run_id, timeout_s=300)
+
+    # Assert: round 1 completed with the two others and recorded the silent node; round 2 ran
+    assert status == "finished:completed"
+    results = json.loads((run_dir(federation, "node-killed") / "results.json").read_text())
+    first, second = results["rounds"]
+    assert first["clients_replied"] == 2 and second["clients_replied"] == 2
+    assert list(first["clients_rejected"].values()) == ["no reply within round-timeout=60 s"]
+
+    # the institution restarts its node, which keeps its identity and comes back online
+    federation.start_node("institution-2")
+    federation.wait_for_nodes(len(INSTITUTIONS))
+
+
+def test_a_killed_serverapp_resumes_at_the_next_round(federation: LocalFederation) -> None:
+    # Execute: kill the ServerApp once round 1 is checkpointed, then start the run again with resume
+    name = "resumed"
+    run_id = federation.submit(settings(federation, name, **{"num-server-rounds": 3}))
+    progress = run_dir(federation, name) / "progress.jsonl"
+    _wait_for(lambda: progress.exists() and '"event": "round"' in progress.read_text(), 180)
+    pids = federation.serverapp_pids()
+    assert pids, "no ServerApp process found under the SuperLink"
+    for pid in pids:
+        os.kill(pid, 9)
+    federation.wait(run_id, timeout_s=120)
+    _, status = federation.run(settings(federation, name, **{"num-server-rounds": 3, "resume": True}), timeout_s=300)
+
+    # Assert: rounds 1..3 exactly once, completed, one unbroken audit chain across both ServerApps
+    assert status == "finished:completed"
+    folder = run_dir(federation, name)
+    results = json.loads((folder / "results.json").read_text())
+    assert results["status"] == "completed"
+    assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
+    report = verify_ledger(folder / "ledger.jsonl")
+    assert report.ok, report.problems
+    kinds = [json.loads(line)["kind"] for line in (folder / "ledger.jsonl").read_text().splitlines()]
+    assert kinds.count("run-finished") == 1
+
+
+def _wait_for(condition, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"condition not met within {timeout_s} s"
+        time.sleep(0.1)
+
+
+def _processes_under(work: Path) -> list[str]:
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(work) in cmd and int(entry.name) != os.getpid():
+            found.append(cmd)
+    return found
