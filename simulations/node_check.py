@@ -112,7 +112,9 @@ def parse_node_config(text: str) -> dict[str, Any]:
 
 
 def check_node_config(config: Mapping[str, Any]) -> None:
-    """Files named in the node config exist where the node will look (keys, data, ledgers' folders)."""
+    """Files named in the node config exist where the node will look (keys, data, ledgers' folders), and
+    the data folder holds one of the known layouts (its labels and image sizes are checked when a run
+    tells the node the dataset)."""
     for key in ("signing-key", "data-path", "public-dir"):
         value = config.get(key)
         if value is not None and not Path(str(value)).expanduser().exists():
@@ -121,6 +123,10 @@ def check_node_config(config: Mapping[str, Any]) -> None:
         value = config.get(key)
         if value is not None and not Path(str(value)).expanduser().parent.is_dir():
             raise ConfigError(f"node config {key}={value!r}: its folder does not exist; create it first")
+    if config.get("data-path") is not None:
+        from common.institution_data import detect_format
+
+        detect_format(Path(str(config["data-path"])).expanduser())  # a known layout (the run checks labels and sizes)
     if "signing-key" in config and "institution-id" not in config:
         raise ConfigError("node config has signing-key but no institution-id; add institution-id=\"NAME\" "
                           "(the name in the coordinator's allow-list)")
