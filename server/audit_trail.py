@@ -189,6 +189,18 @@ class AuditTrail:
                                         and isinstance(e["body"].get("round"), int)}),
         })
 
+    def unfinished_attempt(self) -> dict[str, Any] | None:
+        """The `run-started` entry of an earlier run on this ledger that stopped before completing a round (so
+        left no checkpoint) but had begun one: this run starts afresh, and that attempt is abandoned."""
+        entries = self.ledger.entries()
+        starts = [i for i, e in enumerate(entries) if e["kind"] == kinds.RUN_STARTED]
+        if len(starts) < 2:
+            return None
+        between = entries[starts[-2] + 1:starts[-1]]
+        if any(e["kind"] == kinds.RUN_FINISHED for e in between) or not any(e["kind"] in kinds.ROUND_WORK for e in between):
+            return None
+        return entries[starts[-2]]
+
     def institutions(self) -> dict[str, str]:
         """Node id -> institution id of every node that signed a reply in this run (and before a resume)."""
         return dict(sorted({**self.earlier_institutions, **{str(n): name for n, name in self.bindings.items()}}.items()))

@@ -96,6 +96,9 @@ class Checkpointer:
             trail.resumed(state.round, state.audit, state.run_ids)
             earlier = list(state.run_ids)
             run.event("resumed", round=state.round, run_ids=earlier, note=start.note)
+        elif (attempt := trail.unfinished_attempt()) is not None:  # stopped in its first round: nothing to resume
+            trail.resumed(0, {"seq": attempt["seq"], "hash": attempt["hash"]}, [attempt["body"]["run_id"]])
+            run.event("resume-skipped", note=start.note or "the earlier run stopped before completing a round: starting afresh")
         elif start.note:
             run.event("resume-skipped", note=start.note)
         return cls(cfg, run, trail, earlier + [trail.run_id])

@@ -22,13 +22,13 @@ from common.aggregation.base import Aggregate
 from common.config import RunConfig
 from common.data import FederatedSplit, load_split, public_fingerprint
 from common.messages import DigestInstruction, SoftLabelQuery
+from server.audit_trail import AuditTrail
+from server.checkpoint import Checkpoint
 from server.distill import Student, ensemble_accuracy
 from server.fedavg import run_fedavg
-from server.rounds import make_query, query_soft_labels, require_quorum, send_digest, wait_for_nodes
-from server.audit_trail import AuditTrail
 from server.privacy_section import privacy_section
-from server.checkpoint import Checkpoint
 from server.resume import Checkpointer, plan_start
+from server.rounds import make_query, query_soft_labels, require_quorum, send_digest, wait_for_nodes
 from server.run_folder import STUDENT, RunFolder
 from server.secure_rounds import secure_soft_labels
 

@@ -21,7 +21,8 @@ Coordinator ledger (`<run folder>/ledger.jsonl`, signer "coordinator"):
                         abandoned_rounds}   after run-started, when `resume = true` continues from the checkpoint
                         made after round `checkpoint_round` (its student-checkpoint entry is `checkpoint_seq`).
                         Entries after that seq, of the `interrupted_run_ids`, stay in the chain: the rounds they
-                        were about (`abandoned_rounds`) were abandoned and are run again after this entry
+                        were about (`abandoned_rounds`) were abandoned and are run again after this entry.
+                        checkpoint_round 0: the stopped run completed no round; checkpoint_seq is its run-started
     ledger-recovered    {torn_bytes, torn_sha256, set_aside}
 
 Institution release log (`release-log.jsonl`, signer = the institution id):

@@ -140,6 +140,32 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path, rest
     assert check.ok, [str(p) for p in check.problems]
 
 
+def test_a_run_stopped_in_its_first_round_starts_afresh_and_abandons_that_attempt(tmp_path: Path) -> None:
+    # Prepare: killed as round 1's query goes out (round-opened is in the ledger, no checkpoint yet)
+    expected = results_of(uninterrupted(tmp_path))
+    mapping = settings(tmp_path, "resumed")
+    grid = Federation(mapping, 100, kill_at=(SOFT_LABELS_TYPE, 1))
+    with pytest.raises(Killed):
+        run_server(grid, mapping, 100)
+
+    # Execute
+    grid.restart_server(200, restart_nodes=True)
+    run_server(grid, {**mapping, "resume": True}, 200)
+
+    # Assert
+    results = results_of(mapping)
+    assert [r["student_accuracy"] for r in results["rounds"]] == [r["student_accuracy"] for r in expected["rounds"]]
+    folder = Path(mapping["output-dir"]) / "resumed"
+    entries = [json.loads(line) for line in (folder / "ledger.jsonl").read_text().splitlines()]
+    [resume] = [e for e in entries if e["kind"] == kinds.RUN_RESUMED]
+    assert (resume["body"]["checkpoint_round"], resume["body"]["abandoned_rounds"]) == (0, [1])
+    assert entries[resume["body"]["checkpoint_seq"]]["kind"] == kinds.RUN_STARTED
+    progress = [json.loads(line) for line in (folder / "progress.jsonl").read_text().splitlines()]
+    assert "holds no checkpoint: starting the run afresh" in next(e for e in progress if e["event"] == "resume-skipped")["note"]
+    check = verify_ledger(folder / "ledger.jsonl", client_logs=sorted((folder / "sites").glob("*/release-log.jsonl")))
+    assert check.ok, [str(p) for p in check.problems]
+
+
 def test_fedavg_resumes_too(tmp_path: Path) -> None:
     # Prepare
     expected = results_of(uninterrupted(tmp_path, method="fedavg"))
