@@ -27,7 +27,7 @@ from typing import Any
 from common.config import RunConfig
 from common.errors import FedstillError
 from server.run_folder import PROGRESS, RESULTS, resolve_run_dir
-from simulations.provision import provision_sites
+from simulations.provision import ALLOW_LIST, SITES, provision_sites
 from simulations.scenarios import to_toml
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -73,10 +73,20 @@ def simulate(
     `site` holds every simulated institution's own settings (its `max-epsilon` and `delta`).
     """
     run_dir = resolve_run_dir(cfg)
-    if (run_dir / RESULTS).exists():
-        raise RunFailed(f"run folder {run_dir} already holds results; choose another run-name or output-dir")
+    earlier = _earlier_status(run_dir)
+    if earlier == "completed" and cfg.resume:
+        return Outcome(run_dir, json.loads((run_dir / RESULTS).read_text()), None, run_dir / "flwr.log")
+    if earlier is not None and not cfg.resume:
+        raise RunFailed(f"run folder {run_dir} already holds results ({earlier}); choose another run-name or "
+                        "output-dir, or set resume=true to continue an unfinished run")
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.allow_list and not cfg.sites_dir:
+    provisioned = run_dir / ALLOW_LIST
+    if cfg.resume and not cfg.allow_list and not cfg.sites_dir and provisioned.is_file():
+        if site:
+            raise RunFailed("a resumed run keeps its institutions' settings: they are in "
+                            f"{run_dir / SITES}/*/site.toml; drop --site")
+        overrides = {**overrides, "allow-list": str(provisioned), "sites-dir": str(run_dir / SITES)}  # same keys
+    elif not cfg.allow_list and not cfg.sites_dir:
         overrides = {**overrides, **provision_sites(run_dir, cfg.num_clients, site)}
     elif site:
         raise RunFailed("site settings (a privacy budget) go into provisioned sites; with allow-list or sites-dir "
@@ -100,7 +110,8 @@ def simulate(
     try:
         with log_path.open("w", encoding="utf-8") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_DIR)
-            events = follow_events(process, run_dir / PROGRESS, on_event, timeout_s)
+            start = (run_dir / PROGRESS).stat().st_size if (run_dir / PROGRESS).exists() else 0  # a resumed run's
+            events = follow_events(process, run_dir / PROGRESS, on_event, timeout_s, start)  # earlier lines are done
         run_id = find_run_id(log_path)
         status = run_status(run_id, env) if run_id else None
     finally:
@@ -118,10 +129,9 @@ def simulate(
     raise RunFailed(f"the run ended without results (Flower status: {status or 'unknown'}); {last_error(log_path)}")
 
 
-def follow_events(process: subprocess.Popen, path: Path, on_event, timeout_s: float | None) -> list[dict]:
-    """Read progress events while `flwr run` streams; return them all once it exits."""
+def follow_events(process: subprocess.Popen, path: Path, on_event, timeout_s: float | None, offset: int = 0) -> list[dict]:
+    """Read progress events (from byte `offset` on) while `flwr run` streams; return them all once it exits."""
     events: list[dict] = []
-    offset = 0
     deadline = time.monotonic() + timeout_s if timeout_s else None
     while True:
         done = process.poll() is not None
@@ -145,6 +155,16 @@ def follow_events(process: subprocess.Popen, path: Path, on_event, timeout_s: fl
             stop_child(process)
             raise RunFailed(f"the run exceeded {timeout_s:.0f} s and was stopped")
         time.sleep(POLL_S)
+
+
+def _earlier_status(run_dir: Path) -> str | None:
+    """`completed`, `failed`, ... of a run whose results.json is in `run_dir`; None when there is none."""
+    try:
+        return str(json.loads((run_dir / RESULTS).read_text()).get("status", "unknown"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError):
+        return "unreadable"
 
 
 def find_run_id(log_path: Path) -> str | None:

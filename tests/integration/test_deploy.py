@@ -121,7 +121,7 @@ def test_a_killed_serverapp_resumes_at_the_next_round(federation: LocalFederatio
     name = "resumed"
     run_id = federation.submit(settings(federation, name, **{"num-server-rounds": 3}))
     progress = run_dir(federation, name) / "progress.jsonl"
-    _wait_for(lambda: progress.exists() and '"event": "round"' in progress.read_text(), 180)
+    _wait_for(lambda: progress.exists() and '"event": "checkpoint"' in progress.read_text(), 180)
     pids = federation.serverapp_pids()
     assert pids, "no ServerApp process found under the SuperLink"
     for pid in pids:
