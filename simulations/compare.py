@@ -79,15 +79,33 @@ def run_comparison(
         (summary["baselines"] if label == "fedavg" else summary["methods"])[label] = entry
     if with_baselines:
         cfg = RunConfig.from_run_config({**default_run_config(), **base})
-        baselines.use_threads(os.cpu_count() or 1)
-        on_stage("local-only", None)
-        summary["baselines"]["local_only"] = baselines.local_only(cfg)
-        on_stage("centralised", None)
-        summary["baselines"]["centralised"] = baselines.centralised(cfg)
+        summary["baselines"].update(cached_baselines(folder, cfg, on_stage))
     write_json(folder / "results.json", summary)
     (folder / TABLE).write_text(markdown_table(summary), encoding="utf-8")
     plot_comparison(summary, folder)
     return summary
+
+
+BASELINES = "baselines.json"
+
+
+def cached_baselines(folder: Path, cfg: RunConfig, on_stage) -> dict[str, Any]:
+    """Local-only and centralised results for `cfg`: from `folder/baselines.json` when an earlier
+    comparison in this folder trained them with the same settings, else trained now and kept there."""
+    path = folder / BASELINES
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        if _same_run(kept.get("scenario"), cfg) and {"local_only", "centralised"} <= set(kept):
+            return {"local_only": kept["local_only"], "centralised": kept["centralised"]}
+    except (OSError, ValueError, AttributeError):
+        pass
+    baselines.use_threads(os.cpu_count() or 1)
+    on_stage("local-only", None)
+    local = baselines.local_only(cfg)
+    on_stage("centralised", None)
+    central = baselines.centralised(cfg)
+    write_json(path, {"scenario": cfg.to_dict(), "local_only": local, "centralised": central})
+    return {"local_only": local, "centralised": central}
 
 
 def finished_run(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:

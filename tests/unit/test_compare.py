@@ -286,3 +286,32 @@ def test_plot_comparison_of_failures_only_still_writes_both_plots(tmp_path: Path
     # Assert
     for name in (PER_ROUND_PLOT, UPLINK_PLOT):
         assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC), name
+
+
+# ---------------------------------------------------------------------------------------------------
+# cached_baselines
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_baselines_are_trained_once_per_folder_and_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: stand-ins count the trainings (the real ones take minutes; they have their own tests)
+    from common.config import RunConfig, default_run_config
+    from simulations import baselines, compare
+
+    calls: list[str] = []
+    monkeypatch.setattr(baselines, "local_only", lambda cfg: calls.append("local") or {"mean": 0.5})
+    monkeypatch.setattr(baselines, "centralised", lambda cfg: calls.append("central") or {"student": {"accuracy": 0.9}})
+    cfg = RunConfig.from_run_config({**default_run_config(), "dataset": "digits"})
+    stages: list[str] = []
+
+    # Execute: twice with the same settings, then with another alpha
+    first = compare.cached_baselines(tmp_path, cfg, lambda label, _: stages.append(label))
+    second = compare.cached_baselines(tmp_path, cfg, lambda label, _: stages.append(label))
+    other = RunConfig.from_run_config({**default_run_config(), "dataset": "digits", "dirichlet-alpha": 0.1})
+    compare.cached_baselines(tmp_path, other, lambda label, _: stages.append(label))
+
+    # Assert
+    assert first == second == {"local_only": {"mean": 0.5}, "centralised": {"student": {"accuracy": 0.9}}}
+    assert calls == ["local", "central", "local", "central"]
+    assert stages == ["local-only", "centralised", "local-only", "centralised"]
+    assert json.loads((tmp_path / compare.BASELINES).read_text())["scenario"]["dirichlet-alpha"] == 0.1
