@@ -51,7 +51,8 @@ def main() -> None:
 
     work = out / f"federation-{stamp}"
     written, _ = write_site_data(RunConfig.from_run_config({**default_run_config(), **scenario}), work / "sites")
-    fed = LocalFederation(work, [s.name for s in written], node_configs={s.name: {"data-path": str(s.folder)} for s in written})
+    fed = LocalFederation(work, [s.name for s in written], node_configs={s.name: {"data-path": str(s.folder), "partition-id": i}  # i: its teacher architecture
+                                                for i, s in enumerate(written)})
     started = time.monotonic()
     with fed:
         up = time.monotonic() - started
