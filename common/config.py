@@ -21,6 +21,7 @@ METHODS = ("distill", "fedavg")
 SCHEDULES = ("constant", "linear")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 PRIVACY = ("none", "dp-sgd", "pate")
+PRECISIONS = ("fp32", "bf16")
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
@@ -50,6 +51,7 @@ class RunConfig:
     student_epochs: int
     student_lr: float
     student_batch_size: int
+    student_precision: str
     ce_weight: float
     labelled_size: int
     codec: str
@@ -142,6 +144,8 @@ class RunConfig:
             (self.teacher_lr > 0 and self.student_lr > 0, "teacher-lr and student-lr must be > 0"),
             (self.teacher_batch_size >= 1 and self.student_batch_size >= 1,
              "teacher-batch-size and student-batch-size must be >= 1"),
+            (self.student_precision in PRECISIONS,
+             f"student-precision must be one of {PRECISIONS}, got {self.student_precision!r}"),
             (0.0 <= self.ce_weight <= 1.0, f"ce-weight must be in [0, 1], got {self.ce_weight}"),
             (0 <= self.labelled_size <= self.public_size,
              f"labelled-size must be in [0, public-size={self.public_size}], got {self.labelled_size}"),

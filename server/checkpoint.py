@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from common.audit.canonical import canonical, sha256_hex
-from common.config import RunConfig
+from common.config import RunConfig, default_run_config
 from common.errors import ConfigError
 from server.run_folder import _jsonable
 
@@ -71,8 +71,12 @@ def config_sha256(cfg: RunConfig) -> str:
 
 
 def config_differences(recorded: dict[str, Any], cfg: RunConfig) -> list[str]:
-    """`key: checkpoint value -> this run's value`, for every key that differs (or exists on one side only)."""
+    """`key: checkpoint value -> this run's value`, for every key that differs (or exists on one side only).
+
+    A key newer than the checkpoint counts as its default (the checkpoint's run had no other value)."""
     wanted = resumable_config(cfg)
+    defaults = default_run_config()
+    recorded = {**{key: defaults[key] for key in wanted.keys() - recorded.keys() if key in defaults}, **recorded}
     missing = object()
     return [
         f"{key}: {recorded.get(key, missing)!r} -> {wanted.get(key, missing)!r}".replace(repr(missing), "(absent)")

@@ -11,6 +11,8 @@ from common.losses import distillation_loss
 from common.models import build_model, count_parameters, head_parameters, images_to_tensor
 from common.training import accuracy, train_epochs
 
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # run-config `student-precision` -> autocast dtype
+
 
 class Student:
     """The shared lightweight model and its optimizer, kept across rounds."""
@@ -39,8 +41,10 @@ class Student:
         labelled = torch.from_numpy(sample_ids < cfg.labelled_size)
 
         def batch_loss(idx: np.ndarray) -> torch.Tensor:
+            with self.autocast():
+                logits = self.model(x[idx])
             return distillation_loss(
-                self.model(x[idx]), targets[idx], temperature,
+                logits.float(), targets[idx], temperature,
                 labels=labels[idx], labelled=labelled[idx], ce_weight=cfg.ce_weight,
             )
 
@@ -53,6 +57,13 @@ class Student:
             self.model, self.optimizer, len(sample_ids), batch_loss,
             epochs=cfg.student_epochs, batch_size=cfg.student_batch_size, seed=cfg.seed + round_,
         )
+
+    def autocast(self) -> torch.autocast:
+        """Mixed precision for the student's forward pass (`student-precision`): bf16 autocast on the
+        model's device, or nothing for fp32. Weights, optimizer state and the loss stay float32."""
+        dtype = AUTOCAST_DTYPES[self.cfg.student_precision]
+        device = next(self.model.parameters()).device.type
+        return torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     def optimizer_states(self) -> dict[str, dict]:
         """The optimizers' state, kept across rounds and so across a resume."""
