@@ -44,8 +44,8 @@ def answer_query(context: Context, cfg: RunConfig, site: Site, query: SoftLabelQ
     else:
         loss = train_round(teacher, cfg, site, rounds_trained)
     save_teacher(context.state, teacher, cfg, site, rounds_trained + 1)
-    probs = predict_probs(teacher, site.public.images[query.sample_ids], query.temperature)
-    teacher_accuracy = accuracy(teacher, site.test.images, site.test.labels) if query.evaluate_teacher else -1.0
+    probs = predict_probs(teacher, site.public.inputs[query.sample_ids], query.temperature)
+    teacher_accuracy = accuracy(teacher, site.test.inputs, site.test.labels) if query.evaluate_teacher else -1.0
     return Answer(probs, _figures(loss, teacher_accuracy, count_parameters(teacher), rounds_trained + 1), privacy)
 
 

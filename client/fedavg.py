@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from client.site import Site
 from common.config import RunConfig
 from common.errors import MessageFormatError
-from common.models import build_model
+from common.models import build_model, input_shape
 from common.training import train_supervised
 
 
@@ -19,13 +19,13 @@ def fedavg_train(content: RecordDict, cfg: RunConfig, site: Site, server_round: 
     arrays = content.get("arrays")
     if not isinstance(arrays, ArrayRecord):
         raise MessageFormatError("fedavg: expected an ArrayRecord 'arrays' holding the global model")
-    model = build_model(cfg.student_model, site.private.num_classes, tuple(site.private.images.shape[1:]))
+    model = build_model(cfg.student_model, site.private.num_classes, input_shape(site.private.inputs))
     try:
         model.load_state_dict(arrays.to_torch_state_dict())
     except (RuntimeError, TypeError, ValueError) as error:
         raise MessageFormatError(f"fedavg: global weights do not fit {cfg.student_model}: {error}") from None
     loss = train_supervised(
-        model, site.private.images, site.private.labels, epochs=cfg.local_epochs, lr=cfg.teacher_lr,
+        model, site.private.inputs, site.private.labels, epochs=cfg.local_epochs, lr=cfg.teacher_lr,
         batch_size=cfg.teacher_batch_size, seed=cfg.seed * 1_000_003 + site.partition_id * 1_009 + server_round,
     )
     return RecordDict({

@@ -26,7 +26,7 @@ from client.release import SITE_CONFIG, simulated_institution
 from client.site import Site
 from common.config import RunConfig
 from common.errors import ConfigError
-from common.models import build_model, count_parameters
+from common.models import build_model, count_parameters, input_shape
 from common.privacy.accounting import ACCOUNTANT, calibrate_dpsgd, calibrate_gnmax
 from common.privacy.budget import PrivacyLedger
 from common.privacy.dpsgd import planned_event, train_dpsgd
@@ -99,7 +99,7 @@ def dpsgd_round(teacher: nn.Module, cfg: RunConfig, site: Site, policy: Policy, 
         if rounds_trained == 0:
             ledger.check([event], f"round {round_}: DP-SGD training")  # nothing trained yet: refuse
         return float("nan"), statement("dp-sgd", {**parameters, "frozen": True}, before, before, policy.delta)
-    loss, done = train_dpsgd(teacher, site.private.images, site.private.labels, epochs=cfg.local_epochs,
+    loss, done = train_dpsgd(teacher, site.private.inputs, site.private.labels, epochs=cfg.local_epochs,
                              lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size, noise_multiplier=z,
                              max_grad_norm=cfg.dp_max_grad_norm, seed=secrets.randbits(63))
     after = ledger.record([done], str(run_id), round_)
@@ -128,11 +128,11 @@ def pate_round(state: RecordDict, cfg: RunConfig, site: Site, policy: Policy, sa
     event = gnmax_event(sigma, len(sample_ids))
     ledger.check([event], f"round {round_}: {len(sample_ids)} PATE answers")  # refuse before any work
     teachers, losses = _pate_teachers(state, cfg, site)
-    votes = vote_histograms(_predictions(teachers, site.public.images[sample_ids]), site.private.num_classes)
+    votes = vote_histograms(_predictions(teachers, site.public.inputs[sample_ids]), site.private.num_classes)
     probs = gnmax_soft_labels(votes, sigma, np.random.default_rng(secrets.randbits(128)))
     before = ledger.spent()
     after = ledger.record([event], str(run_id), round_)
-    test_votes = vote_histograms(_predictions(teachers, site.test.images), site.private.num_classes)
+    test_votes = vote_histograms(_predictions(teachers, site.test.inputs), site.private.num_classes)
     accuracy = float((test_votes.argmax(axis=1) == site.test.labels).mean())
     parameters = {"teachers": len(teachers), "sigma": sigma, "l2_sensitivity": event["l2_sensitivity"],
                   "queries": len(sample_ids), "budget": _budget(policy)}
@@ -149,7 +149,7 @@ def _calibrated_sigma(policy: Policy, queries: int, rounds: int) -> float:
 
 def _pate_teachers(state: RecordDict, cfg: RunConfig, site: Site) -> tuple[list[nn.Module], list[float]]:
     """Restore the sub-teachers from node state, train each one more round on its own shard, save them."""
-    name, size = cfg.teacher_model_for(site.partition_id), tuple(site.private.images.shape[1:])
+    name, size = cfg.teacher_model_for(site.partition_id), input_shape(site.private.inputs)
     shards = shard_indices(len(site.private), cfg.pate_teachers, cfg.seed + site.partition_id)
     meta = state.get(PATE_META_KEY)
     rounds = int(meta["rounds"]) if isinstance(meta, ConfigRecord) and meta.get("model") == name else 0
@@ -158,7 +158,7 @@ def _pate_teachers(state: RecordDict, cfg: RunConfig, site: Site) -> tuple[list[
         model = build_model(name, site.private.num_classes, size, seed=cfg.seed + 97 * site.partition_id + k)
         if rounds and f"{PATE_KEY}-{k}" in state:
             model.load_state_dict(state[f"{PATE_KEY}-{k}"].to_torch_state_dict())
-        losses.append(train_supervised(model, site.private.images[shard], site.private.labels[shard],
+        losses.append(train_supervised(model, site.private.inputs[shard], site.private.labels[shard],
                                        epochs=cfg.local_epochs, lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size,
                                        seed=cfg.seed * 1_000_003 + site.partition_id * 1_009 + rounds * 31 + k))
         state[f"{PATE_KEY}-{k}"] = ArrayRecord(model.state_dict())

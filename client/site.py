@@ -19,10 +19,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from client.release import site_folder
 from common.config import RunConfig
-from common.data import FederatedSplit, ImageSet, load_split, public_fingerprint
+from common.data import FederatedSplit, ImageSet, Samples, load_split, public_fingerprint
 from common.errors import ConfigError, DataError
-from common.institution_data import image_label_space, load_institution_data
-from common.partition import partition_indices
+from common.institution_data import label_space, load_institution_data
+from common.partition import partition_rows
 
 PARTITION_KEY = "partition"
 PARTITION_META_KEY = "partition-meta"
@@ -34,9 +34,9 @@ SITE_DATA = "data"  # a simulated institution's data folder inside its site fold
 @dataclass(frozen=True)
 class Site:
     partition_id: int  # picks the teacher model and seeds; 0 for an institution with its own data and no partition-id
-    private: ImageSet  # this institution's data; never leaves the node
-    public: ImageSet  # the shared transfer set
-    test: ImageSet  # benchmark test set, used only to report the teacher's accuracy
+    private: Samples  # this institution's data (images, table rows or texts); never leaves the node
+    public: Samples  # the shared transfer set
+    test: Samples  # benchmark test set, used only to report the teacher's accuracy
     fingerprint: str
 
 
@@ -46,7 +46,7 @@ def load_site(cfg: RunConfig, node_config: Mapping[str, Any], state: RecordDict)
     What was read is kept in node state, so later rounds skip the partitioner or the files.
     """
     data_dir = public_dir(cfg, node_config)
-    split = load_split(cfg.dataset, data_dir, cfg.public_size, cfg.seed, cfg.test_size)
+    split = load_split(cfg.dataset, data_dir, cfg.public_size, cfg.seed, cfg.test_size, max_seq_len=cfg.max_seq_len)
     data_path = institution_data_path(cfg, node_config)
     if data_path is not None:
         partition_id = node_config.get("partition-id", 0)
@@ -56,17 +56,13 @@ def load_site(cfg: RunConfig, node_config: Mapping[str, Any], state: RecordDict)
     partition_id, num_partitions = _partition_of(node_config, cfg)
     key = "|".join(str(v) for v in (
         cfg.dataset, data_dir, cfg.public_size, cfg.seed, cfg.partitioner, cfg.dirichlet_alpha,
-        cfg.classes_per_client, cfg.min_partition_size, partition_id, num_partitions,
+        cfg.classes_per_client, cfg.min_partition_size, partition_id, num_partitions, cfg.max_seq_len,
     ))
     cached = state.get(PARTITION_META_KEY)
     if isinstance(cached, ConfigRecord) and cached.get("key") == key and PARTITION_KEY in state:
         rows = state[PARTITION_KEY]["rows"].numpy()
     else:
-        rows = partition_indices(
-            split.private.labels, num_partitions, partition_id, cfg.partitioner,
-            alpha=cfg.dirichlet_alpha, classes_per_client=cfg.classes_per_client,
-            min_partition_size=cfg.min_partition_size, seed=cfg.seed,
-        )
+        rows = partition_rows(split, cfg, partition_id, num_partitions)
         state[PARTITION_KEY] = ArrayRecord({"rows": Array(rows)})
         state[PARTITION_META_KEY] = ConfigRecord({"key": key})
     return Site(partition_id, split.private.subset(rows), split.public, split.test, public_fingerprint(split.public))
@@ -99,14 +95,18 @@ def institution_data_path(cfg: RunConfig, node_config: Mapping[str, Any]) -> Pat
     return None
 
 
-def _own_data(cfg: RunConfig, data_path: Path, split: FederatedSplit, state: RecordDict) -> ImageSet:
-    """Read (and check) the institution's own data, or take it from node state if its files are unchanged."""
+def _own_data(cfg: RunConfig, data_path: Path, split: FederatedSplit, state: RecordDict) -> Samples:
+    """Read (and check) the institution's own data, or take it from node state if its files are unchanged
+    (images; tables and texts are small and read again each round). Tables are standardised and texts
+    tokenized by the preprocessing fitted on the public set (FederatedSplit.prepare)."""
+    if split.task != "image":
+        return split.prepare(load_institution_data(data_path, label_space(cfg.dataset, split.public)))
     key = f"{cfg.dataset}|{data_path.resolve()}|{_files_stamp(data_path)}"
     cached = state.get(OWN_DATA_META_KEY)
     if isinstance(cached, ConfigRecord) and cached.get("key") == key and OWN_DATA_KEY in state:
         record = state[OWN_DATA_KEY]
         return ImageSet(record["images"].numpy(), record["labels"].numpy(), split.public.num_classes)
-    data = load_institution_data(data_path, image_label_space(cfg.dataset, split.public))
+    data = load_institution_data(data_path, label_space(cfg.dataset, split.public))
     if not isinstance(data, ImageSet):  # load_institution_data refuses other tasks' formats: a guard, not a check
         raise DataError(f"data-path {data_path} does not hold images; scenario dataset {cfg.dataset} is an image task")
     state[OWN_DATA_KEY] = ArrayRecord({"images": Array(data.images), "labels": Array(data.labels)})

@@ -29,11 +29,11 @@ from client.release import site_home
 from client.site import Site
 from common.audit.canonical import canonical, sha256_hex, utc_now
 from common.config import RunConfig
-from common.data import ImageSet
+from common.data import Samples
 from common.errors import ConfigError
 from common.losses import distillation_loss
 from common.messages import DigestInstruction
-from common.models import build_model, images_to_tensor
+from common.models import build_model, input_shape, inputs_to_tensor
 from common.training import train_epochs, train_supervised
 
 TEACHER_KEY = "teacher"
@@ -77,7 +77,7 @@ def teacher_settings(cfg: RunConfig, site: Site, run_id: int) -> dict[str, Any]:
     return {
         "model": cfg.teacher_model_for(site.partition_id), "dataset": cfg.dataset, "seed": cfg.seed,
         "partition_id": site.partition_id, "num_classes": site.private.num_classes,
-        "image_size": list(site.private.images.shape[1:]), "private_data_sha256": _data_sha256(site.private),
+        "image_size": list(input_shape(site.private.inputs)), "private_data_sha256": _data_sha256(site.private),
         "public_fingerprint": site.fingerprint, "privacy": cfg.privacy, "run": cfg.run_name or f"run-id {run_id}",
     }
 
@@ -103,8 +103,7 @@ def attach_store(state: RecordDict, store: TeacherStore | None) -> None:
 def restore_teacher(state: RecordDict, cfg: RunConfig, site: Site) -> tuple[nn.Module, int]:
     """The node's teacher and the number of rounds it has trained; a fresh one on first use."""
     name = cfg.teacher_model_for(site.partition_id)
-    image_size = tuple(site.private.images.shape[1:])
-    model = build_model(name, site.private.num_classes, image_size, seed=cfg.seed + site.partition_id)
+    model = build_model(name, site.private.num_classes, input_shape(site.private.inputs), seed=cfg.seed + site.partition_id)
     meta, store = state.get(TEACHER_META_KEY), state.get(STORE_KEY)
     matches = not isinstance(store, ConfigRecord) or (isinstance(meta, ConfigRecord) and meta.get("digest") == store.get("digest"))
     if isinstance(meta, ConfigRecord) and meta.get("model") == name and TEACHER_KEY in state and matches:
@@ -116,7 +115,7 @@ def restore_teacher(state: RecordDict, cfg: RunConfig, site: Site) -> tuple[nn.M
 def train_round(model: nn.Module, cfg: RunConfig, site: Site, rounds_trained: int) -> float:
     """One round of local training on the private partition; returns the last epoch's mean loss."""
     return train_supervised(
-        model, site.private.images, site.private.labels,
+        model, site.private.inputs, site.private.labels,
         epochs=cfg.local_epochs, lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size,
         seed=cfg.seed * 1_000_003 + site.partition_id * 1_009 + rounds_trained,
     )
@@ -149,7 +148,7 @@ def saved_header(path: Path) -> dict[str, Any] | None:
 def digest_round(model: nn.Module, cfg: RunConfig, site: Site, digest: DigestInstruction, rounds_trained: int) -> tuple[float, float]:
     """FedMD (Li & Wang, 2019): learn toward the consensus on the public samples, then revisit the
     private data. Returns the last epoch's loss of each step (nan when a step has 0 epochs)."""
-    x = images_to_tensor(site.public.images[digest.sample_ids])
+    x = inputs_to_tensor(site.public.inputs[digest.sample_ids])
     targets = torch.from_numpy(digest.consensus)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.teacher_lr)
     digest_loss = train_epochs(
@@ -159,7 +158,7 @@ def digest_round(model: nn.Module, cfg: RunConfig, site: Site, digest: DigestIns
         seed=cfg.seed * 1_000_003 + site.partition_id * 1_009 + rounds_trained + 500_000,
     )
     revisit_loss = train_supervised(
-        model, site.private.images, site.private.labels,
+        model, site.private.inputs, site.private.labels,
         epochs=digest.revisit_epochs, lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size,
         seed=cfg.seed * 1_000_003 + site.partition_id * 1_009 + rounds_trained + 700_000,
     )
@@ -200,9 +199,10 @@ def _write_atomically(path: Path, model: nn.Module, header: dict[str, Any]) -> N
     os.replace(tmp, path)
 
 
-def _data_sha256(data: ImageSet) -> str:
-    """The private data's identity: its images and labels, in order (never leaves the node)."""
-    digest = hashlib.sha256(f"{data.images.shape}|{data.images.dtype}|".encode())
-    digest.update(data.images.tobytes())
+def _data_sha256(data: Samples) -> str:
+    """The private data's identity: its model inputs and labels, in order (never leaves the node)."""
+    inputs = data.inputs
+    digest = hashlib.sha256(f"{inputs.shape}|{inputs.dtype}|".encode())
+    digest.update(inputs.tobytes())
     digest.update(data.labels.astype("int64").tobytes())
     return digest.hexdigest()

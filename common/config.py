@@ -16,10 +16,11 @@ from typing import Any, get_type_hints
 
 from common.errors import ConfigError
 
-DATASETS = ("fashion-mnist", "digits")
+DATASETS = ("fashion-mnist", "digits", "covid-testing", "credit-data", "bbc-news")  # common.data: images, tables, texts
+NATURAL_DATASETS = ("covid-testing",)  # data sets whose rows name their institution (partitioner "natural")
 METHODS = ("distill", "fedavg")
 SCHEDULES = ("constant", "linear")
-PARTITIONERS = ("iid", "dirichlet", "pathological")
+PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
 PRIVACY = ("none", "dp-sgd", "pate")
 PRECISIONS = ("fp32", "bf16")
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -62,6 +63,7 @@ class RunConfig:
     run_name: str
     resume: bool
     torch_threads: int
+    max_seq_len: int
     evaluate_teachers: bool
     method: str
     temperature_schedule: str
@@ -154,6 +156,10 @@ class RunConfig:
             (self.round_timeout > 0 and self.node_wait_timeout > 0,
              "round-timeout and node-wait-timeout must be > 0 seconds"),
             (self.torch_threads >= 1, f"torch-threads must be >= 1, got {self.torch_threads}"),
+            (8 <= self.max_seq_len <= 512, f"max-seq-len must be in [8, 512] tokens, got {self.max_seq_len}"),
+            (self.partitioner != "natural" or self.dataset in NATURAL_DATASETS,
+             f"partitioner 'natural' needs a dataset whose rows name their institution ({', '.join(NATURAL_DATASETS)}), "
+             f"got {self.dataset!r}; use iid, dirichlet or pathological"),
             (bool(self.output_dir), "output-dir must not be empty"),
             (self.run_name or not self.resume,
              "resume = true needs run-name: the name of the run folder (in output-dir) to continue"),
@@ -194,14 +200,25 @@ def _coerce(key: str, value: Any, kind: type) -> tuple[Any, str | None]:
 
 
 def _check_models(cfg: RunConfig) -> list[str]:
-    from common.models import MODELS  # local import: models pulls in torch
+    from common.models import MODEL_TASKS, MODELS, models_for  # local import: models pulls in torch
 
     names = cfg.teacher_model_list + [cfg.student_model]
     problems = [] if cfg.teacher_model_list else ["teacher-models must name at least one model"]
+    task = dataset_task(cfg.dataset)
     return problems + [
         f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}"
         for name in names if name not in MODELS
+    ] + [
+        f"model {name!r} does not fit dataset {cfg.dataset} ({task} task); models for it: {', '.join(models_for(task))}"
+        for name in dict.fromkeys(names) if name in MODELS and task not in MODEL_TASKS.get(name, (task,))
     ]
+
+
+def dataset_task(dataset: str) -> str:
+    """"image", "tabular" or "text": the task of a dataset named in the run config."""
+    from common.data import TABULAR_DATASETS, TEXT_DATASETS
+
+    return "tabular" if dataset in TABULAR_DATASETS else "text" if dataset in TEXT_DATASETS else "image"
 
 
 def _check_privacy(cfg: RunConfig) -> list[str]:

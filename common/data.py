@@ -1,8 +1,11 @@
-"""Loading the image data sets and splitting them into public transfer set, private pool and test set.
+"""Loading a scenario's data set and splitting it into public transfer set, private pool and test set.
 
+Three tasks share one split: images (`ImageSet`), tables (`TabularSet`) and texts (`TextSet`). Each
+set's `inputs` is the array its models consume, told apart by dtype (see `common.models.inputs_to_tensor`).
 Fashion-MNIST is read from the four idx files (gzip or plain) in a folder, by default where
 Debian's `dataset-fashion-mnist` package puts them; sklearn's bundled digits serve fast tests.
-Images are kept as uint8 arrays `(n, height, width)`; models scale them to [0, 1].
+Images are kept as uint8 arrays `(n, height, width)`; models scale them to [0, 1]. The tabular
+data sets are in `common.tabular`, the text data set in `common.text`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import hashlib
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -34,7 +38,13 @@ LABEL_NAMES = {  # class names per dataset, in class-index order
     "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                       "Ankle boot"),
     "digits": tuple(str(digit) for digit in range(10)),
+    "covid-testing": ("negative", "positive", "invalid"),
+    "credit-data": ("good", "bad"),
+    "bbc-news": ("business", "entertainment", "politics", "sports", "tech"),
 }
+IMAGE_DATASETS = ("fashion-mnist", "digits")
+TABULAR_DATASETS = ("covid-testing", "credit-data")
+TEXT_DATASETS = ("bbc-news",)
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
 
@@ -53,22 +63,109 @@ class ImageSet:
     def subset(self, indices: np.ndarray) -> ImageSet:
         return ImageSet(self.images[indices], self.labels[indices], self.num_classes)
 
+    @property
+    def inputs(self) -> np.ndarray:
+        """What image models consume: the uint8 images."""
+        return self.images
+
+
+@dataclass(frozen=True)
+class TabularSet:
+    """Rows of numeric features and their labels."""
+
+    features: np.ndarray  # (n, d) float32
+    labels: np.ndarray  # (n,) int64 in [0, num_classes)
+    feature_names: tuple[str, ...]
+    num_classes: int
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: np.ndarray) -> TabularSet:
+        return TabularSet(self.features[indices], self.labels[indices], self.feature_names, self.num_classes)
+
+    @property
+    def inputs(self) -> np.ndarray:
+        """What tabular models consume: the float32 features (standardised once the split prepared them)."""
+        return self.features
+
+
+@dataclass(frozen=True)
+class TextSet:
+    """Texts and their labels; `tokens` once a task's tokenizer has encoded them."""
+
+    texts: tuple[str, ...]
+    labels: np.ndarray  # (n,) int64 in [0, num_classes)
+    num_classes: int
+    tokens: np.ndarray | None = None  # (n, max_seq_len) int64 token ids, 0 = padding
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: np.ndarray) -> TextSet:
+        tokens = None if self.tokens is None else self.tokens[indices]
+        return TextSet(tuple(self.texts[i] for i in np.asarray(indices)), self.labels[indices], self.num_classes, tokens)
+
+    @property
+    def inputs(self) -> np.ndarray:
+        """What text models consume: the int64 token ids."""
+        if self.tokens is None:
+            raise DataError("texts are not tokenized yet: prepare them with the split (FederatedSplit.prepare)")
+        return self.tokens
+
+
+Samples = ImageSet | TabularSet | TextSet
+
+
+class Preprocessor(Protocol):
+    """Turns raw data of the task into what its models consume, with settings fitted on the public set only."""
+
+    def prepare(self, data: Samples) -> Samples: ...
+
 
 @dataclass(frozen=True)
 class FederatedSplit:
     """The fixed split every party derives from the same data and seed."""
 
-    public: ImageSet  # transfer set every party holds (labels used only for reporting)
-    private: ImageSet  # pool the institutions' partitions are drawn from
-    test: ImageSet  # held-out evaluation set
+    public: Samples  # transfer set every party holds (labels used only for reporting)
+    private: Samples  # pool the institutions' partitions are drawn from
+    test: Samples  # held-out evaluation set
+    groups: np.ndarray | None = None  # (len(private),) int64 natural institution of each private row, if any
+    preprocessor: Preprocessor | None = None  # fitted on `public`; applied to an institution's own data
+
+    @property
+    def task(self) -> str:
+        return task_of(self.public)
+
+    def prepare(self, data: Samples) -> Samples:
+        """An institution's own data in the form its models consume (standardised, tokenized), by the
+        preprocessing fitted on the public set: nothing of any institution's data goes into it."""
+        return data if self.preprocessor is None else self.preprocessor.prepare(data)
 
 
-def load_split(dataset: str, data_dir: str, public_size: int, seed: int, test_size: int = 0) -> FederatedSplit:
+def task_of(data: Samples) -> str:
+    """"image", "tabular" or "text"."""
+    return "image" if isinstance(data, ImageSet) else "tabular" if isinstance(data, TabularSet) else "text"
+
+
+def load_split(dataset: str, data_dir: str, public_size: int, seed: int, test_size: int = 0, *,
+               max_seq_len: int = 128) -> FederatedSplit:
     """Load `dataset` and split its training part into public transfer set and private pool.
 
     The split is a seeded permutation: the first `public_size` shuffled training samples are the
     public set, the rest the private pool. `test_size` > 0 keeps a seeded subset of the test set.
+    Tabular and text data sets have no separate test set: theirs is carved from the same
+    permutation (`test_size`, or a fifth of the rows when 0). `max_seq_len` is the text tasks' length
+    in tokens.
     """
+    if dataset in TABULAR_DATASETS:
+        from common.tabular import load_tabular_split
+
+        return load_tabular_split(dataset, public_size, seed, test_size)
+    if dataset in TEXT_DATASETS:
+        from common.text import load_text_split
+
+        return load_text_split(dataset, public_size, seed, test_size, max_seq_len)
     train, test = _load_train_test(dataset, data_dir, seed)
     if public_size >= len(train):
         raise DataError(
@@ -82,11 +179,24 @@ def load_split(dataset: str, data_dir: str, public_size: int, seed: int, test_si
     return FederatedSplit(train.subset(np.sort(public)), train.subset(private), test)
 
 
-def public_fingerprint(public: ImageSet) -> str:
-    """sha256 of the canonical bytes of the public set: a header, then the images in C order.
+def public_fingerprint(public: Samples) -> str:
+    """sha256 of the canonical bytes of the public set: a header, then the model inputs in C order
+    (images; standardised features; token ids, then the texts themselves).
 
     Labels are left out on purpose: a transfer set is usually unlabelled.
     """
+    if isinstance(public, TabularSet):
+        features = np.ascontiguousarray(public.features, dtype=np.float32)
+        digest = hashlib.sha256(f"fedstill-public-v1|float32|{features.shape}|{','.join(public.feature_names)}|".encode())
+        digest.update(features.tobytes())
+        return digest.hexdigest()
+    if isinstance(public, TextSet):
+        tokens = np.ascontiguousarray(public.inputs, dtype=np.int64)
+        digest = hashlib.sha256(f"fedstill-public-v1|int64|{tokens.shape}|".encode())
+        digest.update(tokens.tobytes())
+        for text in public.texts:
+            digest.update(hashlib.sha256(text.encode("utf-8")).digest())
+        return digest.hexdigest()
     images = np.ascontiguousarray(public.images, dtype=np.uint8)
     digest = hashlib.sha256(f"fedstill-public-v1|uint8|{images.shape}|".encode())
     digest.update(images.tobytes())
@@ -98,7 +208,8 @@ def _load_train_test(dataset: str, data_dir: str, seed: int) -> tuple[ImageSet, 
         return _load_fashion_mnist(str(Path(data_dir).expanduser().resolve()))
     if dataset == "digits":
         return _load_digits(seed)
-    raise DataError(f"unknown dataset {dataset!r}; use 'fashion-mnist' or 'digits'")
+    known = ", ".join(repr(d) for d in IMAGE_DATASETS + TABULAR_DATASETS + TEXT_DATASETS)
+    raise DataError(f"unknown dataset {dataset!r}; use one of {known}")
 
 
 @functools.lru_cache(maxsize=2)

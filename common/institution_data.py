@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data import LABEL_NAMES, ImageSet, read_idx
+from common.data import LABEL_NAMES, ImageSet, Samples, TabularSet, TextSet, read_idx, task_of
 from common.errors import DataError
 
 IDX_PATTERN = re.compile(r"^(?P<prefix>.+)-(?P<kind>images-idx3|labels-idx1)-ubyte(?P<gz>\.gz)?$")
@@ -77,29 +77,11 @@ def image_label_space(dataset: str, public: ImageSet) -> LabelSpace:
     return LabelSpace(dataset, "image", public.num_classes, LABEL_NAMES.get(dataset, ()), (int(height), int(width)))
 
 
-@dataclass(frozen=True)
-class TabularSet:
-    """Rows of numeric features and their labels."""
-
-    features: np.ndarray  # (n, d) float32
-    labels: np.ndarray  # (n,) int64 in [0, num_classes)
-    feature_names: tuple[str, ...]
-    num_classes: int
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
-@dataclass(frozen=True)
-class TextSet:
-    """Texts and their labels."""
-
-    texts: tuple[str, ...]
-    labels: np.ndarray  # (n,) int64 in [0, num_classes)
-    num_classes: int
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
+def label_space(dataset: str, public: Samples) -> LabelSpace:
+    """The label space of any scenario: its task (from the public set), classes and, for images, size."""
+    if isinstance(public, ImageSet):
+        return image_label_space(dataset, public)
+    return LabelSpace(dataset, task_of(public), public.num_classes, LABEL_NAMES.get(dataset, ()))
 
 
 PrivateData = ImageSet | TabularSet | TextSet

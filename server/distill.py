@@ -6,10 +6,10 @@ import numpy as np
 import torch
 
 from common.config import RunConfig
-from common.data import ImageSet
+from common.data import Samples
 from common.losses import distillation_loss
-from common.models import build_model, count_parameters, head_parameters, images_to_tensor
-from common.training import accuracy, train_epochs
+from common.models import build_model, count_parameters, head_parameters, inputs_to_tensor, lr_of
+from common.training import accuracy, evaluate, train_epochs
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # run-config `student-precision` -> autocast dtype
 
@@ -17,15 +17,15 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # run-config `student-
 class Student:
     """The shared lightweight model and its optimizer, kept across rounds."""
 
-    def __init__(self, cfg: RunConfig, num_classes: int, image_size: tuple[int, int]):
+    def __init__(self, cfg: RunConfig, num_classes: int, input_shape: tuple[int, ...]):
         self.cfg = cfg
-        self.model = build_model(cfg.student_model, num_classes, image_size, seed=cfg.seed)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.student_lr)
-        self.head_optimizer = torch.optim.Adam(head_parameters(self.model), lr=cfg.student_lr)
+        self.model = build_model(cfg.student_model, num_classes, input_shape, seed=cfg.seed)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr_of(self.model, cfg.student_lr))
+        self.head_optimizer = torch.optim.Adam(head_parameters(self.model), lr=lr_of(self.model, cfg.student_lr))
         self.params = count_parameters(self.model)
 
     def distil(
-        self, public: ImageSet, sample_ids: np.ndarray, ensemble: np.ndarray, round_: int, temperature: float
+        self, public: Samples, sample_ids: np.ndarray, ensemble: np.ndarray, round_: int, temperature: float
     ) -> float:
         """KD on the given public samples; returns the last epoch's loss.
 
@@ -35,7 +35,7 @@ class Student:
         ensemble  # (len(sample_ids), C) float32, rows on the simplex, made at `temperature`
         """
         cfg = self.cfg
-        x = images_to_tensor(public.images[sample_ids])
+        x = inputs_to_tensor(public.inputs[sample_ids])
         targets = torch.from_numpy(np.asarray(ensemble, dtype=np.float32))
         labels = torch.from_numpy(public.labels[sample_ids].astype(np.int64))
         labelled = torch.from_numpy(sample_ids < cfg.labelled_size)
@@ -75,8 +75,12 @@ class Student:
         self.optimizer.load_state_dict(optimizers["optimizer"])
         self.head_optimizer.load_state_dict(optimizers["head_optimizer"])
 
-    def accuracy(self, data: ImageSet) -> float:
-        return accuracy(self.model, data.images, data.labels)
+    def accuracy(self, data: Samples) -> float:
+        return accuracy(self.model, data.inputs, data.labels)
+
+    def evaluate(self, data: Samples) -> dict[str, float]:
+        """Accuracy, balanced accuracy, macro-F1 and AUROC on `data` (common.metrics)."""
+        return evaluate(self.model, data.inputs, data.labels)
 
 
 def ensemble_accuracy(ensemble: np.ndarray, labels: np.ndarray) -> float:

@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import FedAvg
 from common.config import RunConfig
 from common.data import FederatedSplit
 from common.messages import record_nbytes
-from common.models import build_model, count_parameters
+from common.models import build_model, count_parameters, input_shape
 from common.training import accuracy
 from common.errors import QuorumError
 from server.audit_trail import AuditTrail
@@ -70,7 +70,7 @@ def run_fedavg(
 ) -> None:
     """`num-server-rounds` of FedAvg on the student architecture; every node trains `local-epochs`."""
     test = split.test
-    model = build_model(cfg.student_model, test.num_classes, tuple(test.images.shape[1:]), seed=cfg.seed)
+    model = build_model(cfg.student_model, test.num_classes, input_shape(test.inputs), seed=cfg.seed)
     done = 0
     if resumed is not None:
         model.load_state_dict(resumed.student)
@@ -85,7 +85,7 @@ def run_fedavg(
 
     def evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        acc = accuracy(model, test.images, test.labels)
+        acc = accuracy(model, test.inputs, test.labels)
         if flower_round == 0:
             return MetricRecord({"accuracy": acc})
         server_round = flower_round + done
@@ -101,7 +101,7 @@ def run_fedavg(
         })
         started[0] = time.monotonic()
         run.save_student(model, {"model": cfg.student_model, "num_classes": test.num_classes,
-                                 "image_size": list(test.images.shape[1:]), "round": server_round,
+                                 "image_size": list(input_shape(test.inputs)), "round": server_round,
                                  "method": "fedavg", "dataset": cfg.dataset, "scenario": cfg.scenario})
         keeper.save(server_round, trail.checkpoint(server_round, run.path / STUDENT, acc), model.state_dict())
         log(INFO, "fedavg round %d: accuracy %.4f", server_round, acc)

@@ -22,6 +22,7 @@ from common.aggregation.base import Aggregate
 from common.config import RunConfig
 from common.data import FederatedSplit, load_split, public_fingerprint
 from common.messages import DigestInstruction, SoftLabelQuery
+from common.models import input_shape
 from server.audit_trail import AuditTrail
 from server.checkpoint import Checkpoint
 from server.distill import Student, ensemble_accuracy
@@ -50,7 +51,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         trail = AuditTrail.open(cfg, run.path, context.run_id)
         keeper = Checkpointer.start(cfg, run, trail, start)
-        split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size)
+        split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size, max_seq_len=cfg.max_seq_len)
         nodes = wait_for_nodes(grid, cfg)
         run.event("nodes", count=len(nodes))
         if cfg.method == "fedavg":
@@ -70,7 +71,7 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
                      keeper: Checkpointer, resumed: Checkpoint | None = None) -> None:
     public, test = split.public, split.test
     fingerprint = public_fingerprint(public)
-    student = Student(cfg, public.num_classes, tuple(public.images.shape[1:]))
+    student = Student(cfg, public.num_classes, input_shape(public.inputs))
     if resumed is not None:
         student.restore(resumed.student, resumed.optimizers)
     log(INFO, "run folder %s; public set %d samples, fingerprint %s", run.path, len(public), fingerprint[:12])
@@ -82,8 +83,9 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
         kept = query.sample_ids[ensemble.keep]
         trail.aggregated(round_, cfg.aggregation, sorted(replies.accepted), ensemble.probs, len(kept))
         loss = student.distil(public, kept, ensemble.probs[ensemble.keep], round_, query.temperature)
-        row = round_row(query, replies, student.accuracy(test), ensemble_accuracy(ensemble.probs, public.labels[query.sample_ids]))
-        row.update(student_loss=loss, distilled_samples=int(len(kept)))
+        metrics = student.evaluate(test)
+        row = round_row(query, replies, metrics.pop("accuracy"), ensemble_accuracy(ensemble.probs, public.labels[query.sample_ids]))
+        row.update(student_loss=loss, distilled_samples=int(len(kept)), student_metrics=metrics)
         if (cfg.digest_epochs or cfg.revisit_epochs) and round_ < cfg.num_server_rounds:
             instruction = DigestInstruction(round_, fingerprint, query.temperature, query.sample_ids, ensemble.probs,
                                             cfg.digest_epochs, cfg.revisit_epochs)
@@ -95,7 +97,7 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
                        digest_failed={str(n): reason for n, reason in sorted(outcome.failed.items())})
         row["wall_s"] = round(time.monotonic() - started, 3)
         run.record_round(row)
-        run.save_student(student.model, student_meta(cfg, public.num_classes, public.images.shape[1:], round_))
+        run.save_student(student.model, student_meta(cfg, public.num_classes, input_shape(public.inputs), round_))
         entry = trail.checkpoint(round_, run.path / STUDENT, row["student_accuracy"])
         keeper.save(round_, entry, student.model.state_dict(), student.optimizer_states())
         log(INFO, "round %d: student accuracy %.4f, %d replies", round_, row["student_accuracy"], len(replies.accepted))
@@ -146,8 +148,10 @@ def round_row(query: SoftLabelQuery, replies: Any, student_acc: float, ensemble_
 def final_figures(cfg: RunConfig, run: RunFolder, student_params: int) -> dict[str, Any]:
     teachers = dict(run.rounds[-1]["teacher_params"])  # the last round's institutions
     teacher_acc = list(run.rounds[-1]["teacher_accuracy"].values())
+    metrics = run.rounds[-1].get("student_metrics") or {}  # balanced accuracy, macro-F1, AUROC (common.metrics)
     return {
         "student_accuracy": run.rounds[-1]["student_accuracy"],
+        **{f"student_{name}": value for name, value in metrics.items()},
         "student_params": student_params,
         "teacher_accuracy_mean": float(np.mean(teacher_acc)) if teacher_acc else None,
         "teacher_accuracy_min": float(np.min(teacher_acc)) if teacher_acc else None,

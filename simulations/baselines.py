@@ -11,33 +11,33 @@ import torch
 
 from common.config import RunConfig
 from common.data import load_split
-from common.models import build_model, count_parameters
-from common.partition import partition_indices
-from common.training import accuracy, train_supervised
+from common.models import build_model, count_parameters, input_shape
+from common.partition import partition_rows
+from common.training import evaluate, train_supervised
+
+METRIC_NAMES = ("balanced_accuracy", "macro_f1", "auroc")  # beside accuracy: the imbalance-aware metrics
 
 
 def local_only(cfg: RunConfig, epochs: int | None = None) -> dict[str, Any]:
     """Each institution's own architecture trained on its partition alone for `epochs`
     (default: as many epochs as its teacher gets in the federation), evaluated on the test set."""
-    split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size)
+    split = _split(cfg)
     epochs = epochs if epochs is not None else cfg.local_epochs * cfg.num_server_rounds
     started = time.monotonic()
     per_client = {}
     for pid in range(cfg.num_clients):
-        rows = partition_indices(
-            split.private.labels, cfg.num_clients, pid, cfg.partitioner, alpha=cfg.dirichlet_alpha,
-            classes_per_client=cfg.classes_per_client, min_partition_size=cfg.min_partition_size, seed=cfg.seed,
-        )
-        data = split.private.subset(rows)
+        data = split.private.subset(partition_rows(split, cfg, pid))
         name = cfg.teacher_model_for(pid)
-        model = build_model(name, data.num_classes, tuple(data.images.shape[1:]), seed=cfg.seed + pid)
-        train_supervised(model, data.images, data.labels, epochs=epochs, lr=cfg.teacher_lr,
+        model = build_model(name, data.num_classes, input_shape(data.inputs), seed=cfg.seed + pid)
+        train_supervised(model, data.inputs, data.labels, epochs=epochs, lr=cfg.teacher_lr,
                          batch_size=cfg.teacher_batch_size, seed=cfg.seed * 1_000_003 + pid * 1_009)
-        per_client[str(pid)] = {"model": name, "samples": len(data), "accuracy": accuracy(model, split.test.images, split.test.labels)}
+        metrics = evaluate(model, split.test.inputs, split.test.labels)
+        per_client[str(pid)] = {"model": name, "samples": len(data), **metrics}
     accs = [c["accuracy"] for c in per_client.values()]
     return {
         "epochs": epochs, "per_client": per_client, "accuracy_mean": float(np.mean(accs)),
         "accuracy_min": float(np.min(accs)), "accuracy_max": float(np.max(accs)),
+        **{f"{name}_mean": float(np.nanmean([c[name] for c in per_client.values()])) for name in METRIC_NAMES},
         "wall_s": round(time.monotonic() - started, 1),
     }
 
@@ -45,21 +45,25 @@ def local_only(cfg: RunConfig, epochs: int | None = None) -> dict[str, Any]:
 def centralised(cfg: RunConfig, epochs: int | None = None) -> dict[str, Any]:
     """The student architecture and the largest teacher architecture, each trained on the pooled
     private data (what no federation can beat without more data)."""
-    split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size)
+    split = _split(cfg)
     epochs = epochs if epochs is not None else cfg.local_epochs * cfg.num_server_rounds
     pooled, test = split.private, split.test
-    size = tuple(pooled.images.shape[1:])
+    size = input_shape(pooled.inputs)
     largest = max(cfg.teacher_model_list, key=lambda n: count_parameters(build_model(n, pooled.num_classes, size)))
     result: dict[str, Any] = {"epochs": epochs, "samples": len(pooled)}
     for role, name in (("student", cfg.student_model), ("teacher", largest)):
         started = time.monotonic()
         model = build_model(name, pooled.num_classes, size, seed=cfg.seed)
-        train_supervised(model, pooled.images, pooled.labels, epochs=epochs, lr=cfg.teacher_lr,
+        train_supervised(model, pooled.inputs, pooled.labels, epochs=epochs, lr=cfg.teacher_lr,
                          batch_size=cfg.teacher_batch_size, seed=cfg.seed)
         result[role] = {"model": name, "params": count_parameters(model),
-                        "accuracy": accuracy(model, test.images, test.labels),
+                        **evaluate(model, test.inputs, test.labels),
                         "wall_s": round(time.monotonic() - started, 1)}
     return result
+
+
+def _split(cfg: RunConfig):
+    return load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size, max_seq_len=cfg.max_seq_len)
 
 
 def use_threads(threads: int) -> None:

@@ -181,13 +181,10 @@ def parse_site(items: list[str]) -> dict[str, Any] | None:
 def preflight(cfg: Any) -> None:
     """Fail before starting Flower when the data is missing or cannot be partitioned as asked."""
     from common.data import load_split
-    from common.partition import partition_indices
+    from common.partition import partition_rows
 
-    split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size)
-    partition_indices(
-        split.private.labels, cfg.num_clients, 0, cfg.partitioner, alpha=cfg.dirichlet_alpha,
-        classes_per_client=cfg.classes_per_client, min_partition_size=cfg.min_partition_size, seed=cfg.seed,
-    )
+    split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size, max_seq_len=cfg.max_seq_len)
+    partition_rows(split, cfg, 0)
 
 
 def _progress() -> Progress:

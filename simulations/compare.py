@@ -152,17 +152,27 @@ def rows_of(summary: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({
             "method": label, "accuracy": entry["final"]["student_accuracy"], "rounds": len(rounds),
             "uplink_per_client_total": sum(per_client), "uplink_per_client_round": per_client[-1] if per_client else 0,
-            "teachers": entry["final"].get("teacher_accuracy_mean"),
+            "teachers": entry["final"].get("teacher_accuracy_mean"), **_metrics(entry["final"], "student_{}"),
         })
     local, central = summary["baselines"].get("local_only"), summary["baselines"].get("centralised")
     if local:
         rows.append({"method": "local-only (mean of institutions)", "accuracy": local["accuracy_mean"],
-                     "note": f"min {local['accuracy_min']:.4f}, max {local['accuracy_max']:.4f}, {local['epochs']} epochs"})
+                     "note": f"min {local['accuracy_min']:.4f}, max {local['accuracy_max']:.4f}, {local['epochs']} epochs",
+                     **_metrics(local, "{}_mean")})
     if central:
         for role in ("student", "teacher"):
             rows.append({"method": f"centralised {role} ({central[role]['model']})", "accuracy": central[role]["accuracy"],
-                         "note": f"pooled private data, {central['epochs']} epochs"})
+                         "note": f"pooled private data, {central['epochs']} epochs", **_metrics(central[role], "{}")})
     return rows
+
+
+IMBALANCE_METRICS = ("balanced_accuracy", "macro_f1", "auroc")  # common.metrics, beside accuracy
+
+
+def _metrics(source: dict[str, Any], key: str) -> dict[str, float]:
+    """The imbalance-aware metrics `source` holds (under `key` with the metric's name filled in); none
+    for results recorded before they were."""
+    return {name: source[key.format(name)] for name in IMBALANCE_METRICS if source.get(key.format(name)) is not None}
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
@@ -180,7 +190,19 @@ def markdown_table(summary: dict[str, Any]) -> str:
         )
     scenario = summary.get("scenario") or {}
     header = f"# Comparison: {scenario.get('scenario', '?')}\n\n" if scenario else "# Comparison\n\n"
-    return header + "\n".join(lines) + "\n"
+    return header + "\n".join(lines) + "\n" + metrics_table(rows_of(summary))
+
+
+def metrics_table(rows: list[dict[str, Any]]) -> str:
+    """Balanced accuracy, macro-F1 and AUROC on the test set, for the rows that have them (empty if none)."""
+    rows = [row for row in rows if "macro_f1" in row]
+    if not rows:
+        return ""
+    lines = ["", "## Imbalance-aware metrics (test set)", "",
+             "| method | accuracy | balanced accuracy | macro-F1 | AUROC |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {row['method']} | {row['accuracy']:.4f} | "
+              + " | ".join(f"{row.get(name, float('nan')):.4f}" for name in IMBALANCE_METRICS) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _cell(text: str) -> str:

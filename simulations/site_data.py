@@ -40,7 +40,7 @@ def write_site_data(cfg, out: Path, fmt: str = "idx", overwrite: bool = False) -
     from client.release import site_folder
     from client.site import SITE_DATA
     from common.data import load_split, public_fingerprint
-    from common.partition import partition_indices
+    from common.partition import partition_rows
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -49,13 +49,13 @@ def write_site_data(cfg, out: Path, fmt: str = "idx", overwrite: bool = False) -
     if taken and not overwrite:
         raise DataError(f"{taken[0]} already holds data ({len(taken)} of {len(folders)} folders do); "
                         "choose another --out or pass --overwrite")
-    split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size)
+    split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size, max_seq_len=cfg.max_seq_len)
+    if split.task != "image":
+        raise ConfigError(f"site-data writes image data (idx or per-class images); dataset {cfg.dataset} is a "
+                          f"{split.task} task: its institutions bring their own CSV/Parquet or JSONL (docs/tasks.md)")
     written = []
     for partition_id, folder in enumerate(folders):
-        rows = partition_indices(
-            split.private.labels, cfg.num_clients, partition_id, cfg.partitioner, alpha=cfg.dirichlet_alpha,
-            classes_per_client=cfg.classes_per_client, min_partition_size=cfg.min_partition_size, seed=cfg.seed,
-        )
+        rows = partition_rows(split, cfg, partition_id)
         part = split.private.subset(rows)
         if folder.exists():
             shutil.rmtree(folder)  # --overwrite: replace the folder as a whole

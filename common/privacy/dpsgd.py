@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.errors import ConfigError, DataError
-from common.models import images_to_tensor
+from common.models import inputs_to_tensor
 
 MECHANISM = "dp-sgd"
 
@@ -98,7 +98,7 @@ def train_dpsgd(
     trained weights (its state_dict keys are unchanged). Returns the mean loss of the last epoch
     and the privacy history entry of what was done.
     """
-    x = images_to_tensor(images)  # (n, 1, h, w) float32 in [0, 1]
+    x = inputs_to_tensor(images)  # (n, 1, h, w) float32 in [0, 1] for images; features or token ids as they are
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))  # (n,)
     if len(x) != len(y):
         raise DataError(f"private data: {len(x)} images but {len(y)} labels; they must match one to one")

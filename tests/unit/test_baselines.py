@@ -45,7 +45,8 @@ def central() -> dict[str, Any]:
 
 def test_local_only_reports_every_institution(local: dict[str, Any], private_size: int) -> None:
     # Assert
-    assert set(local) == {"epochs", "per_client", "accuracy_mean", "accuracy_min", "accuracy_max", "wall_s"}
+    assert set(local) == {"epochs", "per_client", "accuracy_mean", "accuracy_min", "accuracy_max", "wall_s",
+                          "balanced_accuracy_mean", "macro_f1_mean", "auroc_mean"}
     assert local["epochs"] == 1
     assert list(local["per_client"]) == ["0", "1", "2"]
     assert [c["model"] for c in local["per_client"].values()] == ["cnn-tiny", "cnn-large", "cnn-tiny"]
@@ -79,7 +80,7 @@ def test_centralised_trains_the_student_and_the_largest_teacher(central: dict[st
     assert central["teacher"]["model"] == "cnn-large"
     for role in ("student", "teacher"):
         entry = central[role]
-        assert set(entry) == {"model", "params", "accuracy", "wall_s"}
+        assert set(entry) == {"model", "params", "accuracy", "balanced_accuracy", "macro_f1", "auroc", "wall_s"}
         assert entry["params"] == count_parameters(build_model(entry["model"], 10, (8, 8)))
         assert isinstance(entry["accuracy"], float) and 0.0 <= entry["accuracy"] <= 1.0
 

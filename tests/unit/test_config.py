@@ -194,7 +194,7 @@ def test_any_missing_or_unknown_keys_are_all_named(missing: set[str], unknown: s
         ({"node-wait-timeout": -5.0}, "round-timeout and node-wait-timeout must be > 0"),
         ({"torch-threads": 0}, "torch-threads must be >= 1"),
         ({"output-dir": ""}, "output-dir must not be empty"),
-        ({"student-model": "resnet"}, "unknown model 'resnet'; known models: cnn-large, cnn-small, cnn-student"),
+        ({"student-model": "resnet"}, "unknown model 'resnet'; known models: bert-small, bert-tiny, cnn-large, cnn-small"),
         ({"teacher-models": "cnn-small,vit"}, "unknown model 'vit'"),
         ({"teacher-models": " , "}, "teacher-models must name at least one model"),
     ],

@@ -251,7 +251,7 @@ def test_unknown_dataset_is_a_data_error(tmp_path: Path) -> None:
     folder = tmp_path / "unused"
 
     # Execute / Assert
-    with pytest.raises(DataError, match="unknown dataset 'cifar10'; use 'fashion-mnist' or 'digits'"):
+    with pytest.raises(DataError, match="unknown dataset 'cifar10'; use one of 'fashion-mnist', 'digits'"):
         load_split("cifar10", str(folder), 10, 0)
 
 

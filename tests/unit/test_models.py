@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common.errors import ConfigError
-from common.models import MODELS, build_model, count_parameters, head_parameters, images_to_tensor
+from common.models import MODEL_TASKS, MODELS, build_model, count_parameters, head_parameters, images_to_tensor, models_for
 
 IMAGE_SIZES = [(28, 28), (8, 8)]  # Fashion-MNIST, digits
 
@@ -32,7 +32,10 @@ def _keep_torch_rng_state():
 
 def test_registry_names() -> None:
     # Execute / Assert
-    assert sorted(MODELS) == ["cnn-large", "cnn-small", "cnn-student", "cnn-tiny", "mlp"]
+    assert models_for("image") == ["cnn-large", "cnn-small", "cnn-student", "cnn-tiny", "mlp", "mlp-deep", "mlp-student"]
+    assert models_for("tabular") == ["mlp", "mlp-deep", "mlp-student"]
+    assert models_for("text") == ["bert-small", "bert-tiny", "minilm"]
+    assert set(MODEL_TASKS) == set(MODELS)
 
 
 def test_heterogeneous_teachers_span_a_5x_size_range() -> None:
@@ -45,7 +48,7 @@ def test_heterogeneous_teachers_span_a_5x_size_range() -> None:
     assert sizes["cnn-large"] >= 5 * sizes["cnn-tiny"]
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", models_for("image"))
 def test_every_model_has_a_head_for_two_stage_training(name: str) -> None:
     # Prepare
     model = build_model(name, 10, (28, 28))
@@ -59,10 +62,10 @@ def test_every_model_has_a_head_for_two_stage_training(name: str) -> None:
 
 
 @pytest.mark.parametrize("image_size", IMAGE_SIZES, ids=["28x28", "8x8"])
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", models_for("image"))
 def test_model_maps_images_to_logits(name: str, image_size: tuple[int, int]) -> None:
     # Prepare
-    model = build_model(name, num_classes=10, image_size=image_size, seed=0)
+    model = build_model(name, num_classes=10, input_shape=image_size, seed=0)
     batch = torch.rand(3, 1, *image_size)
 
     # Execute
@@ -77,7 +80,7 @@ def test_model_maps_images_to_logits(name: str, image_size: tuple[int, int]) -> 
 
 def test_model_respects_num_classes() -> None:
     # Prepare
-    model = build_model("cnn-student", num_classes=3, image_size=(8, 8))
+    model = build_model("cnn-student", num_classes=3, input_shape=(8, 8))
 
     # Execute
     with torch.no_grad():
@@ -140,7 +143,7 @@ def test_seed_makes_initial_weights_reproducible() -> None:
 
 def test_unknown_model_is_a_config_error() -> None:
     # Execute / Assert
-    with pytest.raises(ConfigError, match="unknown model 'resnet18'; known models: cnn-large, cnn-small, cnn-student"):
+    with pytest.raises(ConfigError, match="unknown model 'resnet18'; known models: bert-small, bert-tiny, cnn-large, cnn-small"):
         build_model("resnet18", 10, (28, 28))
 
 

@@ -123,7 +123,7 @@ def test_partition_id_out_of_range_is_a_config_error(labels: np.ndarray, partiti
 
 def test_unknown_partitioner_is_a_config_error(labels: np.ndarray) -> None:
     # Execute / Assert
-    with pytest.raises(ConfigError, match="unknown partitioner 'shards'; use iid, dirichlet or pathological"):
+    with pytest.raises(ConfigError, match="unknown partitioner 'shards'; use iid, dirichlet, pathological or natural"):
         partition_indices(labels, NUM_PARTITIONS, 0, "shards")
 
 

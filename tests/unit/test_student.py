@@ -46,7 +46,7 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def test_distil_lowers_the_kd_loss_on_the_queried_samples(split: FederatedSplit) -> None:
     # Prepare
-    student = Student(make_cfg(), num_classes=10, image_size=(8, 8))
+    student = Student(make_cfg(), num_classes=10, input_shape=(8, 8))
     ids = np.arange(0, 400, 2, dtype=np.int64)  # every other public sample
     ensemble = smoothed_labels(split.public.labels[ids])
     before = kd_loss(student, split.public.images[ids], ensemble)

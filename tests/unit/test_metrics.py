@@ -1,0 +1,54 @@
+"""Unit tests of the imbalance-aware metrics (common/metrics.py) against hand-computed values and scikit-learn."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+from common.metrics import classification_metrics
+
+
+def test_majority_guess_scores_high_accuracy_but_low_balanced_metrics() -> None:
+    # Prepare: 9 negatives, 1 positive; the model always says "negative", slightly less sure on the positive
+    labels = np.array([0] * 9 + [1])
+    probs = np.array([[0.9, 0.1]] * 9 + [[0.6, 0.4]])
+
+    # Execute
+    metrics = classification_metrics(probs, labels)
+
+    # Assert: golden values
+    assert metrics["accuracy"] == pytest.approx(0.9)
+    assert metrics["balanced_accuracy"] == pytest.approx(0.5)
+    assert metrics["macro_f1"] == pytest.approx((2 * 9 / (9 + 10) + 0.0) / 2)
+    assert metrics["auroc"] == pytest.approx(1.0)  # the ranking is perfect even though the argmax is not
+
+
+def test_multiclass_metrics_match_scikit_learn() -> None:
+    # Prepare
+    rng = np.random.default_rng(0)
+    labels = rng.choice(3, size=200, p=[0.8, 0.15, 0.05])
+    probs = rng.dirichlet([1, 1, 1], size=200)
+    probs[np.arange(200), labels] += 0.3
+    probs /= probs.sum(axis=1, keepdims=True)
+
+    # Execute
+    metrics = classification_metrics(probs, labels)
+
+    # Assert
+    predicted = probs.argmax(axis=1)
+    assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predicted))
+    assert metrics["macro_f1"] == pytest.approx(f1_score(labels, predicted, average="macro"))
+    assert metrics["auroc"] == pytest.approx(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+
+
+def test_undefined_metrics_are_nan() -> None:
+    # Execute
+    one_class = classification_metrics(np.array([[0.7, 0.3], [0.4, 0.6]]), np.array([0, 0]))
+    empty = classification_metrics(np.zeros((0, 3)), np.zeros(0, dtype=np.int64))
+
+    # Assert
+    assert math.isnan(one_class["auroc"]) and one_class["balanced_accuracy"] == 0.5
+    assert all(math.isnan(v) for v in empty.values())
