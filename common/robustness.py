@@ -1,0 +1,97 @@
+"""Input perturbations for robustness curves: Gaussian noise and FGSM on a model's float inputs.
+
+Both act on what the model consumes (images as floats in [0, 1], tabular features as standardised
+floats) and, for images, clip back into the valid range so a perturbed image is still an image.
+
+    gaussian_noise  x + N(0, sigma^2), independently per input value
+    fgsm            x + epsilon * sign(grad_x CE(f(x), y)) (Goodfellow et al., 2015, "Explaining and
+                    Harnessing Adversarial Examples"): the one-step L-infinity attack of radius epsilon
+
+`accuracy_under` runs a perturbation over a data set in batches and returns the top-1 accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.errors import ConfigError
+
+Range = tuple[float, float] | None  # the valid input range to clip into; None leaves values unbounded
+Perturbation = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+BATCH = 256
+
+
+def gaussian_noise(x: torch.Tensor, sigma: float, generator: torch.Generator, clip: Range = (0.0, 1.0)) -> torch.Tensor:
+    """`x` plus independent N(0, sigma^2) noise, clipped to `clip`; sigma 0 returns `x` unchanged."""
+    if sigma < 0:
+        raise ValueError(f"gaussian_noise: sigma must be >= 0, got {sigma}")
+    if sigma == 0:
+        return x
+    noisy = x + sigma * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    return noisy.clamp(*clip) if clip is not None else noisy
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float, clip: Range = (0.0, 1.0)) -> torch.Tensor:
+    """The fast gradient sign attack: one step of size `epsilon` up the cross-entropy's input gradient.
+
+    The model is used as it is (call `model.eval()` first); its parameters' gradients are left untouched.
+    x  # (B, ...) float inputs; y  # (B,) int64 true labels -> (B, ...) adversarial inputs
+    """
+    if epsilon < 0:
+        raise ValueError(f"fgsm: epsilon must be >= 0, got {epsilon}")
+    if epsilon == 0:
+        return x
+    x_adv = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(model(x_adv), y)
+        (grad,) = torch.autograd.grad(loss, x_adv)
+    perturbed = x.detach() + epsilon * grad.sign()
+    return perturbed.clamp(*clip) if clip is not None else perturbed
+
+
+def accuracy_under(model: nn.Module, x: torch.Tensor, y: torch.Tensor, perturb: Perturbation, batch: int = BATCH) -> float:
+    """Top-1 accuracy of `model` on `perturb(model, x_batch, y_batch)`, batch by batch, in eval mode."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(y), batch):
+        xb, yb = x[start:start + batch], y[start:start + batch]
+        perturbed = perturb(model, xb, yb)
+        with torch.inference_mode():
+            correct += int((model(perturbed).argmax(dim=1) == yb).sum())
+    return correct / len(y) if len(y) else float("nan")
+
+
+def noise_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigmas: list[float], seed: int,
+                clip: Range = (0.0, 1.0)) -> list[dict[str, float]]:
+    """Accuracy at each noise level; the same seeded noise draws for every level (common random numbers)."""
+    rows = []
+    for sigma in sigmas:
+        generator = torch.Generator().manual_seed(seed)
+        accuracy = accuracy_under(model, x, y, lambda _m, xb, _y: gaussian_noise(xb, sigma, generator, clip))
+        rows.append({"sigma": float(sigma), "accuracy": accuracy})
+    return rows
+
+
+def fgsm_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float],
+               clip: Range = (0.0, 1.0)) -> list[dict[str, float]]:
+    """Accuracy under FGSM at each epsilon (white-box: the attack sees the model it attacks)."""
+    return [
+        {"epsilon": float(eps), "accuracy": accuracy_under(model, x, y, lambda m, xb, yb: fgsm(m, xb, yb, eps, clip))}
+        for eps in epsilons
+    ]
+
+
+def parse_levels(text: str, name: str) -> list[float]:
+    """"0,0.05,0.1" -> [0.0, 0.05, 0.1]; levels must be finite and >= 0."""
+    try:
+        levels = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated numbers such as 0,0.05,0.1, got {text!r}") from None
+    if not levels or any(not np.isfinite(v) or v < 0 for v in levels):
+        raise ConfigError(f"{name} must be one or more finite numbers >= 0, got {text!r}")
+    return levels

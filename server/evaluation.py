@@ -1,0 +1,178 @@
+"""Evaluation of a run's student beyond accuracy, written into `<run folder>/evaluation/`.
+
+    evaluation.json  accuracy, macro-F1, ECE, knowledge retention (JS divergence to the teacher ensemble,
+                     when an ensemble is given), robustness curves, model size
+    evaluation.md    the same as tables, with what each figure means
+    robustness.png   accuracy against Gaussian noise sigma and FGSM epsilon
+
+The teachers are not in the run folder (they stay at the institutions): the caller passes the ensemble's
+test-set logits when it has them (`simulations.reference_teachers` retrains them) and says where they came from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.models import count_parameters
+from common.robustness import fgsm_curve, noise_curve
+from common.student_metrics import ECE_BINS, expected_calibration_error, js_divergence, macro_f1
+from server.export import EXPORT_DIR, ONNX_FP32, ONNX_INT8
+from server.run_folder import STUDENT, write_json
+from server.run_student import RunStudent, inputs_of, load_run_split, model_input, softmax, torch_logits
+
+EVAL_DIR = "evaluation"
+SUMMARY, REPORT, PLOT = "evaluation.json", "evaluation.md", "robustness.png"
+# Perturbation levels per input kind: images in [0, 1] pixel units, tabular features in standard deviations.
+SIGMAS = {"image": (0.0, 0.05, 0.1, 0.2, 0.3), "tabular": (0.0, 0.1, 0.25, 0.5, 1.0)}
+EPSILONS = {"image": (0.0, 0.01, 0.02, 0.05, 0.1), "tabular": (0.0, 0.05, 0.1, 0.25, 0.5)}
+CLIP = {"image": (0.0, 1.0), "tabular": None}
+
+
+@dataclass(frozen=True)
+class EnsembleLogits:
+    """The teacher ensemble on the test set, and an honest account of where it came from."""
+
+    probs_at: Callable[[float], np.ndarray]  # temperature -> (n_test, C) aggregated probabilities, rows sum to 1
+    source: str  # one sentence: how these teachers were obtained
+    details: dict[str, Any] = field(default_factory=dict)  # teacher accuracies, notes, exactness
+
+
+def input_kind(inputs: np.ndarray) -> str:
+    """"image" (uint8), "tabular" (float32 features) or "text" (int64 token ids)."""
+    return {np.dtype(np.uint8): "image", np.dtype(np.float32): "tabular", np.dtype(np.int64): "text"}[inputs.dtype]
+
+
+def retention(student_logits: np.ndarray, ensemble: EnsembleLogits, labels: np.ndarray, temperature: float) -> dict[str, Any]:
+    """JS divergence (bits) student vs ensemble at T = 1 and at the distillation temperature; top-1 agreement."""
+    student, teachers = softmax(student_logits), ensemble.probs_at(1.0)
+    at_t = js_divergence(softmax(student_logits / temperature), ensemble.probs_at(temperature))
+    js = js_divergence(student, teachers)
+    return {
+        "js_divergence_bits": float(js.mean()), "js_divergence_bits_median": float(np.median(js)),
+        "js_divergence_bits_at_distillation_temperature": float(at_t.mean()), "distillation_temperature": temperature,
+        "top1_agreement": float((student.argmax(1) == teachers.argmax(1)).mean()),
+        "ensemble_accuracy": float((teachers.argmax(1) == labels).mean()),
+        "source": ensemble.source, **ensemble.details,
+    }
+
+
+def robustness(model: torch.nn.Module, inputs: np.ndarray, labels: np.ndarray, sigmas: list[float],
+               epsilons: list[float], seed: int) -> dict[str, Any]:
+    """Accuracy under Gaussian input noise and under FGSM, on the model's float inputs."""
+    kind = input_kind(inputs)
+    if kind == "text":
+        return {"skipped": "token inputs: Gaussian noise and FGSM need float inputs (token dropout/substitution is not built yet)"}
+    x, y = model_input(inputs), torch.from_numpy(np.array(labels, dtype=np.int64))  # a writable copy
+    clip = CLIP[kind]
+    return {
+        "input": "pixels scaled to [0, 1], perturbed images clipped to [0, 1]" if kind == "image"
+                 else "standardised features (units of one standard deviation), not clipped",
+        "gaussian": noise_curve(model, x, y, sigmas, seed, clip),
+        "fgsm": fgsm_curve(model, x, y, epsilons, clip),
+        "noise_seed": seed, "fgsm_note": "white-box, one step, L-infinity radius epsilon (Goodfellow et al., 2015)",
+    }
+
+
+def model_size(student: RunStudent) -> dict[str, Any]:
+    size = {"params": count_parameters(student.model), "safetensors_bytes": (student.run_dir / STUDENT).stat().st_size}
+    for key, name in (("onnx_fp32_bytes", ONNX_FP32), ("onnx_int8_bytes", ONNX_INT8)):
+        path = student.run_dir / EXPORT_DIR / name
+        size[key] = path.stat().st_size if path.is_file() else None  # `fedstill export` writes them
+    return size
+
+
+def evaluate_run(student: RunStudent, *, ensemble: EnsembleLogits | None = None, sigmas: list[float] | None = None,
+                 epsilons: list[float] | None = None, bins: int = ECE_BINS) -> dict[str, Any]:
+    """Every figure of the student on its run's test set; writes the evaluation folder and returns the summary."""
+    split = load_run_split(student)
+    inputs, labels = inputs_of(split.test), np.asarray(split.test.labels)
+    kind = input_kind(inputs)
+    logits = torch_logits(student.model, model_input(inputs))
+    probs = softmax(logits)
+    predicted = probs.argmax(axis=1)
+    summary: dict[str, Any] = {
+        "run_dir": str(student.run_dir), "model": student.meta["model"], "round": student.meta.get("round"),
+        "dataset": student.cfg.dataset, "test_samples": int(len(labels)),
+        "accuracy": float((predicted == labels).mean()), "macro_f1": macro_f1(predicted, labels),
+        "ece": expected_calibration_error(probs, labels, bins), "ece_bins": bins,
+        "retention": retention(logits, ensemble, labels, student.cfg.temperature) if ensemble is not None else {
+            "source": None, "note": "no teacher ensemble: the teachers stay at the institutions; run "
+                                    "`fedstill evaluate --with-teachers` to retrain them locally on their partitions"},
+        "robustness": robustness(student.model, inputs, labels,
+                                 list(sigmas if sigmas is not None else SIGMAS.get(kind, ())),
+                                 list(epsilons if epsilons is not None else EPSILONS.get(kind, ())), student.cfg.seed),
+        "size": model_size(student),
+    }
+    out = student.run_dir / EVAL_DIR
+    out.mkdir(exist_ok=True)
+    write_json(out / SUMMARY, summary)
+    _atomic_text(out / REPORT, report(summary))
+    if "gaussian" in summary["robustness"]:
+        plot_robustness(summary, out / PLOT)
+    return summary
+
+
+def report(s: dict[str, Any]) -> str:
+    """The evaluation as markdown: headline table, retention, robustness, size."""
+    r, rob, size = s["retention"], s["robustness"], s["size"]
+    lines = [f"# Evaluation of the student ({s['model']}, round {s['round']}, {s['dataset']})", "",
+             f"Test set: {s['test_samples']} samples.", "", "| figure | value |", "|---|---|",
+             f"| accuracy | {s['accuracy']:.4f} |", f"| macro-F1 | {s['macro_f1']:.4f} |",
+             f"| ECE ({s['ece_bins']} equal-width bins) | {s['ece']:.4f} |"]
+    if r.get("source"):
+        lines += [f"| JS divergence to the teacher ensemble, T = 1 (bits, mean) | {r['js_divergence_bits']:.4f} |",
+                  f"| JS divergence at T = {r['distillation_temperature']:g} (bits, mean) | "
+                  f"{r['js_divergence_bits_at_distillation_temperature']:.4f} |",
+                  f"| top-1 agreement with the ensemble | {r['top1_agreement']:.4f} |",
+                  f"| ensemble accuracy | {r['ensemble_accuracy']:.4f} |"]
+    lines += [f"| parameters | {size['params']:,} |", f"| student.safetensors | {size['safetensors_bytes']:,} bytes |"]
+    lines += [f"| {label} | {size[key]:,} bytes |" for key, label in
+              (("onnx_fp32_bytes", "student.onnx (FP32)"), ("onnx_int8_bytes", "student.int8.onnx (INT8)")) if size[key]]
+    lines += ["", "## Knowledge retention", "",
+              f"Teacher ensemble: {r['source']}." if r.get("source") else r["note"] + "."]
+    lines += [f"- {note}" for note in r.get("notes", [])]
+    lines += ["", "## Robustness", ""]
+    if "gaussian" not in rob:
+        return "\n".join(lines + [rob["skipped"], ""])
+    lines += [f"Inputs: {rob['input']}. Gaussian noise seed {rob['noise_seed']}; FGSM {rob['fgsm_note']}.", "",
+              "| Gaussian sigma | accuracy |", "|---|---|"]
+    lines += [f"| {row['sigma']:g} | {row['accuracy']:.4f} |" for row in rob["gaussian"]]
+    lines += ["", "| FGSM epsilon | accuracy |", "|---|---|"]
+    lines += [f"| {row['epsilon']:g} | {row['accuracy']:.4f} |" for row in rob["fgsm"]]
+    return "\n".join(lines + ["", f"![robustness]({PLOT})", ""])
+
+
+def plot_robustness(s: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rob = s["robustness"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for ax, key, level, label in ((axes[0], "gaussian", "sigma", "Gaussian noise sigma"),
+                                  (axes[1], "fgsm", "epsilon", "FGSM epsilon")):
+        ax.plot([row[level] for row in rob[key]], [row["accuracy"] for row in rob[key]], marker="o")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy")
+    axes[0].set_ylim(0, 1)
+    fig.suptitle(f"{s['model']} on {s['dataset']}: accuracy under input perturbation")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,131 @@
+"""`fedstill export`, `evaluate` and `bench`: the student of a finished run as a product to ship."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from common.errors import FedstillError
+
+console = Console(soft_wrap=True)
+RUN_DIR = typer.Argument(..., help="A run folder (results.json, student.json, student.safetensors).")
+DATA_DIR = typer.Option("", "--data-dir", help="Where the run's data set is now, when it moved since the run.")
+
+
+def export(
+    run_dir: Path = RUN_DIR,
+    calibration: int = typer.Option(512, min=1, help="Public samples that calibrate static INT8 quantisation."),
+    mode: str = typer.Option("auto", help="INT8 quantisation: auto (static for CNNs, dynamic otherwise), static, dynamic."),
+    threads: int = typer.Option(1, min=1, help="PyTorch and onnxruntime intra-op threads for the parity check."),
+    data_dir: str = DATA_DIR,
+) -> None:
+    """Export the student to ONNX, check parity with PyTorch, quantise to INT8 (RUN_DIR/export/)."""
+    from server.export import EXPORT_DIR, SUMMARY, export_run
+
+    _use_threads(threads)
+    try:
+        s = export_run(run_dir, calibration_size=calibration, mode=mode, threads=threads, data_dir=data_dir or None)
+    except FedstillError as error:
+        _fail(error)
+    table = Table(title=f"fedstill export: {s['model']} (round {s['round']}), {s['test_samples']} test samples")
+    for column in ("figure", "value"):
+        table.add_column(column)
+    parity, int8, acc = s["parity_fp32"], s["int8"], s["accuracy"]
+    rows = [
+        ("ONNX opset", str(s["opset"])),
+        ("ONNX FP32 vs PyTorch: max |prob diff|", f"{parity['max_abs_prob_diff']:.2e}"),
+        ("ONNX FP32 vs PyTorch: argmax agreement", f"{parity['argmax_agreement']:.4%}"),
+        ("accuracy PyTorch / ONNX FP32 / ONNX INT8", f"{acc['pytorch']:.4f} / {acc['onnx_fp32']:.4f} / {acc['onnx_int8']:.4f}"),
+        (f"INT8 ({int8['mode']}, {int8['format']})", f"drop {int8['accuracy_drop_points']:+.2f} points vs FP32, "
+                                                      f"argmax agreement {int8['argmax_agreement_vs_fp32']:.2%}"),
+        *((f"{name}", f"{entry['bytes']:,} bytes") for name, entry in s["files"].items()),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"wrote {escape(str(Path(run_dir) / EXPORT_DIR / SUMMARY))}")
+
+
+def evaluate(
+    run_dir: Path = RUN_DIR,
+    with_teachers: bool = typer.Option(False, "--with-teachers", help="Retrain the scenario's teachers locally on their partitions (cached) for the JS divergence to their ensemble."),
+    refresh_teachers: bool = typer.Option(False, help="Retrain the teachers even when the cache matches."),
+    sigmas: str = typer.Option("", help="Gaussian noise levels, comma-separated (default per input kind)."),
+    epsilons: str = typer.Option("", help="FGSM epsilons, comma-separated (default per input kind)."),
+    bins: int = typer.Option(15, min=1, help="Equal-width confidence bins of the ECE."),
+    threads: int = typer.Option(1, min=1, help="PyTorch intra-op threads (teachers retrain with the run's torch-threads)."),
+    data_dir: str = DATA_DIR,
+) -> None:
+    """Accuracy, macro-F1, ECE, JS divergence to the teacher ensemble, robustness, size (RUN_DIR/evaluation/)."""
+    from common.robustness import parse_levels
+    from server.evaluation import EVAL_DIR, REPORT, evaluate_run
+    from server.run_student import load_run_student
+
+    _use_threads(threads)
+    try:
+        student = load_run_student(run_dir, data_dir or None)
+        ensemble = None
+        if with_teachers:
+            from simulations.reference_teachers import reference_ensemble
+
+            with console.status("teachers") as status:
+                ensemble = reference_ensemble(student, refresh=refresh_teachers, on_teacher=lambda pid, name:
+                                              status.update(f"retraining teacher {pid + 1}/{student.cfg.num_clients} ({name})"))
+        evaluate_run(student, ensemble=ensemble, bins=bins,
+                               sigmas=parse_levels(sigmas, "--sigmas") if sigmas else None,
+                               epsilons=parse_levels(epsilons, "--epsilons") if epsilons else None)
+    except FedstillError as error:
+        _fail(error)
+    out = Path(run_dir) / EVAL_DIR
+    console.print((out / REPORT).read_text(encoding="utf-8"), markup=False, highlight=False)
+    console.print(f"wrote {escape(str(out))}/ ({', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))})")
+
+
+def bench(
+    run_dir: Path = RUN_DIR,
+    threads: int = typer.Option(1, min=1, help="Intra-op threads of PyTorch and onnxruntime alike."),
+    iterations: int = typer.Option(300, min=1, help="Timed calls per engine and batch size."),
+    rounds: int = typer.Option(5, min=1, help="Interleaved blocks the calls are split into."),
+    data_dir: str = DATA_DIR,
+) -> None:
+    """Throughput and latency (batch 1 and 64): largest teacher, student in PyTorch, ONNX FP32 and INT8."""
+    from simulations.serving_bench import bench_run
+
+    try:
+        result = bench_run(run_dir, threads=threads, iterations=iterations, rounds=rounds, data_dir=data_dir or None)
+    except FedstillError as error:
+        _fail(error)
+    print_bench(result)
+
+
+def print_bench(result: dict[str, Any]) -> None:
+    m = result["machine"]
+    table = Table(title=f"fedstill bench: {result['threads']} thread(s), {result['iterations']} calls per cell "
+                        f"in {result['rounds']} interleaved rounds; {m['cpu']} ({m['cpus']} CPUs, load "
+                        f"{m['load_average_before']:.1f} -> {m['load_average_after']:.1f})")
+    for column in ("engine", "batch", "samples/s", "x teacher", "p50 ms", "p95 ms", "p50 / teacher"):
+        table.add_column(column, justify="left" if column == "engine" else "right")
+    for name, by_batch in result["engines"].items():
+        for b, row in by_batch.items():
+            table.add_row(name, b, f"{row['throughput']:,.0f}", f"{row['throughput_x_teacher']:.2f}",
+                          f"{row['p50_ms']:.3f}", f"{row['p95_ms']:.3f}", f"{row['p50_vs_teacher']:.3f}")
+    console.print(table)
+    console.print(f"teacher: {result['teacher']['model']} ({result['teacher']['params']:,} params, untrained: "
+                  f"inference time does not depend on the weights); student: {result['student']['model']} "
+                  f"({result['student']['params']:,} params)")
+
+
+def _use_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _fail(error: BaseException) -> None:
+    console.print(f"[red]{type(error).__name__}[/]: {escape(str(error))}", soft_wrap=True)
+    raise typer.Exit(code=1)

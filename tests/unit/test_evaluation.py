@@ -1,0 +1,123 @@
+"""Unit tests of `fedstill evaluate` (server/evaluation.py, simulations/reference_teachers.py) and a smoke run
+of `fedstill bench` (simulations/serving_bench.py; not timed) on a tiny digits run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import RecordDict
+
+from client.site import Site
+from client.teacher import restore_teacher, train_round
+from common.data import load_split, public_fingerprint
+from common.errors import ConfigError
+from common.models import images_to_tensor
+from common.partition import partition_indices
+from run_fixtures import make_run_folder, tiny_cfg
+from server.evaluation import EVAL_DIR, PLOT, REPORT, SUMMARY, EnsembleLogits, evaluate_run
+from server.run_student import load_run_student, softmax, torch_logits
+from simulations.reference_teachers import CACHE, reference_ensemble, train_teachers
+from simulations.serving_bench import bench_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_run_folder(tmp_path_factory.mktemp("eval") / "run")
+
+
+def test_evaluate_writes_every_figure_without_teachers(run: Path) -> None:
+    # Prepare
+    student = load_run_student(run)
+
+    # Execute
+    summary = evaluate_run(student, sigmas=[0.0, 0.3], epsilons=[0.0, 0.1], bins=10)
+
+    # Assert
+    out = run / EVAL_DIR
+    assert json.loads((out / SUMMARY).read_text()) == json.loads(json.dumps(summary))
+    assert (out / PLOT).stat().st_size > 0
+    assert "| ECE (10 equal-width bins) |" in (out / REPORT).read_text()
+    assert 0.5 < summary["accuracy"] <= 1 and 0 < summary["macro_f1"] <= 1 and 0 <= summary["ece"] <= 1
+    assert summary["retention"]["source"] is None and "--with-teachers" in summary["retention"]["note"]
+    gaussian, attack = summary["robustness"]["gaussian"], summary["robustness"]["fgsm"]
+    assert gaussian[0]["accuracy"] == attack[0]["accuracy"] == summary["accuracy"]
+    assert attack[1]["accuracy"] < attack[0]["accuracy"]
+    assert summary["size"]["params"] == sum(p.numel() for p in student.model.parameters())
+
+
+def test_retention_of_a_student_identical_to_its_ensemble_is_zero_divergence(run: Path) -> None:
+    # Prepare: an "ensemble" that answers exactly what the student answers
+    student = load_run_student(run)
+    split = load_split("digits", "", 400, 42)
+    logits = torch_logits(student.model, images_to_tensor(split.test.images))
+    ensemble = EnsembleLogits(lambda t: softmax(logits / t), "the student itself (test)")
+
+    # Execute
+    retention = evaluate_run(student, ensemble=ensemble, sigmas=[0.0], epsilons=[0.0])["retention"]
+
+    # Assert
+    assert retention["js_divergence_bits"] == pytest.approx(0.0, abs=1e-12)
+    assert retention["js_divergence_bits_at_distillation_temperature"] == pytest.approx(0.0, abs=1e-12)
+    assert retention["top1_agreement"] == 1.0
+    assert retention["source"] == "the student itself (test)"
+
+
+def test_retrained_teacher_is_the_clients_teacher(run: Path) -> None:
+    # Prepare: the client's own training of partition 1, round by round (client.teacher)
+    cfg = tiny_cfg()
+    split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size)
+    rows = partition_indices(split.private.labels, cfg.num_clients, 1, cfg.partitioner, seed=cfg.seed,
+                             min_partition_size=cfg.min_partition_size)
+    site = Site(1, split.private.subset(rows), split.public, split.test, public_fingerprint(split.public))
+    client_model, rounds_trained = restore_teacher(RecordDict(), cfg, site)
+    for _ in range(cfg.num_server_rounds):
+        train_round(client_model, cfg, site, rounds_trained)
+        rounds_trained += 1
+
+    # Execute
+    replayed = train_teachers(cfg, split)[1]
+
+    # Assert
+    assert replayed["model"] == cfg.teacher_model_for(1)
+    np.testing.assert_allclose(replayed["logits"], torch_logits(client_model, images_to_tensor(split.test.images)),
+                               atol=1e-5)
+
+
+def test_reference_ensemble_is_cached_and_aggregated_with_the_runs_rule(run: Path) -> None:
+    # Prepare
+    student = load_run_student(run)
+
+    # Execute
+    first = reference_ensemble(student)
+    second = reference_ensemble(student)
+
+    # Assert
+    assert (run / EVAL_DIR / CACHE).is_file()
+    assert not first.details["cached"] and second.details["cached"]
+    np.testing.assert_array_equal(first.probs_at(1.0), second.probs_at(1.0))
+    np.testing.assert_allclose(first.probs_at(3.0).sum(axis=1), 1.0, rtol=1e-6)
+    assert [t["model"] for t in first.details["teachers"]] == ["cnn-small", "mlp"]
+    assert first.details["exact_replay"] and "retrained locally" in first.source
+
+
+def test_a_fedavg_run_has_no_teacher_ensemble(tmp_path: Path) -> None:
+    student = load_run_student(make_run_folder(tmp_path / "fedavg", epochs=1, method="fedavg"))
+
+    with pytest.raises(ConfigError, match="is a 'fedavg' run: it has no teacher ensemble"):
+        reference_ensemble(student)
+
+
+def test_bench_times_the_four_engines_against_the_teacher(run: Path) -> None:
+    # Execute (a smoke run: two calls per cell, figures not checked for speed)
+    result = bench_run(run, iterations=2, rounds=1, warmup=1)
+
+    # Assert
+    engines = result["engines"]
+    assert len(engines) == 4 and result["threads"] == 1
+    assert result["teacher"]["model"] == "cnn-small"  # larger than mlp on 8x8 digits
+    teacher = next(iter(engines.values()))
+    assert teacher["1"]["throughput_x_teacher"] == 1.0
+    assert all(set(by_batch) == {"1", "64"} and by_batch["64"]["calls"] == 2 for by_batch in engines.values())
