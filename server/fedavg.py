@@ -20,7 +20,7 @@ from common.config import RunConfig
 from common.data import FederatedSplit
 from common.messages import record_nbytes
 from common.models import build_model, count_parameters, input_shape
-from common.training import accuracy
+from common.training import evaluate as evaluate_model
 from common.errors import QuorumError
 from server.audit_trail import AuditTrail
 from server.checkpoint import Checkpoint
@@ -85,7 +85,8 @@ def run_fedavg(
 
     def evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        acc = accuracy(model, test.inputs, test.labels)
+        metrics = evaluate_model(model, test.inputs, test.labels)
+        acc = metrics.pop("accuracy")
         if flower_round == 0:
             return MetricRecord({"accuracy": acc})
         server_round = flower_round + done
@@ -97,7 +98,7 @@ def run_fedavg(
             "clients_replied": strategy.replied.get(server_round, 0), "clients_rejected": {},
             "uplink_bytes": sum(uplink.values()), "uplink_bytes_per_client": uplink,
             "downlink_bytes": strategy.downlink.get(server_round, 0),
-            "wall_s": round(time.monotonic() - started[0], 3),
+            "wall_s": round(time.monotonic() - started[0], 3), "student_metrics": metrics,
         })
         started[0] = time.monotonic()
         run.save_student(model, {"model": cfg.student_model, "num_classes": test.num_classes,
@@ -115,6 +116,7 @@ def run_fedavg(
     run.sections["audit"] = trail.finished(cfg.num_server_rounds, run.path / STUDENT)
     run.finish({
         "student_accuracy": run.rounds[-1]["student_accuracy"],
+        **{f"student_{name}": value for name, value in (run.rounds[-1].get("student_metrics") or {}).items()},
         "student_params": count_parameters(model),
         "teacher_accuracy_mean": None, "teacher_params": {}, "largest_teacher_params": None,
         "uplink_bytes_total": sum(r["uplink_bytes"] for r in run.rounds),
