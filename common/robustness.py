@@ -1,11 +1,17 @@
-"""Input perturbations for robustness curves: Gaussian noise and FGSM on a model's float inputs.
+"""Input perturbations for robustness curves: Gaussian noise and FGSM on float inputs, token dropout and
+substitution on token ids.
 
-Both act on what the model consumes (images as floats in [0, 1], tabular features as standardised
-floats) and, for images, clip back into the valid range so a perturbed image is still an image.
+The float perturbations act on what the model consumes (images as floats in [0, 1], tabular features as
+standardised floats) and, for images, clip back into the valid range so a perturbed image is still an image.
 
-    gaussian_noise  x + N(0, sigma^2), independently per input value
-    fgsm            x + epsilon * sign(grad_x CE(f(x), y)) (Goodfellow et al., 2015, "Explaining and
-                    Harnessing Adversarial Examples"): the one-step L-infinity attack of radius epsilon
+    gaussian_noise      x + N(0, sigma^2), independently per input value
+    fgsm                x + epsilon * sign(grad_x CE(f(x), y)) (Goodfellow et al., 2015, "Explaining and
+                        Harnessing Adversarial Examples"): the one-step L-infinity attack of radius epsilon
+    token_dropout       each ordinary token deleted with probability `rate`; the rest close up, padding refills
+    token_substitution  each ordinary token replaced with probability `rate` by a token drawn uniformly from
+                        `candidates` (e.g. the tokens seen in the public set)
+
+Padding and `protected` ids (a tokenizer's [CLS], [SEP], ...) are never touched.
 
 `accuracy_under` runs a perturbation over a data set in batches and returns the top-1 accuracy.
 """
@@ -54,6 +60,32 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float, cli
     return perturbed.clamp(*clip) if clip is not None else perturbed
 
 
+def token_dropout(ids: torch.Tensor, rate: float, generator: torch.Generator, protected: torch.Tensor,
+                  pad_id: int = 0) -> torch.Tensor:
+    """Delete each ordinary token of `ids` (B, L) with probability `rate`; each row keeps its order and is
+    padded back to L with `pad_id`."""
+    if not 0 <= rate <= 1:
+        raise ValueError(f"token_dropout: rate must be in [0, 1], got {rate}")
+    ordinary = (ids != pad_id) & ~torch.isin(ids, protected)
+    keep = ~(ordinary & (torch.rand(ids.shape, generator=generator) < rate))
+    out = torch.full_like(ids, pad_id)
+    for row in range(ids.shape[0]):
+        kept = ids[row][keep[row]]
+        out[row, :len(kept)] = kept
+    return out
+
+
+def token_substitution(ids: torch.Tensor, rate: float, generator: torch.Generator, protected: torch.Tensor,
+                       candidates: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """Replace each ordinary token of `ids` (B, L) with probability `rate` by one of `candidates` (uniform)."""
+    if not 0 <= rate <= 1:
+        raise ValueError(f"token_substitution: rate must be in [0, 1], got {rate}")
+    ordinary = (ids != pad_id) & ~torch.isin(ids, protected)
+    swap = ordinary & (torch.rand(ids.shape, generator=generator) < rate)
+    drawn = candidates[torch.randint(len(candidates), ids.shape, generator=generator)]
+    return torch.where(swap, drawn, ids)
+
+
 def accuracy_under(model: nn.Module, x: torch.Tensor, y: torch.Tensor, perturb: Perturbation, batch: int = BATCH) -> float:
     """Top-1 accuracy of `model` on `perturb(model, x_batch, y_batch)`, batch by batch, in eval mode."""
     model.eval()
@@ -69,21 +101,26 @@ def accuracy_under(model: nn.Module, x: torch.Tensor, y: torch.Tensor, perturb: 
 def noise_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigmas: list[float], seed: int,
                 clip: Range = (0.0, 1.0)) -> list[dict[str, float]]:
     """Accuracy at each noise level; the same seeded noise draws for every level (common random numbers)."""
-    rows = []
-    for sigma in sigmas:
-        generator = torch.Generator().manual_seed(seed)
-        accuracy = accuracy_under(model, x, y, lambda _m, xb, _y: gaussian_noise(xb, sigma, generator, clip))
-        rows.append({"sigma": float(sigma), "accuracy": accuracy})
-    return rows
+    return seeded_curve(model, x, y, sigmas, seed, lambda xb, sigma, g: gaussian_noise(xb, sigma, g, clip))
 
 
 def fgsm_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float],
                clip: Range = (0.0, 1.0)) -> list[dict[str, float]]:
     """Accuracy under FGSM at each epsilon (white-box: the attack sees the model it attacks)."""
-    return [
-        {"epsilon": float(eps), "accuracy": accuracy_under(model, x, y, lambda m, xb, yb: fgsm(m, xb, yb, eps, clip))}
-        for eps in epsilons
-    ]
+    return [{"level": float(eps), "accuracy": accuracy_under(model, x, y, lambda m, xb, yb: fgsm(m, xb, yb, eps, clip))}
+            for eps in epsilons]
+
+
+def seeded_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, levels: list[float], seed: int,
+                 perturb: Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]) -> list[dict[str, float]]:
+    """Accuracy under a random perturbation `perturb(x_batch, level, generator)` at each level, every level
+    drawing from the same seed."""
+    rows = []
+    for level in levels:
+        generator = torch.Generator().manual_seed(seed)
+        rows.append({"level": float(level),
+                     "accuracy": accuracy_under(model, x, y, lambda _m, xb, _y: perturb(xb, level, generator))})
+    return rows
 
 
 def parse_levels(text: str, name: str) -> list[float]:

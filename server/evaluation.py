@@ -12,7 +12,7 @@ test-set logits when it has them (`simulations.reference_teachers` retrains them
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,19 +20,33 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.models import count_parameters
-from common.robustness import fgsm_curve, noise_curve
+from common.data import FederatedSplit, task_of
+from common.models import count_parameters, inputs_to_tensor
+from common.robustness import fgsm_curve, noise_curve, seeded_curve, token_dropout, token_substitution
 from common.student_metrics import ECE_BINS, expected_calibration_error, js_divergence, macro_f1
 from server.export import EXPORT_DIR, ONNX_FP32, ONNX_INT8
 from server.run_folder import STUDENT, write_json
-from server.run_student import RunStudent, inputs_of, load_run_split, model_input, softmax, torch_logits
+from server.run_student import RunStudent, load_run_split, softmax, torch_logits
 
 EVAL_DIR = "evaluation"
 SUMMARY, REPORT, PLOT = "evaluation.json", "evaluation.md", "robustness.png"
-# Perturbation levels per input kind: images in [0, 1] pixel units, tabular features in standard deviations.
-SIGMAS = {"image": (0.0, 0.05, 0.1, 0.2, 0.3), "tabular": (0.0, 0.1, 0.25, 0.5, 1.0)}
-EPSILONS = {"image": (0.0, 0.01, 0.02, 0.05, 0.1), "tabular": (0.0, 0.05, 0.1, 0.25, 0.5)}
-CLIP = {"image": (0.0, 1.0), "tabular": None}
+# Perturbations and their default levels per input kind: images in [0, 1] pixel units, tabular features in
+# standard deviations, texts as the share of ordinary tokens perturbed.
+CURVES = {
+    "image": {"gaussian": (0.0, 0.05, 0.1, 0.2, 0.3), "fgsm": (0.0, 0.01, 0.02, 0.05, 0.1)},
+    "tabular": {"gaussian": (0.0, 0.1, 0.25, 0.5, 1.0), "fgsm": (0.0, 0.05, 0.1, 0.25, 0.5)},
+    "text": {"token_dropout": (0.0, 0.1, 0.2, 0.3, 0.5), "token_substitution": (0.0, 0.1, 0.2, 0.3, 0.5)},
+}
+TITLES = {"gaussian": "Gaussian noise sigma", "fgsm": "FGSM epsilon", "token_dropout": "token dropout rate",
+          "token_substitution": "token substitution rate"}
+INPUT_NOTES = {
+    "image": "pixels scaled to [0, 1], perturbed images clipped to [0, 1]; FGSM white-box, one step, L-infinity "
+             "radius epsilon (Goodfellow et al., 2015)",
+    "tabular": "standardised features (units of one standard deviation), not clipped; FGSM white-box, one step, "
+               "L-infinity radius epsilon (Goodfellow et al., 2015)",
+    "text": "token ids; padding and the tokenizer's special tokens are never perturbed; dropped tokens close up, "
+            "substitutes are drawn uniformly from the tokens of the public set",
+}
 
 
 @dataclass(frozen=True)
@@ -42,11 +56,6 @@ class EnsembleLogits:
     probs_at: Callable[[float], np.ndarray]  # temperature -> (n_test, C) aggregated probabilities, rows sum to 1
     source: str  # one sentence: how these teachers were obtained
     details: dict[str, Any] = field(default_factory=dict)  # teacher accuracies, notes, exactness
-
-
-def input_kind(inputs: np.ndarray) -> str:
-    """"image" (uint8), "tabular" (float32 features) or "text" (int64 token ids)."""
-    return {np.dtype(np.uint8): "image", np.dtype(np.float32): "tabular", np.dtype(np.int64): "text"}[inputs.dtype]
 
 
 def retention(student_logits: np.ndarray, ensemble: EnsembleLogits, labels: np.ndarray, temperature: float) -> dict[str, Any]:
@@ -63,21 +72,31 @@ def retention(student_logits: np.ndarray, ensemble: EnsembleLogits, labels: np.n
     }
 
 
-def robustness(model: torch.nn.Module, inputs: np.ndarray, labels: np.ndarray, sigmas: list[float],
-               epsilons: list[float], seed: int) -> dict[str, Any]:
-    """Accuracy under Gaussian input noise and under FGSM, on the model's float inputs."""
-    kind = input_kind(inputs)
+def robustness(model: torch.nn.Module, split: FederatedSplit, levels: Mapping[str, list[float]], seed: int) -> dict[str, Any]:
+    """Test accuracy along each perturbation curve of the split's input kind (`CURVES`), at `levels` (or the defaults)."""
+    kind = task_of(split.test)
+    x, y = inputs_to_tensor(split.test.inputs), torch.from_numpy(np.array(split.test.labels, dtype=np.int64))  # writable copy
+    curves = {name: list(levels.get(name) or defaults) for name, defaults in CURVES[kind].items()}
     if kind == "text":
-        return {"skipped": "token inputs: Gaussian noise and FGSM need float inputs (token dropout/substitution is not built yet)"}
-    x, y = model_input(inputs), torch.from_numpy(np.array(labels, dtype=np.int64))  # a writable copy
-    clip = CLIP[kind]
-    return {
-        "input": "pixels scaled to [0, 1], perturbed images clipped to [0, 1]" if kind == "image"
-                 else "standardised features (units of one standard deviation), not clipped",
-        "gaussian": noise_curve(model, x, y, sigmas, seed, clip),
-        "fgsm": fgsm_curve(model, x, y, epsilons, clip),
-        "noise_seed": seed, "fgsm_note": "white-box, one step, L-infinity radius epsilon (Goodfellow et al., 2015)",
-    }
+        protected, candidates = _token_sets(split)
+        perturb = {"token_dropout": lambda xb, rate, g: token_dropout(xb, rate, g, protected),
+                   "token_substitution": lambda xb, rate, g: token_substitution(xb, rate, g, protected, candidates)}
+        points = {name: seeded_curve(model, x, y, curves[name], seed, perturb[name]) for name in curves}
+    else:
+        clip = (0.0, 1.0) if kind == "image" else None
+        points = {"gaussian": noise_curve(model, x, y, curves["gaussian"], seed, clip),
+                  "fgsm": fgsm_curve(model, x, y, curves["fgsm"], clip)}
+    return {"input": INPUT_NOTES[kind], "seed": seed,
+            "curves": {name: {"title": TITLES[name], "points": points[name]} for name in curves}}
+
+
+def _token_sets(split: FederatedSplit) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokenizer's special ids (never perturbed) and the ordinary tokens of the public set (substitutes)."""
+    from common.text_models import PAD_ID, tokenizer
+
+    protected = torch.tensor(sorted(set(tokenizer().all_special_ids) | {PAD_ID}), dtype=torch.int64)
+    seen = torch.from_numpy(np.unique(split.public.inputs))
+    return protected, seen[~torch.isin(seen, protected)]
 
 
 def model_size(student: RunStudent) -> dict[str, Any]:
@@ -88,13 +107,12 @@ def model_size(student: RunStudent) -> dict[str, Any]:
     return size
 
 
-def evaluate_run(student: RunStudent, *, ensemble: EnsembleLogits | None = None, sigmas: list[float] | None = None,
-                 epsilons: list[float] | None = None, bins: int = ECE_BINS) -> dict[str, Any]:
+def evaluate_run(student: RunStudent, *, ensemble: EnsembleLogits | None = None,
+                 levels: Mapping[str, list[float]] | None = None, bins: int = ECE_BINS) -> dict[str, Any]:
     """Every figure of the student on its run's test set; writes the evaluation folder and returns the summary."""
     split = load_run_split(student)
-    inputs, labels = inputs_of(split.test), np.asarray(split.test.labels)
-    kind = input_kind(inputs)
-    logits = torch_logits(student.model, model_input(inputs))
+    inputs, labels = split.test.inputs, np.asarray(split.test.labels)
+    logits = torch_logits(student.model, inputs_to_tensor(inputs))
     probs = softmax(logits)
     predicted = probs.argmax(axis=1)
     summary: dict[str, Any] = {
@@ -105,17 +123,14 @@ def evaluate_run(student: RunStudent, *, ensemble: EnsembleLogits | None = None,
         "retention": retention(logits, ensemble, labels, student.cfg.temperature) if ensemble is not None else {
             "source": None, "note": "no teacher ensemble: the teachers stay at the institutions; run "
                                     "`fedstill evaluate --with-teachers` to retrain them locally on their partitions"},
-        "robustness": robustness(student.model, inputs, labels,
-                                 list(sigmas if sigmas is not None else SIGMAS.get(kind, ())),
-                                 list(epsilons if epsilons is not None else EPSILONS.get(kind, ())), student.cfg.seed),
+        "robustness": robustness(student.model, split, levels or {}, student.cfg.seed),
         "size": model_size(student),
     }
     out = student.run_dir / EVAL_DIR
     out.mkdir(exist_ok=True)
     write_json(out / SUMMARY, summary)
     _atomic_text(out / REPORT, report(summary))
-    if "gaussian" in summary["robustness"]:
-        plot_robustness(summary, out / PLOT)
+    plot_robustness(summary, out / PLOT)
     return summary
 
 
@@ -138,15 +153,11 @@ def report(s: dict[str, Any]) -> str:
     lines += ["", "## Knowledge retention", "",
               f"Teacher ensemble: {r['source']}." if r.get("source") else r["note"] + "."]
     lines += [f"- {note}" for note in r.get("notes", [])]
-    lines += ["", "## Robustness", ""]
-    if "gaussian" not in rob:
-        return "\n".join(lines + [rob["skipped"], ""])
-    lines += [f"Inputs: {rob['input']}. Gaussian noise seed {rob['noise_seed']}; FGSM {rob['fgsm_note']}.", "",
-              "| Gaussian sigma | accuracy |", "|---|---|"]
-    lines += [f"| {row['sigma']:g} | {row['accuracy']:.4f} |" for row in rob["gaussian"]]
-    lines += ["", "| FGSM epsilon | accuracy |", "|---|---|"]
-    lines += [f"| {row['epsilon']:g} | {row['accuracy']:.4f} |" for row in rob["fgsm"]]
-    return "\n".join(lines + ["", f"![robustness]({PLOT})", ""])
+    lines += ["", "## Robustness", "", f"Inputs: {rob['input']}. Random perturbations seeded with {rob['seed']}.", ""]
+    for curve in rob["curves"].values():
+        lines += [f"| {curve['title']} | accuracy |", "|---|---|"]
+        lines += [f"| {point['level']:g} | {point['accuracy']:.4f} |" for point in curve["points"]] + [""]
+    return "\n".join(lines + [f"![robustness]({PLOT})", ""])
 
 
 def plot_robustness(s: dict[str, Any], path: Path) -> None:
@@ -155,13 +166,14 @@ def plot_robustness(s: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rob = s["robustness"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
-    for ax, key, level, label in ((axes[0], "gaussian", "sigma", "Gaussian noise sigma"),
-                                  (axes[1], "fgsm", "epsilon", "FGSM epsilon")):
-        ax.plot([row[level] for row in rob[key]], [row["accuracy"] for row in rob[key]], marker="o")
-        ax.set_xlabel(label)
+    curves = list(s["robustness"]["curves"].values())
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), sharey=True, squeeze=False)
+    for ax, curve in zip(axes[0], curves):
+        points = curve["points"]
+        ax.plot([p["level"] for p in points], [p["accuracy"] for p in points], marker="o")
+        ax.set_xlabel(curve["title"])
         ax.grid(alpha=0.3)
+    axes = axes[0]
     axes[0].set_ylabel("test accuracy")
     axes[0].set_ylim(0, 1)
     fig.suptitle(f"{s['model']} on {s['dataset']}: accuracy under input perturbation")

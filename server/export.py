@@ -30,8 +30,9 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
 from common.errors import ConfigError
+from common.models import inputs_to_tensor
 from server.run_folder import write_json
-from server.run_student import inputs_of, load_run_split, load_run_student, model_input, softmax, torch_logits
+from server.run_student import load_run_split, load_run_student, softmax, torch_logits
 
 EXPORT_DIR = "export"
 ONNX_FP32 = "student.onnx"
@@ -50,8 +51,11 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int 
     model.eval()
     tmp = path.with_name(f".{path.name}.tmp")
     with warnings.catch_warnings():
-        # torch >= 2.9 announces the dynamo exporter as the default; the TorchScript one needs no onnxscript
+        # torch >= 2.9 announces the dynamo exporter as the default (the TorchScript one needs no onnxscript);
+        # tracer notes on transformers' shape arithmetic are left out too: the parity check is the evidence
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", module=r"torch\.onnx")
         torch.onnx.export(
             model, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=[INPUT], output_names=[OUTPUT],
             dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
@@ -111,15 +115,15 @@ def quantise(fp32: Path, int8: Path, calibration: np.ndarray | None, mode: str =
     dynamic: weights INT8; activation ranges computed per batch at run time (no calibration)
     """
     mode = quantisation_mode(fp32, mode)
+    if mode == "static" and (calibration is None or not len(calibration)):
+        raise ConfigError("static quantisation needs calibration inputs (a slice of the public set)")
     tmp = int8.with_name(f".{int8.name}.tmp")
-    if mode == "dynamic":
-        quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8)
-    else:
-        if calibration is None or not len(calibration):
-            raise ConfigError("static quantisation needs calibration inputs (a slice of the public set)")
-        with tempfile.TemporaryDirectory() as scratch:
-            prepared = Path(scratch) / "prepared.onnx"
-            quant_pre_process(str(fp32), str(prepared))  # shape inference and graph optimisation first
+    with tempfile.TemporaryDirectory() as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(str(fp32), str(prepared))  # shape inference and graph optimisation first
+        if mode == "dynamic":
+            quantize_dynamic(str(prepared), str(tmp), weight_type=QuantType.QInt8)
+        else:
             quantize_static(
                 str(prepared), str(tmp), _CalibrationSlice(calibration), quant_format=QuantFormat.QDQ,
                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -138,9 +142,9 @@ def export_run(run_dir: Path, *, calibration_size: int = CALIBRATION_SIZE, mode:
     split = load_run_split(student)
     out = Path(run_dir) / EXPORT_DIR
     out.mkdir(exist_ok=True)
-    x_test = model_input(inputs_of(split.test))
+    x_test = inputs_to_tensor(split.test.inputs)
     labels = np.asarray(split.test.labels)
-    calibration = model_input(inputs_of(split.public)[:calibration_size]).numpy()
+    calibration = inputs_to_tensor(split.public.inputs[:calibration_size]).numpy()
 
     export_onnx(student.model, x_test[:1], out / ONNX_FP32)
     torch_probs = softmax(torch_logits(student.model, x_test))

@@ -21,7 +21,7 @@ from torch import nn
 from common.config import RunConfig, default_run_config
 from common.data import FederatedSplit, load_split
 from common.errors import ConfigError
-from common.models import build_model, images_to_tensor
+from common.models import build_model
 from server.run_folder import RESULTS, STUDENT, STUDENT_CONFIG
 
 
@@ -68,22 +68,7 @@ def load_run_student(run_dir: Path, data_dir: str | None = None) -> RunStudent:
 def load_run_split(student: RunStudent) -> FederatedSplit:
     """The run's public/private/test split, rebuilt from its scenario (same data, sizes and seed)."""
     cfg = student.cfg
-    return load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size)
-
-
-def inputs_of(data: Any) -> np.ndarray:
-    """A set's model inputs: its `inputs` where the set has them (tables, texts), else its images."""
-    return data.inputs if hasattr(data, "inputs") else data.images
-
-
-def model_input(inputs: np.ndarray) -> torch.Tensor:
-    """What the models consume, by dtype: uint8 images -> floats (n, 1, h, w) in [0, 1]; float32 features
-    and int64 token ids as they are."""
-    if inputs.dtype == np.uint8:
-        return images_to_tensor(inputs)
-    if inputs.dtype in (np.float32, np.int64):
-        return torch.from_numpy(np.ascontiguousarray(inputs))
-    raise ConfigError(f"model inputs must be uint8 images, float32 features or int64 token ids, got {inputs.dtype}")
+    return load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size, max_seq_len=cfg.max_seq_len)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -27,16 +27,16 @@ from common.aggregation import AggregationParams, NEEDS_CLASS_COUNTS, aggregate
 from common.config import RunConfig
 from common.data import FederatedSplit
 from common.errors import ConfigError
-from common.models import build_model
-from common.partition import partition_indices
+from common.models import build_model, input_shape, inputs_to_tensor
+from common.partition import partition_rows
 from common.training import train_supervised
 from server.evaluation import EVAL_DIR, EnsembleLogits
-from server.run_student import RunStudent, inputs_of, load_run_split, model_input, softmax, torch_logits
+from server.run_student import RunStudent, load_run_split, softmax, torch_logits
 
 CACHE = "teachers-test-logits.npz"
-SETTINGS = ("dataset", "data-dir", "public-size", "test-size", "seed", "num-clients", "partitioner", "dirichlet-alpha",
-            "classes-per-client", "min-partition-size", "num-server-rounds", "teacher-models", "local-epochs",
-            "teacher-lr", "teacher-batch-size", "torch-threads")
+SETTINGS = ("dataset", "data-dir", "public-size", "test-size", "max-seq-len", "seed", "num-clients", "partitioner",
+            "dirichlet-alpha", "classes-per-client", "min-partition-size", "num-server-rounds", "teacher-models",
+            "local-epochs", "teacher-lr", "teacher-batch-size", "torch-threads")
 
 
 def replay_notes(cfg: RunConfig, recorded_rounds: list[dict[str, Any]]) -> list[str]:
@@ -62,15 +62,11 @@ def train_teachers(cfg: RunConfig, split: FederatedSplit,
     teachers = []
     try:
         for pid in range(cfg.num_clients):
-            rows = partition_indices(
-                split.private.labels, cfg.num_clients, pid, cfg.partitioner, alpha=cfg.dirichlet_alpha,
-                classes_per_client=cfg.classes_per_client, min_partition_size=cfg.min_partition_size, seed=cfg.seed,
-            )
-            data, name = split.private.subset(rows), cfg.teacher_model_for(pid)
+            data, name = split.private.subset(partition_rows(split, cfg, pid)), cfg.teacher_model_for(pid)
             if on_teacher is not None:
                 on_teacher(pid, name)
-            inputs = inputs_of(data)
-            model = build_model(name, data.num_classes, tuple(inputs.shape[1:]), seed=cfg.seed + pid)
+            inputs = data.inputs
+            model = build_model(name, data.num_classes, input_shape(inputs), seed=cfg.seed + pid)
             for rounds_trained in range(cfg.num_server_rounds):  # client.teacher.train_round, round by round
                 train_supervised(model, inputs, data.labels, epochs=cfg.local_epochs, lr=cfg.teacher_lr,
                                  batch_size=cfg.teacher_batch_size,
@@ -78,7 +74,7 @@ def train_teachers(cfg: RunConfig, split: FederatedSplit,
             teachers.append({
                 "model": name, "num_examples": len(data),
                 "class_counts": np.bincount(data.labels, minlength=data.num_classes).astype(np.int64),
-                "logits": torch_logits(model, model_input(inputs_of(split.test))),
+                "logits": torch_logits(model, inputs_to_tensor(split.test.inputs)),
             })
     finally:
         torch.set_num_threads(threads)

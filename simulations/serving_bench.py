@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from common.errors import ConfigError
-from common.models import build_model, count_parameters
+from common.models import build_model, count_parameters, inputs_to_tensor
 from server.export import EXPORT_DIR, ONNX_FP32, ONNX_INT8, INPUT, export_run, ort_session
 from server.run_folder import write_json
-from server.run_student import RunStudent, inputs_of, load_run_split, load_run_student, model_input
+from server.run_student import RunStudent, load_run_split, load_run_student
 
 RESULT = "bench.json"
 BATCHES = (1, 64)
@@ -97,7 +97,7 @@ def bench_run(run_dir: Path, *, threads: int = 1, batches: tuple[int, ...] = BAT
     export = Path(run_dir) / EXPORT_DIR
     if not ((export / ONNX_FP32).is_file() and (export / ONNX_INT8).is_file()):
         export_run(run_dir, threads=threads, data_dir=data_dir)
-    inputs = model_input(inputs_of(load_run_split(student).test)[:max(batches)]).numpy()
+    inputs = inputs_to_tensor(load_run_split(student).test.inputs[:max(batches)]).numpy()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -55,8 +55,9 @@ def evaluate(
     run_dir: Path = RUN_DIR,
     with_teachers: bool = typer.Option(False, "--with-teachers", help="Retrain the scenario's teachers locally on their partitions (cached) for the JS divergence to their ensemble."),
     refresh_teachers: bool = typer.Option(False, help="Retrain the teachers even when the cache matches."),
-    sigmas: str = typer.Option("", help="Gaussian noise levels, comma-separated (default per input kind)."),
-    epsilons: str = typer.Option("", help="FGSM epsilons, comma-separated (default per input kind)."),
+    sigmas: str = typer.Option("", help="Gaussian noise sigmas, comma-separated (images, tables; default per kind)."),
+    epsilons: str = typer.Option("", help="FGSM epsilons, comma-separated (images, tables; default per kind)."),
+    rates: str = typer.Option("", help="Token dropout and substitution rates, comma-separated (texts)."),
     bins: int = typer.Option(15, min=1, help="Equal-width confidence bins of the ECE."),
     threads: int = typer.Option(1, min=1, help="PyTorch intra-op threads (teachers retrain with the run's torch-threads)."),
     data_dir: str = DATA_DIR,
@@ -76,9 +77,10 @@ def evaluate(
             with console.status("teachers") as status:
                 ensemble = reference_ensemble(student, refresh=refresh_teachers, on_teacher=lambda pid, name:
                                               status.update(f"retraining teacher {pid + 1}/{student.cfg.num_clients} ({name})"))
-        evaluate_run(student, ensemble=ensemble, bins=bins,
-                               sigmas=parse_levels(sigmas, "--sigmas") if sigmas else None,
-                               epsilons=parse_levels(epsilons, "--epsilons") if epsilons else None)
+        levels = {name: parse_levels(text, option) for name, text, option in (
+            ("gaussian", sigmas, "--sigmas"), ("fgsm", epsilons, "--epsilons"), ("token_dropout", rates, "--rates"),
+            ("token_substitution", rates, "--rates")) if text}
+        evaluate_run(student, ensemble=ensemble, bins=bins, levels=levels)
     except FedstillError as error:
         _fail(error)
     out = Path(run_dir) / EVAL_DIR

@@ -1,4 +1,4 @@
-"""A tiny finished run folder on digits (8x8 images) for the export, evaluation and bench tests."""
+"""Tiny finished run folders (digits 8x8 images; BBC News at 32 tokens) for the export, evaluation and bench tests."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 from common.config import RunConfig, default_run_config
 from common.data import load_split
+from common.models import build_model, input_shape
 from common.training import train_supervised
-from common.models import build_model
 from server.run_folder import RESULTS, STUDENT, STUDENT_CONFIG, write_json
 
 TINY_RUN = {"dataset": "digits", "public-size": 400, "num-clients": 2, "min-clients": 1, "partitioner": "iid",
@@ -21,16 +21,21 @@ def tiny_cfg(**overrides: Any) -> RunConfig:
     return RunConfig.from_run_config({**default_run_config(), **TINY_RUN, **overrides})
 
 
-def make_run_folder(path: Path, epochs: int = 8, **overrides: Any) -> Path:
+TINY_TEXT_RUN = {"dataset": "bbc-news", "public-size": 600, "max-seq-len": 32, "teacher-models": "bert-tiny",
+                 "student-model": "bert-tiny", "temperature": 2.0}
+
+
+def make_run_folder(path: Path, epochs: int = 8, lr: float = 0.01, **overrides: Any) -> Path:
     """A run folder as `fedstill simulate` leaves it: the student (trained on the labelled public set, which
     stands in for distillation), student.json and results.json with the scenario and rounds."""
     cfg = tiny_cfg(**overrides)
-    split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size)
-    model = build_model(cfg.student_model, 10, (8, 8), seed=cfg.seed)
-    train_supervised(model, split.public.images, split.public.labels, epochs=epochs, lr=0.01, batch_size=32, seed=0)
+    split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size, max_seq_len=cfg.max_seq_len)
+    shape, classes = input_shape(split.public.inputs), split.public.num_classes
+    model = build_model(cfg.student_model, classes, shape, seed=cfg.seed)
+    train_supervised(model, split.public.inputs, split.public.labels, epochs=epochs, lr=lr, batch_size=32, seed=0)
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / STUDENT))
-    write_json(path / STUDENT_CONFIG, {"model": cfg.student_model, "num_classes": 10, "image_size": [8, 8],
+    write_json(path / STUDENT_CONFIG, {"model": cfg.student_model, "num_classes": classes, "image_size": list(shape),
                                        "temperature": cfg.temperature, "round": cfg.num_server_rounds,
                                        "dataset": cfg.dataset, "scenario": cfg.scenario})
     rounds = [{"round": r, "student_accuracy": 0.0, "teacher_accuracy": {}, "teacher_rounds": {}}

@@ -15,7 +15,7 @@ from client.teacher import restore_teacher, train_round
 from common.data import load_split, public_fingerprint
 from common.errors import ConfigError
 from common.models import images_to_tensor
-from common.partition import partition_indices
+from common.partition import partition_rows
 from run_fixtures import make_run_folder, tiny_cfg
 from server.evaluation import EVAL_DIR, PLOT, REPORT, SUMMARY, EnsembleLogits, evaluate_run
 from server.run_student import load_run_student, softmax, torch_logits
@@ -33,7 +33,7 @@ def test_evaluate_writes_every_figure_without_teachers(run: Path) -> None:
     student = load_run_student(run)
 
     # Execute
-    summary = evaluate_run(student, sigmas=[0.0, 0.3], epsilons=[0.0, 0.1], bins=10)
+    summary = evaluate_run(student, levels={"gaussian": [0.0, 0.3], "fgsm": [0.0, 0.1]}, bins=10)
 
     # Assert
     out = run / EVAL_DIR
@@ -42,7 +42,9 @@ def test_evaluate_writes_every_figure_without_teachers(run: Path) -> None:
     assert "| ECE (10 equal-width bins) |" in (out / REPORT).read_text()
     assert 0.5 < summary["accuracy"] <= 1 and 0 < summary["macro_f1"] <= 1 and 0 <= summary["ece"] <= 1
     assert summary["retention"]["source"] is None and "--with-teachers" in summary["retention"]["note"]
-    gaussian, attack = summary["robustness"]["gaussian"], summary["robustness"]["fgsm"]
+    curves = summary["robustness"]["curves"]
+    gaussian, attack = curves["gaussian"]["points"], curves["fgsm"]["points"]
+    assert [point["level"] for point in gaussian] == [0.0, 0.3]
     assert gaussian[0]["accuracy"] == attack[0]["accuracy"] == summary["accuracy"]
     assert attack[1]["accuracy"] < attack[0]["accuracy"]
     assert summary["size"]["params"] == sum(p.numel() for p in student.model.parameters())
@@ -56,7 +58,7 @@ def test_retention_of_a_student_identical_to_its_ensemble_is_zero_divergence(run
     ensemble = EnsembleLogits(lambda t: softmax(logits / t), "the student itself (test)")
 
     # Execute
-    retention = evaluate_run(student, ensemble=ensemble, sigmas=[0.0], epsilons=[0.0])["retention"]
+    retention = evaluate_run(student, ensemble=ensemble, levels={"gaussian": [0.0], "fgsm": [0.0]})["retention"]
 
     # Assert
     assert retention["js_divergence_bits"] == pytest.approx(0.0, abs=1e-12)
@@ -69,9 +71,7 @@ def test_retrained_teacher_is_the_clients_teacher(run: Path) -> None:
     # Prepare: the client's own training of partition 1, round by round (client.teacher)
     cfg = tiny_cfg()
     split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size)
-    rows = partition_indices(split.private.labels, cfg.num_clients, 1, cfg.partitioner, seed=cfg.seed,
-                             min_partition_size=cfg.min_partition_size)
-    site = Site(1, split.private.subset(rows), split.public, split.test, public_fingerprint(split.public))
+    site = Site(1, split.private.subset(partition_rows(split, cfg, 1)), split.public, split.test, public_fingerprint(split.public))
     client_model, rounds_trained = restore_teacher(RecordDict(), cfg, site)
     for _ in range(cfg.num_server_rounds):
         train_round(client_model, cfg, site, rounds_trained)

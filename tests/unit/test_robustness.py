@@ -1,5 +1,5 @@
 """Unit tests of common/robustness.py on toy models: Gaussian noise, FGSM (against its closed form for a
-linear model), accuracy under a perturbation, and level parsing."""
+linear model), token dropout and substitution, accuracy under a perturbation, and level parsing."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
-from common.robustness import accuracy_under, fgsm, fgsm_curve, gaussian_noise, noise_curve, parse_levels
+from common.robustness import (
+    accuracy_under, fgsm, fgsm_curve, gaussian_noise, noise_curve, parse_levels, token_dropout, token_substitution,
+)
 
 
 def identity_classifier() -> nn.Module:
@@ -66,7 +68,44 @@ def test_accuracy_falls_under_fgsm_and_not_under_zero_noise() -> None:
     # Assert: epsilon 0.1 moves each feature 0.1 toward the other class, past the boundary
     assert clean == 1.0
     assert [row["accuracy"] for row in curve] == [1.0, 1.0, 0.0]
-    assert noise == [{"sigma": 0.0, "accuracy": 1.0}]
+    assert noise == [{"level": 0.0, "accuracy": 1.0}]
+
+
+PROTECTED = torch.tensor([0, 101, 102])  # padding, [CLS], [SEP]
+
+
+def test_token_dropout_deletes_ordinary_tokens_and_closes_up() -> None:
+    # Prepare
+    ids = torch.tensor([[101, 7, 8, 9, 102, 0], [101, 5, 102, 0, 0, 0]])
+
+    # Execute
+    none = token_dropout(ids, 0.0, torch.Generator().manual_seed(0), PROTECTED)
+    every = token_dropout(ids, 1.0, torch.Generator().manual_seed(0), PROTECTED)
+    some = token_dropout(ids[:1].repeat(200, 1), 0.5, torch.Generator().manual_seed(0), PROTECTED)
+
+    # Assert
+    torch.testing.assert_close(none, ids)
+    torch.testing.assert_close(every, torch.tensor([[101, 102, 0, 0, 0, 0], [101, 102, 0, 0, 0, 0]]))
+    assert (some[:, 0] == 101).all()
+    lengths = (some != 0).sum(dim=1)
+    assert set(lengths.tolist()) <= {2, 3, 4, 5} and 3 <= float(lengths.float().mean()) <= 4  # 2 + Binomial(3, 0.5)
+    for row, length in zip(some, lengths):
+        assert row[length - 1] == 102 and row[:length].tolist() == [t for t in [101, 7, 8, 9, 102] if t in row[:length].tolist()]
+
+
+def test_token_substitution_replaces_only_ordinary_tokens_with_candidates() -> None:
+    # Prepare
+    ids = torch.tensor([[101, 7, 8, 9, 102, 0]])
+    candidates = torch.tensor([500, 501])
+
+    # Execute
+    every = token_substitution(ids, 1.0, torch.Generator().manual_seed(0), PROTECTED, candidates)
+    none = token_substitution(ids, 0.0, torch.Generator().manual_seed(0), PROTECTED, candidates)
+
+    # Assert
+    assert every[0, 0] == 101 and every[0, 4] == 102 and every[0, 5] == 0
+    assert set(every[0, 1:4].tolist()) <= {500, 501}
+    torch.testing.assert_close(none, ids)
 
 
 def test_parse_levels_reads_numbers_and_refuses_negative_ones() -> None:
