@@ -52,3 +52,25 @@ def test_undefined_metrics_are_nan() -> None:
     # Assert
     assert math.isnan(one_class["auroc"]) and one_class["balanced_accuracy"] == 0.5
     assert all(math.isnan(v) for v in empty.values())
+
+
+def test_compare_adds_an_imbalance_table_only_when_runs_have_the_metrics() -> None:
+    # Prepare
+    from simulations.compare import markdown_table
+
+    final = {"student_accuracy": 0.93, "teacher_accuracy_mean": 0.92, "student_balanced_accuracy": 0.5,
+             "student_macro_f1": 0.4, "student_auroc": 0.75}
+    row = {"round": 1, "student_accuracy": 0.93, "clients_replied": 2, "uplink_bytes": 2_000, "downlink_bytes": 0}
+    local = {"epochs": 2, "accuracy_mean": 0.9, "accuracy_min": 0.8, "accuracy_max": 0.95, "balanced_accuracy_mean": 0.4,
+             "macro_f1_mean": 0.35, "auroc_mean": 0.6, "per_client": {}}
+    with_metrics = {"scenario": {"scenario": "covid-clinics"}, "methods": {"mean": {"rounds": [row], "final": final}},
+                    "baselines": {"local_only": local}}
+    old = {"scenario": None, "methods": {"mean": {"rounds": [row], "final": {"student_accuracy": 0.9}}}, "baselines": {}}
+
+    # Execute
+    table, plain = markdown_table(with_metrics), markdown_table(old)
+
+    # Assert
+    assert "| mean | 0.9300 | 0.5000 | 0.4000 | 0.7500 |" in table
+    assert "| local-only (mean of institutions) | 0.9000 | 0.4000 | 0.3500 | 0.6000 |" in table
+    assert "Imbalance-aware" not in plain
