@@ -152,6 +152,9 @@ def report(s: dict[str, Any]) -> str:
               (("onnx_fp32_bytes", "student.onnx (FP32)"), ("onnx_int8_bytes", "student.int8.onnx (INT8)")) if size[key]]
     lines += ["", "## Knowledge retention", "",
               f"Teacher ensemble: {r['source']}." if r.get("source") else r["note"] + "."]
+    if r.get("max_abs_diff_to_recorded") is not None:
+        lines.append(f"- the retrained teachers' test accuracies against those the run recorded (both sorted): "
+                     f"max |difference| {r['max_abs_diff_to_recorded']:.4f}")
     lines += [f"- {note}" for note in r.get("notes", [])]
     lines += ["", "## Robustness", "", f"Inputs: {rob['input']}. Random perturbations seeded with {rob['seed']}.", ""]
     for curve in rob["curves"].values():
