@@ -60,6 +60,17 @@ def wait_for_nodes(grid: Grid, cfg: RunConfig) -> list[int]:
     return sorted(nodes)
 
 
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[tuple[int, Message]]:
+    """(node, reply) for each reply, the node being the one its question went to. When a node stops
+    sending heartbeats, the SuperLink itself answers for it with a "Node Unavailable" error whose
+    source is the SuperLink, not the node; matching on the question keeps it on the right node."""
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}  # set when pushed
+    if len(asked) != len(messages):  # a grid that did not give the questions ids: trust each reply's source
+        asked = {}
+    return [(asked.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
+
+
 def query_soft_labels(
     grid: Grid, nodes: list[int], query: SoftLabelQuery, timeout: float, check: ReplyCheck | None = None
 ) -> RoundReplies:
@@ -70,9 +81,8 @@ def query_soft_labels(
         for node in nodes
     ]
     answers = [
-        (reply.metadata.src_node_id, reply.error.reason if reply.has_error() else None,
-         None if reply.has_error() else reply.content)
-        for reply in grid.send_and_receive(messages, timeout=timeout)
+        (node, reply.error.reason if reply.has_error() else None, None if reply.has_error() else reply.content)
+        for node, reply in send_and_receive(grid, messages, timeout)
     ]
     return judge_replies(query, nodes, answers, timeout, check)
 
@@ -187,8 +197,7 @@ def send_digest(
         for node in nodes
     ]
     outcome = DigestOutcome(downlink_bytes=record_nbytes(instruction.to_record()) * len(nodes))
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
+    for node, reply in send_and_receive(grid, messages, timeout):
         if reply.has_error():
             outcome.failed[node], outcome.checks[node] = _node_error(reply.error.reason), node_error_check(reply.error.reason)
             continue

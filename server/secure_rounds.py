@@ -27,7 +27,7 @@ from common.messages import (
 from common.secagg.masking import dequantise
 from common.secagg.protocol import make_roster, server_sum
 from server.audit_trail import AuditTrail
-from server.rounds import _node_error, node_error_check
+from server.rounds import _node_error, node_error_check, send_and_receive
 
 WARNING = 30
 
@@ -53,8 +53,7 @@ def exchange(
     messages = [Message(content=record, dst_node_id=node, message_type=message_type, group_id=f"{round_}-{message_type}")
                 for node, record in records.items()]
     result = Exchange(downlink_bytes=sum(record_nbytes(record) for record in records.values()))
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
+    for node, reply in send_and_receive(grid, messages, timeout):
         if reply.has_error():
             result.rejected[node], result.checks[node] = _node_error(reply.error.reason), node_error_check(reply.error.reason)
             continue

@@ -109,7 +109,9 @@ def test_a_node_killed_mid_round_is_skipped(federation: LocalFederation) -> None
     results = json.loads((run_dir(federation, "node-killed") / "results.json").read_text())
     first, second = results["rounds"]
     assert first["clients_replied"] == 2 and second["clients_replied"] == 2
-    assert list(first["clients_rejected"].values()) == ["no reply within round-timeout=60 s"]
+    # one entry, for the killed node: the round timed out on it, or the SuperLink answered for it first
+    [reason] = first["clients_rejected"].values()
+    assert reason == "no reply within round-timeout=60 s" or "Node Unavailable" in reason
 
     # the institution restarts its node, which keeps its identity and comes back online
     federation.start_node("institution-2")

@@ -52,3 +52,33 @@ def test_bad_replies_are_dropped_with_reasons_and_good_ones_kept() -> None:
     assert "no reply within round-timeout=30 s" in result.rejected[8]
     assert set(result.uplink_bytes) == {1, 2, 3, 4, 5, 7}
     assert result.downlink_bytes > 0
+
+
+def test_an_error_reply_the_superlink_makes_for_a_silent_node_is_that_nodes() -> None:
+    # Prepare: two questions with ids (as the grid sets them when pushing); node 22 went silent and
+    # the SuperLink answered for it (source 1, the SuperLink), node 11 answered itself
+    from types import SimpleNamespace as NS
+
+    from server.rounds import send_and_receive
+
+    asked = [NS(metadata=NS(message_id="q-11", dst_node_id=11)), NS(metadata=NS(message_id="q-22", dst_node_id=22))]
+    replies = [NS(metadata=NS(src_node_id=11, reply_to_message_id="q-11")),
+               NS(metadata=NS(src_node_id=1, reply_to_message_id="q-22"))]
+    grid = NS(send_and_receive=lambda messages, timeout: replies)
+
+    # Execute
+    pairs = send_and_receive(grid, asked, 5.0)
+
+    # Assert
+    assert [(node, reply) for node, reply in pairs] == [(11, replies[0]), (22, replies[1])]
+
+
+def test_questions_without_ids_fall_back_to_each_replys_source() -> None:
+    from types import SimpleNamespace as NS
+
+    from server.rounds import send_and_receive
+
+    asked = [NS(metadata=NS(message_id="", dst_node_id=11)), NS(metadata=NS(message_id="", dst_node_id=22))]
+    replies = [NS(metadata=NS(src_node_id=22, reply_to_message_id=""))]
+
+    assert send_and_receive(NS(send_and_receive=lambda m, timeout: replies), asked, 5.0) == [(22, replies[0])]
