@@ -160,7 +160,7 @@ def export_run(run_dir: Path, *, calibration_size: int = CALIBRATION_SIZE, mode:
         "files": {name: {"path": str(out / name), "bytes": (out / name).stat().st_size} for name in (ONNX_FP32, ONNX_INT8)},
         "parity_fp32": parity(torch_probs, fp32_probs),
         "int8": {
-            "mode": used, "format": "QDQ, per-channel weights" if used == "static" else "dynamic (weights INT8)",
+            "mode": used, "format": "QDQ, per-channel weights" if used == "static" else "weights INT8, activations per batch",
             "calibration": f"public[:{len(calibration)}]" if used == "static" else None,
             **{f"{k}_vs_fp32": v for k, v in parity(fp32_probs, int8_probs).items()},
             "accuracy_drop_points": round(100 * (accuracy["onnx_fp32"] - accuracy["onnx_int8"]), 2),

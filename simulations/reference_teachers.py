@@ -1,9 +1,10 @@
 """The scenario's teachers rebuilt on one machine, for evaluations that need the teacher ensemble.
 
 The teachers of a federation stay at the institutions, so the run folder cannot hold them. For a
-simulated run the researcher can retrain them: the same private partitions (Flower Datasets, same
-seed), the same architecture per partition, the same initial weights and the same per-round shuffling
-seeds as `client.teacher`, one round of `local-epochs` per server round, with `torch-threads` threads.
+simulated run the researcher can retrain them as `client.teacher` does: the same private partitions
+(Flower Datasets, same seed), architecture per partition, initial weights and per-round shuffling
+seeds, one round of `local-epochs` per server round, with `torch-threads` threads; each round rebuilds
+the model (which seeds torch, so dropout draws the same masks) and restores the weights, as a client does.
 Without privacy and without FedMD digest rounds this replays what each institution did; otherwise the
 differences are listed in `notes`. The retrained teachers' test accuracies are set beside those the
 run recorded, which shows how faithful the replay is.
@@ -65,12 +66,16 @@ def train_teachers(cfg: RunConfig, split: FederatedSplit,
             data, name = split.private.subset(partition_rows(split, cfg, pid)), cfg.teacher_model_for(pid)
             if on_teacher is not None:
                 on_teacher(pid, name)
-            inputs = data.inputs
-            model = build_model(name, data.num_classes, input_shape(inputs), seed=cfg.seed + pid)
-            for rounds_trained in range(cfg.num_server_rounds):  # client.teacher.train_round, round by round
+            inputs, weights = data.inputs, None
+            for rounds_trained in range(cfg.num_server_rounds):
+                # as client.teacher each round: build (which seeds torch, so dropout masks repeat), restore, train
+                model = build_model(name, data.num_classes, input_shape(inputs), seed=cfg.seed + pid)
+                if weights is not None:
+                    model.load_state_dict(weights)
                 train_supervised(model, inputs, data.labels, epochs=cfg.local_epochs, lr=cfg.teacher_lr,
                                  batch_size=cfg.teacher_batch_size,
                                  seed=cfg.seed * 1_000_003 + pid * 1_009 + rounds_trained)
+                weights = model.state_dict()
             teachers.append({
                 "model": name, "num_examples": len(data),
                 "class_counts": np.bincount(data.labels, minlength=data.num_classes).astype(np.int64),

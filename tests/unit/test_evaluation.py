@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import RecordDict
 
 from client.site import Site
-from client.teacher import restore_teacher, train_round
+from client.teacher import restore_teacher, save_teacher, train_round
 from common.data import load_split, public_fingerprint
 from common.errors import ConfigError
 from common.models import images_to_tensor
@@ -67,15 +68,20 @@ def test_retention_of_a_student_identical_to_its_ensemble_is_zero_divergence(run
     assert retention["source"] == "the student itself (test)"
 
 
-def test_retrained_teacher_is_the_clients_teacher(run: Path) -> None:
-    # Prepare: the client's own training of partition 1, round by round (client.teacher)
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("teachers", ["cnn-small,mlp", "cnn-small,mlp-deep"])  # mlp-deep: dropout 0.1
+def test_retrained_teacher_is_the_clients_teacher(teachers: str) -> None:
+    # Prepare: the client's own training of partition 1, round by round (client.teacher), with another
+    # teacher's training in the same process in between, as a simulation worker serves several institutions
+    cfg = tiny_cfg(**{"teacher-models": teachers})
     split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size)
-    site = Site(1, split.private.subset(partition_rows(split, cfg, 1)), split.public, split.test, public_fingerprint(split.public))
-    client_model, rounds_trained = restore_teacher(RecordDict(), cfg, site)
+    site = Site(1, split.private.subset(partition_rows(split, cfg, 1)), split.public, split.test,
+                public_fingerprint(split.public))
+    state = RecordDict()
     for _ in range(cfg.num_server_rounds):
+        client_model, rounds_trained = restore_teacher(state, cfg, site)
         train_round(client_model, cfg, site, rounds_trained)
-        rounds_trained += 1
+        save_teacher(state, client_model, cfg, site, rounds_trained + 1)
+        torch.rand(1000)  # other work in the worker moves torch's random state
 
     # Execute
     replayed = train_teachers(cfg, split)[1]
