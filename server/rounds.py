@@ -65,10 +65,11 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
     sending heartbeats, the SuperLink itself answers for it with a "Node Unavailable" error whose
     source is the SuperLink, not the node; matching on the question keeps it on the right node."""
     replies = list(grid.send_and_receive(messages, timeout=timeout))
-    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}  # set when pushed
+    ids = [getattr(getattr(m, "metadata", None), "message_id", "") for m in messages]  # set when pushed
+    asked = {i: m.metadata.dst_node_id for i, m in zip(ids, messages) if i}
     if len(asked) != len(messages):  # a grid that did not give the questions ids: trust each reply's source
         asked = {}
-    return [(asked.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
+    return [(asked.get(getattr(r.metadata, "reply_to_message_id", ""), r.metadata.src_node_id), r) for r in replies]
 
 
 def query_soft_labels(
