@@ -121,8 +121,8 @@ def evaluate_run(student: RunStudent, *, ensemble: EnsembleLogits | None = None,
         "accuracy": float((predicted == labels).mean()), "macro_f1": macro_f1(predicted, labels),
         "ece": expected_calibration_error(probs, labels, bins), "ece_bins": bins,
         "retention": retention(logits, ensemble, labels, student.cfg.temperature) if ensemble is not None else {
-            "source": None, "note": "no teacher ensemble: the teachers stay at the institutions; run "
-                                    "`fedstill evaluate --with-teachers` to retrain them locally on their partitions"},
+            "source": None, "note": "no teacher ensemble: the teachers stay at the institutions; `fedstill evaluate "
+                                    "--with-teachers` uses a simulated run's own or retrains them on their partitions"},
         "robustness": robustness(student.model, split, levels or {}, student.cfg.seed),
         "size": model_size(student),
     }
@@ -153,7 +153,7 @@ def report(s: dict[str, Any]) -> str:
     lines += ["", "## Knowledge retention", "",
               f"Teacher ensemble: {r['source']}." if r.get("source") else r["note"] + "."]
     if r.get("max_abs_diff_to_recorded") is not None:
-        lines.append(f"- the retrained teachers' test accuracies against those the run recorded (both sorted): "
+        lines.append(f"- these teachers' test accuracies against those the run recorded (both sorted): "
                      f"max |difference| {r['max_abs_diff_to_recorded']:.4f}")
     lines += [f"- {note}" for note in r.get("notes", [])]
     lines += ["", "## Robustness", "", f"Inputs: {rob['input']}. Random perturbations seeded with {rob['seed']}.", ""]

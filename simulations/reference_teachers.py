@@ -1,15 +1,18 @@
-"""The scenario's teachers rebuilt on one machine, for evaluations that need the teacher ensemble.
+"""The run's teacher ensemble on one machine, for evaluations that need it (`fedstill evaluate --with-teachers`).
 
-The teachers of a federation stay at the institutions, so the run folder cannot hold them. For a
-simulated run the researcher can retrain them as `client.teacher` does: the same private partitions
+In a deployment the teachers stay at the institutions. A simulated run's institutions keep their final
+teachers in their state folders (`sites/institution-<id>/teacher-<digest>.safetensors`, see
+`client.teacher`): when every one is there, fully trained, for this run's public set, those are used.
+Otherwise the researcher can retrain them as `client.teacher` does: the same private partitions
 (Flower Datasets, same seed), architecture per partition, initial weights and per-round shuffling
 seeds, one round of `local-epochs` per server round, with `torch-threads` threads; each round rebuilds
 the model (which seeds torch, so dropout draws the same masks) and restores the weights, as a client does.
 Without privacy and without FedMD digest rounds this replays what each institution did; otherwise the
-differences are listed in `notes`. The retrained teachers' test accuracies are set beside those the
-run recorded, which shows how faithful the replay is.
+differences are listed in `notes`. The teachers' test accuracies are set beside those the run recorded,
+which shows how faithful the replay is.
 
-Their test-set logits are cached in `<run folder>/evaluation/teachers-test-logits.npz`, keyed by the settings.
+Retrained teachers' test-set logits are cached in `<run folder>/evaluation/teachers-test-logits.npz`,
+keyed by the settings that shape them.
 """
 
 from __future__ import annotations
@@ -23,10 +26,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
+from client.release import site_folder
+from client.site import SITE_DATA
+from client.teacher import saved_header
 from common.aggregation import AggregationParams, NEEDS_CLASS_COUNTS, aggregate
 from common.config import RunConfig
-from common.data import FederatedSplit
+from common.data import FederatedSplit, public_fingerprint
 from common.errors import ConfigError
 from common.models import build_model, input_shape, inputs_to_tensor
 from common.partition import partition_rows
@@ -47,7 +54,7 @@ def replay_notes(cfg: RunConfig, recorded_rounds: list[dict[str, Any]]) -> list[
         notes.append(f"the run trained its teachers under privacy {cfg.privacy!r}; these are trained without it")
     if cfg.digest_epochs or cfg.revisit_epochs:
         notes.append("the run's FedMD digest/revisit steps are not replayed (they depend on each round's consensus)")
-    if cfg.sites_dir:
+    if cfg.sites_dir and any((site_folder(cfg.sites_dir, pid) / SITE_DATA).is_dir() for pid in range(cfg.num_clients)):
         notes.append("institutions with their own data folders (sites-dir) are replaced by the scenario's partitions")
     trained = (recorded_rounds[-1].get("teacher_rounds") or {}) if recorded_rounds else {}
     if trained and min(trained.values()) < cfg.num_server_rounds:
@@ -86,33 +93,62 @@ def train_teachers(cfg: RunConfig, split: FederatedSplit,
     return teachers
 
 
-def reference_ensemble(student: RunStudent, *, refresh: bool = False,
+def stored_teachers(cfg: RunConfig, run_dir: Path, split: FederatedSplit) -> tuple[list[dict[str, Any]] | None, str]:
+    """The run's own final teachers, from its simulated institutions' state folders (`sites/institution-<id>/`,
+    where `client.teacher` keeps them), or None and the reason they cannot be used."""
+    sites = Path(cfg.sites_dir) if cfg.sites_dir and Path(cfg.sites_dir).is_dir() else run_dir / "sites"
+    fingerprint, teachers = public_fingerprint(split.public), []
+    for pid in range(cfg.num_clients):
+        name, found = cfg.teacher_model_for(pid), None
+        for path in sorted(site_folder(sites, pid).glob("teacher-*.safetensors")):
+            header = saved_header(path) or {}
+            settings = header.get("settings") or {}
+            if (header.get("model") == name and settings.get("partition_id") == pid and settings.get("seed") == cfg.seed
+                    and settings.get("public_fingerprint") == fingerprint
+                    and (found is None or header.get("rounds_trained", 0) > found[1].get("rounds_trained", 0))):
+                found = (path, header)
+        if found is None:
+            return None, f"no saved {name} teacher of institution {pid} in {sites}"
+        if found[1].get("rounds_trained") != cfg.num_server_rounds:
+            return None, f"institution {pid}'s saved teacher trained {found[1].get('rounds_trained')} of {cfg.num_server_rounds} rounds"
+        data = split.private.subset(partition_rows(split, cfg, pid))
+        model = build_model(name, data.num_classes, input_shape(data.inputs))
+        model.load_state_dict(load_file(str(found[0])))
+        teachers.append({"model": name, "num_examples": len(data), "path": str(found[0]),
+                         "class_counts": np.bincount(data.labels, minlength=data.num_classes).astype(np.int64),
+                         "logits": torch_logits(model, inputs_to_tensor(split.test.inputs))})
+    return teachers, f"the run's own {len(teachers)} final teachers, read from the institutions' state folders in {sites}"
+
+
+def reference_ensemble(student: RunStudent, *, retrain: bool = False,
                        on_teacher: Callable[[int, str], None] | None = None) -> EnsembleLogits:
-    """The run's teacher ensemble on the test set, retrained (or read from the cache), aggregated by the run's rule."""
+    """The run's teacher ensemble on the test set, aggregated by the run's rule: the run's own teachers where
+    its institutions kept them (simulations do), else retrained here (cached); `retrain` forces retraining."""
     cfg, recorded_rounds = student.cfg, student.results.get("rounds") or []
     if cfg.method != "distill":
         raise ConfigError(f"run {student.run_dir} is a {cfg.method!r} run: it has no teacher ensemble to compare with")
-    cache = student.run_dir / EVAL_DIR / CACHE
-    key = _settings_key(cfg)
     started = time.monotonic()
     split = load_run_split(student)
-    teachers = None if refresh else _read_cache(cache, key)
-    cached = teachers is not None
+    teachers, source, notes, cached = None, "", [], False
+    if not retrain:
+        teachers, reason = stored_teachers(cfg, student.run_dir, split)
+        source = reason if teachers is not None else ""
+        notes = [] if teachers is not None else [f"retrained because the run's own teachers are not usable: {reason}"]
     if teachers is None:
-        teachers = train_teachers(cfg, split, on_teacher)
-        cache.parent.mkdir(exist_ok=True)
-        _write_cache(cache, key, teachers)
+        teachers, cached = _retrained(student, split, retrain, on_teacher)
+        notes += replay_notes(cfg, recorded_rounds)
+        source = (f"the scenario's {len(teachers)} teachers retrained locally on their partitions "
+                  f"({cfg.num_server_rounds} rounds x {cfg.local_epochs} epoch(s))")
     labels = np.asarray(split.test.labels)
     accuracies = [float((t["logits"].argmax(1) == labels).mean()) for t in teachers]
     recorded = sorted((recorded_rounds[-1].get("teacher_accuracy") or {}).values()) if recorded_rounds else []
-    notes = replay_notes(cfg, recorded_rounds)
     details = {
         "teachers": [{"model": t["model"], "samples": int(t["num_examples"]), "accuracy": a} for t, a in zip(teachers, accuracies)],
         "teacher_accuracy_sorted": sorted(round(a, 4) for a in accuracies),
         "recorded_teacher_accuracy_sorted": recorded,
         "max_abs_diff_to_recorded": (float(np.max(np.abs(np.sort(accuracies) - np.asarray(recorded))))
                                      if len(recorded) == len(accuracies) else None),
-        "exact_replay": not notes, "notes": notes, "cached": cached, "wall_s": round(time.monotonic() - started, 1),
+        "stored": "path" in teachers[0], "notes": notes, "cached": cached, "wall_s": round(time.monotonic() - started, 1),
     }
     rule = cfg.aggregation
 
@@ -122,9 +158,20 @@ def reference_ensemble(student: RunStudent, *, refresh: bool = False,
         params = AggregationParams(cfg.era_temperature, cfg.trim_fraction, cfg.selective_threshold, temperature)
         return aggregate(rule, answers, [t["num_examples"] for t in teachers], counts, params).probs.astype(np.float64)
 
-    source = (f"the scenario's {len(teachers)} teachers retrained locally on their partitions "
-              f"({cfg.num_server_rounds} rounds x {cfg.local_epochs} epoch(s)), aggregated with the run's rule {rule!r}")
-    return EnsembleLogits(probs_at, source, details)
+    return EnsembleLogits(probs_at, f"{source}, aggregated with the run's rule {rule!r}", details)
+
+
+def _retrained(student: RunStudent, split: FederatedSplit, retrain: bool,
+               on_teacher: Callable[[int, str], None] | None) -> tuple[list[dict[str, Any]], bool]:
+    """Retrained teachers' test logits, from the cache when it matches (and `retrain` is off); and whether cached."""
+    cache, key = student.run_dir / EVAL_DIR / CACHE, _settings_key(student.cfg)
+    teachers = None if retrain else _read_cache(cache, key)
+    if teachers is not None:
+        return teachers, True
+    teachers = train_teachers(student.cfg, split, on_teacher)
+    cache.parent.mkdir(exist_ok=True)
+    _write_cache(cache, key, teachers)
+    return teachers, False
 
 
 def _settings_key(cfg: RunConfig) -> str:

@@ -2,8 +2,9 @@
 
 Four engines answer the same real test inputs at each batch size: the scenario's largest teacher
 architecture in PyTorch, the student in PyTorch, and the student in onnxruntime FP32 and INT8 (the
-files `fedstill export` writes). The teachers stay at the institutions, so the teacher is an untrained
-instance of the largest architecture: inference time does not depend on the weights' values.
+files `fedstill export` writes). The teachers stay at the institutions, so the teacher is a fresh
+instance of the largest architecture (untrained, or a pretrained encoder not fine-tuned): inference
+time does not depend on the weights' values.
 
 Timing: every call is timed alone (perf_counter); the engines take turns in `rounds` interleaved
 blocks, so a busy machine slows all of them alike. Latency is per call, p50 and p95; throughput is the
@@ -35,7 +36,8 @@ BATCHES = (1, 64)
 
 
 def largest_teacher(teacher_models: list[str], num_classes: int, input_shape: tuple[int, ...]) -> tuple[str, torch.nn.Module]:
-    """The scenario's teacher architecture with the most parameters, untrained, in eval mode."""
+    """The scenario's teacher architecture with the most parameters, as `build_model` makes it (untrained, or a
+    pretrained encoder not fine-tuned), in eval mode."""
     built = {name: build_model(name, num_classes, input_shape, seed=0) for name in dict.fromkeys(teacher_models)}
     name = max(built, key=lambda n: count_parameters(built[n]))
     return name, built[name].eval()
@@ -126,7 +128,7 @@ def _bench(student: RunStudent, export: Path, inputs: np.ndarray, *, threads: in
     result = {
         "run_dir": str(student.run_dir), "threads": threads, "batches": list(batches), "iterations": iterations,
         "rounds": rounds, "warmup": warmup,
-        "teacher": {"model": teacher_name, "params": count_parameters(teacher), "weights": "untrained (timing only)"},
+        "teacher": {"model": teacher_name, "params": count_parameters(teacher), "weights": "built fresh, not the institutions' (timing only)"},
         "student": {"model": student.meta["model"], "params": count_parameters(student.model)},
         "machine": {"cpu": _cpu_name(), "cpus": os.cpu_count(), "load_average_before": load_before[0],
                     "load_average_after": os.getloadavg()[0], "torch": torch.__version__, "python": platform.python_version()},

@@ -54,8 +54,8 @@ def export(
 
 def evaluate(
     run_dir: Path = RUN_DIR,
-    with_teachers: bool = typer.Option(False, "--with-teachers", help="Retrain the scenario's teachers locally on their partitions (cached) for the JS divergence to their ensemble."),
-    refresh_teachers: bool = typer.Option(False, help="Retrain the teachers even when the cache matches."),
+    with_teachers: bool = typer.Option(False, "--with-teachers", help="Compare with the teacher ensemble (JS divergence): the run's own teachers where its simulated institutions kept them, else retrained here on their partitions (cached)."),
+    retrain_teachers: bool = typer.Option(False, help="Retrain the teachers even when the run's own are stored or the cache matches."),
     sigmas: str = typer.Option("", help="Gaussian noise sigmas, comma-separated (images, tables; default per kind)."),
     epsilons: str = typer.Option("", help="FGSM epsilons, comma-separated (images, tables; default per kind)."),
     rates: str = typer.Option("", help="Token dropout and substitution rates, comma-separated (texts)."),
@@ -76,7 +76,7 @@ def evaluate(
             from simulations.reference_teachers import reference_ensemble
 
             with console.status("teachers") as status:
-                ensemble = reference_ensemble(student, refresh=refresh_teachers, on_teacher=lambda pid, name:
+                ensemble = reference_ensemble(student, retrain=retrain_teachers, on_teacher=lambda pid, name:
                                               status.update(f"retraining teacher {pid + 1}/{student.cfg.num_clients} ({name})"))
         levels = {name: parse_levels(text, option) for name, text, option in (
             ("gaussian", sigmas, "--sigmas"), ("fgsm", epsilons, "--epsilons"), ("token_dropout", rates, "--rates"),
@@ -120,7 +120,7 @@ def print_bench(result: dict[str, Any]) -> None:
                           f"{row['p50_ms']:.3f}", f"{row['p95_ms']:.3f}")
     console.print(table)
     console.print(f"teacher: the scenario's largest, {result['teacher']['model']} ({result['teacher']['params']:,} "
-                  f"params), untrained: inference time does not depend on the weights; student: "
+                  f"params), built fresh: inference time does not depend on the weights; student: "
                   f"{result['student']['model']} ({result['student']['params']:,} params). samples/s = batch / "
                   f"median call; wrote {escape(str(Path(result['run_dir']) / 'export' / 'bench.json'))}")
 

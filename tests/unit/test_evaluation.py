@@ -12,7 +12,7 @@ import torch
 from flwr.app import RecordDict
 
 from client.site import Site
-from client.teacher import restore_teacher, save_teacher, train_round
+from client.teacher import attach_store, restore_teacher, save_teacher, teacher_store, train_round
 from common.data import load_split, public_fingerprint
 from common.errors import ConfigError
 from common.models import images_to_tensor
@@ -92,7 +92,7 @@ def test_retrained_teacher_is_the_clients_teacher(teachers: str) -> None:
                                atol=1e-5)
 
 
-def test_reference_ensemble_is_cached_and_aggregated_with_the_runs_rule(run: Path) -> None:
+def test_retrained_ensemble_is_cached_and_aggregated_with_the_runs_rule(run: Path) -> None:
     # Prepare
     student = load_run_student(run)
 
@@ -106,7 +106,34 @@ def test_reference_ensemble_is_cached_and_aggregated_with_the_runs_rule(run: Pat
     np.testing.assert_array_equal(first.probs_at(1.0), second.probs_at(1.0))
     np.testing.assert_allclose(first.probs_at(3.0).sum(axis=1), 1.0, rtol=1e-6)
     assert [t["model"] for t in first.details["teachers"]] == ["cnn-small", "mlp"]
-    assert first.details["exact_replay"] and "retrained locally" in first.source
+    assert "retrained locally" in first.source and not first.details["stored"]
+    assert first.details["notes"] == [f"retrained because the run's own teachers are not usable: no saved cnn-small "
+                                      f"teacher of institution 0 in {run / 'sites'}"]
+
+
+def test_a_simulated_runs_own_teachers_are_used_and_the_replay_matches_them(tmp_path: Path) -> None:
+    # Prepare: each institution trains and keeps its teacher in the run's sites folder, as in a simulation
+    run = make_run_folder(tmp_path / "run", epochs=1, **{"teacher-models": "cnn-small,mlp-deep"})
+    cfg = tiny_cfg(**{"teacher-models": "cnn-small,mlp-deep"})
+    split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size)
+    for pid in range(cfg.num_clients):
+        site = Site(pid, split.private.subset(partition_rows(split, cfg, pid)), split.public, split.test,
+                    public_fingerprint(split.public))
+        state = RecordDict()
+        attach_store(state, teacher_store(cfg, site, {"state-dir": str(run / "sites" / f"institution-{pid}")}, 7))
+        for _ in range(cfg.num_server_rounds):
+            model, rounds_trained = restore_teacher(state, cfg, site)
+            train_round(model, cfg, site, rounds_trained)
+            save_teacher(state, model, cfg, site, rounds_trained + 1)
+
+    # Execute
+    stored = reference_ensemble(load_run_student(run))
+    replayed = reference_ensemble(load_run_student(run), retrain=True)
+
+    # Assert
+    assert stored.details["stored"] and "final teachers, read from the institutions' state folders" in stored.source
+    assert not replayed.details["stored"]
+    np.testing.assert_allclose(stored.probs_at(1.0), replayed.probs_at(1.0), atol=1e-5)
 
 
 def test_a_fedavg_run_has_no_teacher_ensemble(tmp_path: Path) -> None:

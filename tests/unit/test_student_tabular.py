@@ -44,4 +44,4 @@ def test_tabular_evaluation_perturbs_standardised_features_and_compares_with_tea
     assert curves["fgsm"]["points"][1]["accuracy"] < summary["accuracy"]
     assert 0 <= summary["retention"]["js_divergence_bits"] <= 1
     assert [t["model"] for t in summary["retention"]["teachers"]] == ["mlp-deep", "mlp"]
-    assert summary["retention"]["exact_replay"] and summary["retention"]["notes"] == []
+    assert not summary["retention"]["stored"]  # the fixture's run folder keeps no teachers: retrained
