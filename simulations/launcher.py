@@ -219,16 +219,21 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _superlink_processes() -> list[tuple[int, str]]:
+def processes_matching(text: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every process whose command line contains `text`."""
     found = []
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "flower-superlink" in cmd:
+        if text in cmd:
             found.append((int(entry.name), cmd))
     return found
+
+
+def _superlink_processes() -> list[tuple[int, str]]:
+    return processes_matching("flower-superlink")
 
 
 def stop_child(process: subprocess.Popen, grace_s: float = 10.0) -> None:

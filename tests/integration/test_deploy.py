@@ -14,6 +14,7 @@ from common.audit.verify import verify_ledger
 from common.certs import make_ca, make_node_key, write_node_key, write_pem
 from common.config import RunConfig, default_run_config
 from simulations.deploy import LocalFederation
+from simulations.launcher import processes_matching
 from simulations.site_data import write_site_data
 
 INSTITUTIONS = ["institution-0", "institution-1", "institution-2"]
@@ -151,12 +152,4 @@ def _wait_for(condition, timeout_s: float) -> None:
 
 
 def _processes_under(work: Path) -> list[str]:
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(work) in cmd and int(entry.name) != os.getpid():
-            found.append(cmd)
-    return found
+    return [cmd for pid, cmd in processes_matching(str(work)) if pid != os.getpid()]
