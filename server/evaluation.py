@@ -26,6 +26,7 @@ from common.robustness import fgsm_curve, noise_curve, seeded_curve, token_dropo
 from common.student_metrics import ECE_BINS, expected_calibration_error, js_divergence, macro_f1
 from server.export import EXPORT_DIR, ONNX_FP32, ONNX_INT8
 from server.run_folder import STUDENT, write_json
+from server.run_report import add_section
 from server.run_student import RunStudent, load_run_split, softmax, torch_logits
 
 EVAL_DIR = "evaluation"
@@ -131,6 +132,7 @@ def evaluate_run(student: RunStudent, *, ensemble: EnsembleLogits | None = None,
     write_json(out / SUMMARY, summary)
     _atomic_text(out / REPORT, report(summary))
     plot_robustness(summary, out / PLOT)
+    add_section(student.run_dir, "evaluation", summary)  # results.json and report.md
     return summary
 
 

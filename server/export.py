@@ -32,6 +32,7 @@ from torch import nn
 from common.errors import ConfigError
 from common.models import inputs_to_tensor
 from server.run_folder import write_json
+from server.run_report import add_section
 from server.run_student import load_run_split, load_run_student, softmax, torch_logits
 
 EXPORT_DIR = "export"
@@ -169,4 +170,5 @@ def export_run(run_dir: Path, *, calibration_size: int = CALIBRATION_SIZE, mode:
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
     }
     write_json(out / SUMMARY, summary)
+    add_section(run_dir, "export", summary)  # results.json and report.md
     return summary

@@ -1,4 +1,4 @@
-"""The run folder: results.json, progress events, the student checkpoint and the accuracy plot.
+"""The run folder: results.json, progress events, the student checkpoint, the accuracy plot and report.md.
 
 Every file is written atomically (temporary file, then rename), so a crash never leaves a torn file.
 """
@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from common.config import RunConfig
+from server.run_report import write_report
 
 RESULTS = "results.json"
 PROGRESS = "progress.jsonl"
@@ -70,16 +71,17 @@ class RunFolder:
                    **self.sections}
         write_json(self.path / RESULTS, results)
         plot_accuracy(self.rounds, final, self.path / PLOT)
+        write_report(self.path, results)
         self.event("finished", status="completed")
         return results
 
     def fail(self, error: BaseException) -> None:
         """Keep what was done: the rounds completed so far, the reason, and the last student checkpoint."""
         reason = f"{type(error).__name__}: {error}"
-        write_json(self.path / RESULTS, {
-            "status": "failed", "error": reason, "scenario": self.cfg.to_dict(), "rounds": self.rounds, "final": None,
-            **self.sections,
-        })
+        results = {"status": "failed", "error": reason, "scenario": self.cfg.to_dict(), "rounds": self.rounds,
+                   "final": None, **self.sections}
+        write_json(self.path / RESULTS, results)
+        write_report(self.path, results)
         self.event("finished", status="failed", error=reason)
 
 

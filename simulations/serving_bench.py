@@ -29,6 +29,7 @@ from common.errors import ConfigError
 from common.models import build_model, count_parameters, inputs_to_tensor
 from server.export import EXPORT_DIR, ONNX_FP32, ONNX_INT8, INPUT, export_run, ort_session
 from server.run_folder import write_json
+from server.run_report import add_section
 from server.run_student import RunStudent, load_run_split, load_run_student
 
 RESULT = "bench.json"
@@ -135,6 +136,7 @@ def _bench(student: RunStudent, export: Path, inputs: np.ndarray, *, threads: in
         "engines": figures(times, reference=next(iter(engines))),
     }
     write_json(export / RESULT, result)
+    add_section(student.run_dir, "serving", result)  # results.json and report.md
     return result
 
 

@@ -44,6 +44,8 @@ def test_tiny_federation_runs_end_to_end(tmp_path: Path, home: Path) -> None:
     student.load_state_dict(load_file(str(run / "student.safetensors")))
     assert (run / "accuracy.png").stat().st_size > 0
     assert "student accuracy" in result.stdout
+    page = (run / "report.md").read_text()  # the human report
+    assert f"| student accuracy (test) | {final['student_accuracy']:.4f} |" in page and "## Audit" in page
     # the run is audited: a ledger and three release logs that `fedstill audit verify` accepts
     assert results["audit"]["signatures_checked"] is True
     assert sorted(results["audit"]["institutions"].values()) == ["institution-0", "institution-1", "institution-2"]
@@ -72,6 +74,7 @@ def test_failed_run_exits_nonzero_with_reason(tmp_path: Path, home: Path) -> Non
     verified = fedstill("audit", "verify", str(out / "fails" / "ledger.jsonl"), home=home)
     assert verified.returncode == 0, verified.stdout
     assert kept["status"] == "failed" and "QuorumError" in kept["error"] and kept["rounds"] == []
+    assert "Status: **failed** (QuorumError" in (out / "fails" / "report.md").read_text()
 
 
 @pytest.mark.parametrize(

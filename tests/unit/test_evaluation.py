@@ -49,6 +49,11 @@ def test_evaluate_writes_every_figure_without_teachers(run: Path) -> None:
     assert gaussian[0]["accuracy"] == attack[0]["accuracy"] == summary["accuracy"]
     assert attack[1]["accuracy"] < attack[0]["accuracy"]
     assert summary["size"]["params"] == sum(p.numel() for p in student.model.parameters())
+    results = json.loads((run / "results.json").read_text())
+    assert results["evaluation"] == json.loads(json.dumps(summary)) and results["status"] == "completed"
+    page = (run / "report.md").read_text()
+    assert "## Evaluation" in page and f"| macro-F1 | {summary['macro_f1']:.4f} |" in page
+    assert "evaluation/robustness.png" in page
 
 
 def test_retention_of_a_student_identical_to_its_ensemble_is_zero_divergence(run: Path) -> None:
@@ -154,3 +159,7 @@ def test_bench_times_the_four_engines_against_the_teacher(run: Path) -> None:
     teacher = next(iter(engines.values()))
     assert teacher["1"]["throughput_x_teacher"] == 1.0
     assert all(set(by_batch) == {"1", "64"} and by_batch["64"]["calls"] == 2 for by_batch in engines.values())
+    results = json.loads((run / "results.json").read_text())
+    assert results["serving"]["engines"] == engines and results["export"]["accuracy"]["onnx_int8"] > 0
+    page = (run / "report.md").read_text()
+    assert "## Serving" in page and "| student, ORT INT8 | 64 |" in page and "## Export" in page

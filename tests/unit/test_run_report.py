@@ -1,0 +1,72 @@
+"""Unit tests of the run's human report (server/run_report.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from common.errors import ConfigError
+from server.run_report import REPORT, add_section, render
+
+ROUNDS = [{"round": r, "temperature": 3.0, "student_accuracy": 0.5 + r / 10, "ensemble_accuracy": 0.6 + r / 10,
+           "clients_replied": 3, "clients_rejected": {"7": "fingerprint"} if r == 2 else {}, "uplink_bytes": 1200,
+           "wall_s": 2.5} for r in (1, 2)]
+FINAL = {"student_accuracy": 0.7, "student_macro_f1": 0.65, "student_params": 1000, "teacher_accuracy_mean": 0.6,
+         "teacher_accuracy_min": 0.5, "teacher_accuracy_max": 0.7, "largest_teacher_params": 9000,
+         "uplink_bytes_total": 2400, "downlink_bytes_total": 800, "wall_s": 5.0, "title": "tiny: 3 clients"}
+SCENARIO = {"scenario": "tiny", "num-server-rounds": 2, "method": "distill", "aggregation": "mean"}
+
+
+def test_report_shows_headline_rounds_and_every_section(tmp_path: Path) -> None:
+    # Prepare
+    results = {"status": "completed", "scenario": SCENARIO, "rounds": ROUNDS, "final": FINAL,
+               "privacy": {"mechanism": "dp-sgd", "delta": [1e-5], "epsilon_final": {"institution-0": 3.99}, "refusals": []},
+               "audit": {"ledger": "ledger.jsonl", "ledger_entries": 12, "ledger_head": "ab12", "rejections": 1}}
+
+    # Execute
+    page = render(results, tmp_path / "run-1")
+
+    # Assert
+    assert page.startswith("# Run run-1: tiny: 3 clients")
+    assert "Status: **completed**; 2 of 2 rounds recorded" in page
+    assert "| student accuracy (test) | 0.7000 |" in page and "| student macro f1 | 0.6500 |" in page
+    assert "| 2 | 3 | 0.7000 | 0.8000 | 3 | 1 | 1,200 | 2.5 |" in page
+    assert "| institution-0 | 3.9900 |" in page and "12 entries, head ab12" in page
+    assert "## Evaluation" not in page  # only once `fedstill evaluate` has run
+
+
+def test_a_failed_run_reports_its_error_and_the_rounds_it_kept(tmp_path: Path) -> None:
+    results = {"status": "failed", "error": "QuorumError: 1 of 3 replied", "scenario": SCENARIO, "rounds": ROUNDS[:1],
+               "final": None}
+
+    page = render(results, tmp_path)
+
+    assert "Status: **failed** (QuorumError: 1 of 3 replied); 1 of 2 rounds recorded" in page
+    assert "## Headline" not in page and "| 1 | 3 | 0.6000 |" in page
+
+
+def test_add_section_updates_results_and_report_together(tmp_path: Path) -> None:
+    # Prepare
+    (tmp_path / "results.json").write_text(json.dumps({"status": "completed", "scenario": SCENARIO, "rounds": ROUNDS,
+                                                       "final": FINAL}))
+    section = {"accuracy": 0.7, "macro_f1": 0.69, "ece": 0.05, "ece_bins": 15, "retention": {"source": None},
+               "robustness": {"curves": {"gaussian": {"title": "Gaussian noise sigma", "points": [
+                   {"level": 0.0, "accuracy": 0.7}, {"level": 0.1, "accuracy": 0.6}]}}}, "size": {"params": 1000}}
+
+    # Execute
+    add_section(tmp_path, "evaluation", section)
+    add_section(tmp_path, "evaluation", {**section, "ece": 0.04})  # a second evaluation replaces the first
+
+    # Assert
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["evaluation"]["ece"] == 0.04 and results["final"] == FINAL
+    page = (tmp_path / REPORT).read_text()
+    assert "| ECE (15 bins) | 0.0400 |" in page and "Gaussian noise sigma: 0 → 0.7000, 0.1 → 0.6000" in page
+
+
+def test_add_section_refuses_a_folder_without_results(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="Give the folder of a finished run"):
+        add_section(tmp_path, "evaluation", {})
+    assert not (tmp_path / REPORT).exists()
