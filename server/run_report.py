@@ -126,7 +126,7 @@ def _evaluation(e: dict[str, Any]) -> list[str]:
 
 def _export(x: dict[str, Any]) -> list[str]:
     parity, int8, acc = x.get("parity_fp32", {}), x.get("int8", {}), x.get("accuracy", {})
-    rows = [("ONNX opset", x.get("opset")), ("FP32 vs PyTorch: max |p difference|", _num(parity.get("max_abs_prob_diff"), ".2e")),
+    rows = [("ONNX opset", x.get("opset")), ("FP32 vs PyTorch: largest probability difference", _num(parity.get("max_abs_prob_diff"), ".2e")),
             ("FP32 vs PyTorch: argmax agreement", _num(parity.get("argmax_agreement"))),
             ("accuracy PyTorch / ONNX FP32 / INT8", " / ".join(_num(acc.get(k)) for k in ("pytorch", "onnx_fp32", "onnx_int8"))),
             (f"INT8 ({int8.get('mode')}, {int8.get('format')}) drop", f"{_num(int8.get('accuracy_drop_points'), '.2f')} points")]
