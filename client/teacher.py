@@ -34,6 +34,7 @@ from common.errors import ConfigError
 from common.losses import distillation_loss
 from common.messages import DigestInstruction
 from common.models import build_model, input_shape, inputs_to_tensor
+from common.scattering import fixed_stage
 from common.training import train_epochs, train_supervised
 
 TEACHER_KEY = "teacher"
@@ -148,12 +149,12 @@ def saved_header(path: Path) -> dict[str, Any] | None:
 def digest_round(model: nn.Module, cfg: RunConfig, site: Site, digest: DigestInstruction, rounds_trained: int) -> tuple[float, float]:
     """FedMD (Li & Wang, 2019): learn toward the consensus on the public samples, then revisit the
     private data. Returns the last epoch's loss of each step (nan when a step has 0 epochs)."""
-    x = inputs_to_tensor(site.public.inputs[digest.sample_ids])
+    trained, x = fixed_stage(model, inputs_to_tensor(site.public.inputs[digest.sample_ids]))
     targets = torch.from_numpy(digest.consensus)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.teacher_lr)
+    optimizer = torch.optim.Adam(trained.parameters(), lr=cfg.teacher_lr)
     digest_loss = train_epochs(
-        model, optimizer, len(targets),
-        lambda idx: distillation_loss(model(x[idx]), targets[idx], digest.temperature),
+        trained, optimizer, len(targets),
+        lambda idx: distillation_loss(trained(x[idx]), targets[idx], digest.temperature),
         epochs=digest.digest_epochs, batch_size=cfg.teacher_batch_size,
         seed=cfg.seed * 1_000_003 + site.partition_id * 1_009 + rounds_trained + 500_000,
     )

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.scattering import ScatterLinear
+
 
 class SmallCNN(nn.Module):
     """Two conv blocks (conv 3x3, ReLU, max-pool 2) and a two-layer head."""
@@ -71,6 +73,8 @@ MODELS: dict[str, ModelBuilder] = {
     "cnn-large": lambda classes, size: SmallCNN(classes, size, widths=(32, 64), hidden=256),
     "cnn-tiny": lambda classes, size: SmallCNN(classes, size, widths=(4, 8), hidden=32),
     "mlp": lambda classes, size: MLP(classes, size, hidden=128),
+    # fixed scattering features + a linear layer: the teacher for DP-SGD (common/scattering.py)
+    "scatter-linear": lambda classes, size: ScatterLinear(classes, size),
     # student: under a third of cnn-large's parameters
     "cnn-student": lambda classes, size: SmallCNN(classes, size, widths=(16, 32), hidden=64),
     # tabular teachers and student (`mlp` serves tables too)
@@ -83,7 +87,7 @@ MODELS: dict[str, ModelBuilder] = {
 }
 
 MODEL_TASKS: dict[str, tuple[str, ...]] = {  # the tasks each model fits; MLPs flatten images too
-    **{name: ("image",) for name in ("cnn-small", "cnn-large", "cnn-tiny", "cnn-student")},
+    **{name: ("image",) for name in ("cnn-small", "cnn-large", "cnn-tiny", "cnn-student", "scatter-linear")},
     **{name: ("image", "tabular") for name in ("mlp", "mlp-deep", "mlp-student")},
     **{name: ("text",) for name in ("minilm", "bert-small", "bert-tiny")},
 }

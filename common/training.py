@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.models import inputs_to_tensor, lr_of
+from common.scattering import fixed_stage
 
 INFERENCE_BATCH = 256
 TEXT_INFERENCE_BATCH = 32  # token ids: a transformer's activations grow with the sequence length
@@ -60,10 +61,11 @@ def train_supervised(
 ) -> float:
     """Cross-entropy training of a classifier with Adam on a set's `inputs` (images, features or token
     ids); `lr` times the model's `lr_multiplier`. Returns the last epoch's mean loss."""
-    x, y = inputs_to_tensor(inputs), torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr_of(model, lr))
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    trained, x = fixed_stage(model, inputs_to_tensor(inputs))  # fixed features: computed once, head trained
+    optimizer = torch.optim.Adam(trained.parameters(), lr=lr_of(model, lr))
     return train_epochs(
-        model, optimizer, len(y), lambda idx: F.cross_entropy(model(x[idx]), y[idx]),
+        trained, optimizer, len(y), lambda idx: F.cross_entropy(trained(x[idx]), y[idx]),
         epochs=epochs, batch_size=batch_size, seed=seed,
     )
 
@@ -74,6 +76,9 @@ def predict_logits(model: nn.Module, inputs: np.ndarray) -> torch.Tensor:
     outputs = []
     batch = TEXT_INFERENCE_BATCH if inputs.dtype == np.int64 else INFERENCE_BATCH
     with torch.inference_mode():
+        if getattr(model, "fixed_features", False):  # features of the whole set at once, cached by content
+            head, x = fixed_stage(model, inputs_to_tensor(inputs))
+            return torch.cat([head(x[idx]) for idx in batches(len(x), batch, None)]) if len(x) else torch.empty(0)
         for idx in batches(len(inputs), batch, None):
             outputs.append(model(inputs_to_tensor(inputs[idx])))
     return torch.cat(outputs) if outputs else torch.empty(0)

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.errors import ConfigError, DataError
 from common.models import inputs_to_tensor
+from common.scattering import fixed_stage
 
 MECHANISM = "dp-sgd"
 
@@ -106,6 +107,7 @@ def train_dpsgd(
                      max_grad_norm=max_grad_norm, lr=lr)
     event = planned_event(len(y), batch_size, epochs, noise_multiplier)
     require_dp_compatible(model)
+    model, x = fixed_stage(model, x)  # fixed features (no weights, no privacy cost): DP-SGD trains the head
     sampling_seed, noise_seed = (int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(2))
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size,
                         generator=torch.Generator().manual_seed(sampling_seed))

@@ -1,0 +1,93 @@
+"""Unit tests of common/scattering.py: the scatter-linear teacher (fixed scattering features, a linear head)
+and `fixed_stage`, which trains and runs the head on features computed once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import common.scattering as scattering
+from common.data import load_split
+from common.errors import ConfigError
+from common.models import build_model, count_parameters, images_to_tensor
+from common.privacy.dpsgd import require_dp_compatible, train_dpsgd
+from common.training import accuracy, predict_logits, train_supervised
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_rng_state():
+    with torch.random.fork_rng():
+        yield
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_split("digits", "", 400, 42)
+
+
+def test_features_have_81_channels_at_a_quarter_of_the_size_and_no_weights() -> None:
+    model = build_model("scatter-linear", 10, (28, 28), seed=0)
+
+    out = model.features(torch.rand(3, 1, 28, 28))
+
+    assert out.shape == (3, 81, 7, 7)
+    assert count_parameters(model) == 81 * 7 * 7 * 10 + 10 == count_parameters(model.head)
+    assert not list(model.features.parameters())
+    require_dp_compatible(model)  # Opacus accepts it (group norm, no batch norm)
+
+
+def test_features_are_translation_stable_and_deterministic() -> None:
+    # Prepare: an image and the same image shifted by one pixel
+    image = torch.zeros(1, 1, 28, 28)
+    image[0, 0, 10:18, 8:20] = 1.0
+    shifted = torch.roll(image, 1, dims=3)
+    features = scattering.Scattering((28, 28))
+
+    # Execute
+    a, b, again = features(image), features(shifted), features(image)
+
+    # Assert: the same input gives the same output; a one-pixel shift moves the low-pass features little
+    assert torch.equal(a, again)
+    assert (a - b).norm() < 0.25 * a.norm()
+
+
+def test_sides_not_divisible_by_4_are_refused_with_the_fix() -> None:
+    with pytest.raises(ConfigError, match="divisible by 4.*choose cnn-"):
+        build_model("scatter-linear", 10, (30, 30))
+
+
+def test_fixed_stage_computes_features_once_and_predictions_match_the_whole_model(digits) -> None:
+    # Prepare
+    model = build_model("scatter-linear", 10, (8, 8), seed=0).eval()
+    x = images_to_tensor(digits.public.images)
+    scattering._cache.clear()
+
+    # Execute
+    head, features = scattering.fixed_stage(model, x)
+    again_head, again = scattering.fixed_stage(model, x.clone())  # same content, another tensor
+    other = scattering.fixed_stage(build_model("cnn-tiny", 10, (8, 8)), x)
+
+    # Assert
+    assert head is model.head and again is features and len(scattering._cache) == 1
+    assert other[1] is x  # models without fixed features are untouched
+    with torch.no_grad():
+        whole = model(x)
+    assert torch.allclose(predict_logits(model, digits.public.images), whole, atol=1e-5)
+
+
+def test_only_the_head_learns_with_and_without_dp(digits) -> None:
+    # Prepare
+    plain, private = (build_model("scatter-linear", 10, (8, 8), seed=1) for _ in range(2))
+    before = {k: v.clone() for k, v in private.state_dict().items()}
+
+    # Execute
+    train_supervised(plain, digits.private.images, digits.private.labels, epochs=10, lr=0.01, batch_size=32, seed=0)
+    _, event = train_dpsgd(private, digits.private.images, digits.private.labels, epochs=10, lr=0.01, batch_size=64,
+                           noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+
+    # Assert: both learn the 10 digits well above chance; the DP model's keys are unchanged (Opacus detached)
+    assert accuracy(plain, digits.test.images, digits.test.labels) > 0.85
+    assert accuracy(private, digits.test.images, digits.test.labels) > 0.5
+    assert set(private.state_dict()) == set(before)
+    assert not torch.equal(private.head[2].weight, before["head.2.weight"])
+    assert event["mechanism"] == "dp-sgd" and event["noise_multiplier"] == 1.0
