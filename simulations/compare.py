@@ -224,15 +224,18 @@ def plot_comparison(summary: dict[str, Any], folder: Path) -> None:
     runs = {label: entry for label, entry in runs.items() if "rounds" in entry}
     fig_r, ax_r = plt.subplots(figsize=(7, 4.5))
     fig_u, ax_u = plt.subplots(figsize=(7, 4.5))
-    for label, entry in runs.items():
+    palette, markers = plt.get_cmap("tab20").colors, "osD^v<>ph*"
+    for i, (label, entry) in enumerate(runs.items()):
+        # a colour and a marker of their own for each of up to 20 methods; FedAvg in black
+        style = {"color": "black", "marker": "s"} if label == "fedavg" else {"color": palette[(2 * i) % 20 + (2 * i) // 20 % 2], "marker": markers[i % len(markers)]}
         rounds = entry["rounds"]
         acc = [r["student_accuracy"] for r in rounds]
         cumulative, total = [], 0.0
         for r in rounds:
             total += r["uplink_bytes"] / max(r["clients_replied"], 1)
             cumulative.append(total)
-        ax_r.plot([r["round"] for r in rounds], acc, marker="o", markersize=3, label=label)
-        ax_u.plot(cumulative, acc, marker="o", markersize=3, label=label)
+        ax_r.plot([r["round"] for r in rounds], acc, markersize=4, label=label, **style)
+        ax_u.plot(cumulative, acc, markersize=4, label=label, **style)
     for name, value, style in _reference_lines(summary):
         for ax in (ax_r, ax_u):
             ax.axhline(value, linestyle=style, color="grey", linewidth=1)
