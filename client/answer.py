@@ -37,16 +37,20 @@ def answer_query(context: Context, cfg: RunConfig, site: Site, query: SoftLabelQ
         rounds = int(context.state["pate-meta"]["rounds"])
         return Answer(probs, _figures(loss, teacher_accuracy if query.evaluate_teacher else -1.0, params, rounds), privacy)
     teacher, rounds_trained = restore_teacher(context.state, cfg, site)
+    # A resumed run asks again for the round the server stopped in, after this teacher had trained for it:
+    # answer with the teacher as it is, and train (under DP: spend) no second time for the same round.
+    again = cfg.resume and rounds_trained >= query.round
     privacy = None
     if cfg.privacy == "dp-sgd":
         policy = load_policy(cfg, context.node_config)
-        loss, privacy = dpsgd_round(teacher, cfg, site, policy, context.run_id, query.round, rounds_trained)
+        loss, privacy = dpsgd_round(teacher, cfg, site, policy, context.run_id, query.round, rounds_trained, again=again)
     else:
-        loss = train_round(teacher, cfg, site, rounds_trained)
-    save_teacher(context.state, teacher, cfg, site, rounds_trained + 1)
+        loss = float("nan") if again else train_round(teacher, cfg, site, rounds_trained)
+    rounds = rounds_trained if again else rounds_trained + 1
+    save_teacher(context.state, teacher, cfg, site, rounds)
     probs = predict_probs(teacher, site.public.inputs[query.sample_ids], query.temperature)
     teacher_accuracy = accuracy(teacher, site.test.inputs, site.test.labels) if query.evaluate_teacher else -1.0
-    return Answer(probs, _figures(loss, teacher_accuracy, count_parameters(teacher), rounds_trained + 1), privacy)
+    return Answer(probs, _figures(loss, teacher_accuracy, count_parameters(teacher), rounds), privacy)
 
 
 def _figures(loss: float, teacher_accuracy: float, params: int, rounds: int) -> dict[str, Any]:

@@ -80,12 +80,14 @@ def statement(mechanism: str, parameters: dict[str, Any], before: float, after: 
 
 
 def dpsgd_round(teacher: nn.Module, cfg: RunConfig, site: Site, policy: Policy, run_id: int, round_: int,
-                rounds_trained: int) -> tuple[float, dict[str, Any]]:
+                rounds_trained: int, again: bool = False) -> tuple[float, dict[str, Any]]:
     """Mechanism 1: one round of DP-SGD on the private data, within the budget; returns (loss, statement).
 
     The noise multiplier is `dp-noise-multiplier`, or (when 0) the one that spends exactly the budget
     over the run's planned rounds. When the budget cannot pay for another round the teacher stops
-    training: what it releases after that is post-processing of DP weights and costs nothing.
+    training: what it releases after that is post-processing of DP weights and costs nothing. With
+    `again` (a resumed run asks for a round this teacher already trained for) nothing is trained or
+    spent either: the statement says `reused`.
     """
     ledger = policy.ledger()
     n = len(site.private)
@@ -95,6 +97,8 @@ def dpsgd_round(teacher: nn.Module, cfg: RunConfig, site: Site, policy: Policy, 
     before = ledger.spent()
     parameters = {"noise_multiplier": z, "max_grad_norm": cfg.dp_max_grad_norm, "sample_rate": event["sample_rate"],
                   "steps_per_round": event["steps"], "budget": _budget(policy)}
+    if again:
+        return float("nan"), statement("dp-sgd", {**parameters, "reused": True}, before, before, policy.delta)
     if ledger.would_spend([event]) > policy.max_epsilon + 1e-9:
         if rounds_trained == 0:
             ledger.check([event], f"round {round_}: DP-SGD training")  # nothing trained yet: refuse

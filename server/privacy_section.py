@@ -44,6 +44,7 @@ def privacy_section(cfg: RunConfig, entries: list[dict[str, Any]]) -> dict[str, 
         per_round.setdefault(body["round"], {})[institution] = {
             "epsilon": privacy.get("epsilon"), "epsilon_total": privacy.get("epsilon_total"),
             "frozen": bool((privacy.get("parameters") or {}).get("frozen", False)),
+            "reused": bool((privacy.get("parameters") or {}).get("reused", False)),  # resumed: trained before
         }
         parameters.setdefault(institution, privacy.get("parameters"))
         deltas.add(privacy.get("delta"))

@@ -218,8 +218,43 @@ def test_a_restarted_dp_node_keeps_its_teacher_and_its_privacy_ledger(tmp_path: 
     assert second.privacy["epsilon_total"] == pytest.approx(spent) and spent > first.privacy["epsilon_total"] > 0
 
 
-def _query(site: Site):
+def _query(site: Site, round_: int = 1):
     from common.messages import SoftLabelQuery
 
-    return SoftLabelQuery(round=1, fingerprint=site.fingerprint, temperature=3.0, codec="float16", num_classes=10,
+    return SoftLabelQuery(round=round_, fingerprint=site.fingerprint, temperature=3.0, codec="float16", num_classes=10,
                           sample_ids=np.arange(50, dtype=np.int64), evaluate_teacher=False)
+
+
+def test_a_resumed_run_asking_again_for_a_trained_round_gets_the_teacher_as_it_is(tmp_path: Path, site: Site) -> None:
+    # Prepare: the node trained for round 1, then the server stopped before it completed round 1
+    node = {"partition-id": 1, "state-dir": str(tmp_path / "state")}
+    first = answer_query(Context(RUN_ID, 7, node, restarted(config(), site, node), {}), config(), site, _query(site))
+    resumed = config(resume=True)
+
+    # Execute: the resumed run asks for round 1 again, then for round 2
+    again = answer_query(Context(RUN_ID, 7, node, restarted(resumed, site, node), {}), resumed, site, _query(site))
+    state = restarted(resumed, site, node)
+    after = answer_query(Context(RUN_ID, 7, node, state, {}), resumed, site, _query(site, round_=2))
+
+    # Assert: round 1 is answered by the same teacher, untrained; round 2 trains it once more
+    assert again.figures["teacher_rounds"] == 1 and np.isnan(again.figures["train_loss"])
+    np.testing.assert_array_equal(again.probs, first.probs)
+    assert after.figures["teacher_rounds"] == 2 and not np.isnan(after.figures["train_loss"])
+
+
+def test_a_resumed_dp_round_already_trained_spends_nothing_twice(tmp_path: Path, site: Site) -> None:
+    # Prepare
+    cfg = config(privacy="dp-sgd", **{"dp-noise-multiplier": 1.0, "teacher-batch-size": 64})
+    node = {"partition-id": 1, "state-dir": str(tmp_path / "state"), "privacy-ledger": str(tmp_path / "privacy-ledger.json"),
+            "max-epsilon": 50.0}
+    first = answer_query(Context(RUN_ID, 7, node, restarted(cfg, site, node), {}), cfg, site, _query(site))
+    resumed = config(resume=True, privacy="dp-sgd", **{"dp-noise-multiplier": 1.0, "teacher-batch-size": 64})
+
+    # Execute
+    again = answer_query(Context(RUN_ID, 7, node, restarted(resumed, site, node), {}), resumed, site, _query(site))
+
+    # Assert: one ledger entry; the second release states it spent nothing and why
+    entries = json.loads((tmp_path / "privacy-ledger.json").read_text())["entries"]
+    assert len(entries) == 1
+    assert again.privacy["epsilon"] == 0.0 and again.privacy["parameters"]["reused"] is True
+    assert again.privacy["epsilon_total"] == pytest.approx(first.privacy["epsilon_total"])
