@@ -101,6 +101,9 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
             ax.axhline(p["accuracy"], color="grey", linestyle="--", label="non-private")
     ax.set(xscale="log", xlabel=f"privacy budget epsilon per institution (delta {summary['delta']:g})",
            ylabel="student test accuracy", title="accuracy against privacy")
+    if private:  # the budgets themselves as ticks, written plainly (1, 2, 4, 8), not as powers of ten
+        ax.set_xticks([p["budget"] for p in private], [f"{p['budget']:g}" for p in private])
+        ax.minorticks_off()
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
