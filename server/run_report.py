@@ -69,15 +69,19 @@ def _num(value: Any, fmt: str = ".4f") -> str:
     return "–" if value is None else format(value, fmt)
 
 
+def _count(value: Any) -> str:
+    return "–" if value is None else f"{value:,}"
+
+
 def _headline(f: dict[str, Any]) -> list[str]:
     rows = [("student accuracy (test)", _num(f.get("student_accuracy")))]
     rows += [(f"student {key[len('student_'):].replace('_', ' ')}", _num(value)) for key, value in f.items()
              if key.startswith("student_") and key not in ("student_accuracy", "student_params") and isinstance(value, float)]
-    rows += [("student parameters", f"{f.get('student_params', 0):,}"),
+    rows += [("student parameters", _count(f.get("student_params"))),
              ("teachers' accuracy mean / min / max", " / ".join(_num(f.get(f"teacher_accuracy_{k}")) for k in ("mean", "min", "max"))),
-             ("largest teacher parameters", f"{f.get('largest_teacher_params') or 0:,}"),
-             ("uplink bytes, all rounds", f"{f.get('uplink_bytes_total', 0):,}"),
-             ("downlink bytes, all rounds", f"{f.get('downlink_bytes_total', 0):,}"),
+             ("largest teacher parameters", _count(f.get("largest_teacher_params"))),  # none in a FedAvg run
+             ("uplink bytes, all rounds", _count(f.get("uplink_bytes_total"))),
+             ("downlink bytes, all rounds", _count(f.get("downlink_bytes_total"))),
              ("round time, all rounds (s)", _num(f.get("wall_s"), ".1f"))]
     return ["## Headline", "", *_table(("figure", "value"), rows)]
 

@@ -37,6 +37,15 @@ def test_report_shows_headline_rounds_and_every_section(tmp_path: Path) -> None:
     assert "## Evaluation" not in page  # only once `fedstill evaluate` has run
 
 
+def test_a_fedavg_run_has_no_teacher_figures(tmp_path: Path) -> None:
+    final = {**FINAL, "teacher_accuracy_mean": None, "largest_teacher_params": None}
+    del final["teacher_accuracy_min"], final["teacher_accuracy_max"]
+
+    page = render({"status": "completed", "scenario": SCENARIO, "rounds": ROUNDS, "final": final}, tmp_path)
+
+    assert "| largest teacher parameters | – |" in page and "| teachers' accuracy mean / min / max | – / – / – |" in page
+
+
 def test_a_failed_run_reports_its_error_and_the_rounds_it_kept(tmp_path: Path) -> None:
     results = {"status": "failed", "error": "QuorumError: 1 of 3 replied", "scenario": SCENARIO, "rounds": ROUNDS[:1],
                "final": None}
