@@ -179,6 +179,19 @@ def load_split(dataset: str, data_dir: str, public_size: int, seed: int, test_si
     return FederatedSplit(train.subset(np.sort(public)), train.subset(private), test)
 
 
+def split_rows(n: int, public_size: int, test_size: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Public, test and private row indices of a data set without its own test set: one seeded permutation of
+    its `n` rows (`what`, for example "covid-testing has 15524 rows", names them in the error); `test_size` 0
+    means a fifth of the rows. Public and test indices are sorted, the private ones stay permuted."""
+    test_size = test_size or n // 5
+    if public_size + test_size >= n:
+        raise DataError(f"public-size {public_size} and test-size {test_size} leave no private data: {what}; "
+                        f"choose smaller sizes")
+    order = np.random.default_rng(seed).permutation(n)
+    return (np.sort(order[:public_size]), np.sort(order[public_size:public_size + test_size]),
+            order[public_size + test_size:])
+
+
 def public_fingerprint(public: Samples) -> str:
     """sha256 of the canonical bytes of the public set: a header, then the model inputs in C order
     (images; standardised features; token ids, then the texts themselves).

@@ -21,6 +21,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from common.errors import ConfigError
+
 SCALES, ORIENTATIONS = 2, 8
 CHANNELS = 1 + SCALES * ORIENTATIONS + ORIENTATIONS**2 * SCALES * (SCALES - 1) // 2  # 81
 GROUPS = 27
@@ -39,8 +41,6 @@ class Scattering(nn.Module):
 
         height, width = image_size
         if height % 4 or width % 4:
-            from common.errors import ConfigError
-
             raise ConfigError(f"scatter-linear needs image sides divisible by 4, got {height}x{width}; choose cnn-* or mlp")
         self.transform = ScatteringTorch2D(J=SCALES, shape=(height, width), L=ORIENTATIONS)
         self.out_shape = (CHANNELS, height // 4, width // 4)

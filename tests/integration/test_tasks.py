@@ -19,22 +19,28 @@ TABULAR_BUDGET_S = 300  # the whole command, Ray start included; under 90 s on a
 TEXT_BUDGET_S = 480  # under 4 minutes on a 2-core machine busy with other jobs
 
 
+def simulate_within(scenario: str, sets: list[str], budget_s: int, out: Path, run_name: str, home: Path) -> dict:
+    """Run `fedstill simulate SCENARIO --set ...` into out/run_name; it must succeed within `budget_s`
+    seconds, Ray start included. Returns its results.json."""
+    started = time.monotonic()
+    result = fedstill("simulate", scenario, *[arg for s in sets for arg in ("--set", s)],
+                      "--set", f"output-dir={out}", "--set", f'run-name="{run_name}"', home=home, timeout=budget_s)
+    wall = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert wall < budget_s
+    return json.loads((out / run_name / "results.json").read_text())
+
+
 def test_tiny_clinic_federation_runs_end_to_end(tmp_path: Path, home: Path) -> None:
     # Prepare: 3 institutions = the 2 largest clinics and the other clinics pooled
     out = tmp_path / "runs"
     sets = ["num-clients=3", "min-clients=2", "num-server-rounds=2", "public-size=1000", "local-epochs=1",
-            "student-epochs=3", f"output-dir={out}", 'run-name="clinics"']
+            "student-epochs=3"]
 
     # Execute
-    started = time.monotonic()
-    result = fedstill("simulate", "covid-clinics", *[arg for s in sets for arg in ("--set", s)], home=home,
-                      timeout=TABULAR_BUDGET_S)
-    wall = time.monotonic() - started
+    results = simulate_within("covid-clinics", sets, TABULAR_BUDGET_S, out, "clinics", home)
 
     # Assert
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert wall < TABULAR_BUDGET_S
-    results = json.loads((out / "clinics" / "results.json").read_text())
     assert results["status"] == "completed"
     assert results["scenario"]["partitioner"] == "natural" and results["scenario"]["dataset"] == "covid-testing"
     for row in results["rounds"]:
@@ -53,19 +59,12 @@ def test_tiny_text_federation_runs_end_to_end(tmp_path: Path, home: Path) -> Non
     # queries 5% of a large public set, so the federation stays small
     out = tmp_path / "runs"
     sets = ["num-clients=2", "min-clients=2", "num-server-rounds=1", "public-size=1900", "test-size=100",
-            "public-fraction=0.05", "max-seq-len=32", "partitioner=\"iid\"", "student-epochs=3",
-            f"output-dir={out}", 'run-name="news"']
+            "public-fraction=0.05", "max-seq-len=32", "partitioner=\"iid\"", "student-epochs=3"]
 
     # Execute
-    started = time.monotonic()
-    result = fedstill("simulate", "bbc-news-mixed", *[arg for s in sets for arg in ("--set", s)], home=home,
-                      timeout=TEXT_BUDGET_S)
-    wall = time.monotonic() - started
+    results = simulate_within("bbc-news-mixed", sets, TEXT_BUDGET_S, out, "news", home)
 
     # Assert
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert wall < TEXT_BUDGET_S
-    results = json.loads((out / "news" / "results.json").read_text())
     assert results["status"] == "completed"
     row = results["rounds"][0]
     assert row["clients_replied"] == 2 and row["clients_rejected"] == {}
