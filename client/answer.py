@@ -18,8 +18,8 @@ from client.site import Site
 from client.teacher import restore_teacher, save_teacher, train_round
 from common.config import RunConfig
 from common.messages import SoftLabelQuery
-from common.models import count_parameters
-from common.training import accuracy, predict_probs
+from common.models.registry import count_parameters
+from common.models.training import accuracy, predict_probs
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from client.site import Site
 from common.config import RunConfig
 from common.errors import MessageFormatError
-from common.models import build_model, input_shape
-from common.training import train_supervised
+from common.models.registry import build_model, input_shape
+from common.models.training import train_supervised
 
 
 def fedavg_train(content: RecordDict, cfg: RunConfig, site: Site, server_round: int) -> RecordDict:

@@ -26,12 +26,12 @@ from client.release import SITE_CONFIG, simulated_institution
 from client.site import Site
 from common.config import RunConfig
 from common.errors import ConfigError
-from common.models import build_model, count_parameters, input_shape
+from common.models.registry import build_model, count_parameters, input_shape
 from common.privacy.accounting import ACCOUNTANT, calibrate_dpsgd, calibrate_gnmax
 from common.privacy.budget import PrivacyLedger
 from common.privacy.dpsgd import planned_event, train_dpsgd
 from common.privacy.pate import gnmax_event, gnmax_soft_labels, shard_indices, vote_histograms
-from common.training import predict_logits, train_supervised
+from common.models.training import predict_logits, train_supervised
 
 LEDGER_FILE = "privacy-ledger.json"
 DEFAULT_DELTA = 1e-5

@@ -1,7 +1,7 @@
 """What an institution holds: its private data, its copy of the public set, and a test set.
 
 The private data comes from the node config's `data-path` (the institution's own files, any format of
-`common.institution_data`) or, in a simulation, from `sites-dir/institution-<partition-id>/data/` when
+`common.tasks.institution_files`) or, in a simulation, from `sites-dir/institution-<partition-id>/data/` when
 that folder exists; otherwise from partition `partition-id` of the shared pool. The public and test
 sets come from the run config's `data-dir`, or the node config's `public-dir` where this node keeps
 its copy.
@@ -19,10 +19,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from client.release import site_folder
 from common.config import RunConfig
-from common.data import FederatedSplit, ImageSet, Samples, load_split, public_fingerprint
+from common.tasks.samples import FederatedSplit, ImageSet, Samples, load_split, public_fingerprint
 from common.errors import ConfigError, DataError
-from common.institution_data import label_space, load_institution_data
-from common.partition import partition_rows
+from common.tasks.institution_files import label_space, load_institution_data
+from common.tasks.partition import partition_rows
 
 PARTITION_KEY = "partition"
 PARTITION_META_KEY = "partition-meta"

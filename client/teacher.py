@@ -29,13 +29,13 @@ from client.release import site_home
 from client.site import Site
 from common.audit.canonical import canonical, sha256_hex, utc_now
 from common.config import RunConfig
-from common.data import Samples
+from common.tasks.samples import Samples
 from common.errors import ConfigError
 from common.losses import distillation_loss
 from common.messages import DigestInstruction
-from common.models import build_model, input_shape, inputs_to_tensor
-from common.scattering import fixed_stage
-from common.training import train_epochs, train_supervised
+from common.models.registry import build_model, input_shape, inputs_to_tensor
+from common.models.scattering import fixed_stage
+from common.models.training import train_epochs, train_supervised
 
 TEACHER_KEY = "teacher"
 TEACHER_META_KEY = "teacher-meta"

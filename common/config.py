@@ -16,7 +16,7 @@ from typing import Any, get_type_hints
 
 from common.errors import ConfigError
 
-DATASETS = ("fashion-mnist", "digits", "covid-testing", "credit-data", "bbc-news")  # common.data: images, tables, texts
+DATASETS = ("fashion-mnist", "digits", "covid-testing", "credit-data", "bbc-news")  # common.tasks.samples: images, tables, texts
 NATURAL_DATASETS = ("covid-testing",)  # data sets whose rows name their institution (partitioner "natural")
 METHODS = ("distill", "fedavg")
 SCHEDULES = ("constant", "linear")
@@ -200,7 +200,7 @@ def _coerce(key: str, value: Any, kind: type) -> tuple[Any, str | None]:
 
 
 def _check_models(cfg: RunConfig) -> list[str]:
-    from common.models import MODEL_TASKS, MODELS, models_for  # local import: models pulls in torch
+    from common.models.registry import MODEL_TASKS, MODELS, models_for  # local import: models pulls in torch
 
     names = cfg.teacher_model_list + [cfg.student_model]
     problems = [] if cfg.teacher_model_list else ["teacher-models must name at least one model"]
@@ -216,7 +216,7 @@ def _check_models(cfg: RunConfig) -> list[str]:
 
 def dataset_task(dataset: str) -> str:
     """"image", "tabular" or "text": the task of a dataset named in the run config."""
-    from common.data import TABULAR_DATASETS, TEXT_DATASETS
+    from common.tasks.samples import TABULAR_DATASETS, TEXT_DATASETS
 
     return "tabular" if dataset in TABULAR_DATASETS else "text" if dataset in TEXT_DATASETS else "image"
 

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import RunConfig, default_run_config  # noqa: E402
 from simulations import launcher  # noqa: E402
-from simulations.deploy import LocalFederation  # noqa: E402
-from simulations.site_data import write_site_data  # noqa: E402
+from simulations.deploy.local import LocalFederation  # noqa: E402
+from simulations.deploy.site_data import write_site_data  # noqa: E402
 
 
 def main() -> None:

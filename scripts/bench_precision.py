@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.models import input_shape, inputs_to_tensor  # noqa: E402
-from common.student_metrics import js_divergence  # noqa: E402
+from common.models.registry import input_shape, inputs_to_tensor  # noqa: E402
+from simulations.student.metrics import js_divergence  # noqa: E402
 from server.distill import Student  # noqa: E402
-from server.run_student import load_run_split, load_run_student, softmax, torch_logits  # noqa: E402
+from simulations.student.load import load_run_split, load_run_student, softmax, torch_logits  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from common.audit.canonical import canonical, sha256_hex
 from common.config import RunConfig, default_run_config
 from common.errors import ConfigError
-from server.run_folder import _jsonable
+from server.results.run_folder import _jsonable
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT = 1

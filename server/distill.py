@@ -6,10 +6,10 @@ import numpy as np
 import torch
 
 from common.config import RunConfig
-from common.data import Samples
+from common.tasks.samples import Samples
 from common.losses import distillation_loss
-from common.models import build_model, count_parameters, head_parameters, inputs_to_tensor, lr_of
-from common.training import accuracy, evaluate, train_epochs
+from common.models.registry import build_model, count_parameters, head_parameters, inputs_to_tensor, lr_of
+from common.models.training import accuracy, evaluate, train_epochs
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # run-config `student-precision` -> autocast dtype
 

@@ -17,15 +17,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import RunConfig
-from common.data import FederatedSplit
+from common.tasks.samples import FederatedSplit
 from common.messages import record_nbytes
-from common.models import build_model, count_parameters, input_shape
-from common.training import evaluate as evaluate_model
+from common.models.registry import build_model, count_parameters, input_shape
+from common.models.training import evaluate as evaluate_model
 from common.errors import QuorumError
 from server.audit_trail import AuditTrail
 from server.checkpoint import Checkpoint
 from server.resume import Checkpointer
-from server.run_folder import STUDENT, RunFolder
+from server.results.run_folder import STUDENT, RunFolder
 
 INFO = 20
 

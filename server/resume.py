@@ -20,7 +20,7 @@ from server.checkpoint import (
     Checkpoint, CheckpointState, config_differences, config_sha256, mark_completed, read_checkpoint, read_state,
     resumable_config, write_checkpoint,
 )
-from server.run_folder import RESULTS, RunFolder, resolve_run_dir
+from server.results.run_folder import RESULTS, RunFolder, resolve_run_dir
 
 
 @dataclass(frozen=True)

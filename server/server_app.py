@@ -20,18 +20,18 @@ from flwr.serverapp import Grid, ServerApp
 from common.aggregation import AggregationParams, aggregate
 from common.aggregation.base import Aggregate
 from common.config import RunConfig
-from common.data import FederatedSplit, load_split, public_fingerprint
+from common.tasks.samples import FederatedSplit, load_split, public_fingerprint
 from common.messages import DigestInstruction, SoftLabelQuery
-from common.models import input_shape
+from common.models.registry import input_shape
 from server.audit_trail import AuditTrail
 from server.checkpoint import Checkpoint
 from server.distill import Student, ensemble_accuracy
 from server.fedavg import run_fedavg
-from server.privacy_section import privacy_section
+from server.results.privacy import privacy_section
 from server.resume import Checkpointer, plan_start
 from server.rounds import make_query, query_soft_labels, require_quorum, send_digest, wait_for_nodes
-from server.run_figures import final_figures, round_row, student_meta
-from server.run_folder import STUDENT, RunFolder
+from server.results.figures import final_figures, round_row, student_meta
+from server.results.run_folder import STUDENT, RunFolder
 from server.secure_rounds import secure_soft_labels
 
 INFO, WARNING = 20, 30

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from common.config import RunConfig
-from common.data import load_split
-from common.models import build_model, count_parameters, input_shape
-from common.partition import partition_rows
-from common.training import evaluate, train_supervised
+from common.tasks.samples import load_split
+from common.models.registry import build_model, count_parameters, input_shape
+from common.tasks.partition import partition_rows
+from common.models.training import evaluate, train_supervised
 
 METRIC_NAMES = ("balanced_accuracy", "macro_f1", "auroc")  # beside accuracy: the imbalance-aware metrics
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from common.config import RunConfig, default_run_config
 from common.errors import ConfigError, FedstillError
-from server.run_folder import write_json
+from server.results.run_folder import write_json
 from simulations import baselines, launcher
 from simulations.scenarios import parse_sets
 

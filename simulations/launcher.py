@@ -26,7 +26,7 @@ from typing import Any
 
 from common.config import RunConfig
 from common.errors import FedstillError
-from server.run_folder import PROGRESS, RESULTS, resolve_run_dir
+from server.results.run_folder import PROGRESS, RESULTS, resolve_run_dir
 from simulations.provision import ALLOW_LIST, SITES, provision_sites
 from simulations.scenarios import to_toml
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from common.config import PRIVACY, RunConfig, default_run_config
 from common.errors import ConfigError, FedstillError
-from server.run_folder import write_json
+from server.results.run_folder import write_json
 from simulations import launcher
 from simulations.compare import _cell, finished_run
 

@@ -39,8 +39,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.errors import ConfigError, DataError
-from common.models import inputs_to_tensor
-from common.scattering import fixed_stage
+from common.models.registry import inputs_to_tensor
+from common.models.scattering import fixed_stage
 
 MECHANISM = "dp-sgd"
 

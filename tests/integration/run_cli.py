@@ -15,6 +15,6 @@ PROJECT = Path(__file__).resolve().parents[2]
 def fedstill(*args: str, home: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home)}
     return subprocess.run(
-        [sys.executable, "-m", "simulations.cli", *args], capture_output=True, text=True,
+        [sys.executable, "-m", "simulations.cli.main", *args], capture_output=True, text=True,
         env=env, cwd=PROJECT, timeout=timeout,
     )

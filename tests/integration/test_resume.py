@@ -20,7 +20,7 @@ from common.audit import kinds
 from common.audit.verify import abandoned_entries
 from common.config import RunConfig, default_run_config
 from server.checkpoint import read_state
-from server.run_folder import PROGRESS, RESULTS
+from server.results.run_folder import PROGRESS, RESULTS
 from simulations import launcher
 from simulations.provision import provision_sites
 from simulations.scenarios import load_scenario, to_toml

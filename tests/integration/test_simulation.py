@@ -9,7 +9,7 @@ import pytest
 from run_cli import fedstill
 from safetensors.torch import load_file
 
-from common.models import build_model
+from common.models.registry import build_model
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from run_cli import fedstill
 
-from common.models import build_model, count_parameters
+from common.models.registry import build_model, count_parameters
 
 pytestmark = pytest.mark.integration
 

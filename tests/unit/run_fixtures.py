@@ -8,10 +8,10 @@ from typing import Any
 from safetensors.torch import save_file
 
 from common.config import RunConfig, default_run_config
-from common.data import load_split
-from common.models import build_model, input_shape
-from common.training import train_supervised
-from server.run_folder import RESULTS, STUDENT, STUDENT_CONFIG, write_json
+from common.tasks.samples import load_split
+from common.models.registry import build_model, input_shape
+from common.models.training import train_supervised
+from server.results.run_folder import RESULTS, STUDENT, STUDENT_CONFIG, write_json
 
 TINY_RUN = {"dataset": "digits", "public-size": 400, "num-clients": 2, "min-clients": 1, "partitioner": "iid",
             "num-server-rounds": 2, "local-epochs": 1, "teacher-models": "cnn-small,mlp", "student-model": "cnn-student"}

@@ -17,7 +17,7 @@ from common.audit.keys import Signer
 from common.audit.ledger import Ledger
 from common.audit.report import BYTES_PLOT, EPSILON_PLOT, JSON_FILE, MARKDOWN_FILE, build_report, write_report
 from common.errors import ConfigError
-from simulations.cli import app
+from simulations.cli.main import app
 
 INSTITUTIONS = ("inst-a", "inst-b")
 NODES = {"inst-a": "11", "inst-b": "22"}

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from common.certs import (
+from simulations.deploy.certs import (
     CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, check_bundle, make_ca, make_node_key, make_server_cert, parse_host,
     subject_alt_names, write_node_key, write_pem,
 )
@@ -412,7 +412,7 @@ def runner() -> CliRunner:
 
 
 def test_cli_writes_the_bundle_and_node_keys_and_prints_the_commands(tmp_path: Path, runner: CliRunner) -> None:
-    from simulations.cli import app
+    from simulations.cli.main import app
 
     # Prepare
     out = tmp_path / "deploy"
@@ -436,7 +436,7 @@ def test_cli_writes_the_bundle_and_node_keys_and_prints_the_commands(tmp_path: P
 
 
 def test_cli_adds_node_keys_beside_an_existing_ca(tmp_path: Path, runner: CliRunner) -> None:
-    from simulations.cli import app
+    from simulations.cli.main import app
 
     # Prepare
     runner.invoke(app, ["certs", "--out", str(tmp_path), "--host", "2001:db8::7"])
@@ -461,7 +461,7 @@ def test_cli_adds_node_keys_beside_an_existing_ca(tmp_path: Path, runner: CliRun
 def test_cli_errors_exit_1_with_a_clean_message_and_write_nothing(
     tmp_path: Path, runner: CliRunner, args: list[str], fragment: str,
 ) -> None:
-    from simulations.cli import app
+    from simulations.cli.main import app
 
     # Execute
     result = runner.invoke(app, ["certs", "--out", str(tmp_path / "deploy"), *args])
@@ -473,7 +473,7 @@ def test_cli_errors_exit_1_with_a_clean_message_and_write_nothing(
 
 
 def test_cli_refuses_to_overwrite_and_changes_nothing(tmp_path: Path, runner: CliRunner) -> None:
-    from simulations.cli import app
+    from simulations.cli.main import app
 
     # Prepare
     runner.invoke(app, ["certs", "--out", str(tmp_path), "--host", "localhost"])
@@ -494,7 +494,7 @@ def test_cli_refuses_to_overwrite_and_changes_nothing(tmp_path: Path, runner: Cl
 def test_cli_encrypts_only_the_ca_key_with_the_passphrase_variable(
     tmp_path: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from simulations.cli import app
+    from simulations.cli.main import app
 
     # Prepare
     monkeypatch.setenv("TEST_CA_PASSPHRASE", "s3cret")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common.config import RunConfig
-from common.data import load_split
+from common.tasks.samples import load_split
 from common.errors import ConfigError
 from server import checkpoint as checkpoint_module
 from server.audit_trail import LEDGER, AuditTrail
@@ -23,7 +23,7 @@ from server.checkpoint import (
 )
 from server.distill import Student
 from server.resume import Checkpointer, plan_start
-from server.run_folder import RESULTS, RunFolder
+from server.results.run_folder import RESULTS, RunFolder
 
 RUN_ID = 2**63 - 7
 

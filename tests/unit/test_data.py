@@ -1,4 +1,4 @@
-"""Unit tests of common/data.py: idx loading, the public/private/test split and the public fingerprint.
+"""Unit tests of common/tasks/samples.py: idx loading, the public/private/test split and the public fingerprint.
 
 Corruption tests write small idx folders of their own under `tmp_path` (one folder per test, since
 `_load_fashion_mnist` caches by folder path); only a few tests read the real Fashion-MNIST files.
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis.extra import numpy as hnp
 
-from common.data import ImageSet, load_split, public_fingerprint
+from common.tasks.samples import ImageSet, load_split, public_fingerprint
 from common.errors import DataError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -1,5 +1,5 @@
-"""Unit tests of `fedstill evaluate` (server/evaluation.py, simulations/reference_teachers.py) and a smoke run
-of `fedstill bench` (simulations/serving_bench.py; not timed) on a tiny digits run folder."""
+"""Unit tests of `fedstill evaluate` (simulations/student/evaluate.py, simulations/student/reference_teachers.py) and a smoke run
+of `fedstill bench` (simulations/student/bench.py; not timed) on a tiny digits run folder."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ from flwr.app import RecordDict
 
 from client.site import Site
 from client.teacher import attach_store, restore_teacher, save_teacher, teacher_store, train_round
-from common.data import load_split, public_fingerprint
+from common.tasks.samples import load_split, public_fingerprint
 from common.errors import ConfigError
-from common.models import images_to_tensor
-from common.partition import partition_rows
+from common.models.registry import images_to_tensor
+from common.tasks.partition import partition_rows
 from run_fixtures import make_run_folder, tiny_cfg
-from server.evaluation import EVAL_DIR, PLOT, REPORT, SUMMARY, EnsembleLogits, evaluate_run
-from server.run_student import load_run_student, softmax, torch_logits
-from simulations.reference_teachers import CACHE, reference_ensemble, train_teachers
-from simulations.serving_bench import bench_run
+from simulations.student.evaluate import EVAL_DIR, PLOT, REPORT, SUMMARY, EnsembleLogits, evaluate_run
+from simulations.student.load import load_run_student, softmax, torch_logits
+from simulations.student.reference_teachers import CACHE, reference_ensemble, train_teachers
+from simulations.student.bench import bench_run
 
 
 @pytest.fixture(scope="module")

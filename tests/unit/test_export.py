@@ -1,4 +1,4 @@
-"""Unit tests of server/export.py on tiny models: ONNX parity with PyTorch, INT8 models that load and
+"""Unit tests of simulations/student/export.py on tiny models: ONNX parity with PyTorch, INT8 models that load and
 predict (static for a CNN, dynamic for an MLP), and `export_run` on a tiny digits run folder."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import onnx
 import pytest
 import torch
 
-from common.data import load_split
+from common.tasks.samples import load_split
 from common.errors import ConfigError
-from common.models import build_model, images_to_tensor
-from server.export import (
+from common.models.registry import build_model, images_to_tensor
+from simulations.student.export import (
     EXPORT_DIR, ONNX_FP32, ONNX_INT8, SUMMARY, export_onnx, export_run, ort_logits, ort_session, quantisation_mode,
     quantise,
 )
-from server.run_student import softmax, torch_logits
+from simulations.student.load import softmax, torch_logits
 from run_fixtures import make_run_folder
 
 

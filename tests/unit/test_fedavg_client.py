@@ -12,9 +12,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from client.fedavg import fedavg_train
 from client.site import Site
 from common.config import RunConfig, default_run_config
-from common.data import load_split, public_fingerprint
+from common.tasks.samples import load_split, public_fingerprint
 from common.errors import MessageFormatError
-from common.models import build_model
+from common.models.registry import build_model
 
 
 @pytest.fixture(scope="module")

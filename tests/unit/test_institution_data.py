@@ -1,4 +1,4 @@
-"""Unit tests of common/institution_data.py, `fedstill site-data` and client/site.py's use of data-path.
+"""Unit tests of common/tasks/institution_files.py, `fedstill site-data` and client/site.py's use of data-path.
 
 Each format is written by hand under `tmp_path` and read back; every refusal is a DataError whose
 message names the problem and its fix.
@@ -23,15 +23,15 @@ import client.site as site_module
 from client.client_app import check_query
 from client.site import load_site
 from common.config import RunConfig
-from common.data import ImageSet, load_split, public_fingerprint, write_idx
+from common.tasks.samples import ImageSet, load_split, public_fingerprint, write_idx
 from common.errors import ConfigError, DataError, FingerprintMismatch, MessageFormatError
-from common.institution_data import (
+from common.tasks.institution_files import (
     LabelSpace, TabularSet, TextSet, detect_format, image_label_space, load_institution_data,
 )
 from common.messages import SoftLabelQuery
-from common.partition import partition_indices
+from common.tasks.partition import partition_indices
 from server.rounds import short_reason
-from simulations.site_data import write_site_data
+from simulations.deploy.site_data import write_site_data
 
 SIDE = 8
 IMAGE_SPACE = LabelSpace("digits", "image", 10, tuple(str(i) for i in range(10)), (SIDE, SIDE))

@@ -1,4 +1,4 @@
-"""Unit tests of common/models.py: the model registry."""
+"""Unit tests of common/models/registry.py: the model registry."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common.errors import ConfigError
-from common.models import MODEL_TASKS, MODELS, build_model, count_parameters, head_parameters, images_to_tensor, models_for
+from common.models.registry import MODEL_TASKS, MODELS, build_model, count_parameters, head_parameters, images_to_tensor, models_for
 
 IMAGE_SIZES = [(28, 28), (8, 8)]  # Fashion-MNIST, digits
 

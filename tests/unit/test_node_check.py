@@ -13,9 +13,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from common.certs import make_ca, make_node_key, make_server_cert, write_node_key, write_pem
+from simulations.deploy.certs import make_ca, make_node_key, make_server_cert, write_node_key, write_pem
 from common.errors import ConfigError, DataError
-from simulations.node_check import (
+from simulations.deploy.node_check import (
     check_auth_key, check_ca_file, check_node_config, check_superlink, parse_node_config, split_address,
 )
 

@@ -1,4 +1,4 @@
-"""Unit tests of common/partition.py: each institution's share of the private pool."""
+"""Unit tests of common/tasks/partition.py: each institution's share of the private pool."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.errors import ConfigError, DataError
-from common.partition import partition_indices
+from common.tasks.partition import partition_indices
 
 NUM_PARTITIONS = 5
 

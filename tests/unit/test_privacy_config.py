@@ -13,7 +13,7 @@ from client.privacy import load_policy, statement
 from common.audit import kinds
 from common.config import RunConfig
 from common.errors import ConfigError
-from server.privacy_section import privacy_section
+from server.results.privacy import privacy_section
 from server.rounds import node_error_check, short_reason
 
 

@@ -16,11 +16,11 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 import common.privacy.dpsgd as dpsgd
-from common.data import load_split
+from common.tasks.samples import load_split
 from common.errors import ConfigError, DataError
-from common.models import MODELS, build_model
+from common.models.registry import MODELS, build_model
 from common.privacy.dpsgd import opacus_steps_per_epoch, planned_event, require_dp_compatible, train_dpsgd
-from common.training import accuracy
+from common.models.training import accuracy
 
 DELTA = 1e-5
 

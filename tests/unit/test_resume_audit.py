@@ -13,7 +13,7 @@ from common.audit import kinds
 from common.audit.report import build_report
 from common.audit.verify import abandoned_entries, verify_ledger
 from server.audit_trail import AuditTrail
-from server.privacy_section import privacy_section
+from server.results.privacy import privacy_section
 
 NEW_RUN_ID = RUN_ID - 1000
 NODES = (101, 102)

@@ -1,4 +1,4 @@
-"""Unit tests of common/robustness.py on toy models: Gaussian noise, FGSM (against its closed form for a
+"""Unit tests of simulations/student/robustness.py on toy models: Gaussian noise, FGSM (against its closed form for a
 linear model), token dropout and substitution, accuracy under a perturbation, and level parsing."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
-from common.robustness import (
+from simulations.student.robustness import (
     accuracy_under, fgsm, fgsm_curve, gaussian_noise, noise_curve, parse_levels, token_dropout, token_substitution,
 )
 

@@ -1,4 +1,4 @@
-"""Unit tests of the run's human report (server/run_report.py)."""
+"""Unit tests of the run's human report (server/results/report.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import ConfigError
-from server.run_report import REPORT, add_section, render
+from server.results.report import REPORT, add_section, render
 
 ROUNDS = [{"round": r, "temperature": 3.0, "student_accuracy": 0.5 + r / 10, "ensemble_accuracy": 0.6 + r / 10,
            "clients_replied": 3, "clients_rejected": {"7": "fingerprint"} if r == 2 else {}, "uplink_bytes": 1200,

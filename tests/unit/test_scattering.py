@@ -1,4 +1,4 @@
-"""Unit tests of common/scattering.py: the scatter-linear teacher (fixed scattering features, a linear head)
+"""Unit tests of common/models/scattering.py: the scatter-linear teacher (fixed scattering features, a linear head)
 and `fixed_stage`, which trains and runs the head on features computed once."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import common.scattering as scattering
-from common.data import load_split
+import common.models.scattering as scattering
+from common.tasks.samples import load_split
 from common.errors import ConfigError
-from common.models import build_model, count_parameters, images_to_tensor
+from common.models.registry import build_model, count_parameters, images_to_tensor
 from common.privacy.dpsgd import require_dp_compatible, train_dpsgd
-from common.training import accuracy, predict_logits, train_supervised
+from common.models.training import accuracy, predict_logits, train_supervised
 
 
 @pytest.fixture(autouse=True)

@@ -1,11 +1,11 @@
-"""Unit tests of common/student_metrics.py against hand-computed values: JS divergence, ECE, macro-F1."""
+"""Unit tests of simulations/student/metrics.py against hand-computed values: JS divergence, ECE, macro-F1."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from common.student_metrics import expected_calibration_error, js_divergence, macro_f1
+from simulations.student.metrics import expected_calibration_error, js_divergence, macro_f1
 
 
 def test_js_divergence_matches_hand_computed_values() -> None:

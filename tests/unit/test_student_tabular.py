@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from run_fixtures import make_run_folder
-from server.evaluation import evaluate_run
-from server.export import export_run
-from server.run_student import load_run_student
-from simulations.reference_teachers import reference_ensemble
+from simulations.student.evaluate import evaluate_run
+from simulations.student.export import export_run
+from simulations.student.load import load_run_student
+from simulations.student.reference_teachers import reference_ensemble
 
 TABULAR_RUN = {"dataset": "credit-data", "public-size": 300, "teacher-models": "mlp-deep,mlp", "student-model": "mlp-student",
                "partitioner": "iid", "num-server-rounds": 1, "temperature": 2.0}

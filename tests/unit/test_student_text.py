@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from run_fixtures import TINY_TEXT_RUN, make_run_folder
-from server.evaluation import evaluate_run
-from server.export import export_run
-from server.run_student import load_run_student
+from simulations.student.evaluate import evaluate_run
+from simulations.student.export import export_run
+from simulations.student.load import load_run_student
 
 
 @pytest.fixture(scope="module")

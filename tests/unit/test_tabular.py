@@ -1,4 +1,4 @@
-"""Unit tests of the tabular tasks (common/tabular.py): the packaged tables load offline with the pinned
+"""Unit tests of the tabular tasks (common/tasks/tabular.py): the packaged tables load offline with the pinned
 pandas, every preprocessing statistic comes from the public set only, clinics partition naturally, and
 an institution's own table is standardised with the public statistics."""
 
@@ -14,10 +14,10 @@ from flwr.app import RecordDict
 
 from client.site import load_site
 from common.config import RunConfig, default_run_config
-from common.data import TabularSet, load_split, public_fingerprint
+from common.tasks.samples import TabularSet, load_split, public_fingerprint
 from common.errors import ConfigError, DataError
-from common.partition import natural_groups, partition_rows
-from common.tabular import SCHEMAS, TabularEncoder, load_table
+from common.tasks.partition import natural_groups, partition_rows
+from common.tasks.tabular import SCHEMAS, TabularEncoder, load_table
 
 COVID = {"dataset": "covid-testing", "public-size": 2000, "num-clients": 5, "min-clients": 3, "partitioner": "natural",
          "teacher-models": "mlp-deep,mlp", "student-model": "mlp-student"}

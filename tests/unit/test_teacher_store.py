@@ -21,7 +21,7 @@ from client.teacher import (
     STORE_KEY, TeacherStore, attach_store, restore_teacher, save_teacher, saved_header, teacher_store, train_round,
 )
 from common.config import RunConfig, default_run_config
-from common.data import load_split, public_fingerprint
+from common.tasks.samples import load_split, public_fingerprint
 from common.errors import ConfigError
 from common.privacy.budget import PrivacyLedger
 

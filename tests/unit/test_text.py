@@ -1,4 +1,4 @@
-"""Unit tests of the text task (common/text.py, common/text_models.py): the corpus, the tokenizer and
+"""Unit tests of the text task (common/tasks/text.py, common/models/text.py): the corpus, the tokenizer and
 all-MiniLM-L6-v2 load from the packaged files with the network cut off; the student is >= 10x smaller."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 
 from client.site import load_site
 from common.config import RunConfig, default_run_config
-from common.data import TextSet, load_split
+from common.tasks.samples import TextSet, load_split
 from common.errors import ConfigError
-from common.models import build_model, count_parameters, head_parameters
-from common.text import read_bbc_news
-from common.text_models import minilm_path, tokenizer
+from common.models.registry import build_model, count_parameters, head_parameters
+from common.tasks.text import read_bbc_news
+from common.models.text import minilm_path, tokenizer
 
 BBC = {"dataset": "bbc-news", "public-size": 600, "num-clients": 4, "min-clients": 3, "partitioner": "iid",
        "teacher-models": "minilm,bert-small", "student-model": "bert-tiny", "max-seq-len": 32}

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.models import inputs_to_tensor, lr_of
-from common.scattering import fixed_stage
+from common.models.registry import inputs_to_tensor, lr_of
+from common.models.scattering import fixed_stage
 
 INFERENCE_BATCH = 256
 TEXT_INFERENCE_BATCH = 32  # token ids: a transformer's activations grow with the sequence length

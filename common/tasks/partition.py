@@ -18,7 +18,7 @@ from flwr_datasets.partitioner import (
 from common.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from common.data import FederatedSplit
+    from common.tasks.samples import FederatedSplit
 
 
 def partition_rows(split: FederatedSplit, cfg: Any, partition_id: int, num_partitions: int | None = None) -> np.ndarray:

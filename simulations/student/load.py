@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from common.config import RunConfig, default_run_config
-from common.data import FederatedSplit, load_split
+from common.tasks.samples import FederatedSplit, load_split
 from common.errors import ConfigError
-from common.models import build_model
-from server.run_folder import RESULTS, STUDENT, STUDENT_CONFIG
+from common.models.registry import build_model
+from server.results.run_folder import RESULTS, STUDENT, STUDENT_CONFIG
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from common.audit.keys import check_name
-from common.certs import (
+from simulations.deploy.certs import (
     CA_CERT, CA_KEY, LOOPBACK, NODES, SERVER_CERT, SERVER_KEY, host_names, make_ca, make_node_key, make_server_cert,
     refuse_existing, subject_alt_names, write_node_key, write_pem,
 )

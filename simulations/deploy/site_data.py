@@ -39,8 +39,8 @@ def write_site_data(cfg, out: Path, fmt: str = "idx", overwrite: bool = False) -
     the public set's fingerprint (what each institution's copy of the public set must match)."""
     from client.release import site_folder
     from client.site import SITE_DATA
-    from common.data import load_split, public_fingerprint
-    from common.partition import partition_rows
+    from common.tasks.samples import load_split, public_fingerprint
+    from common.tasks.partition import partition_rows
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -67,7 +67,7 @@ def write_site_data(cfg, out: Path, fmt: str = "idx", overwrite: bool = False) -
 
 def write_idx_folder(folder: Path, images: np.ndarray, labels: np.ndarray) -> None:
     """`train-images-idx3-ubyte` and `train-labels-idx1-ubyte` (uncompressed) in `folder`."""
-    from common.data import write_idx
+    from common.tasks.samples import write_idx
 
     folder.mkdir(parents=True, exist_ok=True)
     write_idx(folder / IMAGES_FILE, images)

@@ -6,7 +6,7 @@
     robustness.png   accuracy against Gaussian noise sigma and FGSM epsilon
 
 The teachers are not in the run folder (they stay at the institutions): the caller passes the ensemble's
-test-set logits when it has them (`simulations.reference_teachers` retrains them) and says where they came from.
+test-set logits when it has them (`simulations.student.reference_teachers` retrains them) and says where they came from.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.data import FederatedSplit, task_of
-from common.models import count_parameters, inputs_to_tensor
-from common.robustness import fgsm_curve, noise_curve, seeded_curve, token_dropout, token_substitution
-from common.student_metrics import ECE_BINS, expected_calibration_error, js_divergence, macro_f1
-from server.export import EXPORT_DIR, ONNX_FP32, ONNX_INT8
-from server.run_folder import STUDENT, write_json
-from server.run_report import add_section
-from server.run_student import RunStudent, load_run_split, softmax, torch_logits
+from common.tasks.samples import FederatedSplit, task_of
+from common.models.registry import count_parameters, inputs_to_tensor
+from simulations.student.robustness import fgsm_curve, noise_curve, seeded_curve, token_dropout, token_substitution
+from simulations.student.metrics import ECE_BINS, expected_calibration_error, js_divergence, macro_f1
+from simulations.student.export import EXPORT_DIR, ONNX_FP32, ONNX_INT8
+from server.results.run_folder import STUDENT, write_json
+from server.results.report import add_section
+from simulations.student.load import RunStudent, load_run_split, softmax, torch_logits
 
 EVAL_DIR = "evaluation"
 SUMMARY, REPORT, PLOT = "evaluation.json", "evaluation.md", "robustness.png"
@@ -93,7 +93,7 @@ def robustness(model: torch.nn.Module, split: FederatedSplit, levels: Mapping[st
 
 def _token_sets(split: FederatedSplit) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokenizer's special ids (never perturbed) and the ordinary tokens of the public set (substitutes)."""
-    from common.text_models import PAD_ID, tokenizer
+    from common.models.text import PAD_ID, tokenizer
 
     protected = torch.tensor(sorted(set(tokenizer().all_special_ids) | {PAD_ID}), dtype=torch.int64)
     seen = torch.from_numpy(np.unique(split.public.inputs))

@@ -12,11 +12,11 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from common.errors import ConfigError, FedstillError
-from simulations.audit_cli import audit_app, keygen
-from simulations.certs_cli import certs
-from simulations.site_data import site_data
-from simulations.deploy_cli import supernode
-from simulations.student_cli import bench, evaluate, export
+from simulations.cli.audit_commands import audit_app, keygen
+from simulations.cli.certs_commands import certs
+from simulations.deploy.site_data import site_data
+from simulations.cli.node_commands import supernode
+from simulations.cli.student_commands import bench, evaluate, export
 
 app = typer.Typer(help="fedstill: federated knowledge distillation on Flower.", no_args_is_help=True, add_completion=False)
 app.command()(keygen)
@@ -184,8 +184,8 @@ def parse_site(items: list[str]) -> dict[str, Any] | None:
 
 def preflight(cfg: Any) -> None:
     """Fail before starting Flower when the data is missing or cannot be partitioned as asked."""
-    from common.data import load_split
-    from common.partition import partition_rows
+    from common.tasks.samples import load_split
+    from common.tasks.partition import partition_rows
 
     split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size, max_seq_len=cfg.max_seq_len)
     partition_rows(split, cfg, 0)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data import LABEL_NAMES, ImageSet, Samples, TabularSet, TextSet, read_idx, task_of
+from common.tasks.samples import LABEL_NAMES, ImageSet, Samples, TabularSet, TextSet, read_idx, task_of
 from common.errors import DataError
 
 IDX_PATTERN = re.compile(r"^(?P<prefix>.+)-(?P<kind>images-idx3|labels-idx1)-ubyte(?P<gz>\.gz)?$")

@@ -20,7 +20,7 @@ RESULTS, REPORT = "results.json", "report.md"
 
 def add_section(run_dir: Path, name: str, section: dict[str, Any]) -> dict[str, Any]:
     """Put `section` into the run's results.json under `name` (replacing an older one) and re-render report.md."""
-    from server.run_folder import write_json
+    from server.results.run_folder import write_json
 
     path = Path(run_dir) / RESULTS
     try:

@@ -1,11 +1,11 @@
 """Loading a scenario's data set and splitting it into public transfer set, private pool and test set.
 
 Three tasks share one split: images (`ImageSet`), tables (`TabularSet`) and texts (`TextSet`). Each
-set's `inputs` is the array its models consume, told apart by dtype (see `common.models.inputs_to_tensor`).
+set's `inputs` is the array its models consume, told apart by dtype (see `common.models.registry.inputs_to_tensor`).
 Fashion-MNIST is read from the four idx files (gzip or plain) in a folder, by default where
 Debian's `dataset-fashion-mnist` package puts them; sklearn's bundled digits serve fast tests.
 Images are kept as uint8 arrays `(n, height, width)`; models scale them to [0, 1]. The tabular
-data sets are in `common.tabular`, the text data set in `common.text`.
+data sets are in `common.tasks.tabular`, the text data set in `common.tasks.text`.
 """
 
 from __future__ import annotations
@@ -159,11 +159,11 @@ def load_split(dataset: str, data_dir: str, public_size: int, seed: int, test_si
     in tokens.
     """
     if dataset in TABULAR_DATASETS:
-        from common.tabular import load_tabular_split
+        from common.tasks.tabular import load_tabular_split
 
         return load_tabular_split(dataset, public_size, seed, test_size)
     if dataset in TEXT_DATASETS:
-        from common.text import load_text_split
+        from common.tasks.text import load_text_split
 
         return load_text_split(dataset, public_size, seed, test_size, max_seq_len)
     train, test = _load_train_test(dataset, data_dir, seed)

@@ -25,7 +25,7 @@ def export(
     data_dir: str = DATA_DIR,
 ) -> None:
     """Export the student to ONNX, check parity with PyTorch, quantise to INT8 (RUN_DIR/export/)."""
-    from server.export import EXPORT_DIR, SUMMARY, export_run
+    from simulations.student.export import EXPORT_DIR, SUMMARY, export_run
 
     _use_threads(threads)
     try:
@@ -64,16 +64,16 @@ def evaluate(
     data_dir: str = DATA_DIR,
 ) -> None:
     """Accuracy, macro-F1, ECE, JS divergence to the teacher ensemble, robustness, size (RUN_DIR/evaluation/)."""
-    from common.robustness import parse_levels
-    from server.evaluation import EVAL_DIR, REPORT, evaluate_run
-    from server.run_student import load_run_student
+    from simulations.student.robustness import parse_levels
+    from simulations.student.evaluate import EVAL_DIR, REPORT, evaluate_run
+    from simulations.student.load import load_run_student
 
     _use_threads(threads)
     try:
         student = load_run_student(run_dir, data_dir or None)
         ensemble = None
         if with_teachers:
-            from simulations.reference_teachers import reference_ensemble
+            from simulations.student.reference_teachers import reference_ensemble
 
             with console.status("teachers") as status:
                 ensemble = reference_ensemble(student, retrain=retrain_teachers, on_teacher=lambda pid, name:
@@ -97,7 +97,7 @@ def bench(
     data_dir: str = DATA_DIR,
 ) -> None:
     """Throughput and latency (batch 1 and 64): largest teacher, student in PyTorch, ONNX FP32 and INT8."""
-    from simulations.serving_bench import bench_run
+    from simulations.student.bench import bench_run
 
     try:
         result = bench_run(run_dir, threads=threads, iterations=iterations, rounds=rounds, data_dir=data_dir or None)

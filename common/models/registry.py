@@ -5,7 +5,7 @@ one input tensor to logits `(batch, num_classes)` and has a `head` (the last lay
 can be trained head first. What a model consumes depends on the task (`inputs_to_tensor`):
 images `(batch, 1, height, width)` floats in [0, 1], input shape (height, width); tabular
 features `(batch, d)` float32, input shape (d,); token ids `(batch, L)` int64, input shape (L,)
-(the text models of `common.text_models`). A model may carry `lr_multiplier`, the factor its
+(the text models of `common.models.text`). A model may carry `lr_multiplier`, the factor its
 optimiser applies to the configured learning rate (a pretrained encoder is fine-tuned gently).
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.scattering import ScatterLinear
+from common.models.scattering import ScatterLinear
 
 
 class SmallCNN(nn.Module):
@@ -59,7 +59,7 @@ class MLP(nn.Module):
 
 def _text_model(name: str) -> Callable[[int, tuple[int, ...]], nn.Module]:
     def build(classes: int, shape: tuple[int, ...]) -> nn.Module:
-        from common.text_models import build_text_model  # transformers is imported only for text tasks
+        from common.models.text import build_text_model  # transformers is imported only for text tasks
 
         return build_text_model(name, classes, shape)
     return build
@@ -73,7 +73,7 @@ MODELS: dict[str, ModelBuilder] = {
     "cnn-large": lambda classes, size: SmallCNN(classes, size, widths=(32, 64), hidden=256),
     "cnn-tiny": lambda classes, size: SmallCNN(classes, size, widths=(4, 8), hidden=32),
     "mlp": lambda classes, size: MLP(classes, size, hidden=128),
-    # fixed scattering features + a linear layer: the teacher for DP-SGD (common/scattering.py)
+    # fixed scattering features + a linear layer: the teacher for DP-SGD (common/models/scattering.py)
     "scatter-linear": lambda classes, size: ScatterLinear(classes, size),
     # student: under a third of cnn-large's parameters
     "cnn-student": lambda classes, size: SmallCNN(classes, size, widths=(16, 32), hidden=64),

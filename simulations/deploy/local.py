@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from common.audit.keys import Signer, private_key_path, write_allow_list, write_key_pair
-from common.certs import CA_CERT, NODES, SERVER_CERT, SERVER_KEY, make_ca, make_node_key, make_server_cert, write_node_key, write_pem
+from simulations.deploy.certs import CA_CERT, NODES, SERVER_CERT, SERVER_KEY, make_ca, make_node_key, make_server_cert, write_node_key, write_pem
 from common.errors import FedstillError
 from simulations.launcher import OFFLINE_ENV, PROJECT_DIR, find_run_id, free_ports, last_error
 from simulations.scenarios import to_toml
@@ -159,7 +159,7 @@ class LocalFederation:
         port = self.nodes[name].port if name in self.nodes else free_ports(1)[0]
         config = self.node_config(name)
         command = [
-            sys.executable, "-m", "simulations.cli", "supernode",
+            sys.executable, "-m", "simulations.cli.main", "supernode",
             "--superlink", f"127.0.0.1:{self.superlink_port}",
             "--root-certificates", str(ca or self.certs / CA_CERT),
             "--auth-supernode-private-key", str(auth_key or self.certs / NODES / f"{name}.key"),

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from common.errors import FedstillError
-from simulations.node_check import check_auth_key, check_node_config, check_superlink, parse_node_config
+from simulations.deploy.node_check import check_auth_key, check_node_config, check_superlink, parse_node_config
 
 console = Console(soft_wrap=True)
 

@@ -33,13 +33,13 @@ from client.site import SITE_DATA
 from client.teacher import saved_header
 from common.aggregation import AggregationParams, NEEDS_CLASS_COUNTS, aggregate
 from common.config import RunConfig
-from common.data import FederatedSplit, public_fingerprint
+from common.tasks.samples import FederatedSplit, public_fingerprint
 from common.errors import ConfigError
-from common.models import build_model, input_shape, inputs_to_tensor
-from common.partition import partition_rows
-from common.training import train_supervised
-from server.evaluation import EVAL_DIR, EnsembleLogits
-from server.run_student import RunStudent, load_run_split, softmax, torch_logits
+from common.models.registry import build_model, input_shape, inputs_to_tensor
+from common.tasks.partition import partition_rows
+from common.models.training import train_supervised
+from simulations.student.evaluate import EVAL_DIR, EnsembleLogits
+from simulations.student.load import RunStudent, load_run_split, softmax, torch_logits
 
 CACHE = "teachers-test-logits.npz"
 SETTINGS = ("dataset", "data-dir", "public-size", "test-size", "max-seq-len", "seed", "num-clients", "partitioner",

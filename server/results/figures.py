@@ -9,7 +9,7 @@ import numpy as np
 
 from common.config import RunConfig
 from common.messages import SoftLabelQuery
-from server.run_folder import RunFolder
+from server.results.run_folder import RunFolder
 
 
 def round_row(query: SoftLabelQuery, replies: Any, student_acc: float, ensemble_acc: float) -> dict[str, Any]:

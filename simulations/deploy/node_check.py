@@ -124,7 +124,7 @@ def check_node_config(config: Mapping[str, Any]) -> None:
         if value is not None and not Path(str(value)).expanduser().parent.is_dir():
             raise ConfigError(f"node config {key}={value!r}: its folder does not exist; create it first")
     if config.get("data-path") is not None:
-        from common.institution_data import detect_format
+        from common.tasks.institution_files import detect_format
 
         detect_format(Path(str(config["data-path"])).expanduser())  # a known layout (the run checks labels and sizes)
     if "signing-key" in config and "institution-id" not in config:

@@ -1,0 +1,1 @@
+"""Deployment tooling: TLS and node keys, an institution's pre-join checks, site data, a local federation."""
