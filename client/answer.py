@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Context
 
+from client.node_state import pate_rounds
 from client.privacy import dpsgd_round, load_policy, pate_round
 from client.site import Site
 from client.teacher import restore_teacher, save_teacher, train_round
@@ -20,6 +21,7 @@ from common.config import RunConfig
 from common.messages import SoftLabelQuery
 from common.models.registry import count_parameters
 from common.models.training import accuracy, predict_probs
+from common.node_config import NodeConfig
 
 
 @dataclass(frozen=True)
@@ -29,12 +31,12 @@ class Answer:
     privacy: dict[str, Any] | None  # the attestation's privacy statement; None without a mechanism
 
 
-def answer_query(context: Context, cfg: RunConfig, site: Site, query: SoftLabelQuery) -> Answer:
+def answer_query(context: Context, cfg: RunConfig, node: NodeConfig, site: Site, query: SoftLabelQuery) -> Answer:
     if cfg.privacy == "pate":
-        policy = load_policy(cfg, context.node_config)
+        policy = load_policy(cfg, node)
         probs, loss, teacher_accuracy, params, privacy = pate_round(
             context.state, cfg, site, policy, query.sample_ids, context.run_id, query.round)
-        rounds = int(context.state["pate-meta"]["rounds"])
+        rounds = pate_rounds(context.state)
         return Answer(probs, _figures(loss, teacher_accuracy if query.evaluate_teacher else -1.0, params, rounds), privacy)
     teacher, rounds_trained = restore_teacher(context.state, cfg, site)
     # A resumed run asks again for the round the server stopped in, after this teacher had trained for it:
@@ -42,7 +44,7 @@ def answer_query(context: Context, cfg: RunConfig, site: Site, query: SoftLabelQ
     again = cfg.resume and rounds_trained >= query.round
     privacy = None
     if cfg.privacy == "dp-sgd":
-        policy = load_policy(cfg, context.node_config)
+        policy = load_policy(cfg, node)
         loss, privacy = dpsgd_round(teacher, cfg, site, policy, context.run_id, query.round, rounds_trained, again=again)
     else:
         loss = float("nan") if again else train_round(teacher, cfg, site, rounds_trained)

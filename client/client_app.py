@@ -13,8 +13,8 @@ import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.fedavg import fedavg_train
 from client.answer import answer_query
+from client.fedavg import fedavg_train
 from client.release import load_identity, sign_and_log
 from client.secure import masked_vector, round_keys, share_bundles, unmask_shares
 from client.site import Site, load_site
@@ -22,8 +22,16 @@ from client.teacher import attach_store, digest_round, restore_teacher, save_tea
 from common.config import RunConfig
 from common.errors import FingerprintMismatch, MessageFormatError
 from common.messages import (
-    DigestInstruction, DigestReply, MaskedReply, SecAggRoster, SecAggSetup, SecAggUnmask, SoftLabelQuery, SoftLabelReply,
+    DigestInstruction,
+    DigestReply,
+    MaskedReply,
+    SecAggRoster,
+    SecAggSetup,
+    SecAggUnmask,
+    SoftLabelQuery,
+    SoftLabelReply,
 )
+from common.node_config import NodeConfig
 
 app = ClientApp()
 
@@ -32,50 +40,50 @@ app = ClientApp()
 def soft_labels(msg: Message, context: Context) -> Message:
     """Train the teacher one more round, then answer with softmax(teacher(public) / T) (or PATE's noisy
     votes) — masked, under secure aggregation."""
-    cfg, site = _setup(context)
+    cfg, node, site = _setup(context)
     query = SoftLabelQuery.from_record(msg.content)
     check_query(query, site.fingerprint, site.private.num_classes, len(site.public))
     shared = SecAggRoster.from_record(msg.content)
-    answer = answer_query(context, cfg, site, query)
+    answer = answer_query(context, cfg, node, site, query)
     probs, figures = answer.probs, answer.figures
     if shared is not None:
         weight = float(len(site.private)) if shared.weighted else 1.0
         masked = masked_vector(context.state, context.node_id, context.run_id, shared, probs, weight)
         record = MaskedReply(round=query.round, fingerprint=site.fingerprint, masked=masked, **figures).to_record()
-        return _reply(record, msg, context, cfg, site, query.round, kind="secagg-masked", privacy=answer.privacy)
+        return _reply(record, msg, context, cfg, node, site, query.round, kind="secagg-masked", privacy=answer.privacy)
     reply = SoftLabelReply(
         round=query.round, fingerprint=site.fingerprint, codec=query.codec, soft_labels=probs,
         num_examples=len(site.private), class_counts=_class_counts(site) if query.want_class_counts else None,
         top_k=query.top_k, **figures,
     )
-    return _reply(reply.to_record(), msg, context, cfg, site, query.round, privacy=answer.privacy,
+    return _reply(reply.to_record(), msg, context, cfg, node, site, query.round, privacy=answer.privacy,
                   with_counts=query.want_class_counts, with_accuracy=query.evaluate_teacher)
 
 
 @app.query("secagg_setup")
 def secagg_setup(msg: Message, context: Context) -> Message:
     """Secure aggregation, step 1: this round's public keys."""
-    cfg, site = _setup(context)
+    cfg, node, site = _setup(context)
     setup = SecAggSetup.from_record(msg.content)
-    return _reply(round_keys(context.state, setup.round).to_record(), msg, context, cfg, site, setup.round, kind="secagg-keys")
+    return _reply(round_keys(context.state, setup.round).to_record(), msg, context, cfg, node, site, setup.round, kind="secagg-keys")
 
 
 @app.query("secagg_shares")
 def secagg_shares(msg: Message, context: Context) -> Message:
     """Secure aggregation, step 2: sealed shares of this round's secrets, one bundle per institution."""
-    cfg, site = _setup(context)
+    cfg, node, site = _setup(context)
     request = _roster(msg)
     bundles = share_bundles(context.state, context.node_id, context.run_id, request)
-    return _reply(bundles.to_record(), msg, context, cfg, site, request.round, kind="secagg-bundles")
+    return _reply(bundles.to_record(), msg, context, cfg, node, site, request.round, kind="secagg-bundles")
 
 
 @app.query("secagg_unmask")
 def secagg_unmask(msg: Message, context: Context) -> Message:
     """Secure aggregation, step 4: the shares that open the sum (never both secrets of one institution)."""
-    cfg, site = _setup(context)
+    cfg, node, site = _setup(context)
     request = SecAggUnmask.from_record(msg.content)
     shares = unmask_shares(context.state, context.node_id, context.run_id, request, _roster(msg))
-    return _reply(shares.to_record(), msg, context, cfg, site, request.round, kind="secagg-shares")
+    return _reply(shares.to_record(), msg, context, cfg, node, site, request.round, kind="secagg-shares")
 
 
 def _roster(msg: Message) -> SecAggRoster:
@@ -85,9 +93,12 @@ def _roster(msg: Message) -> SecAggRoster:
     return roster
 
 
-def _reply(record: RecordDict, msg: Message, context: Context, cfg: RunConfig, site: Site, round_: int, **release: Any) -> Message:
+def _reply(
+    record: RecordDict, msg: Message, context: Context, cfg: RunConfig, node: NodeConfig, site: Site, round_: int,
+    **release: Any,
+) -> Message:
     """Sign and log what leaves the node (when it has an identity), then send it."""
-    identity = load_identity(cfg, context.node_config)
+    identity = load_identity(cfg, node)
     if identity is not None:
         record = sign_and_log(identity, record, msg.content, run_id=context.run_id, round_=round_,
                               node_id=context.node_id, fingerprint=site.fingerprint, **release)
@@ -97,7 +108,7 @@ def _reply(record: RecordDict, msg: Message, context: Context, cfg: RunConfig, s
 @app.train("digest")
 def digest(msg: Message, context: Context) -> Message:
     """FedMD: the teacher learns toward the server's consensus on the public set, then revisits its data."""
-    cfg, site = _setup(context)
+    cfg, node, site = _setup(context)
     instruction = DigestInstruction.from_record(msg.content)
     check_public(instruction.fingerprint, instruction.consensus.shape[1], instruction.sample_ids,
                  site.fingerprint, site.private.num_classes, len(site.public))
@@ -105,25 +116,27 @@ def digest(msg: Message, context: Context) -> Message:
     digest_loss, revisit_loss = digest_round(teacher, cfg, site, instruction, rounds_trained)
     save_teacher(context.state, teacher, cfg, site, rounds_trained)
     record = DigestReply(instruction.round, digest_loss, revisit_loss).to_record()
-    return _reply(record, msg, context, cfg, site, instruction.round, digest=True)
+    return _reply(record, msg, context, cfg, node, site, instruction.round, digest=True)
 
 
 @app.train()
 def fedavg(msg: Message, context: Context) -> Message:
     """The FedAvg baseline (method = "fedavg"): train the global student weights on private data."""
-    cfg, site = _setup(context)
+    cfg, _, site = _setup(context)
     if cfg.method != "fedavg":
         raise MessageFormatError(f"this run's method is {cfg.method!r}: nodes send weights only when method is 'fedavg'")
     server_round = int(msg.content["config"]["server-round"]) if "config" in msg.content else 0
     return Message(fedavg_train(msg.content, cfg, site, server_round), reply_to=msg)
 
 
-def _setup(context: Context) -> tuple[RunConfig, Site]:
+def _setup(context: Context) -> tuple[RunConfig, NodeConfig, Site]:
+    """The run's config and this node's, parsed once per message, and what the institution holds."""
     cfg = RunConfig.from_run_config(context.run_config)
+    node = NodeConfig.from_node_config(context.node_config)
     torch.set_num_threads(cfg.torch_threads)
-    site = load_site(cfg, context.node_config, context.state)
-    attach_store(context.state, teacher_store(cfg, site, context.node_config, context.run_id))  # survives a restart
-    return cfg, site
+    site = load_site(cfg, node, context.state)
+    attach_store(context.state, teacher_store(cfg, site, node, context.run_id))  # survives a restart
+    return cfg, node, site
 
 
 def _class_counts(site: Site) -> np.ndarray:

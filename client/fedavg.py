@@ -10,7 +10,8 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from client.site import Site
 from common.config import RunConfig
 from common.errors import MessageFormatError
-from common.models.registry import build_model, input_shape
+from common.models.inputs import input_shape
+from common.models.registry import build_model
 from common.models.training import train_supervised
 
 

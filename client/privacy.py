@@ -11,31 +11,32 @@ from __future__ import annotations
 
 import math
 import secrets
-import tomllib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import RecordDict
 from torch import nn
 
+from client.node_state import keep_pate_rounds, keep_pate_teacher, pate_rounds, pate_teacher_weights
 from client.release import SITE_CONFIG, simulated_institution
 from client.site import Site
 from common.config import RunConfig
 from common.errors import ConfigError
-from common.models.registry import build_model, count_parameters, input_shape
+from common.models.inputs import input_shape
+from common.models.registry import build_model, count_parameters
+from common.models.training import predict_logits, train_supervised
+from common.node_config import NodeConfig
 from common.privacy.accounting import ACCOUNTANT, calibrate_dpsgd, calibrate_gnmax
 from common.privacy.budget import PrivacyLedger
 from common.privacy.dpsgd import planned_event, train_dpsgd
 from common.privacy.pate import gnmax_event, gnmax_soft_labels, shard_indices, vote_histograms
-from common.models.training import predict_logits, train_supervised
 
 LEDGER_FILE = "privacy-ledger.json"
 DEFAULT_DELTA = 1e-5
-PATE_KEY, PATE_META_KEY = "pate-teachers", "pate-meta"
 
 
 @dataclass(frozen=True)
@@ -50,27 +51,25 @@ class Policy:
         return PrivacyLedger.open(self.ledger_path, self.max_epsilon, self.delta)
 
 
-def load_policy(cfg: RunConfig, node_config: Mapping[str, Any]) -> Policy:
-    """The node's budget: node config `max-epsilon`, `delta`, `privacy-ledger`; in simulation, its site.toml."""
-    settings: dict[str, Any] = dict(node_config)
+def load_policy(cfg: RunConfig, node: NodeConfig) -> Policy:
+    """The node's budget: node config `max-epsilon`, `delta`, `privacy-ledger`; in simulation, its site.toml
+    fills what the node config leaves unset."""
     folder = None
-    if cfg.sites_dir and isinstance(node_config.get("partition-id"), int):
-        folder = Path(cfg.sites_dir) / simulated_institution(node_config["partition-id"])
+    if cfg.sites_dir and node.partition_id is not None:
+        folder = Path(cfg.sites_dir) / simulated_institution(node.partition_id)
         if (folder / SITE_CONFIG).is_file():
             try:
-                settings = {**tomllib.loads((folder / SITE_CONFIG).read_text(encoding="utf-8")), **settings}
+                site_settings = tomllib.loads((folder / SITE_CONFIG).read_text(encoding="utf-8"))
             except tomllib.TOMLDecodeError as error:
                 raise ConfigError(f"{folder / SITE_CONFIG} is not valid TOML: {error}") from None
-    ledger = settings.get("privacy-ledger") or (folder / LEDGER_FILE if folder else None)
+            node = node.with_site_settings(site_settings)
+    ledger = node.privacy_ledger or (folder / LEDGER_FILE if folder else None)
     if ledger is None:
         raise ConfigError("privacy needs the institution's own privacy ledger: set node config "
                           "privacy-ledger=\"/path/privacy-ledger.json\" (fedstill simulate sets one per site)")
-    max_epsilon, delta = settings.get("max-epsilon", math.inf), settings.get("delta", DEFAULT_DELTA)
-    if not isinstance(max_epsilon, (int, float)) or not max_epsilon > 0:
-        raise ConfigError(f"max-epsilon must be a number > 0 (or absent: no budget), got {max_epsilon!r}")
-    if not isinstance(delta, float) or not 0 < delta < 1:
-        raise ConfigError(f"delta must be a float in (0, 1), got {delta!r}")
-    return Policy(float(max_epsilon), delta, Path(str(ledger)).expanduser())
+    max_epsilon = math.inf if node.max_epsilon is None else node.max_epsilon
+    delta = DEFAULT_DELTA if node.delta is None else node.delta
+    return Policy(max_epsilon, delta, Path(str(ledger)).expanduser())
 
 
 def statement(mechanism: str, parameters: dict[str, Any], before: float, after: float, delta: float) -> dict[str, Any]:
@@ -155,19 +154,19 @@ def _pate_teachers(state: RecordDict, cfg: RunConfig, site: Site) -> tuple[list[
     """Restore the sub-teachers from node state, train each one more round on its own shard, save them."""
     name, size = cfg.teacher_model_for(site.partition_id), input_shape(site.private.inputs)
     shards = shard_indices(len(site.private), cfg.pate_teachers, cfg.seed + site.partition_id)
-    meta = state.get(PATE_META_KEY)
-    rounds = int(meta["rounds"]) if isinstance(meta, ConfigRecord) and meta.get("model") == name else 0
+    rounds = pate_rounds(state, name)
     teachers, losses = [], []
     for k, shard in enumerate(shards):
         model = build_model(name, site.private.num_classes, size, seed=cfg.seed + 97 * site.partition_id + k)
-        if rounds and f"{PATE_KEY}-{k}" in state:
-            model.load_state_dict(state[f"{PATE_KEY}-{k}"].to_torch_state_dict())
+        weights = pate_teacher_weights(state, k) if rounds else None
+        if weights is not None:
+            model.load_state_dict(weights)
         losses.append(train_supervised(model, site.private.inputs[shard], site.private.labels[shard],
                                        epochs=cfg.local_epochs, lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size,
                                        seed=cfg.seed * 1_000_003 + site.partition_id * 1_009 + rounds * 31 + k))
-        state[f"{PATE_KEY}-{k}"] = ArrayRecord(model.state_dict())
+        keep_pate_teacher(state, k, model.state_dict())
         teachers.append(model)
-    state[PATE_META_KEY] = ConfigRecord({"model": name, "rounds": rounds + 1})
+    keep_pate_rounds(state, name, rounds + 1)
     return teachers, losses
 
 

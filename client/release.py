@@ -8,10 +8,8 @@ in the release log before it is returned, so the site's record never misses some
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from flwr.app import RecordDict
 
@@ -20,8 +18,8 @@ from common.audit.attestation import attest
 from common.audit.keys import Signer, load_signer, private_key_path
 from common.audit.ledger import Ledger
 from common.config import RunConfig
-from common.errors import ConfigError
 from common.messages import attach_attestation, payload_description, record_digest
+from common.node_config import NodeConfig
 
 RELEASE_LOG = "release-log.jsonl"
 SITE_CONFIG = "site.toml"  # a simulated institution's own settings (its privacy budget)
@@ -45,33 +43,28 @@ def simulated_institution(partition_id: int) -> str:
     return f"institution-{partition_id}"
 
 
-def load_identity(cfg: RunConfig, node_config: Mapping[str, Any]) -> Identity | None:
+def load_identity(cfg: RunConfig, node: NodeConfig) -> Identity | None:
     """This node's signing identity, or None when it has none (an unaudited simulation)."""
-    if "signing-key" in node_config or "institution-id" in node_config:
-        name, key = node_config.get("institution-id"), node_config.get("signing-key")
-        if not isinstance(name, str) or not isinstance(key, str):
-            raise ConfigError("node config needs both 'institution-id' and 'signing-key' (paths as strings), "
-                              "for example --node-config 'institution-id=\"hospital-a\" signing-key=\"keys/hospital-a.key\"'")
-        log = node_config.get("release-log") or str(Path(key).expanduser().parent / RELEASE_LOG)
-        return Identity(load_signer(key, name), Path(str(log)).expanduser())
-    if cfg.sites_dir and isinstance(node_config.get("partition-id"), int):
-        name = simulated_institution(node_config["partition-id"])
-        folder = site_folder(cfg.sites_dir, node_config["partition-id"])
+    if node.institution_id is not None and node.signing_key is not None:  # NodeConfig: both, or neither
+        log = node.release_log or str(Path(node.signing_key).expanduser().parent / RELEASE_LOG)
+        return Identity(load_signer(node.signing_key, node.institution_id), Path(log).expanduser())
+    if cfg.sites_dir and node.partition_id is not None:
+        name = simulated_institution(node.partition_id)
+        folder = site_folder(cfg.sites_dir, node.partition_id)
         return Identity(load_signer(private_key_path(folder, name), name), folder / RELEASE_LOG)
     return None
 
 
-def site_home(cfg: RunConfig, node_config: Mapping[str, Any]) -> Path | None:
+def site_home(cfg: RunConfig, node: NodeConfig) -> Path | None:
     """The institution's own folder, where it keeps what is its own (release log, privacy ledger, teacher):
     the release log's folder in deployment, `sites-dir/institution-<partition-id>/` in simulation; None
     for a node without an identity (an unaudited simulation)."""
-    if "signing-key" in node_config or "institution-id" in node_config:
-        key, log = node_config.get("signing-key"), node_config.get("release-log")
-        if isinstance(log, str) and log:
-            return Path(log).expanduser().parent
-        return Path(key).expanduser().parent if isinstance(key, str) and key else None
-    if cfg.sites_dir and isinstance(node_config.get("partition-id"), int):
-        return site_folder(cfg.sites_dir, node_config["partition-id"])
+    if node.has_identity:
+        if node.release_log:
+            return Path(node.release_log).expanduser().parent
+        return Path(node.signing_key).expanduser().parent if node.signing_key else None
+    if cfg.sites_dir and node.partition_id is not None:
+        return site_folder(cfg.sites_dir, node.partition_id)
     return None
 
 

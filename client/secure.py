@@ -1,19 +1,18 @@
 """The institution's side of secure aggregation: round keys, share bundles, the masked answer, unmasking shares.
 
-The round's private keys and self seed live in node state between the four exchanges and are
-deleted when the round's shares have been given; they never leave the node.
+The round's private keys and self seed live in node state (client.node_state) between the four
+exchanges and are deleted when the round's shares have been given; they never leave the node.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 
+from client.node_state import forget_secagg, keep_secagg_keys, keep_self_seed, secagg_secrets
 from common.errors import AuditError
 from common.messages import SecAggBundles, SecAggKeys, SecAggRoster, SecAggShares, SecAggUnmask
 from common.secagg.protocol import ClientSecrets, client_masked_input, client_share_bundles, client_unmask
-
-STATE_KEY = "secagg"
 
 
 def context_bytes(run_id: int, round_: int) -> bytes:
@@ -24,8 +23,7 @@ def context_bytes(run_id: int, round_: int) -> bytes:
 def round_keys(state: RecordDict, round_: int) -> SecAggKeys:
     """Step 1: fresh X25519 key pairs for this round; the private halves stay in node state."""
     secrets = ClientSecrets.generate()
-    state[STATE_KEY] = ConfigRecord({"round": round_, "mask-private": secrets.mask_private,
-                                     "share-private": secrets.share_private})
+    keep_secagg_keys(state, round_, secrets.mask_private, secrets.share_private)
     return SecAggKeys(round_, *secrets.public_keys())
 
 
@@ -35,7 +33,7 @@ def share_bundles(state: RecordDict, node: int, run_id: int, request: SecAggRost
     _check_keys(secrets, request, node)
     self_seed, bundles = client_share_bundles(node, secrets, request.roster, request.threshold,
                                               context_bytes(run_id, request.round))
-    state[STATE_KEY]["self-seed"] = self_seed
+    keep_self_seed(state, self_seed)
     return SecAggBundles(request.round, bundles)
 
 
@@ -43,8 +41,9 @@ def masked_vector(state: RecordDict, node: int, run_id: int, shared: SecAggRoste
     """Step 3: y = [w * probs, w] + masks, with every institution that distributed its shares."""
     secrets = _secrets(state, shared.round)
     _check_keys(secrets, shared, node)
-    seed = state[STATE_KEY].get("self-seed")
-    if not isinstance(seed, bytes):
+    kept = secagg_secrets(state)
+    seed = None if kept is None else kept.self_seed
+    if seed is None:
         raise AuditError("secure aggregation: this node gave no shares this round, so it cannot take part", "secagg")
     vector = np.concatenate([weight * probs.astype(np.float64).reshape(-1), [weight]])
     return client_masked_input(node, secrets, shared.roster, seed, vector, context_bytes(run_id, shared.round))
@@ -55,15 +54,15 @@ def unmask_shares(state: RecordDict, node: int, run_id: int, request: SecAggUnma
     secrets = _secrets(state, request.round)
     shares = client_unmask(node, secrets, shared.roster, shared.threshold, request.bundles, set(request.survivors),
                            set(request.dropped), context_bytes(run_id, request.round))
-    del state[STATE_KEY]
+    forget_secagg(state)
     return SecAggShares(request.round, shares)
 
 
 def _secrets(state: RecordDict, round_: int) -> ClientSecrets:
-    record = state.get(STATE_KEY)
-    if not isinstance(record, ConfigRecord) or record.get("round") != round_:
+    kept = secagg_secrets(state)
+    if kept is None or kept.round != round_:
         raise AuditError(f"secure aggregation: this node has no keys for round {round_} (it missed the key exchange)", "secagg")
-    return ClientSecrets(record["mask-private"], record["share-private"])
+    return ClientSecrets(kept.mask_private, kept.share_private)
 
 
 def _check_keys(secrets: ClientSecrets, roster: SecAggRoster, node: int) -> None:

@@ -12,37 +12,42 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import RecordDict
 from flwr.common.logger import log
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from client.node_state import (
+    StoreRecord,
+    TeacherMeta,
+    keep_store_record,
+    keep_teacher,
+    store_record,
+    teacher_meta,
+    teacher_weights,
+)
 from client.release import site_home
 from client.site import Site
 from common.audit.canonical import canonical, sha256_hex, utc_now
 from common.config import RunConfig
-from common.tasks.samples import Samples
-from common.errors import ConfigError
+from common.files import atomic_path
 from common.losses import distillation_loss
 from common.messages import DigestInstruction
-from common.models.registry import build_model, input_shape, inputs_to_tensor
+from common.models.inputs import input_shape, inputs_to_tensor
+from common.models.registry import build_model
 from common.models.scattering import fixed_stage
 from common.models.training import train_epochs, train_supervised
+from common.node_config import NodeConfig
+from common.tasks.samples import Samples
 
-TEACHER_KEY = "teacher"
-TEACHER_META_KEY = "teacher-meta"
-STORE_KEY = "teacher-store"  # node state: where this node's teacher is kept on disk, and its settings digest
-STATE_DIR = "state-dir"  # node config key
 HEADER_KEY = "fedstill-teacher"
-INFO, WARNING = 20, 30
 
 
 @dataclass(frozen=True)
@@ -61,13 +66,9 @@ class TeacherStore:
         return self.folder / f"teacher-{self.digest[:16]}.safetensors"
 
 
-def teacher_store(cfg: RunConfig, site: Site, node_config: Mapping[str, Any], run_id: int) -> TeacherStore | None:
+def teacher_store(cfg: RunConfig, site: Site, node: NodeConfig, run_id: int) -> TeacherStore | None:
     """The node's store: node config `state-dir`, else the institution's folder; None keeps the teacher in memory."""
-    folder = node_config.get(STATE_DIR)
-    if folder is not None and (not isinstance(folder, str) or not folder):
-        raise ConfigError(f"node config {STATE_DIR} must be a folder path (a string), got {folder!r}; for example "
-                          f"--node-config '{STATE_DIR}=\"/var/lib/fedstill/hospital-a\"'")
-    folder = Path(folder).expanduser() if folder else site_home(cfg, node_config)
+    folder = Path(node.state_dir).expanduser() if node.state_dir else site_home(cfg, node)
     return None if folder is None else TeacherStore(folder, teacher_settings(cfg, site, run_id))
 
 
@@ -87,17 +88,15 @@ def attach_store(state: RecordDict, store: TeacherStore | None) -> None:
     """Tie node state to the on-disk teacher; a node whose state holds no teacher (it restarted) restores it."""
     if store is None:
         return
-    state[STORE_KEY] = ConfigRecord({"path": str(store.path), "digest": store.digest, "settings": json.dumps(store.settings)})
-    meta = state.get(TEACHER_META_KEY)
-    if isinstance(meta, ConfigRecord) and meta.get("digest") == store.digest and TEACHER_KEY in state:
+    keep_store_record(state, StoreRecord(str(store.path), store.digest, json.dumps(store.settings)))
+    meta = teacher_meta(state)
+    if meta is not None and meta.digest == store.digest:
         return
     saved = _read(store)
     if saved is None:
         return
     weights, header = saved
-    state[TEACHER_KEY] = ArrayRecord(weights)
-    state[TEACHER_META_KEY] = ConfigRecord({"model": header["model"], "rounds-trained": int(header["rounds_trained"]),
-                                            "digest": store.digest})
+    keep_teacher(state, weights, TeacherMeta(header["model"], int(header["rounds_trained"]), store.digest))
     log(INFO, "teacher restored from %s: %s, %d round(s) trained", store.path, header["model"], header["rounds_trained"])
 
 
@@ -105,11 +104,10 @@ def restore_teacher(state: RecordDict, cfg: RunConfig, site: Site) -> tuple[nn.M
     """The node's teacher and the number of rounds it has trained; a fresh one on first use."""
     name = cfg.teacher_model_for(site.partition_id)
     model = build_model(name, site.private.num_classes, input_shape(site.private.inputs), seed=cfg.seed + site.partition_id)
-    meta, store = state.get(TEACHER_META_KEY), state.get(STORE_KEY)
-    matches = not isinstance(store, ConfigRecord) or (isinstance(meta, ConfigRecord) and meta.get("digest") == store.get("digest"))
-    if isinstance(meta, ConfigRecord) and meta.get("model") == name and TEACHER_KEY in state and matches:
-        model.load_state_dict(state[TEACHER_KEY].to_torch_state_dict())
-        return model, int(meta["rounds-trained"])
+    meta, store = teacher_meta(state), store_record(state)
+    if meta is not None and meta.model == name and (store is None or meta.digest == store.digest):
+        model.load_state_dict(teacher_weights(state))
+        return model, meta.rounds_trained
     return model, 0
 
 
@@ -125,16 +123,12 @@ def train_round(model: nn.Module, cfg: RunConfig, site: Site, rounds_trained: in
 def save_teacher(state: RecordDict, model: nn.Module, cfg: RunConfig, site: Site, rounds_trained: int) -> None:
     """Keep the teacher in node state so the next round continues training it, and on disk when the node has
     a store (the file is replaced atomically: a crash leaves the previous teacher or this one)."""
-    name, store = cfg.teacher_model_for(site.partition_id), state.get(STORE_KEY)
-    state[TEACHER_KEY] = ArrayRecord(model.state_dict())
-    meta = {"model": name, "rounds-trained": rounds_trained}
-    if isinstance(store, ConfigRecord):
-        meta["digest"] = store["digest"]
-    state[TEACHER_META_KEY] = ConfigRecord(meta)
-    if isinstance(store, ConfigRecord):
-        header = {"format": 1, "model": name, "rounds_trained": rounds_trained, "digest": store["digest"],
-                  "settings": json.loads(str(store["settings"])), "saved": utc_now()}
-        _write_atomically(Path(str(store["path"])), model, header)
+    name, store = cfg.teacher_model_for(site.partition_id), store_record(state)
+    keep_teacher(state, model.state_dict(), TeacherMeta(name, rounds_trained, None if store is None else store.digest))
+    if store is not None:
+        header = {"format": 1, "model": name, "rounds_trained": rounds_trained, "digest": store.digest,
+                  "settings": json.loads(store.settings), "saved": utc_now()}
+        _write_atomically(Path(store.path), model, header)
 
 
 def saved_header(path: Path) -> dict[str, Any] | None:
@@ -189,15 +183,9 @@ def _read(store: TeacherStore) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 def _write_atomically(path: Path, model: nn.Module, header: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
-              metadata={HEADER_KEY: json.dumps(header)})
-    descriptor = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={HEADER_KEY: json.dumps(header)})
 
 
 def _data_sha256(data: Samples) -> str:

@@ -14,10 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from common.aggregation import NEEDS_INDIVIDUAL_ROWS, RULES
+from common.codecs import CODECS
 from common.errors import ConfigError
+from common.models.registry import MODELS, models_for, unknown_model
+from common.tasks.registry import DATASETS as DATASET_SPECS
+from common.tasks.registry import dataset_task, natural_datasets
 
-DATASETS = ("fashion-mnist", "digits", "covid-testing", "credit-data", "bbc-news")  # common.tasks.samples: images, tables, texts
-NATURAL_DATASETS = ("covid-testing",)  # data sets whose rows name their institution (partitioner "natural")
+DATASETS = tuple(DATASET_SPECS)  # the registered data sets (common.tasks.registry): images, tables, texts
+NATURAL_DATASETS = natural_datasets()  # data sets whose rows name their institution (partitioner "natural")
 METHODS = ("distill", "fedavg")
 SCHEDULES = ("constant", "linear")
 PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
@@ -200,25 +205,17 @@ def _coerce(key: str, value: Any, kind: type) -> tuple[Any, str | None]:
 
 
 def _check_models(cfg: RunConfig) -> list[str]:
-    from common.models.registry import MODEL_TASKS, MODELS, models_for  # local import: models pulls in torch
-
+    """Every model named is registered and fits the data set's task: exactly the tasks its `ModelSpec` declares."""
     names = cfg.teacher_model_list + [cfg.student_model]
     problems = [] if cfg.teacher_model_list else ["teacher-models must name at least one model"]
+    problems += [unknown_model(name) for name in names if name not in MODELS]
+    if cfg.dataset not in DATASET_SPECS:  # reported by the dataset check
+        return problems
     task = dataset_task(cfg.dataset)
     return problems + [
-        f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}"
-        for name in names if name not in MODELS
-    ] + [
         f"model {name!r} does not fit dataset {cfg.dataset} ({task} task); models for it: {', '.join(models_for(task))}"
-        for name in dict.fromkeys(names) if name in MODELS and task not in MODEL_TASKS.get(name, (task,))
+        for name in dict.fromkeys(names) if name in MODELS and task not in MODELS[name].tasks
     ]
-
-
-def dataset_task(dataset: str) -> str:
-    """"image", "tabular" or "text": the task of a dataset named in the run config."""
-    from common.tasks.samples import TABULAR_DATASETS, TEXT_DATASETS
-
-    return "tabular" if dataset in TABULAR_DATASETS else "text" if dataset in TEXT_DATASETS else "image"
 
 
 def _check_privacy(cfg: RunConfig) -> list[str]:
@@ -244,8 +241,6 @@ def _check_privacy(cfg: RunConfig) -> list[str]:
 
 def _check_secure_aggregation(cfg: RunConfig) -> list[str]:
     """Secure aggregation shows the server only a sum: rules that need each institution's rows cannot run."""
-    from common.aggregation import NEEDS_INDIVIDUAL_ROWS
-
     problems = []
     if cfg.secagg_threshold != 0 and not 2 <= cfg.secagg_threshold <= cfg.num_clients:
         problems.append(f"secagg-threshold must be 0 (a majority of each round's institutions) or in "
@@ -263,9 +258,7 @@ def _check_secure_aggregation(cfg: RunConfig) -> list[str]:
 
 
 def _check_registries(cfg: RunConfig) -> list[str]:
-    from common.aggregation import RULES
-    from common.codecs import CODECS
-
+    """The aggregation rule and the codec are registered names."""
     problems = []
     if cfg.aggregation not in RULES:
         problems.append(f"aggregation must be one of {', '.join(RULES)}, got {cfg.aggregation!r}")

@@ -2,8 +2,8 @@
 
     accuracy           share of samples whose top class is right
     balanced_accuracy  mean recall over the classes present in the labels (Brodersen et al., 2010)
-    macro_f1           unweighted mean of the per-class F1 over all classes (a class never predicted
-                       and absent counts 0 only if it is present in the labels or predictions)
+    macro_f1           unweighted mean of the per-class F1 over the classes present in the labels or
+                       the predictions (a class neither predicted nor present does not count)
     auroc              binary: area under the ROC curve of the positive class (class 1); more classes:
                        the mean one-vs-rest AUROC over the classes present in the labels (Hand & Till
                        use pairs; one-vs-rest is scikit-learn's `multi_class="ovr"`, macro average)
@@ -25,22 +25,28 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.int64)
     if len(labels) == 0:
         return dict.fromkeys(METRICS, float("nan"))
-    num_classes = probs.shape[1]
     predicted = probs.argmax(axis=1)
     present = np.unique(labels)
     recalls = [float((predicted[labels == c] == c).mean()) for c in present]
-    f1s = []
-    for c in range(num_classes):
-        tp = float(((predicted == c) & (labels == c)).sum())
-        denominator = float((predicted == c).sum() + (labels == c).sum())
-        if denominator:
-            f1s.append(2 * tp / denominator)
     return {
         "accuracy": float((predicted == labels).mean()),
         "balanced_accuracy": float(np.mean(recalls)),
-        "macro_f1": float(np.mean(f1s)),
+        "macro_f1": macro_f1(predicted, labels),
         "auroc": _auroc(probs, labels, present),
     }
+
+
+def macro_f1(predicted: np.ndarray, labels: np.ndarray) -> float:
+    """Mean per-class F1 = 2 TP / (2 TP + FP + FN) over every class that occurs in `labels` or `predicted`
+    (both `(n,)` class indices); nan for no samples."""
+    predicted, labels = np.asarray(predicted, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    if len(labels) == 0:
+        return float("nan")
+    scores = []
+    for c in np.union1d(labels, predicted):
+        tp = float(((predicted == c) & (labels == c)).sum())
+        scores.append(2 * tp / float((predicted == c).sum() + (labels == c).sum()))
+    return float(np.mean(scores))
 
 
 def _auroc(probs: np.ndarray, labels: np.ndarray, present: np.ndarray) -> float:

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.models.registry import input_shape, inputs_to_tensor  # noqa: E402
+from common.models.inputs import input_shape, inputs_to_tensor  # noqa: E402
 from simulations.student.metrics import js_divergence  # noqa: E402
 from server.distill import Student  # noqa: E402
 from simulations.student.load import load_run_split, load_run_student, softmax, torch_logits  # noqa: E402
@@ -60,7 +60,7 @@ def main() -> None:
                 "js_bits": float(js_divergence(probs, reference).mean()),
             })
             print(f"repeat {repeat + 1} {precision}: {json.dumps(rows[precision][-1])}", flush=True)
-    print(f"\n{source.meta['model']} distilled from the run's student on {len(ids)} public samples, "
+    print(f"\n{source.meta.model} distilled from the run's student on {len(ids)} public samples, "
           f"{cfg.student_epochs} epochs, batch {cfg.student_batch_size}, T = {temperature:g}, {args.threads} thread(s)")
     print("| precision | s / epoch (median) | test accuracy | JS to source (bits) |\n|---|---|---|---|")
     for precision, results in rows.items():

@@ -25,6 +25,8 @@ from common.audit.ledger import RESUMED, Ledger
 from common.config import RunConfig
 from common.errors import AuditError, FedstillError
 from common.messages import DigestInstruction, SoftLabelQuery, read_attestation, record_digest
+from server.exchange import Exchange
+from server.results.schema import AuditSummary
 
 LEDGER = "ledger.jsonl"
 
@@ -129,15 +131,10 @@ class AuditTrail:
             )
         self.bindings[node] = institution
 
-    def record_replies(self, round_: int, replies: Any, phase: str = "soft-labels") -> None:
-        """One ledger entry per node of the round: accepted (with its attestation) or rejected (with why).
-
-        `replies` is a RoundReplies, or (phase "digest") a DigestOutcome.
-        """
-        accepted = replies.accepted if isinstance(replies.accepted, set) else set(replies.accepted)
-        rejected = replies.failed if phase == "digest" else replies.rejected  # DigestOutcome names them `failed`
-        uplink = getattr(replies, "uplink_bytes", {})
-        for node in sorted(accepted):
+    def record_replies(self, round_: int, replies: Exchange[Any], phase: str = "soft-labels") -> None:
+        """One ledger entry per node of the exchange: accepted (with its attestation) or rejected (with why)."""
+        uplink = replies.uplink_bytes
+        for node in sorted(replies.accepted):
             attestation = replies.attestations.get(node)
             sha256, size = replies.payload_digests.get(node, ("", 0))
             self.ledger.append(kinds.REPLY_ACCEPTED, {
@@ -145,7 +142,7 @@ class AuditTrail:
                 "payload_sha256": sha256, "payload_bytes": size, "uplink_bytes": int(uplink.get(node, 0)),
                 "attestation": attestation.as_dict() if attestation else None,
             })
-        for node, reason in sorted(rejected.items()):
+        for node, reason in sorted(replies.rejected.items()):
             attestation = replies.attestations.get(node)
             self.rejections += 1
             self.ledger.append(kinds.REPLY_REJECTED, {
@@ -214,14 +211,14 @@ class AuditTrail:
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
-        """The `audit` section of results.json."""
+        """The `audit` section of results.json (an `AuditSummary`, server/results/schema.py)."""
         entries = self.ledger.entries()
-        return {
-            "ledger": LEDGER, "ledger_entries": len(entries), "ledger_head": entries[-1]["hash"],
-            "coordinator_key": self.ledger.signer.public, "signatures_checked": self.allow_list is not None,
-            "institutions": self.institutions(),
-            "rejections": self.rejections,
-        }
+        return AuditSummary(
+            ledger=LEDGER, ledger_entries=len(entries), ledger_head=entries[-1]["hash"],
+            coordinator_key=self.ledger.signer.public, signatures_checked=self.allow_list is not None,
+            institutions=self.institutions(),
+            rejections=self.rejections,
+        ).to_json()
 
 
 def coordinator_signer(cfg: RunConfig, run_dir: Path) -> Signer:

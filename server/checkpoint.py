@@ -14,7 +14,6 @@ from the ledger, so nothing more is kept.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from common.audit.canonical import canonical, sha256_hex
 from common.config import RunConfig, default_run_config
 from common.errors import ConfigError
+from common.files import atomic_path
 from server.results.run_folder import _jsonable
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -96,11 +96,8 @@ def write_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     checkpoint.state.optimizers = groups
     header = json.dumps(asdict(checkpoint.state), default=_jsonable)
     path = Path(run_dir) / CHECKPOINT
-    tmp = path.with_name(f".{CHECKPOINT}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={HEADER_KEY: header})
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={HEADER_KEY: header})
     return path
 
 
@@ -150,11 +147,3 @@ def mark_completed(run_dir: Path) -> None:
 
 def _jsonable_group(group: dict[str, Any]) -> dict[str, Any]:
     return {key: list(value) if isinstance(value, tuple) else value for key, value in group.items()}
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -1,5 +1,6 @@
 """The FedAvg baseline (McMahan et al., 2017) in the same harness: Flower's own `FedAvg` strategy
-training the student architecture, with the bytes each way measured and the same run folder.
+training the student architecture, with the same run folder. Its replies pass the same judge as every
+other exchange (server/exchange.py, through `JudgedGrid`) and the bytes each way are measured.
 
 It checkpoints after every round like distillation (the global weights; FedAvg keeps no server-side
 optimizer) and resumes from there: Flower's loop then runs the remaining rounds, numbered from 1 in
@@ -7,61 +8,119 @@ its own log, and `MeasuredFedAvg` shifts them back to the run's round numbers.""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
-from typing import Any
+from logging import INFO
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import RunConfig
-from common.tasks.samples import FederatedSplit
-from common.messages import record_nbytes
-from common.models.registry import build_model, count_parameters, input_shape
+from common.errors import MessageFormatError, QuorumError
+from common.models.inputs import input_shape
+from common.models.registry import build_model, count_parameters
 from common.models.training import evaluate as evaluate_model
-from common.errors import QuorumError
+from common.tasks.samples import FederatedSplit
 from server.audit_trail import AuditTrail
 from server.checkpoint import Checkpoint
-from server.resume import Checkpointer
+from server.exchange import Exchange, Phase, exchange
+from server.results.figures import final_figures, run_title, split_metrics, student_meta
 from server.results.run_folder import STUDENT, RunFolder
+from server.results.schema import RoundRow
+from server.resume import Checkpointer
 
-INFO = 20
+if TYPE_CHECKING:
+    from flwr.supercore.run import Run
+
+FEDAVG = Phase("fedavg")
 
 
 class MeasuredFedAvg(FedAvg):
-    """Flower's FedAvg, unchanged, but counting the bytes of every message it sends and receives."""
+    """Flower's FedAvg, unchanged, driven through a `JudgedGrid`: each round's replies are judged like every
+    other exchange (server/exchange.py) and measured, with the rounds numbered as the run's."""
 
     def __init__(self, round_offset: int = 0, **kwargs: Any):
         super().__init__(**kwargs)
         self.round_offset = round_offset  # rounds completed before a resume
-        self.downlink: dict[int, int] = {}
-        self.uplink: dict[int, dict[str, int]] = {}
-        self.replied: dict[int, int] = {}
+        self.round = round_offset  # the run's number of the round being trained
+        self.exchanges: dict[int, Exchange[RecordDict]] = {}  # round -> its judged training exchange
+
+    @property
+    def downlink(self) -> dict[int, int]:
+        return {round_: judged.downlink_bytes for round_, judged in self.exchanges.items()}
+
+    @property
+    def uplink(self) -> dict[int, dict[str, int]]:
+        return {round_: {str(n): b for n, b in judged.uplink_bytes.items()} for round_, judged in self.exchanges.items()}
+
+    @property
+    def replied(self) -> dict[int, int]:
+        return {round_: len(judged.accepted) for round_, judged in self.exchanges.items()}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        server_round += self.round_offset
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.downlink[server_round] = sum(record_nbytes(m.content) for m in messages)
-        return messages
+        self.round = server_round + self.round_offset
+        return super().configure_train(self.round, arrays, config, grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return super().aggregate_evaluate(server_round + self.round_offset, replies)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        server_round += self.round_offset
-        replies = list(replies)
-        good = [r for r in replies if not r.has_error()]
-        self.uplink[server_round] = {str(r.metadata.src_node_id): record_nbytes(r.content) for r in good}
-        self.replied[server_round] = len(good)
-        for reply in replies:
-            if reply.has_error():
-                log(30, "round %d: node %d failed: %s", server_round, reply.metadata.src_node_id, reply.error.reason)
-        return super().aggregate_train(server_round, replies)
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return super().aggregate_train(server_round + self.round_offset, replies)
+
+    def trained_weights(self, content: RecordDict) -> RecordDict:
+        """A reply as Flower's FedAvg reads it: one ArrayRecord (the trained weights) and one MetricRecord with
+        the weight key. Without them the reply is dropped here (Flower's own check would stop the run)."""
+        if len(content.array_records) != 1:
+            raise MessageFormatError(f"fedavg reply: expected one ArrayRecord of trained weights, got {len(content.array_records)}")
+        metrics = list(content.metric_records.values())
+        if len(metrics) != 1 or self.weighted_by_key not in metrics[0]:
+            raise MessageFormatError(f"fedavg reply: expected one MetricRecord holding {self.weighted_by_key!r}")
+        return content
+
+
+class JudgedGrid(Grid):
+    """The Grid that Flower's FedAvg drives, every exchange going through server/exchange.py: the strategy gets
+    only the replies that pass (node error, then schema: FedAvg replies carry no attestation), in arrival order."""
+
+    def __init__(self, grid: Grid, strategy: MeasuredFedAvg) -> None:
+        self.grid, self.strategy = grid, strategy
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if not messages:  # the evaluate step, with fraction-evaluate 0
+            return []
+        round_ = self.strategy.round
+        judged = exchange(self.grid, messages, math.inf if timeout is None else timeout, self.strategy.trained_weights,
+                          None, FEDAVG, round_)
+        self.strategy.exchanges[round_] = judged
+        return [reply for node, reply in judged.replies.items() if node in judged.accepted]
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
 
 
 def run_fedavg(
@@ -85,42 +144,30 @@ def run_fedavg(
 
     def evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        metrics = evaluate_model(model, test.inputs, test.labels)
-        acc = metrics.pop("accuracy")
+        acc, metrics = split_metrics(evaluate_model(model, test.inputs, test.labels))
         if flower_round == 0:
             return MetricRecord({"accuracy": acc})
         server_round = flower_round + done
         if strategy.replied.get(server_round, 0) < cfg.min_clients:
             raise QuorumError(f"round {server_round}: {strategy.replied.get(server_round, 0)} replies, min-clients is {cfg.min_clients}")
         uplink = strategy.uplink.get(server_round, {})
-        run.record_round({
-            "round": server_round, "student_accuracy": acc, "ensemble_accuracy": None,
-            "clients_replied": strategy.replied.get(server_round, 0), "clients_rejected": {},
-            "uplink_bytes": sum(uplink.values()), "uplink_bytes_per_client": uplink,
-            "downlink_bytes": strategy.downlink.get(server_round, 0),
-            "wall_s": round(time.monotonic() - started[0], 3), "student_metrics": metrics,
-        })
+        run.record_round(RoundRow(
+            round=server_round, student_accuracy=acc, ensemble_accuracy=None,
+            clients_replied=strategy.replied.get(server_round, 0), clients_rejected={},
+            uplink_bytes=sum(uplink.values()), uplink_bytes_per_client=uplink,
+            downlink_bytes=strategy.downlink.get(server_round, 0),
+            wall_s=round(time.monotonic() - started[0], 3), student_metrics=metrics,
+        ))
         started[0] = time.monotonic()
-        run.save_student(model, {"model": cfg.student_model, "num_classes": test.num_classes,
-                                 "image_size": list(input_shape(test.inputs)), "round": server_round,
-                                 "method": "fedavg", "dataset": cfg.dataset, "scenario": cfg.scenario})
+        run.save_student(model, student_meta(cfg, test.num_classes, input_shape(test.inputs), server_round))
         keeper.save(server_round, trail.checkpoint(server_round, run.path / STUDENT, acc), model.state_dict())
         log(INFO, "fedavg round %d: accuracy %.4f", server_round, acc)
         return MetricRecord({"accuracy": acc})
 
     if done < cfg.num_server_rounds:
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.num_server_rounds - done,
-                       timeout=cfg.round_timeout, evaluate_fn=evaluate)
+        strategy.start(grid=JudgedGrid(grid, strategy), initial_arrays=ArrayRecord(model.state_dict()),
+                       num_rounds=cfg.num_server_rounds - done, timeout=cfg.round_timeout, evaluate_fn=evaluate)
     if len(run.rounds) < cfg.num_server_rounds:
         raise QuorumError(f"FedAvg finished only {len(run.rounds)} of {cfg.num_server_rounds} rounds; see the log")
     run.sections["audit"] = trail.finished(cfg.num_server_rounds, run.path / STUDENT)
-    run.finish({
-        "student_accuracy": run.rounds[-1]["student_accuracy"],
-        **{f"student_{name}": value for name, value in (run.rounds[-1].get("student_metrics") or {}).items()},
-        "student_params": count_parameters(model),
-        "teacher_accuracy_mean": None, "teacher_params": {}, "largest_teacher_params": None,
-        "uplink_bytes_total": sum(r["uplink_bytes"] for r in run.rounds),
-        "downlink_bytes_total": sum(r["downlink_bytes"] for r in run.rounds),
-        "wall_s": round(sum(r["wall_s"] for r in run.rounds), 3),
-        "title": f"{cfg.scenario}: FedAvg, {cfg.num_clients} clients",
-    })
+    run.finish(final_figures(run.rounds, count_parameters(model), run_title(cfg)))

@@ -21,6 +21,7 @@ from server.checkpoint import (
     resumable_config, write_checkpoint,
 )
 from server.results.run_folder import RESULTS, RunFolder, resolve_run_dir
+from server.results.schema import RoundRow
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class Checkpointer:
         earlier: list[str] = []
         if start.checkpoint is not None:
             state = start.checkpoint.state
-            run.rounds = [dict(row) for row in state.rounds]
+            run.rounds = [RoundRow.from_json(row) for row in state.rounds]
             trail.resumed(state.round, state.audit, state.run_ids)
             earlier = list(state.run_ids)
             run.event("resumed", round=state.round, run_ids=earlier, note=start.note)
@@ -108,7 +109,7 @@ class Checkpointer:
         """After round `round_` (whose `student-checkpoint` ledger entry is `ledger_entry`)."""
         state = CheckpointState(
             round=round_, num_server_rounds=self.cfg.num_server_rounds, method=self.cfg.method,
-            config=resumable_config(self.cfg), config_sha256=config_sha256(self.cfg), rounds=self.run.rounds,
+            config=resumable_config(self.cfg), config_sha256=config_sha256(self.cfg), rounds=self.run.rows_json(),
             audit=self.trail.head(ledger_entry), run_ids=self.run_ids,
         )
         write_checkpoint(self.run.path, Checkpoint(state, student, optimizers or {}))

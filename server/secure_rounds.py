@@ -1,96 +1,57 @@
 """A soft-label round under secure aggregation: four exchanges, and the server only ever opens the sum.
 
 keys -> roster -> sealed share bundles (relayed) -> masked soft labels -> unmasking shares -> sum.
-Each exchange checks every reply's attestation first, then its schema, and records it in the ledger.
+Each exchange goes through server/exchange.py (attestation first, then schema) and is recorded in the ledger.
 See common/secagg/protocol.py for the protocol and what each party learns.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
-from flwr.app import Message, RecordDict
-from flwr.common.logger import log
+from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
-from common.audit.attestation import Attestation
 from common.config import RunConfig
-from common.errors import AuditError, FedstillError, QuorumError
+from common.errors import FedstillError, QuorumError
 from common.messages import (
     SETUP_TYPE, SHARES_TYPE, SOFT_LABELS_TYPE, UNMASK_TYPE, MaskedReply, SecAggBundles, SecAggKeys, SecAggRoster,
-    SecAggSetup, SecAggShares, SecAggUnmask, SoftLabelQuery, read_attestation, record_digest, record_nbytes,
+    SecAggSetup, SecAggShares, SecAggUnmask, SoftLabelQuery,
 )
 from common.secagg.masking import dequantise
 from common.secagg.protocol import make_roster, server_sum
 from server.audit_trail import AuditTrail
-from server.rounds import _node_error, node_error_check, send_and_receive
+from server.exchange import Check, Exchange, Phase, ask, exchange
 
-WARNING = 30
-
-
-@dataclass
-class Exchange:
-    """One exchange's replies: parsed when valid, else the reason and the failed check; bytes both ways."""
-
-    accepted: dict[int, Any] = field(default_factory=dict)
-    rejected: dict[int, str] = field(default_factory=dict)
-    checks: dict[int, str] = field(default_factory=dict)
-    attestations: dict[int, Attestation | None] = field(default_factory=dict)
-    payload_digests: dict[int, tuple[str, int]] = field(default_factory=dict)
-    uplink_bytes: dict[int, int] = field(default_factory=dict)
-    downlink_bytes: int = 0
+R = TypeVar("R")
 
 
-def exchange(
-    grid: Grid, records: dict[int, RecordDict], message_type: str, round_: int, timeout: float,
-    parse: Callable[[RecordDict], Any], check: Callable[[int, RecordDict], Attestation | None],
-) -> Exchange:
-    """Send each node its record and judge the answers: attestation first (`check`), then `parse`."""
-    messages = [Message(content=record, dst_node_id=node, message_type=message_type, group_id=f"{round_}-{message_type}")
-                for node, record in records.items()]
-    result = Exchange(downlink_bytes=sum(record_nbytes(record) for record in records.values()))
-    for node, reply in send_and_receive(grid, messages, timeout):
-        if reply.has_error():
-            result.rejected[node], result.checks[node] = _node_error(reply.error.reason), node_error_check(reply.error.reason)
-            continue
-        content = reply.content
-        result.uplink_bytes[node] = record_nbytes(content)
-        try:
-            result.payload_digests[node] = record_digest(content)
-            result.attestations[node] = _claimed(content)
-            result.attestations[node] = check(node, content)
-            result.accepted[node] = parse(content)
-        except AuditError as problem:
-            result.rejected[node], result.checks[node] = f"{type(problem).__name__}: {problem}", problem.check
-        except Exception as problem:  # noqa: BLE001 - no reply, however malformed, may crash the server
-            result.rejected[node], result.checks[node] = f"{type(problem).__name__}: {problem}", "format"
-    for node in set(records) - set(result.accepted) - set(result.rejected):
-        result.rejected[node], result.checks[node] = f"no reply within round-timeout={timeout:g} s", "timeout"
-    for node, reason in sorted(result.rejected.items()):
-        log(WARNING, "round %d %s: dropped node %d: %s", round_, message_type, node, reason)
-    return result
+def secure_phase(name: str) -> Phase:
+    """A secure-aggregation exchange: a reply that breaks its parser is dropped with the error alone."""
+    return Phase(name, unreadable="{error}")
 
 
 def secure_soft_labels(
     grid: Grid, cfg: RunConfig, trail: AuditTrail, query: SoftLabelQuery, nodes: list[int]
-) -> tuple[np.ndarray, Exchange]:
+) -> tuple[np.ndarray, Exchange[MaskedReply]]:
     """Run the four exchanges; return the aggregate (m, C) — the mean, or the num-examples weighted mean —
     and the masked-answer exchange, with rejections and bytes of all four phases."""
     round_, timeout = query.round, cfg.round_timeout
     attested = partial(trail.check_exchange, round_, query.fingerprint)
-    phases: list[Exchange] = []
+    phases: list[Exchange[Any]] = []
 
-    def run(phase: str, records: dict[int, RecordDict], message_type: str, parse: Callable, check: Callable = attested) -> Exchange:
-        if phase == "soft-labels":
+    def run(name: str, records: dict[int, RecordDict], message_type: str, parse: Callable[[RecordDict], R],
+            check: Check = attested) -> Exchange[R]:
+        if name == "soft-labels":
             trail.round_opened(query, next(iter(records.values())), sorted(records))
         else:
-            trail.exchange_opened(phase, round_, records)
-        outcome = exchange(grid, records, message_type, round_, timeout, parse, check)
-        trail.record_replies(round_, outcome, phase=phase)
+            trail.exchange_opened(name, round_, records)
+        outcome = exchange(grid, ask(records, message_type, f"{round_}-{message_type}"), timeout, parse, check,
+                           secure_phase(name), round_)
+        trail.record_replies(round_, outcome, phase=name)
         phases.append(outcome)
         return outcome
 
@@ -126,7 +87,7 @@ def secure_soft_labels(
     return _mean(dequantise(total), len(query.sample_ids), query.num_classes), _combined(masked, phases)
 
 
-def _drop_shared_keys(keys: Exchange) -> None:
+def _drop_shared_keys(keys: Exchange[SecAggKeys]) -> None:
     """Nodes that sent a key another node also sent cannot take part (their masks would not be theirs alone)."""
     seen: dict[bytes, list[int]] = {}
     for node, k in keys.accepted.items():
@@ -134,7 +95,7 @@ def _drop_shared_keys(keys: Exchange) -> None:
             seen.setdefault(key, []).append(node)
     for node in sorted({n for nodes in seen.values() if len(nodes) > 1 for n in nodes}):
         del keys.accepted[node]
-        keys.rejected[node], keys.checks[node] = "AuditError: secure aggregation: a public key this node sent was also sent by another node", "secagg"
+        keys.reject(node, "AuditError: secure aggregation: a public key this node sent was also sent by another node", "secagg")
 
 
 def _mean(values: np.ndarray, rows: int, classes: int) -> np.ndarray:
@@ -146,7 +107,7 @@ def _mean(values: np.ndarray, rows: int, classes: int) -> np.ndarray:
     return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def _combined(masked: Exchange, phases: list[Exchange]) -> Exchange:
+def _combined(masked: Exchange[MaskedReply], phases: list[Exchange[Any]]) -> Exchange[MaskedReply]:
     """The masked-answer exchange, carrying every phase's rejections and bytes (for results.json)."""
     result = Exchange(accepted=masked.accepted, attestations=masked.attestations)
     for phase in phases:
@@ -174,9 +135,3 @@ def _merge(first: RecordDict, second: RecordDict) -> RecordDict:
         first[key] = value
     return first
 
-
-def _claimed(content: RecordDict) -> Attestation | None:
-    try:
-        return read_attestation(content)
-    except FedstillError:
-        return None

@@ -9,8 +9,7 @@ checkpoint, after the last completed round (server/resume.py).
 from __future__ import annotations
 
 import time
-from functools import partial
-from typing import Any
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Context
@@ -20,21 +19,21 @@ from flwr.serverapp import Grid, ServerApp
 from common.aggregation import AggregationParams, aggregate
 from common.aggregation.base import Aggregate
 from common.config import RunConfig
-from common.tasks.samples import FederatedSplit, load_split, public_fingerprint
-from common.messages import DigestInstruction, SoftLabelQuery
-from common.models.registry import input_shape
+from common.messages import DigestInstruction, SoftLabelQuery, SoftLabelReply
+from common.models.inputs import input_shape
+from common.tasks.registry import load_split
+from common.tasks.samples import FederatedSplit, public_fingerprint
 from server.audit_trail import AuditTrail
 from server.checkpoint import Checkpoint
 from server.distill import Student, ensemble_accuracy
 from server.fedavg import run_fedavg
+from server.results.figures import final_figures, round_row, run_title, student_meta
 from server.results.privacy import privacy_section
-from server.resume import Checkpointer, plan_start
-from server.rounds import make_query, query_soft_labels, require_quorum, send_digest, wait_for_nodes
-from server.results.figures import final_figures, round_row, student_meta
 from server.results.run_folder import STUDENT, RunFolder
+from server.resume import Checkpointer, plan_start
+from server.rounds import SoftLabels, digest_round, make_query, require_quorum, soft_label_round, wait_for_nodes
 from server.secure_rounds import secure_soft_labels
 
-INFO, WARNING = 20, 30
 app = ServerApp()
 
 
@@ -85,40 +84,34 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
         trail.aggregated(round_, cfg.aggregation, sorted(replies.accepted), ensemble.probs, len(kept))
         loss = student.distil(public, kept, ensemble.probs[ensemble.keep], round_, query.temperature)
         metrics = student.evaluate(test)
-        row = round_row(query, replies, metrics.pop("accuracy"), ensemble_accuracy(ensemble.probs, public.labels[query.sample_ids]))
-        row.update(student_loss=loss, distilled_samples=int(len(kept)), student_metrics=metrics)
+        ensemble_acc = ensemble_accuracy(ensemble.probs, public.labels[query.sample_ids])
+        outcome = None
         if (cfg.digest_epochs or cfg.revisit_epochs) and round_ < cfg.num_server_rounds:
             instruction = DigestInstruction(round_, fingerprint, query.temperature, query.sample_ids, ensemble.probs,
                                             cfg.digest_epochs, cfg.revisit_epochs)
-            digest_nodes = sorted(replies.accepted)
-            trail.digest_opened(instruction, instruction.to_record(), digest_nodes)
-            outcome = send_digest(grid, digest_nodes, instruction, cfg.round_timeout, partial(trail.check_digest_reply, instruction))
-            trail.record_replies(round_, outcome, phase="digest")
-            row.update(downlink_bytes=row["downlink_bytes"] + outcome.downlink_bytes,
-                       digest_failed={str(n): reason for n, reason in sorted(outcome.failed.items())})
-        row["wall_s"] = round(time.monotonic() - started, 3)
+            outcome = digest_round(grid, cfg, trail, instruction, sorted(replies.accepted))
+        row = round_row(query, replies, metrics, ensemble_acc, loss, int(len(kept)), outcome,
+                        round(time.monotonic() - started, 3))
         run.record_round(row)
         run.save_student(student.model, student_meta(cfg, public.num_classes, input_shape(public.inputs), round_))
-        entry = trail.checkpoint(round_, run.path / STUDENT, row["student_accuracy"])
+        entry = trail.checkpoint(round_, run.path / STUDENT, row.student_accuracy)
         keeper.save(round_, entry, student.model.state_dict(), student.optimizer_states())
-        log(INFO, "round %d: student accuracy %.4f, %d replies", round_, row["student_accuracy"], len(replies.accepted))
+        log(INFO, "round %d: student accuracy %.4f, %d replies", round_, row.student_accuracy, len(replies.accepted))
 
     run.sections["audit"] = trail.finished(cfg.num_server_rounds, run.path / STUDENT)
     run.sections["privacy"] = privacy_section(cfg, trail.ledger.entries())
-    run.finish(final_figures(cfg, run, student.params))
+    run.finish(final_figures(run.rounds, student.params, run_title(cfg)))
 
 
-def collect_and_aggregate(grid: Grid, cfg: RunConfig, trail: AuditTrail, query: SoftLabelQuery) -> tuple[Any, Aggregate]:
+def collect_and_aggregate(grid: Grid, cfg: RunConfig, trail: AuditTrail, query: SoftLabelQuery) -> tuple[SoftLabels, Aggregate]:
     """Query every node, check and record the replies, and aggregate them (or, under secure aggregation,
     run the masked exchanges and open only the sum)."""
     nodes = sorted(grid.get_node_ids())
     if cfg.secure_aggregation:
-        probs, replies = secure_soft_labels(grid, cfg, trail, query, nodes)
-        require_quorum(replies, cfg, query.round)
-        return replies, Aggregate(probs, np.ones(len(probs), dtype=bool))
-    trail.round_opened(query, query.to_record(), nodes)
-    replies = query_soft_labels(grid, nodes, query, cfg.round_timeout, partial(trail.check_reply, query))
-    trail.record_replies(query.round, replies)
+        probs, masked = secure_soft_labels(grid, cfg, trail, query, nodes)
+        require_quorum(masked, cfg, query.round)
+        return masked, Aggregate(probs, np.ones(len(probs), dtype=bool))
+    replies = soft_label_round(grid, cfg, trail, query, nodes)
     require_quorum(replies, cfg, query.round)
     accepted = list(replies.accepted.values())
     params = AggregationParams(cfg.era_temperature, cfg.trim_fraction, cfg.selective_threshold, query.temperature)
@@ -127,6 +120,6 @@ def collect_and_aggregate(grid: Grid, cfg: RunConfig, trail: AuditTrail, query: 
     return replies, ensemble
 
 
-def _class_counts(accepted: list) -> list[np.ndarray] | None:
+def _class_counts(accepted: list[SoftLabelReply]) -> list[np.ndarray] | None:
     counts = [r.class_counts for r in accepted]
     return None if any(c is None for c in counts) else counts

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from common.config import RunConfig
-from common.tasks.samples import load_split
-from common.models.registry import build_model, count_parameters, input_shape
+from common.tasks.registry import load_split
+from common.models.inputs import input_shape
+from common.models.registry import build_model, count_parameters
 from common.tasks.partition import partition_rows
 from common.models.training import evaluate, train_supervised
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
+from common.files import atomic_path, atomic_write_text
 
 JSON_FILE, MARKDOWN_FILE = "audit-report.json", "audit-report.md"
 BYTES_PLOT, EPSILON_PLOT = "audit-bytes-per-round.png", "audit-epsilon.png"
@@ -21,9 +21,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = [out_dir / JSON_FILE, out_dir / MARKDOWN_FILE, out_dir / BYTES_PLOT, out_dir / EPSILON_PLOT]
         for path, text in zip(paths, (json.dumps(report, indent=2) + "\n", render_markdown(report))):
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
+            atomic_write_text(path, text)
         _plot_bytes(report, paths[2])
         _plot_epsilon(report, paths[3])
     except OSError as error:
@@ -184,7 +182,6 @@ def _save(fig: Any, ax: Any, ticks: list[str], path: Path, plt: Any) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)

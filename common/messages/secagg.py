@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.errors import FingerprintMismatch, MessageFormatError
+from common.messages.records import get_field, get_record
 from common.secagg.protocol import Roster, RosterEntry
 
 SETUP_TYPE = "query.secagg_setup"
@@ -27,7 +29,7 @@ class SecAggSetup:
 
     @classmethod
     def from_record(cls, record: RecordDict) -> SecAggSetup:
-        return cls(_field(_get(record, "secagg-setup", ConfigRecord), "secagg-setup", "round", int))
+        return cls(get_field(get_record(record, "secagg-setup", ConfigRecord), "secagg-setup", "round", int))
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,9 @@ class SecAggKeys:
 
     @classmethod
     def from_record(cls, record: RecordDict, round_: int) -> SecAggKeys:
-        config = _get(record, "secagg-keys", ConfigRecord)
-        keys = cls(_field(config, "secagg-keys", "round", int), _field(config, "secagg-keys", "mask-key", bytes),
-                   _field(config, "secagg-keys", "share-key", bytes))
+        config = get_record(record, "secagg-keys", ConfigRecord)
+        keys = cls(get_field(config, "secagg-keys", "round", int), get_field(config, "secagg-keys", "mask-key", bytes),
+                   get_field(config, "secagg-keys", "share-key", bytes))
         if keys.round != round_ or len(keys.mask_key) != 32 or len(keys.share_key) != 32:
             raise MessageFormatError(f"secagg-keys: expected round {round_} and two 32-byte keys")
         return keys
@@ -78,8 +80,8 @@ class SecAggRoster:
         """The roster when the query carries one (a secure-aggregation round), else None."""
         if "secagg" not in record:
             return None
-        config = _get(record, "secagg", ConfigRecord)
-        arrays = _get(record, "secagg-roster", ArrayRecord)
+        config = get_record(record, "secagg", ConfigRecord)
+        arrays = get_record(record, "secagg-roster", ArrayRecord)
         try:
             nodes, indices = arrays["nodes"].numpy(), arrays["indices"].numpy()
             mask_keys, share_keys = arrays["mask-keys"].numpy(), arrays["share-keys"].numpy()
@@ -93,8 +95,8 @@ class SecAggRoster:
             raise MessageFormatError("secagg-roster: indices must be positive Shamir points")
         roster = {int(node): RosterEntry(int(i), bytes(m), bytes(s))
                   for node, i, m, s in zip(nodes, indices, mask_keys, share_keys)}
-        result = cls(_field(config, "secagg", "round", int), _field(config, "secagg", "threshold", int),
-                     _field(config, "secagg", "weighted", bool), roster)
+        result = cls(get_field(config, "secagg", "round", int), get_field(config, "secagg", "threshold", int),
+                     get_field(config, "secagg", "weighted", bool), roster)
         if len(set(int(i) for i in indices)) != n or not 2 <= result.threshold <= max(n, 2):
             raise MessageFormatError(f"secagg: indices must be distinct and threshold in [2, {n}], got {result.threshold}")
         return result
@@ -115,12 +117,12 @@ class SecAggBundles:
 
     @classmethod
     def from_record(cls, record: RecordDict, round_: int, roster: Roster) -> SecAggBundles:
-        if _field(_get(record, "secagg-bundles", ConfigRecord), "secagg-bundles", "round", int) != round_:
+        if get_field(get_record(record, "secagg-bundles", ConfigRecord), "secagg-bundles", "round", int) != round_:
             raise MessageFormatError(f"secagg-bundles: expected round {round_}")
-        bundles = _get(record, "bundles", ConfigRecord)
+        bundles = get_record(record, "bundles", ConfigRecord)
         if sorted(bundles.keys()) != sorted(str(node) for node in roster):
             raise MessageFormatError("bundles: expected one share bundle for every node of the roster")
-        return cls(round_, {int(node): _field(bundles, "bundles", node, bytes) for node in bundles.keys()})
+        return cls(round_, {int(node): get_field(bundles, "bundles", node, bytes) for node in bundles.keys()})
 
 
 @dataclass(frozen=True)
@@ -151,21 +153,21 @@ class MaskedReply:
 
     @classmethod
     def from_record(cls, record: RecordDict, round_: int, fingerprint: str, length: int) -> MaskedReply:
-        release, metrics = _get(record, "release", ConfigRecord), _get(record, "metrics", MetricRecord)
-        if _field(release, "release", "fingerprint", str) != fingerprint:
+        release, metrics = get_record(record, "release", ConfigRecord), get_record(record, "metrics", MetricRecord)
+        if get_field(release, "release", "fingerprint", str) != fingerprint:
             raise FingerprintMismatch("public set fingerprint mismatch: the node must hold the same public set")
-        if _field(release, "release", "round", int) != round_ or release.get("codec") != "secagg":
+        if get_field(release, "release", "round", int) != round_ or release.get("codec") != "secagg":
             raise MessageFormatError(f"release: expected round {round_} with codec 'secagg'")
-        arrays = _get(record, "masked", ArrayRecord)
+        arrays = get_record(record, "masked", ArrayRecord)
         masked = arrays["y"].numpy() if "y" in arrays else None
         if masked is None or masked.dtype != np.uint64 or masked.shape != (length,):
             raise MessageFormatError(f"masked: expected uint64 of shape ({length},)")
         return cls(
             round=round_, fingerprint=fingerprint, masked=masked,
-            train_loss=_field(metrics, "metrics", "train-loss", float),
-            teacher_accuracy=_field(metrics, "metrics", "teacher-accuracy", float),
-            teacher_params=_field(metrics, "metrics", "teacher-params", int),
-            teacher_rounds=_field(metrics, "metrics", "teacher-rounds", int),
+            train_loss=get_field(metrics, "metrics", "train-loss", float),
+            teacher_accuracy=get_field(metrics, "metrics", "teacher-accuracy", float),
+            teacher_params=get_field(metrics, "metrics", "teacher-params", int),
+            teacher_rounds=get_field(metrics, "metrics", "teacher-rounds", int),
         )
 
 
@@ -187,17 +189,17 @@ class SecAggUnmask:
 
     @classmethod
     def from_record(cls, record: RecordDict) -> SecAggUnmask:
-        config, bundles = _get(record, "secagg-unmask", ConfigRecord), _get(record, "bundles", ConfigRecord)
+        config, bundles = get_record(record, "secagg-unmask", ConfigRecord), get_record(record, "bundles", ConfigRecord)
         try:
             survivors = [int(n) for n in _list(config, "survivors")]
             dropped = [int(n) for n in _list(config, "dropped")]
         except (TypeError, ValueError):
             raise MessageFormatError("secagg-unmask: survivors and dropped must be lists of node ids") from None
-        return cls(_field(config, "secagg-unmask", "round", int), survivors, dropped,
-                   {int(node): _field(bundles, "bundles", node, bytes) for node in bundles.keys()})
+        return cls(get_field(config, "secagg-unmask", "round", int), survivors, dropped,
+                   {int(node): get_field(bundles, "bundles", node, bytes) for node in bundles.keys()})
 
 
-def _list(config: ConfigRecord, key: str) -> list:
+def _list(config: ConfigRecord, key: str) -> list[Any]:
     value = config.get(key)
     if not isinstance(value, list):
         raise MessageFormatError(f"secagg-unmask: survivors and dropped must be lists of node ids, {key!r} is {type(value).__name__}")
@@ -219,18 +221,16 @@ class SecAggShares:
 
     @classmethod
     def from_record(cls, record: RecordDict, round_: int) -> SecAggShares:
-        config = _get(record, "secagg-shares", ConfigRecord)
-        if _field(config, "secagg-shares", "round", int) != round_:
+        config = get_record(record, "secagg-shares", ConfigRecord)
+        if get_field(config, "secagg-shares", "round", int) != round_:
             raise MessageFormatError(f"secagg-shares: expected round {round_}")
-        shares = {}
+        shares: dict[int, tuple[str, int]] = {}
         for key in config.keys():
             if key == "round":
                 continue
-            raw = _field(config, "secagg-shares", key, bytes)
+            raw = get_field(config, "secagg-shares", key, bytes)
             if len(raw) != 67 or raw[:1] not in (b"b", b"c") or not key.isdigit():
                 raise MessageFormatError(f"secagg-shares: share {key!r} must be a kind byte and 66 bytes")
             shares[int(key)] = (raw[:1].decode(), int.from_bytes(raw[1:], "big"))
         return cls(round_, shares)
 
-
-from common.messages import _field, _get  # noqa: E402 - shared validators of the package

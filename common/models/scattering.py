@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from typing import cast
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ _BATCH = 1024
 class Scattering(nn.Module):
     """(n, 1, h, w) images in [0, 1] -> (n, 81, h/4, w/4) scattering coefficients; no trainable weights."""
 
-    def __init__(self, image_size: tuple[int, int]):
+    def __init__(self, image_size: tuple[int, ...]):
         super().__init__()
         # kymatio's torch front end, imported from its 2-D module: `kymatio.torch` also loads the 3-D
         # transform, whose import fails with SciPy >= 1.15 (scipy.special.sph_harm was removed).
@@ -46,7 +47,8 @@ class Scattering(nn.Module):
         self.out_shape = (CHANNELS, height // 4, width // 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.transform(x[:, 0].contiguous()).reshape(len(x), *self.out_shape)
+        coefficients: torch.Tensor = self.transform(x[:, 0].contiguous()).reshape(len(x), *self.out_shape)
+        return coefficients
 
 
 class ScatterLinear(nn.Module):
@@ -54,7 +56,7 @@ class ScatterLinear(nn.Module):
 
     fixed_features = True  # `features` has no trainable weights: see `fixed_stage`
 
-    def __init__(self, num_classes: int, image_size: tuple[int, int]):
+    def __init__(self, num_classes: int, image_size: tuple[int, ...]):
         super().__init__()
         self.features = Scattering(image_size)
         channels, height, width = self.features.out_shape
@@ -62,10 +64,11 @@ class ScatterLinear(nn.Module):
                                   nn.Linear(channels * height * width, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        logits: torch.Tensor = self.head(self.features(x))
+        return logits
 
 
-_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_cache: OrderedDict[tuple[str, tuple[int, ...], str], torch.Tensor] = OrderedDict()
 
 
 def fixed_stage(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
@@ -74,12 +77,13 @@ def fixed_stage(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, torch.Ten
     for every other model, the model itself and `x`."""
     if not getattr(model, "fixed_features", False):
         return model, x
-    key = (type(model.features).__name__, tuple(x.shape), hashlib.sha1(x.detach().contiguous().numpy().tobytes()).hexdigest())
+    features, head = cast(Scattering, model.features), cast(nn.Module, model.head)
+    key = (type(features).__name__, tuple(x.shape), hashlib.sha1(x.detach().contiguous().numpy().tobytes()).hexdigest())
     if key not in _cache:
         with torch.no_grad():
-            _cache[key] = torch.cat([model.features(x[i:i + _BATCH]) for i in range(0, len(x), _BATCH)]) if len(x) else \
-                torch.empty(0, *model.features.out_shape)
+            _cache[key] = torch.cat([features(x[i:i + _BATCH]) for i in range(0, len(x), _BATCH)]) if len(x) else \
+                torch.empty(0, *features.out_shape)
         while len(_cache) > CACHE_ENTRIES:
             _cache.popitem(last=False)
     _cache.move_to_end(key)
-    return model.head, _cache[key]
+    return head, _cache[key]

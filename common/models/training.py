@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.models.registry import inputs_to_tensor, lr_of
+from common.models.inputs import inputs_to_tensor
+from common.models.registry import lr_of
 from common.models.scattering import fixed_stage
 
 INFERENCE_BATCH = 256

@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import numbers
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, DataError, PrivacyBudgetExceeded
+from common.files import atomic_write_text
 from common.privacy import accounting
 
 BUDGET_TOLERANCE = 1e-9
@@ -133,19 +133,9 @@ class PrivacyLedger:
         return data["entries"]
 
     def _write(self, entries: list[dict[str, Any]]) -> None:
-        """Replace the file atomically: temp file in the same folder, fsync, os.replace, fsync folder."""
+        """Replace the file atomically (owner-only, 0600): temp file, fsync, os.replace, fsync folder."""
         text = json.dumps({"delta": self.delta, "entries": entries}, indent=1, allow_nan=False)
-        handle, temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                file.write(text)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, self.path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
-        _fsync_folder(self.path.parent)
+        atomic_write_text(self.path, text, mode=0o600)
 
 
 def _check_stored(entry: Any, index: int, path: Path) -> None:
@@ -162,18 +152,3 @@ def _check_stored(entry: Any, index: int, path: Path) -> None:
         accounting.check_entry(entry["event"])
     except ConfigError as error:
         raise DataError(f"privacy ledger {path}: entry {index}: {error}; {_DO_NOT_DELETE}") from None
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-

@@ -21,6 +21,9 @@ q = 1 / steps_per_epoch. That q is never below the true sampling rate, so the hi
 module reports (Opacus's q and the steps actually taken) is what Opacus's own accountant charges
 and a sound bound on the mechanism. Note q is not batch_size / n but 1 / ceil(n / batch_size), which
 is at most batch_size / n (equal when batch_size divides n): Poisson batches average n / k records.
+
+Opacus (and with it most of `torch.distributed`) is imported only inside the functions that train or
+validate under DP-SGD: a node without privacy never loads it (tests/unit/test_lazy_imports.py).
 """
 
 from __future__ import annotations
@@ -29,18 +32,20 @@ import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus import PrivacyEngine
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.errors import ConfigError, DataError
-from common.models.registry import inputs_to_tensor
+from common.models.inputs import inputs_to_tensor
 from common.models.scattering import fixed_stage
+
+if TYPE_CHECKING:
+    from opacus import PrivacyEngine
 
 MECHANISM = "dp-sgd"
 
@@ -71,6 +76,8 @@ def planned_event(num_examples: int, batch_size: int, epochs: int, noise_multipl
 
 def require_dp_compatible(model: nn.Module, name: str | None = None) -> None:
     """Raise ConfigError unless Opacus can compute per-example gradients of `model` (no BatchNorm, ...)."""
+    from opacus.validators import ModuleValidator  # here, not at the top: only the DP path loads Opacus
+
     problems = ModuleValidator.validate(model, strict=False)
     if problems:
         label = name or type(model).__name__
@@ -99,6 +106,8 @@ def train_dpsgd(
     trained weights (its state_dict keys are unchanged). Returns the mean loss of the last epoch
     and the privacy history entry of what was done.
     """
+    from opacus import PrivacyEngine  # here, not at the top: only the DP path loads Opacus
+
     x = inputs_to_tensor(images)  # (n, 1, h, w) float32 in [0, 1] for images; features or token ids as they are
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))  # (n,)
     if len(x) != len(y):

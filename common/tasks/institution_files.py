@@ -25,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.tasks.samples import LABEL_NAMES, ImageSet, Samples, TabularSet, TextSet, read_idx, task_of
 from common.errors import DataError
+from common.tasks.images import read_idx
+from common.tasks.registry import label_names
+from common.tasks.samples import ImageSet, Samples, TabularSet, TextSet, task_of
 
 IDX_PATTERN = re.compile(r"^(?P<prefix>.+)-(?P<kind>images-idx3|labels-idx1)-ubyte(?P<gz>\.gz)?$")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -74,14 +76,14 @@ class LabelSpace:
 def image_label_space(dataset: str, public: ImageSet) -> LabelSpace:
     """The label space of an image scenario: its dataset's classes and the public set's image size."""
     height, width = public.images.shape[1:]
-    return LabelSpace(dataset, "image", public.num_classes, LABEL_NAMES.get(dataset, ()), (int(height), int(width)))
+    return LabelSpace(dataset, "image", public.num_classes, label_names(dataset), (int(height), int(width)))
 
 
 def label_space(dataset: str, public: Samples) -> LabelSpace:
     """The label space of any scenario: its task (from the public set), classes and, for images, size."""
     if isinstance(public, ImageSet):
         return image_label_space(dataset, public)
-    return LabelSpace(dataset, task_of(public), public.num_classes, LABEL_NAMES.get(dataset, ()))
+    return LabelSpace(dataset, task_of(public), public.num_classes, label_names(dataset))
 
 
 PrivateData = ImageSet | TabularSet | TextSet
@@ -256,7 +258,7 @@ def read_table(path: Path, fmt: str, space: LabelSpace) -> TabularSet:
     values = features.to_numpy(dtype=np.float64)
     bad = ~np.isfinite(values)
     if bad.any():
-        columns = [str(c) for c, b in zip(features.columns, bad.any(axis=0)) if b]
+        columns = [str(c) for c, b in zip(features.columns, bad.any(axis=0), strict=True) if b]
         raise DataError(f"{where}: {int(bad.any(axis=1).sum())} rows have missing or infinite values (columns "
                         f"{_names(columns)}); fill or remove them before loading: no row is dropped here")
     line = (lambda i: f"line {i + 2}") if fmt == "csv" else (lambda i: f"row {i + 1}")

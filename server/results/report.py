@@ -1,59 +1,45 @@
 """The run's human report, `report.md`: everything results.json says, as tables, with the plots.
 
-Written when a run ends (completed or failed) and again whenever a later command adds to the run folder:
-`fedstill evaluate` (the `evaluation` section of results.json), `fedstill export` (`export`), `fedstill bench`
-(`serving`). `add_section` is the one way those commands write into results.json: read, add, write atomically,
-then re-render the report, so the two never disagree.
+Written when a run ends (completed or failed) and again whenever a later command adds a section to the run
+folder's results.json (server/results/run_folder.py `add_section`): `fedstill evaluate` (`evaluation`),
+`fedstill export` (`export`), `fedstill bench` (`serving`). The rounds, final figures, audit and privacy
+sections are read through their typed records (server/results/schema.py).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError
+from common.files import atomic_write_text
+from server.results.schema import STUDENT_METRICS, AuditSummary, FinalFigures, PrivacySummary, RoundRow
 
-RESULTS, REPORT = "results.json", "report.md"
-
-
-def add_section(run_dir: Path, name: str, section: dict[str, Any]) -> dict[str, Any]:
-    """Put `section` into the run's results.json under `name` (replacing an older one) and re-render report.md."""
-    from server.results.run_folder import write_json
-
-    path = Path(run_dir) / RESULTS
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot add '{name}' to {path}: {error}. Give the folder of a finished run "
-                          f"(the one holding results.json).") from error
-    results[name] = section
-    write_json(path, results)
-    write_report(Path(run_dir), results)
-    return results
+REPORT = "report.md"
 
 
 def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
     path = run_dir / REPORT
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render(results, run_dir), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, render(results, run_dir))
     return path
 
 
 def render(r: dict[str, Any], run_dir: Path) -> str:
-    cfg, final = r.get("scenario", {}), r.get("final") or {}
-    lines = [f"# Run {run_dir.name}: {final.get('title') or cfg.get('scenario', '')}", "",
+    cfg = r.get("scenario", {})
+    rounds = [RoundRow.from_json(row) for row in r.get("rounds", [])]
+    final = FinalFigures.from_json(r["final"]) if r.get("final") else None
+    lines = [f"# Run {run_dir.name}: {(final.title if final else '') or cfg.get('scenario', '')}", "",
              f"Status: **{r.get('status', 'unknown')}**" + (f" ({r['error']})" if r.get("error") else "") +
-             f"; {len(r.get('rounds', []))} of {cfg.get('num-server-rounds', '?')} rounds recorded. "
+             f"; {len(rounds)} of {cfg.get('num-server-rounds', '?')} rounds recorded. "
              f"Method {cfg.get('method')}, aggregation {cfg.get('aggregation')}, student {cfg.get('student-model')}, "
              f"teachers {cfg.get('teacher-models')}, codec {cfg.get('codec')}, privacy {cfg.get('privacy', 'none')}.", ""]
     if final:
         lines += _headline(final)
-    lines += _rounds(r.get("rounds", []))
-    for name, part in (("privacy", _privacy), ("audit", _audit), ("evaluation", _evaluation),
-                       ("export", _export), ("serving", _serving)):
+    lines += _rounds(rounds)
+    if r.get("privacy"):
+        lines += _privacy(PrivacySummary.from_json(r["privacy"]))
+    if r.get("audit"):
+        lines += _audit(AuditSummary.from_json(r["audit"]))
+    for name, part in (("evaluation", _evaluation), ("export", _export), ("serving", _serving)):
         if r.get(name):
             lines += part(r[name])
     if (run_dir / "accuracy.png").is_file():
@@ -73,41 +59,40 @@ def _count(value: Any) -> str:
     return "–" if value is None else f"{value:,}"
 
 
-def _headline(f: dict[str, Any]) -> list[str]:
-    rows = [("student accuracy (test)", _num(f.get("student_accuracy")))]
-    rows += [(f"student {key[len('student_'):].replace('_', ' ')}", _num(value)) for key, value in f.items()
-             if key.startswith("student_") and key not in ("student_accuracy", "student_params") and isinstance(value, float)]
-    rows += [("student parameters", _count(f.get("student_params"))),
-             ("teachers' accuracy mean / min / max", " / ".join(_num(f.get(f"teacher_accuracy_{k}")) for k in ("mean", "min", "max"))),
-             ("largest teacher parameters", _count(f.get("largest_teacher_params"))),  # none in a FedAvg run
-             ("uplink bytes, all rounds", _count(f.get("uplink_bytes_total"))),
-             ("downlink bytes, all rounds", _count(f.get("downlink_bytes_total"))),
-             ("round time, all rounds (s)", _num(f.get("wall_s"), ".1f"))]
+def _headline(f: FinalFigures) -> list[str]:
+    rows = [("student accuracy (test)", _num(f.student_accuracy))]
+    rows += [(f"student {name.replace('_', ' ')}", _num(value)) for name in STUDENT_METRICS
+             if isinstance(value := getattr(f, f"student_{name}"), float)]
+    rows += [("student parameters", _count(f.student_params)),
+             ("teachers' accuracy mean / min / max",
+              " / ".join(_num(v) for v in (f.teacher_accuracy_mean, f.teacher_accuracy_min, f.teacher_accuracy_max))),
+             ("largest teacher parameters", _count(f.largest_teacher_params)),  # none in a FedAvg run
+             ("uplink bytes, all rounds", _count(f.uplink_bytes_total)),
+             ("downlink bytes, all rounds", _count(f.downlink_bytes_total)),
+             ("round time, all rounds (s)", _num(f.wall_s, ".1f"))]
     return ["## Headline", "", *_table(("figure", "value"), rows)]
 
 
-def _rounds(rounds: list[dict[str, Any]]) -> list[str]:
+def _rounds(rounds: list[RoundRow]) -> list[str]:
     if not rounds:
         return []
-    rows = [(x["round"], _num(x.get("temperature"), "g"), _num(x.get("student_accuracy")), _num(x.get("ensemble_accuracy")),
-             x.get("clients_replied", "–"), len(x.get("clients_rejected") or {}), f"{x.get('uplink_bytes', 0):,}",
-             _num(x.get("wall_s"), ".1f")) for x in rounds]
+    rows = [(x.round, _num(x.temperature, "g"), _num(x.student_accuracy), _num(x.ensemble_accuracy), x.clients_replied,
+             len(x.clients_rejected), f"{x.uplink_bytes:,}", _num(x.wall_s, ".1f")) for x in rounds]
     return ["## Rounds", "", *_table(("round", "T", "student acc", "ensemble acc (public)", "replies", "rejected",
                                       "uplink bytes", "wall s"), rows)]
 
 
-def _privacy(p: dict[str, Any]) -> list[str]:
-    eps = p.get("epsilon_final") or {}
-    lines = ["## Privacy", "", f"Mechanism {p.get('mechanism')}, delta {p.get('delta')}, secure aggregation "
-             f"{'on' if p.get('secure_aggregation') else 'off'}; {len(p.get('refusals') or [])} budget refusal(s).", ""]
-    if eps:
-        lines += _table(("institution", "epsilon spent"), [(name, _num(value)) for name, value in sorted(eps.items())])
+def _privacy(p: PrivacySummary) -> list[str]:
+    lines = ["## Privacy", "", f"Mechanism {p.mechanism}, delta {p.delta}, secure aggregation "
+             f"{'on' if p.secure_aggregation else 'off'}; {len(p.refusals)} budget refusal(s).", ""]
+    if p.epsilon_final:
+        lines += _table(("institution", "epsilon spent"), [(name, _num(value)) for name, value in sorted(p.epsilon_final.items())])
     return lines
 
 
-def _audit(a: dict[str, Any]) -> list[str]:
-    return ["## Audit", "", f"Ledger {a.get('ledger')}: {a.get('ledger_entries')} entries, head {a.get('ledger_head')}, "
-            f"signatures checked: {a.get('signatures_checked')}, rejected replies: {a.get('rejections')}. "
+def _audit(a: AuditSummary) -> list[str]:
+    return ["## Audit", "", f"Ledger {a.ledger}: {a.ledger_entries} entries, head {a.ledger_head}, "
+            f"signatures checked: {a.signatures_checked}, rejected replies: {a.rejections}. "
             f"`fedstill audit verify` re-checks it.", ""]
 
 
@@ -130,7 +115,8 @@ def _evaluation(e: dict[str, Any]) -> list[str]:
 
 def _export(x: dict[str, Any]) -> list[str]:
     parity, int8, acc = x.get("parity_fp32", {}), x.get("int8", {}), x.get("accuracy", {})
-    rows = [("ONNX opset", x.get("opset")), ("FP32 vs PyTorch: largest probability difference", _num(parity.get("max_abs_prob_diff"), ".2e")),
+    rows = [("ONNX opset", x.get("opset")),
+            ("FP32 vs PyTorch: largest probability difference", _num(parity.get("max_abs_prob_diff"), ".2e")),
             ("FP32 vs PyTorch: argmax agreement", _num(parity.get("argmax_agreement"))),
             ("accuracy PyTorch / ONNX FP32 / INT8", " / ".join(_num(acc.get(k)) for k in ("pytorch", "onnx_fp32", "onnx_int8"))),
             (f"INT8 ({int8.get('mode')}, {int8.get('format')}) drop", f"{_num(int8.get('accuracy_drop_points'), '.2f')} points")]

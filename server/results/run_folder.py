@@ -1,6 +1,9 @@
 """The run folder: results.json, progress events, the student checkpoint, the accuracy plot and report.md.
 
-Every file is written atomically (temporary file, then rename), so a crash never leaves a torn file.
+results.json's rows, final figures and student.json are the typed records of server/results/schema.py; the
+one way a later command (`fedstill evaluate`, `export`, `bench`) adds to results.json is `add_section`.
+
+Every file is written atomically (common/files.py), so a crash never leaves a torn file.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from common.config import RunConfig
+from common.errors import ConfigError
+from common.files import atomic_path, atomic_write_text
 from server.results.report import write_report
+from server.results.schema import FinalFigures, RoundRow, StudentMeta
 
 RESULTS = "results.json"
 PROGRESS = "progress.jsonl"
@@ -36,8 +42,8 @@ def resolve_run_dir(cfg: RunConfig) -> Path:
 class RunFolder:
     path: Path
     cfg: RunConfig
-    rounds: list[dict[str, Any]] = field(default_factory=list)
-    sections: dict[str, Any] = field(default_factory=dict)  # extra results.json sections ("audit", ...)
+    rounds: list[RoundRow] = field(default_factory=list)
+    sections: dict[str, Any] = field(default_factory=dict)  # results.json's "audit" and "privacy", as JSON
 
     @classmethod
     def create(cls, cfg: RunConfig) -> RunFolder:
@@ -55,20 +61,19 @@ class RunFolder:
             handle.flush()
             os.fsync(handle.fileno())
 
-    def record_round(self, row: dict[str, Any]) -> None:
+    def record_round(self, row: RoundRow) -> None:
         self.rounds.append(row)
-        self.event("round", **{k: row[k] for k in ("round", "student_accuracy", "clients_replied", "wall_s")})
+        self.event("round", round=row.round, student_accuracy=row.student_accuracy,
+                   clients_replied=row.clients_replied, wall_s=row.wall_s)
 
-    def save_student(self, model: nn.Module, meta: dict[str, Any]) -> None:
-        tmp = self.path / f".{STUDENT}.tmp"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-                  metadata={k: str(v) for k, v in meta.items()})
-        os.replace(tmp, self.path / STUDENT)
-        write_json(self.path / STUDENT_CONFIG, meta)
+    def save_student(self, model: nn.Module, meta: StudentMeta) -> None:
+        with atomic_path(self.path / STUDENT) as tmp:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta.header())
+        write_json(self.path / STUDENT_CONFIG, meta.to_json())
 
-    def finish(self, final: dict[str, Any]) -> dict[str, Any]:
-        results = {"status": "completed", "scenario": self.cfg.to_dict(), "rounds": self.rounds, "final": final,
-                   **self.sections}
+    def finish(self, final: FinalFigures) -> dict[str, Any]:
+        results = {"status": "completed", "scenario": self.cfg.to_dict(), "rounds": self.rows_json(),
+                   "final": final.to_json(), **self.sections}
         write_json(self.path / RESULTS, results)
         plot_accuracy(self.rounds, final, self.path / PLOT)
         write_report(self.path, results)
@@ -78,17 +83,34 @@ class RunFolder:
     def fail(self, error: BaseException) -> None:
         """Keep what was done: the rounds completed so far, the reason, and the last student checkpoint."""
         reason = f"{type(error).__name__}: {error}"
-        results = {"status": "failed", "error": reason, "scenario": self.cfg.to_dict(), "rounds": self.rounds,
+        results = {"status": "failed", "error": reason, "scenario": self.cfg.to_dict(), "rounds": self.rows_json(),
                    "final": None, **self.sections}
         write_json(self.path / RESULTS, results)
         write_report(self.path, results)
         self.event("finished", status="failed", error=reason)
 
+    def rows_json(self) -> list[dict[str, Any]]:
+        """results.json's `rounds` (and the checkpoint's): every row so far, as JSON."""
+        return [row.to_json() for row in self.rounds]
+
+
+def add_section(run_dir: Path, name: str, section: dict[str, Any]) -> dict[str, Any]:
+    """Put `section` into the run's results.json under `name` (replacing an older one) and re-render report.md:
+    read, add, write atomically, then render, so the two never disagree."""
+    path = Path(run_dir) / RESULTS
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot add '{name}' to {path}: {error}. Give the folder of a finished run "
+                          f"(the one holding results.json).") from error
+    results[name] = section
+    write_json(path, results)
+    write_report(Path(run_dir), results)
+    return results
+
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(value: Any) -> Any:
@@ -97,7 +119,7 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def plot_accuracy(rounds: list[dict[str, Any]], final: dict[str, Any], path: Path) -> None:
+def plot_accuracy(rounds: list[RoundRow], final: FinalFigures, path: Path) -> None:
     """Student and ensemble accuracy per round, with the teachers' mean as a reference line."""
     import matplotlib
 
@@ -105,19 +127,18 @@ def plot_accuracy(rounds: list[dict[str, Any]], final: dict[str, Any], path: Pat
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [r["round"] for r in rounds]
-    ax.plot(xs, [r["student_accuracy"] for r in rounds], marker="o", label="student (test)")
-    if all(r.get("ensemble_accuracy") is not None for r in rounds):
-        ax.plot(xs, [r["ensemble_accuracy"] for r in rounds], marker="s", label="ensemble (public)")
-    if final.get("teacher_accuracy_mean") is not None:
-        ax.axhline(final["teacher_accuracy_mean"], color="grey", linestyle="--", label="teachers, mean (test)")
+    xs = [r.round for r in rounds]
+    ax.plot(xs, [r.student_accuracy for r in rounds], marker="o", label="student (test)")
+    if all(r.ensemble_accuracy is not None for r in rounds):
+        ax.plot(xs, [r.ensemble_accuracy for r in rounds], marker="s", label="ensemble (public)")
+    if final.teacher_accuracy_mean is not None:
+        ax.axhline(final.teacher_accuracy_mean, color="grey", linestyle="--", label="teachers, mean (test)")
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
-    ax.set_title(final.get("title", "fedstill"))
+    ax.set_title(final.title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)

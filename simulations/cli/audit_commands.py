@@ -6,22 +6,28 @@ import os
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from common.audit.keys import (
-    PASSPHRASE_ENV, Signer, check_name, decode_public, load_allow_list, write_allow_list, write_key_pair,
+    PASSPHRASE_ENV,
+    Signer,
+    check_name,
+    decode_public,
+    load_allow_list,
+    write_allow_list,
+    write_key_pair,
 )
 from common.errors import AuditError, ConfigError, FedstillError
+from simulations.cli.console import console, fail
 
 audit_app = typer.Typer(help="Verify ledgers and release logs; build compliance reports.", no_args_is_help=True)
-console = Console(soft_wrap=True)  # paths and findings stay on one line each
 
 
 def keygen(
     name: str = typer.Argument(..., help="Institution id (or 'coordinator'): letters, digits, '.', '_', '-'."),
     out: Path = typer.Option(Path("keys"), "--out", "-o", help="Folder for NAME.key (0600) and NAME.pub."),
-    passphrase_env: str = typer.Option("", help=f"Encrypt the private key with the passphrase in this environment variable (e.g. {PASSPHRASE_ENV})."),
+    passphrase_env: str = typer.Option("", help="Encrypt the private key with the passphrase in this environment variable "
+                                       f"(e.g. {PASSPHRASE_ENV})."),
     allow_list: Path = typer.Option(None, help="Also add the public key to this allow-list TOML (created if missing)."),
 ) -> None:
     """Make an Ed25519 key pair for an institution (or the coordinator)."""
@@ -39,7 +45,7 @@ def keygen(
                 raise ConfigError(f"{allow_list} already lists {name!r}; remove that line first to replace its key")
             write_allow_list(allow_list, {**entries, name: signer.public})
     except FedstillError as error:
-        _fail(error)
+        fail(error)
     console.print(f"private key {private} (mode 0600{', encrypted' if passphrase else ''}); public key {public}")
     console.print(f"allow-list line:  \"{name}\" = \"{signer.public}\"", soft_wrap=True)
     if allow_list is not None:
@@ -61,7 +67,7 @@ def verify(
         keys = load_allow_list(allow_list) if allow_list else None
         result = verify_ledger(ledger, coordinator_key=pinned, allow_list=keys, client_logs=client_log)
     except FedstillError as error:
-        _fail(error)
+        fail(error)
     for name, count in result.checked.items():
         console.print(f"read {count} entries of {escape(str(name))}")
     for note in result.notes:
@@ -92,7 +98,7 @@ def report(
         result = build_report(ledgers, client_log, coordinator_key=pinned, allow_list=keys)
         paths = write_report(result, out if out is not None else ledgers[0].parent)
     except FedstillError as error:
-        _fail(error)
+        fail(error)
     for ledger in result["ledgers"]:
         status = "[green]verified[/]" if ledger["ok"] else f"[red]NOT VERIFIED[/] ({len(ledger['problems'])} problem(s))"
         console.print(f"{escape(ledger['path'])} ({escape(ledger['run'])}): {status}", soft_wrap=True)
@@ -119,8 +125,3 @@ def _read_public(path: Path) -> str:
     except AuditError as error:
         raise ConfigError(str(error)) from None
     return text
-
-
-def _fail(error: BaseException) -> None:
-    console.print(f"[red]{type(error).__name__}[/]: {escape(str(error))}", soft_wrap=True)
-    raise typer.Exit(code=1)

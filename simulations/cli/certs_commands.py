@@ -8,33 +8,47 @@ from pathlib import Path
 
 import typer
 from cryptography import x509
-from rich.console import Console
 from rich.markup import escape
 
 from common.audit.keys import check_name
-from simulations.deploy.certs import (
-    CA_CERT, CA_KEY, LOOPBACK, NODES, SERVER_CERT, SERVER_KEY, host_names, make_ca, make_node_key, make_server_cert,
-    refuse_existing, subject_alt_names, write_node_key, write_pem,
-)
 from common.errors import ConfigError, FedstillError
+from simulations.cli.console import console, fail
+from simulations.deploy.certs import (
+    CA_CERT,
+    CA_KEY,
+    LOOPBACK,
+    NODES,
+    SERVER_CERT,
+    SERVER_KEY,
+    host_names,
+    make_ca,
+    make_node_key,
+    make_server_cert,
+    refuse_existing,
+    subject_alt_names,
+    write_node_key,
+    write_pem,
+)
 
-console = Console(soft_wrap=True)  # commands and paths stay on one line each
 PORT = 8000  # flower-superlink's default --port
 
 
 def certs(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for ca.crt, ca.key, superlink.crt, superlink.key and nodes/."),
-    host: list[str] = typer.Option([], "--host", help="DNS name or IP address SuperNodes and the flwr CLI use to reach the SuperLink (repeatable); localhost, 127.0.0.1 and ::1 are always added."),
-    node: list[str] = typer.Option([], "--node", help="Make an authentication key pair nodes/NAME.key + nodes/NAME.pub for this institution (repeatable)."),
+    host: list[str] = typer.Option([], "--host", help="DNS name or IP address SuperNodes and the flwr CLI use to reach the "
+                                   "SuperLink (repeatable); localhost, 127.0.0.1 and ::1 are always added."),
+    node: list[str] = typer.Option([], "--node", help="Make an authentication key pair nodes/NAME.key + nodes/NAME.pub for "
+                                   "this institution (repeatable)."),
     days: int = typer.Option(365, min=1, help="Validity of the CA and SuperLink certificates, in days."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace files that already exist."),
-    passphrase_env: str = typer.Option("", help="Encrypt ca.key with the passphrase in this environment variable (superlink.key and node keys stay plain: Flower cannot read encrypted ones)."),
+    passphrase_env: str = typer.Option("", help="Encrypt ca.key with the passphrase in this environment variable (superlink.key "
+                                       "and node keys stay plain: Flower cannot read encrypted ones)."),
 ) -> None:
     """Make a CA and SuperLink TLS certificate (--host), and SuperNode authentication keys (--node)."""
     try:
         written = _make(out, host, node, days, overwrite, _passphrase(passphrase_env))
     except FedstillError as error:
-        _fail(error)
+        fail(error)
     for path, note in written:
         console.print(f"wrote {escape(str(path))}{note}")
     _next_steps(out, node)
@@ -108,8 +122,3 @@ def _next_steps(out: Path, nodes: list[str]) -> None:
         console.print(f"[bold]{escape(name)}[/]: register, then start the node with a copy of ca.crt and its key:")
         console.print(f"  flwr supernode register {escape(str(out / NODES / f'{name}.pub'))} remote --name {escape(name)}")
         console.print(f"  flower-supernode --superlink {address} --root-certificates {ca} --auth-supernode-private-key {key}")
-
-
-def _fail(error: BaseException) -> None:
-    console.print(f"[red]{type(error).__name__}[/]: {escape(str(error))}", soft_wrap=True)
-    raise typer.Exit(code=1)

@@ -1,21 +1,14 @@
-"""The `fedstill` command line: simulate, compare, privacy-sweep, scenarios, keygen, audit verify|report."""
+"""The `fedstill` app: every command of simulations/cli/ registered on one Typer app, in the order `--help` lists them."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from common.errors import ConfigError, FedstillError
 from simulations.cli.audit_commands import audit_app, keygen
 from simulations.cli.certs_commands import certs
-from simulations.deploy.site_data import site_data
 from simulations.cli.node_commands import supernode
+from simulations.cli.run_commands import compare, privacy_sweep, scenarios, simulate
+from simulations.cli.site_commands import site_data
 from simulations.cli.student_commands import bench, evaluate, export
 
 app = typer.Typer(help="fedstill: federated knowledge distillation on Flower.", no_args_is_help=True, add_completion=False)
@@ -27,221 +20,15 @@ app.command()(export)
 app.command()(evaluate)
 app.command()(bench)
 app.add_typer(audit_app, name="audit")
-console = Console()
+app.command()(simulate)
+app.command()(compare)
+app.command("privacy-sweep")(privacy_sweep)
+app.command()(scenarios)
 
 
 @app.callback()
 def main() -> None:
     """fedstill: institutions share soft labels on a public set; the server distils a student."""
-
-
-@app.command()
-def simulate(
-    scenario: str = typer.Argument(None, help="Scenario name (see `fedstill scenarios`) or a .toml file of run-config keys."),
-    set_: list[str] = typer.Option([], "--set", "-s", help="Override a run-config key: --set num-server-rounds=3 (repeatable)."),
-    cpus_per_client: int = typer.Option(1, min=1, help="CPUs Ray reserves per simulated client."),
-    timeout: float = typer.Option(0, help="Stop the run after this many seconds (0: no limit)."),
-    site: list[str] = typer.Option([], "--site", help="Every simulated institution's own setting, into its site.toml: --site max-epsilon=4 --site delta=1e-5 (repeatable)."),
-) -> None:
-    """Run a scenario on Flower's simulation engine and print its results."""
-    from simulations import launcher
-    from simulations.scenarios import resolve
-
-    try:
-        overrides, cfg = resolve(scenario, set_, Path.cwd())
-        preflight(cfg)
-        console.print(f"[bold]fedstill[/] {cfg.scenario}: {cfg.num_clients} clients, {cfg.partitioner}, "
-                      f"{cfg.num_server_rounds} rounds -> {launcher.resolve_run_dir(cfg)}")
-        with _progress() as progress:
-            task = progress.add_task("starting Flower", total=cfg.num_server_rounds)
-            outcome = launcher.simulate(
-                cfg, overrides, cpus_per_client=cpus_per_client,
-                on_event=lambda event: _show(progress, task, event), timeout_s=timeout or None,
-                site=parse_site(site),
-            )
-    except FedstillError as error:
-        _fail(error)
-    print_results(outcome.results, outcome.run_dir)
-
-
-@app.command()
-def compare(
-    scenario: str = typer.Argument(None, help="Scenario name or .toml file."),
-    rules: list[str] = typer.Option([], "--rules", "-r", help="Aggregation rules to compare, comma-separated (repeatable)."),
-    method: list[str] = typer.Option([], "--method", "-m", help="A named variant: label:key=value,key=value (repeatable)."),
-    set_: list[str] = typer.Option([], "--set", "-s", help="Override a run-config key for every method (repeatable)."),
-    fedavg_rounds: int = typer.Option(20, help="Rounds of the FedAvg baseline (0: skip it)."),
-    baselines: bool = typer.Option(True, help="Also train the local-only and centralised baselines."),
-    cpus_per_client: int = typer.Option(1, min=1, help="CPUs Ray reserves per simulated client."),
-) -> None:
-    """Compare aggregation rules and variants with FedAvg, local-only and centralised baselines."""
-    from simulations.compare import TABLE, parse_methods, run_comparison
-    from simulations.scenarios import resolve
-
-    try:
-        overrides, cfg = resolve(scenario, set_, Path.cwd())
-        preflight(cfg)
-        methods = parse_methods(rules or ([] if method else ["mean"]), method)
-        folder = Path(cfg.output_dir) / f"compare-{cfg.run_name}"
-        base = {k: v for k, v in overrides.items() if k not in ("run-name", "output-dir")}
-        console.print(f"[bold]fedstill compare[/] {cfg.scenario}: {', '.join(m.label for m in methods)}"
-                      f"{', fedavg' if fedavg_rounds else ''} -> {folder}")
-        with _progress() as progress:
-            stages: list[Any] = []
-
-            def on_stage(label: str, stage_cfg: Any):
-                if stages:  # stages run one after another: the previous one has ended
-                    _end(progress, stages[-1])
-                task = progress.add_task(label, total=stage_cfg.num_server_rounds if stage_cfg else None)
-                stages.append(task)
-                return lambda event: _show(progress, task, event, label)
-
-            summary = run_comparison(base, folder, methods, fedavg_rounds=fedavg_rounds, with_baselines=baselines,
-                                     cpus_per_client=cpus_per_client, on_stage=on_stage)
-            if stages:
-                _end(progress, stages[-1])
-    except FedstillError as error:
-        _fail(error)
-    console.print((folder / TABLE).read_text(), markup=False)
-    failed = [label for label, entry in {**summary["methods"], **summary["baselines"]}.items() if "error" in entry]
-    if failed:
-        console.print(f"[red]failed[/]: {', '.join(failed)} (see {folder / 'results.json'})")
-        raise typer.Exit(code=1)
-
-
-@app.command("privacy-sweep")
-def privacy_sweep(
-    scenario: str = typer.Argument(None, help="Scenario name or .toml file."),
-    mechanism: str = typer.Option("dp-sgd", help="dp-sgd (DP teacher training) or pate (GNMax votes inside each institution)."),
-    epsilons: str = typer.Option("1,2,4,8", help="Budgets epsilon per institution, comma-separated."),
-    delta: float = typer.Option(1e-5, help="Each institution's delta."),
-    set_: list[str] = typer.Option([], "--set", "-s", help="Override a run-config key for every run (repeatable)."),
-    cpus_per_client: int = typer.Option(1, min=1, help="CPUs Ray reserves per simulated client."),
-) -> None:
-    """Student accuracy against each institution's privacy budget, with a non-private reference."""
-    from simulations.privacy_sweep import TABLE, parse_epsilons, run_sweep
-    from simulations.scenarios import resolve
-
-    try:
-        overrides, cfg = resolve(scenario, set_, Path.cwd())
-        preflight(cfg)
-        budgets = parse_epsilons(epsilons)
-        if not 0 < delta < 1:
-            raise ConfigError(f"--delta must be in (0, 1), got {delta}")
-        folder = Path(cfg.output_dir) / f"privacy-sweep-{cfg.run_name or cfg.scenario}-{mechanism}"
-        base = {k: v for k, v in overrides.items() if k not in ("run-name", "output-dir")}
-        console.print(f"[bold]fedstill privacy-sweep[/] {cfg.scenario}: {mechanism}, epsilon {budgets} -> {folder}")
-        with _progress() as progress:
-            stages: list[Any] = []
-
-            def on_stage(label: str, stage_cfg: Any):
-                if stages:
-                    _end(progress, stages[-1])
-                stages.append(progress.add_task(label, total=stage_cfg.num_server_rounds))
-                return lambda event: _show(progress, stages[-1], event, label)
-
-            summary = run_sweep(base, folder, mechanism, budgets, delta=delta, cpus_per_client=cpus_per_client,
-                                on_stage=on_stage)
-            if stages:
-                _end(progress, stages[-1])
-    except FedstillError as error:
-        _fail(error)
-    console.print((folder / TABLE).read_text(), markup=False)
-    if any("error" in point for point in summary["points"]):
-        console.print(f"[red]some runs failed[/] (see {folder / 'results.json'})")
-        raise typer.Exit(code=1)
-
-
-@app.command()
-def scenarios() -> None:
-    """List the scenarios shipped in simulations/scenarios."""
-    from simulations.scenarios import list_scenarios
-
-    for name in list_scenarios():
-        console.print(name)
-
-
-SITE_KEYS = {"max-epsilon": float, "delta": float}
-
-
-def parse_site(items: list[str]) -> dict[str, Any] | None:
-    """`--site key=value` settings of every simulated institution (its privacy budget), or of one:
-    `--site institution-2.max-epsilon=1`. Returns {key: value, "institutions": {name: {key: value}}}."""
-    settings: dict[str, Any] = {}
-    for item in items:
-        target, _, value = item.partition("=")
-        name, _, key = target.strip().rpartition(".")
-        if key not in SITE_KEYS:
-            raise ConfigError(f"--site {item!r}: known institution settings are {sorted(SITE_KEYS)}, "
-                              f"optionally for one institution: institution-<i>.max-epsilon=...")
-        try:
-            number = SITE_KEYS[key](value)
-        except ValueError:
-            raise ConfigError(f"--site {item!r}: {key} must be a number") from None
-        (settings.setdefault("institutions", {}).setdefault(name, {}) if name else settings)[key] = number
-    return settings or None
-
-
-def preflight(cfg: Any) -> None:
-    """Fail before starting Flower when the data is missing or cannot be partitioned as asked."""
-    from common.tasks.samples import load_split
-    from common.tasks.partition import partition_rows
-
-    split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size, max_seq_len=cfg.max_seq_len)
-    partition_rows(split, cfg, 0)
-
-
-def _progress() -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                    TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn(), console=console)
-
-
-def _end(progress: Progress, task: Any) -> None:
-    """Stop the spinner of a stage with no round count (the in-process baselines)."""
-    stage = next(t for t in progress.tasks if t.id == task)
-    if stage.total is None:
-        progress.update(task, total=1, completed=1, description=f"{stage.description}: done")
-
-
-def _show(progress: Progress, task: Any, event: dict[str, Any], label: str = "") -> None:
-    prefix = f"{label}: " if label else ""
-    kind = event.get("event")
-    if kind == "started":
-        progress.update(task, description=f"{prefix}waiting for nodes")
-    elif kind == "nodes":
-        progress.update(task, description=f"{prefix}{event['count']} nodes, round 1")
-    elif kind == "round":
-        done = event["round"] >= next(t.total for t in progress.tasks if t.id == task)
-        step = "done" if done else f"round {event['round'] + 1}"
-        progress.update(task, completed=event["round"],
-                        description=f"{prefix}student acc {event['student_accuracy']:.4f}, {step}")
-
-
-def print_results(results: dict[str, Any], run_dir: Path) -> None:
-    """The per-round table and the headline figures."""
-    table = Table(title=f"fedstill: {results['scenario']['scenario']}")
-    for column in ("round", "student acc", "ensemble acc", "replied", "uplink MB", "downlink MB", "wall s"):
-        table.add_column(column, justify="right")
-    for row in results["rounds"]:
-        ensemble = row.get("ensemble_accuracy")
-        table.add_row(str(row["round"]), f"{row['student_accuracy']:.4f}", "-" if ensemble is None else f"{ensemble:.4f}",
-                      str(row["clients_replied"]), f"{row['uplink_bytes'] / 1e6:.2f}",
-                      f"{row['downlink_bytes'] / 1e6:.2f}", f"{row['wall_s']:.1f}")
-    console.print(table)
-    final = results["final"]
-    teacher = final.get("teacher_accuracy_mean")
-    console.print(
-        f"student accuracy [bold]{final['student_accuracy']:.4f}[/]"
-        + (f" vs teachers' mean {teacher:.4f}" if teacher is not None else "")
-        + f"; student {final['student_params']:,} params"
-        + (f" vs largest teacher {final['largest_teacher_params']:,}" if final.get("largest_teacher_params") else "")
-        + f"; uplink {final['uplink_bytes_total'] / 1e6:.1f} MB\nrun folder: {run_dir}"
-    )
-
-
-def _fail(error: BaseException) -> None:
-    console.print(f"[red]{type(error).__name__}[/]: {escape(str(error))}", soft_wrap=True)
-    raise typer.Exit(code=1)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,4 @@
-"""`fedstill supernode` (an institution starts its node) and `fedstill deploy-local` (a whole
-federation over TLS on this machine)."""
+"""`fedstill supernode`: an institution checks its node's files and TLS connection, then starts its SuperNode."""
 
 from __future__ import annotations
 
@@ -9,13 +8,11 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from common.errors import FedstillError
+from simulations.cli.console import console, fail
 from simulations.deploy.node_check import check_auth_key, check_node_config, check_superlink, parse_node_config
-
-console = Console(soft_wrap=True)
 
 
 def supernode(
@@ -34,8 +31,7 @@ def supernode(
         check_node_config(config)
         check_superlink(superlink, root_certificates)
     except FedstillError as error:
-        console.print(f"[red]{type(error).__name__}[/]: {escape(str(error))}")
-        raise typer.Exit(code=1) from None
+        fail(error)
     console.print(f"checks passed: {escape(superlink)} presents a certificate from {escape(str(root_certificates))}; "
                   f"node key and node config ({', '.join(sorted(config)) or 'empty'}) readable")
     if check_only:

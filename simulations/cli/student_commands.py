@@ -6,13 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from common.errors import FedstillError
+from simulations.cli.console import console, fail
 
-console = Console(soft_wrap=True)
 RUN_DIR = typer.Argument(..., help="A run folder (results.json, student.json, student.safetensors).")
 DATA_DIR = typer.Option("", "--data-dir", help="Where the run's data set is now, when it moved since the run.")
 
@@ -31,7 +30,7 @@ def export(
     try:
         s = export_run(run_dir, calibration_size=calibration, mode=mode, threads=threads, data_dir=data_dir or None)
     except FedstillError as error:
-        _fail(error)
+        fail(error)
     table = Table(title=f"fedstill export: {s['model']} (round {s['round']}), {s['test_samples']} test samples")
     for column in ("figure", "value"):
         table.add_column(column)
@@ -54,7 +53,9 @@ def export(
 
 def evaluate(
     run_dir: Path = RUN_DIR,
-    with_teachers: bool = typer.Option(False, "--with-teachers", help="Compare with the teacher ensemble (JS divergence): the run's own teachers where its simulated institutions kept them, else retrained here on their partitions (cached)."),
+    with_teachers: bool = typer.Option(False, "--with-teachers", help="Compare with the teacher ensemble (JS divergence): the "
+                                       "run's own teachers where its simulated institutions kept them, else retrained here on "
+                                       "their partitions (cached)."),
     retrain_teachers: bool = typer.Option(False, help="Retrain the teachers even when the run's own are stored or the cache matches."),
     sigmas: str = typer.Option("", help="Gaussian noise sigmas, comma-separated (images, tables; default per kind)."),
     epsilons: str = typer.Option("", help="FGSM epsilons, comma-separated (images, tables; default per kind)."),
@@ -64,9 +65,9 @@ def evaluate(
     data_dir: str = DATA_DIR,
 ) -> None:
     """Accuracy, macro-F1, ECE, JS divergence to the teacher ensemble, robustness, size (RUN_DIR/evaluation/)."""
-    from simulations.student.robustness import parse_levels
     from simulations.student.evaluate import EVAL_DIR, REPORT, evaluate_run
     from simulations.student.load import load_run_student
+    from simulations.student.robustness import parse_levels
 
     _use_threads(threads)
     try:
@@ -83,7 +84,7 @@ def evaluate(
             ("token_substitution", rates, "--rates")) if text}
         evaluate_run(student, ensemble=ensemble, bins=bins, levels=levels)
     except FedstillError as error:
-        _fail(error)
+        fail(error)
     out = Path(run_dir) / EVAL_DIR
     console.print((out / REPORT).read_text(encoding="utf-8"), markup=False, highlight=False)
     console.print(f"wrote {escape(str(out))}/ ({', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))})")
@@ -102,7 +103,7 @@ def bench(
     try:
         result = bench_run(run_dir, threads=threads, iterations=iterations, rounds=rounds, data_dir=data_dir or None)
     except FedstillError as error:
-        _fail(error)
+        fail(error)
     print_bench(result)
 
 
@@ -129,8 +130,3 @@ def _use_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-
-
-def _fail(error: BaseException) -> None:
-    console.print(f"[red]{type(error).__name__}[/]: {escape(str(error))}", soft_wrap=True)
-    raise typer.Exit(code=1)

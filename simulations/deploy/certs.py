@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -32,6 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.audit.keys import check_name
 from common.errors import ConfigError
+from common.files import atomic_write_bytes
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "superlink.crt", "superlink.key"
@@ -215,17 +214,7 @@ def write_atomic(path: Path, data: bytes, private: bool = False, overwrite: bool
     path = Path(path)
     refuse_existing([path], overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(descriptor, 0o600 if private else 0o644)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data, mode=0o600 if private else 0o644)
     return path
 
 

@@ -2,7 +2,8 @@
 and one SuperNode per institution, each with its own keys, data folder and Flower home.
 
 This is the deployment of docs/deployment.md run on loopback, with every process started here and
-stopped here: the integration tests, `fedstill deploy-local` and the deployment benchmark use it.
+stopped here: the deployment integration tests (tests/integration/test_deploy.py) and the deployment
+benchmark (scripts/bench_deploy.py) use it; there is no command that starts it.
 Each institution's SuperNode is started through `fedstill supernode`, which checks the node's files
 and its TLS connection first, exactly as an institution would start it.
 """

@@ -3,7 +3,9 @@
 `flower-supernode` retries forever on a TLS or authentication failure and logs a gRPC status code;
 an institution's operator needs to hear instead which of its files is wrong. `check_superlink` makes
 the same TLS handshake the SuperNode will make (the CA it was given, the host name it dials) and
-explains why it failed; `check_auth_key` reads the node-authentication key the way Flower does.
+explains why it failed; `check_auth_key` reads the node-authentication key the way Flower does;
+`check_node_config` parses the node config as the ClientApp will (common.node_config.NodeConfig)
+and checks that the files it names are there.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ import socket
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from common.errors import ConfigError
+from common.node_config import NodeConfig, UserConfigValue
 
 HANDSHAKE_TIMEOUT_S = 10.0
 HOSTNAME_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH
@@ -72,7 +74,7 @@ def check_superlink(address: str, ca_file: Path, timeout_s: float = HANDSHAKE_TI
     except ConnectionRefusedError:
         raise ConfigError(f"nothing accepts connections at {address}: check that the SuperLink runs, the host and "
                           "port (flower-superlink --port, default 8000), and that the firewall lets this node in") from None
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         raise ConfigError(f"no answer from {address} within {timeout_s:.0f} s: check the address and the "
                           "firewall between this node and the SuperLink") from None
     except socket.gaierror:
@@ -99,7 +101,7 @@ def check_auth_key(path: Path) -> None:
         raise ConfigError(f"{path} is readable by others (mode {mode:o}); `chmod 600 {path}`")
 
 
-def parse_node_config(text: str) -> dict[str, Any]:
+def parse_node_config(text: str) -> dict[str, UserConfigValue]:
     """`key="text" key2=3 key3=true` -> typed values, parsed exactly as flower-supernode parses them."""
     import click
     from flwr.common.config import parse_config_args
@@ -111,22 +113,19 @@ def parse_node_config(text: str) -> dict[str, Any]:
                           "numbers and true/false bare)") from None
 
 
-def check_node_config(config: Mapping[str, Any]) -> None:
-    """Files named in the node config exist where the node will look (keys, data, ledgers' folders), and
-    the data folder holds one of the known layouts (its labels and image sizes are checked when a run
-    tells the node the dataset)."""
-    for key in ("signing-key", "data-path", "public-dir"):
-        value = config.get(key)
-        if value is not None and not Path(str(value)).expanduser().exists():
+def check_node_config(config: Mapping[str, UserConfigValue]) -> NodeConfig:
+    """The node config parses as the ClientApp will parse it, the files it names exist where the node will
+    look (keys, data, ledgers' folders), and the data folder holds one of the known layouts (its labels and
+    image sizes are checked when a run tells the node the dataset)."""
+    node = NodeConfig.from_node_config(config)
+    for key, value in (("signing-key", node.signing_key), ("data-path", node.data_path), ("public-dir", node.public_dir)):
+        if value is not None and not Path(value).expanduser().exists():
             raise ConfigError(f"node config {key}={value!r}: no such file or folder on this machine")
-    for key in ("release-log", "privacy-ledger"):
-        value = config.get(key)
-        if value is not None and not Path(str(value)).expanduser().parent.is_dir():
+    for key, value in (("release-log", node.release_log), ("privacy-ledger", node.privacy_ledger)):
+        if value is not None and not Path(value).expanduser().parent.is_dir():
             raise ConfigError(f"node config {key}={value!r}: its folder does not exist; create it first")
-    if config.get("data-path") is not None:
+    if node.data_path is not None:
         from common.tasks.institution_files import detect_format
 
-        detect_format(Path(str(config["data-path"])).expanduser())  # a known layout (the run checks labels and sizes)
-    if "signing-key" in config and "institution-id" not in config:
-        raise ConfigError("node config has signing-key but no institution-id; add institution-id=\"NAME\" "
-                          "(the name in the coordinator's allow-list)")
+        detect_format(Path(node.data_path).expanduser())  # a known layout (the run checks labels and sizes)
+    return node

@@ -1,4 +1,4 @@
-"""`fedstill site-data`: write each institution's partition of a scenario as its own data folder.
+"""Each institution's partition of a scenario as its own data folder (what `fedstill site-data` writes).
 
 `DIR/institution-<i>/data/` gets partition `i` of the scenario's private pool, exactly as a simulated
 node would draw it, as idx files (`train-images-idx3-ubyte`, `train-labels-idx1-ubyte`) or as class
@@ -14,17 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from common.errors import ConfigError, DataError, FedstillError
+from common.errors import ConfigError, DataError
 
 FORMATS = ("idx", "images")
 IMAGES_FILE = "train-images-idx3-ubyte"
 LABELS_FILE = "train-labels-idx1-ubyte"
-console = Console(soft_wrap=True)
 
 
 @dataclass(frozen=True)
@@ -39,7 +34,8 @@ def write_site_data(cfg, out: Path, fmt: str = "idx", overwrite: bool = False) -
     the public set's fingerprint (what each institution's copy of the public set must match)."""
     from client.release import site_folder
     from client.site import SITE_DATA
-    from common.tasks.samples import load_split, public_fingerprint
+    from common.tasks.registry import load_split
+    from common.tasks.samples import public_fingerprint
     from common.tasks.partition import partition_rows
 
     if fmt not in FORMATS:
@@ -67,7 +63,7 @@ def write_site_data(cfg, out: Path, fmt: str = "idx", overwrite: bool = False) -
 
 def write_idx_folder(folder: Path, images: np.ndarray, labels: np.ndarray) -> None:
     """`train-images-idx3-ubyte` and `train-labels-idx1-ubyte` (uncompressed) in `folder`."""
-    from common.tasks.samples import write_idx
+    from common.tasks.images import write_idx
 
     folder.mkdir(parents=True, exist_ok=True)
     write_idx(folder / IMAGES_FILE, images)
@@ -83,44 +79,3 @@ def write_image_folders(folder: Path, images: np.ndarray, labels: np.ndarray) ->
         for number, index in enumerate(np.flatnonzero(labels == label)):
             Image.fromarray(np.ascontiguousarray(images[index], dtype=np.uint8), mode="L").save(
                 folder / str(int(label)) / f"{number:06d}.png")
-
-
-def site_data(
-    scenario: str = typer.Argument(None, help="Scenario name (see `fedstill scenarios`) or a .toml file of run-config keys."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for institution-<i>/data/ (one per institution)."),
-    format_: str = typer.Option("idx", "--format", "-f", help="idx (train-images/labels idx files) or images (class folders of PNGs)."),
-    num_clients: int = typer.Option(0, min=0, help="Number of institutions (0: the scenario's num-clients)."),
-    set_: list[str] = typer.Option([], "--set", "-s", help="Override a run-config key: --set partitioner=dirichlet (repeatable)."),
-    overwrite: bool = typer.Option(False, help="Replace data folders that already hold data."),
-) -> None:
-    """Write each institution's partition of a scenario as its own data folder (for demos, tests and deployment)."""
-    from simulations.scenarios import resolve
-
-    try:
-        # --num-clients may go below the scenario's quorum (min-clients), which does not matter here
-        sets = list(set_) + ([f"num-clients={num_clients}", "min-clients=1"] if num_clients else [])
-        _, cfg = resolve(scenario, sets, Path.cwd())
-        written, fingerprint = write_site_data(cfg, out, format_, overwrite)
-    except FedstillError as error:
-        console.print(f"[red]{type(error).__name__}[/]: {escape(str(error))}")
-        raise typer.Exit(code=1) from None
-    _report(cfg, written, fingerprint, format_)
-
-
-def _report(cfg, written: list[WrittenSite], fingerprint: str, fmt: str) -> None:
-    table = Table(title=f"{cfg.scenario}: {len(written)} institutions, {cfg.partitioner}, {fmt}")
-    table.add_column("institution", no_wrap=True)
-    table.add_column("samples", justify="right")
-    for label in range(len(written[0].class_counts)):
-        table.add_column(str(label), justify="right")
-    for site in written:
-        table.add_row(site.name, str(int(site.class_counts.sum())), *(str(int(c)) for c in site.class_counts))
-    console.print(table)
-    console.print("samples per class (columns: class index); written to:")
-    for site in written:
-        console.print(f"  {escape(str(site.folder.resolve()))}")
-    console.print(f"public set: {cfg.dataset}, public-size {cfg.public_size}, seed {cfg.seed}, fingerprint {fingerprint[:16]}...")
-    first = escape(str(written[0].folder.resolve()))
-    console.print(f"deployment: flower-supernode ... --node-config 'data-path=\"{first}\"' (one folder per institution)")
-    console.print("simulation: with --set sites-dir=<--out folder>, each institution reads its data/ folder "
-                  "(its keys must be beside it: see docs/deployment.md, Institution data)")

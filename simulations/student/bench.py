@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from common.errors import ConfigError
-from common.models.registry import build_model, count_parameters, inputs_to_tensor
+from common.models.inputs import inputs_to_tensor
+from common.models.registry import build_model, count_parameters
 from simulations.student.export import EXPORT_DIR, ONNX_FP32, ONNX_INT8, INPUT, export_run, ort_session
-from server.results.run_folder import write_json
-from server.results.report import add_section
+from server.results.run_folder import add_section, write_json
 from simulations.student.load import RunStudent, load_run_split, load_run_student
 
 RESULT = "bench.json"
@@ -116,7 +116,7 @@ def bench_run(run_dir: Path, *, threads: int = 1, batches: tuple[int, ...] = BAT
 
 def _bench(student: RunStudent, export: Path, inputs: np.ndarray, *, threads: int, batches: tuple[int, ...],
            iterations: int, warmup: int, rounds: int) -> dict[str, Any]:
-    teacher_name, teacher = largest_teacher(student.cfg.teacher_model_list, int(student.meta["num_classes"]),
+    teacher_name, teacher = largest_teacher(student.cfg.teacher_model_list, student.meta.num_classes,
                                             student.input_shape)
     engines = {
         "teacher, PyTorch": torch_engine(teacher),
@@ -130,7 +130,7 @@ def _bench(student: RunStudent, export: Path, inputs: np.ndarray, *, threads: in
         "run_dir": str(student.run_dir), "threads": threads, "batches": list(batches), "iterations": iterations,
         "rounds": rounds, "warmup": warmup,
         "teacher": {"model": teacher_name, "params": count_parameters(teacher), "weights": "built fresh, not the institutions' (timing only)"},
-        "student": {"model": student.meta["model"], "params": count_parameters(student.model)},
+        "student": {"model": student.meta.model, "params": count_parameters(student.model)},
         "machine": {"cpu": _cpu_name(), "cpus": os.cpu_count(), "load_average_before": load_before[0],
                     "load_average_after": os.getloadavg()[0], "torch": torch.__version__, "python": platform.python_version()},
         "engines": figures(times, reference=next(iter(engines))),

@@ -11,7 +11,6 @@ test-set logits when it has them (`simulations.student.reference_teachers` retra
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.metrics import macro_f1
+from common.files import atomic_path, atomic_write_text
 from common.tasks.samples import FederatedSplit, task_of
-from common.models.registry import count_parameters, inputs_to_tensor
+from common.models.inputs import inputs_to_tensor
+from common.models.registry import count_parameters
 from simulations.student.robustness import fgsm_curve, noise_curve, seeded_curve, token_dropout, token_substitution
-from simulations.student.metrics import ECE_BINS, expected_calibration_error, js_divergence, macro_f1
+from simulations.student.metrics import ECE_BINS, expected_calibration_error, js_divergence
 from simulations.student.export import EXPORT_DIR, ONNX_FP32, ONNX_INT8
-from server.results.run_folder import STUDENT, write_json
-from server.results.report import add_section
+from server.results.run_folder import STUDENT, add_section, write_json
 from simulations.student.load import RunStudent, load_run_split, softmax, torch_logits
 
 EVAL_DIR = "evaluation"
@@ -117,7 +118,7 @@ def evaluate_run(student: RunStudent, *, ensemble: EnsembleLogits | None = None,
     probs = softmax(logits)
     predicted = probs.argmax(axis=1)
     summary: dict[str, Any] = {
-        "run_dir": str(student.run_dir), "model": student.meta["model"], "round": student.meta.get("round"),
+        "run_dir": str(student.run_dir), "model": student.meta.model, "round": student.meta.round,
         "dataset": student.cfg.dataset, "test_samples": int(len(labels)),
         "accuracy": float((predicted == labels).mean()), "macro_f1": macro_f1(predicted, labels),
         "ece": expected_calibration_error(probs, labels, bins), "ece_bins": bins,
@@ -130,7 +131,7 @@ def evaluate_run(student: RunStudent, *, ensemble: EnsembleLogits | None = None,
     out = student.run_dir / EVAL_DIR
     out.mkdir(exist_ok=True)
     write_json(out / SUMMARY, summary)
-    _atomic_text(out / REPORT, report(summary))
+    atomic_write_text(out / REPORT, report(summary))
     plot_robustness(summary, out / PLOT)
     add_section(student.run_dir, "evaluation", summary)  # results.json and report.md
     return summary
@@ -183,13 +184,6 @@ def plot_robustness(s: dict[str, Any], path: Path) -> None:
     axes[0].set_ylim(0, 1)
     fig.suptitle(f"{s['model']} on {s['dataset']}: accuracy under input perturbation")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

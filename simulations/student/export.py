@@ -13,7 +13,6 @@ Every figure is measured on the run's test set; calibration uses only the public
 
 from __future__ import annotations
 
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -30,9 +29,9 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
 from common.errors import ConfigError
-from common.models.registry import inputs_to_tensor
-from server.results.run_folder import write_json
-from server.results.report import add_section
+from common.files import atomic_path
+from common.models.inputs import inputs_to_tensor
+from server.results.run_folder import add_section, write_json
 from simulations.student.load import load_run_split, load_run_student, softmax, torch_logits
 
 EXPORT_DIR = "export"
@@ -50,19 +49,18 @@ QUANT_MODES = ("auto", "static", "dynamic")
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = OPSET) -> None:
     """Write `model` as ONNX (batch axis dynamic) to `path`, atomically, and check the graph."""
     model.eval()
-    tmp = path.with_name(f".{path.name}.tmp")
-    with warnings.catch_warnings():
-        # torch >= 2.9 announces the dynamo exporter as the default (the TorchScript one needs no onnxscript);
-        # tracer notes on transformers' shape arithmetic are left out too: the parity check is the evidence
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", module=r"torch\.onnx")
-        torch.onnx.export(
-            model, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=[INPUT], output_names=[OUTPUT],
-            dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-        )
-    onnx.checker.check_model(str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        with warnings.catch_warnings():
+            # torch >= 2.9 announces the dynamo exporter as the default (the TorchScript one needs no onnxscript);
+            # tracer notes on transformers' shape arithmetic are left out too: the parity check is the evidence
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", module=r"torch\.onnx")
+            torch.onnx.export(
+                model, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=[INPUT],
+                output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+            )
+        onnx.checker.check_model(str(tmp))
 
 
 def ort_session(path: Path, threads: int = 1) -> ort.InferenceSession:
@@ -118,8 +116,7 @@ def quantise(fp32: Path, int8: Path, calibration: np.ndarray | None, mode: str =
     mode = quantisation_mode(fp32, mode)
     if mode == "static" and (calibration is None or not len(calibration)):
         raise ConfigError("static quantisation needs calibration inputs (a slice of the public set)")
-    tmp = int8.with_name(f".{int8.name}.tmp")
-    with tempfile.TemporaryDirectory() as scratch:
+    with atomic_path(int8) as tmp, tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared))  # shape inference and graph optimisation first
         if mode == "dynamic":
@@ -130,7 +127,6 @@ def quantise(fp32: Path, int8: Path, calibration: np.ndarray | None, mode: str =
                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
             )
-    os.replace(tmp, int8)
     return mode
 
 
@@ -156,7 +152,7 @@ def export_run(run_dir: Path, *, calibration_size: int = CALIBRATION_SIZE, mode:
     accuracy = {name: float((p.argmax(axis=1) == labels).mean())
                 for name, p in (("pytorch", torch_probs), ("onnx_fp32", fp32_probs), ("onnx_int8", int8_probs))}
     summary = {
-        "run_dir": str(run_dir), "model": student.meta["model"], "round": student.meta.get("round"),
+        "run_dir": str(run_dir), "model": student.meta.model, "round": student.meta.round,
         "opset": OPSET, "test_samples": int(len(labels)),
         "files": {name: {"path": str(out / name), "bytes": (out / name).stat().st_size} for name in (ONNX_FP32, ONNX_INT8)},
         "parity_fp32": parity(torch_probs, fp32_probs),

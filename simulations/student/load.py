@@ -19,23 +19,25 @@ from safetensors.torch import load_file
 from torch import nn
 
 from common.config import RunConfig, default_run_config
-from common.tasks.samples import FederatedSplit, load_split
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from common.models.registry import build_model
+from common.tasks.registry import load_split
+from common.tasks.samples import FederatedSplit
 from server.results.run_folder import RESULTS, STUDENT, STUDENT_CONFIG
+from server.results.schema import StudentMeta
 
 
 @dataclass(frozen=True)
 class RunStudent:
     run_dir: Path
     cfg: RunConfig  # the run's resolved scenario (keys newer than the run take their defaults)
-    meta: dict[str, Any]  # student.json: model, num_classes, image_size (one sample's input shape), round, ...
+    meta: StudentMeta  # student.json: model, num_classes, input_shape (one sample's), round, ...
     model: nn.Module  # in eval mode
     results: dict[str, Any]  # results.json: rounds, final figures
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.meta["image_size"])
+        return tuple(int(d) for d in self.meta.input_shape)
 
 
 def load_run_student(run_dir: Path, data_dir: str | None = None) -> RunStudent:
@@ -46,7 +48,7 @@ def load_run_student(run_dir: Path, data_dir: str | None = None) -> RunStudent:
             raise ConfigError(f"{run_dir} holds no {name}: not a run folder, or its run finished no round; "
                               f"pass the folder a `fedstill simulate` run wrote (runs/<scenario>-<time>/)")
     results = _read_json(run_dir / RESULTS)
-    meta = _read_json(run_dir / STUDENT_CONFIG)
+    meta = _read_meta(run_dir / STUDENT_CONFIG)
     defaults = default_run_config()
     scenario = {k: v for k, v in (results.get("scenario") or {}).items() if k in defaults}  # keys since removed: dropped
     if data_dir:
@@ -56,11 +58,11 @@ def load_run_student(run_dir: Path, data_dir: str | None = None) -> RunStudent:
         weights = load_file(str(run_dir / STUDENT))
     except (SafetensorError, OSError) as error:
         raise ConfigError(f"cannot read {run_dir / STUDENT}: {error}; the file is corrupt") from None
-    model = build_model(meta["model"], int(meta["num_classes"]), tuple(meta["image_size"]))
+    model = build_model(meta.model, meta.num_classes, meta.input_shape)
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
-        raise ConfigError(f"{run_dir / STUDENT} does not fit model {meta['model']!r} of {run_dir / STUDENT_CONFIG}: "
+        raise ConfigError(f"{run_dir / STUDENT} does not fit model {meta.model!r} of {run_dir / STUDENT_CONFIG}: "
                           f"{str(error).splitlines()[0]}") from None
     return RunStudent(run_dir, cfg, meta, model.eval(), results)
 
@@ -90,4 +92,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot read {path}: {error}; the run folder is damaged") from None
+
+
+def _read_meta(path: Path) -> StudentMeta:
+    """student.json; one written before `input_shape` had its name holds it as `image_size`, read the same."""
+    try:
+        return StudentMeta.from_json(_read_json(path))
+    except DataError as error:
         raise ConfigError(f"cannot read {path}: {error}; the run folder is damaged") from None

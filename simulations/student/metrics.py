@@ -1,7 +1,6 @@
-"""What a distilled student retains and how far its confidence can be trusted, beside its accuracy.
+"""What a distilled student retains and how far its confidence can be trusted, beside its accuracy and
+macro-F1 (`common.metrics`).
 
-    macro_f1                  unweighted mean of the per-class F1 over the classes present in the labels
-                              or the predictions
     js_divergence             knowledge retention: Jensen-Shannon divergence between the student's and the
                               teacher ensemble's distributions, per sample, in bits (0 = identical, 1 = disjoint)
     expected_calibration_error  ECE (Guo et al., 2017): confidence against accuracy in equal-width bins
@@ -14,18 +13,6 @@ from __future__ import annotations
 import numpy as np
 
 ECE_BINS = 15  # Guo et al. (2017), "On Calibration of Modern Neural Networks", use 15 equal-width bins
-
-
-def macro_f1(predicted: np.ndarray, labels: np.ndarray) -> float:
-    """Mean per-class F1 = 2 TP / (2 TP + FP + FN) over every class that occurs in `labels` or `predicted`."""
-    predicted, labels = np.asarray(predicted, dtype=np.int64), np.asarray(labels, dtype=np.int64)
-    if len(labels) == 0:
-        return float("nan")
-    scores = []
-    for c in np.union1d(labels, predicted):
-        tp = float(((predicted == c) & (labels == c)).sum())
-        scores.append(2 * tp / float((predicted == c).sum() + (labels == c).sum()))
-    return float(np.mean(scores))
 
 
 def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:

@@ -35,7 +35,9 @@ from common.aggregation import AggregationParams, NEEDS_CLASS_COUNTS, aggregate
 from common.config import RunConfig
 from common.tasks.samples import FederatedSplit, public_fingerprint
 from common.errors import ConfigError
-from common.models.registry import build_model, input_shape, inputs_to_tensor
+from common.files import atomic_path
+from common.models.inputs import input_shape, inputs_to_tensor
+from common.models.registry import build_model
 from common.tasks.partition import partition_rows
 from common.models.training import train_supervised
 from simulations.student.evaluate import EVAL_DIR, EnsembleLogits
@@ -191,9 +193,8 @@ def _read_cache(path: Path, key: str) -> list[dict[str, Any]] | None:
 
 
 def _write_cache(path: Path, key: str, teachers: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez_compressed(tmp, key=np.array(key), models=np.array(json.dumps([t["model"] for t in teachers])),
-                        num_examples=np.array([t["num_examples"] for t in teachers], dtype=np.int64),
-                        class_counts=np.stack([t["class_counts"] for t in teachers]),
-                        logits=np.stack([t["logits"] for t in teachers]).astype(np.float32))
-    tmp.replace(path)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, key=np.array(key), models=np.array(json.dumps([t["model"] for t in teachers])),
+                            num_examples=np.array([t["num_examples"] for t in teachers], dtype=np.int64),
+                            class_counts=np.stack([t["class_counts"] for t in teachers]),
+                            logits=np.stack([t["logits"] for t in teachers]).astype(np.float32))

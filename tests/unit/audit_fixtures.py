@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
+from grid import Answer, MemoryGrid, server_task
 
 from client.release import RELEASE_LOG, Identity, sign_and_log
 from common.audit.keys import Signer, load_signer, private_key_path, write_allow_list, write_key_pair
@@ -24,7 +25,8 @@ from common.audit.kinds import COORDINATOR
 from common.config import RunConfig, default_run_config
 from common.messages import SoftLabelQuery, SoftLabelReply
 from server.audit_trail import LEDGER, AuditTrail
-from server.rounds import RoundReplies, judge_replies
+from server.exchange import Exchange
+from server.rounds import query_soft_labels
 
 FINGERPRINT = "ab" * 32
 RUN_ID = 2**63 - 25  # Flower's run ids are 64-bit: more than an RFC 8785 number holds exactly
@@ -95,10 +97,18 @@ def altered(record: RecordDict) -> RecordDict:
 
 
 def judge(trail: AuditTrail, query: SoftLabelQuery, answers: list[tuple[int, str | None, RecordDict | None]],
-          nodes: list[int] | None = None) -> RoundReplies:
-    """The server's judgement of a round, the audit trail's check first, as the round loop does it."""
+          nodes: list[int] | None = None) -> Exchange[SoftLabelReply]:
+    """The server's judgement of a round, the audit trail's check first, as the round loop does it: each
+    `(node, error reason, content)` answer comes back through the in-memory Grid (a node not among them is silent)."""
     nodes = sorted(node for node, _, _ in answers) if nodes is None else nodes
-    return judge_replies(query, nodes, answers, TIMEOUT_S, partial(trail.check_reply, query))
+    given = {node: (error, content) for node, error, content in answers}
+
+    def answer(message: Message) -> Answer:
+        error, content = given.get(message.metadata.dst_node_id, (None, None))
+        return Error(code=0, reason=error) if error is not None else content
+
+    with server_task():
+        return query_soft_labels(MemoryGrid(answer), nodes, query, TIMEOUT_S, partial(trail.check_reply, query))
 
 
 @dataclass(frozen=True)

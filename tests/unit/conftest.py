@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from grid import MemoryGrid, server_task
 
 from common.config import default_run_config
 
@@ -21,3 +23,16 @@ def _one_torch_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(name="server_task")
+def _server_task() -> Iterator[None]:
+    """This test process is a ServerApp's task while the test runs: Flower builds Messages only inside one."""
+    with server_task():
+        yield
+
+
+@pytest.fixture
+def memory_grid(server_task: None) -> type[MemoryGrid]:
+    """The suite's one in-memory Grid (tests/unit/grid.py), ready to send: `memory_grid(answer, nodes)`."""
+    return MemoryGrid

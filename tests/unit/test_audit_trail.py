@@ -17,6 +17,7 @@ from audit_fixtures import (
     write_allow_list_for,
 )
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from grid import MemoryGrid
 
 from client.release import Identity, sign_and_log
 from common.audit import kinds
@@ -30,7 +31,6 @@ from common.messages import (
     DigestInstruction, DigestReply, SoftLabelQuery, SoftLabelReply, read_attestation, record_digest,
 )
 from server.audit_trail import LEDGER, AuditTrail
-from server import rounds
 from server.rounds import send_digest
 
 NAMES = ("hospital-a", "bank-b", "clinic-c", "lab-d")
@@ -429,47 +429,10 @@ def test_the_attestation_binds_the_exact_reply_bytes(coordinator: Coordinator) -
     assert log[-1]["kind"] == kinds.RELEASE and log[-1]["body"]["attestation"] == attestation.as_dict()
 
 
-@dataclass
-class _Sent:
-    """What `send_digest` addresses (Flower's Message needs a running ServerApp to be built)."""
-
-    content: RecordDict
-    dst_node_id: int
-    message_type: str
-    group_id: str
-
-
-class AnsweringGrid:
-    """Stands in for Flower's Grid in `send_digest`: each addressed node answers with its prepared record."""
-
-    def __init__(self, answers: dict[int, RecordDict]) -> None:
-        self.answers = answers
-        self.sent: list[_Sent] = []
-
-    def send_and_receive(self, messages: list[_Sent], timeout: float) -> list[Any]:
-        self.sent += messages
-        return [_Answer(m.dst_node_id, self.answers[m.dst_node_id]) for m in messages if m.dst_node_id in self.answers]
-
-
-@dataclass
-class _Answer:
-    node: int
-    content: RecordDict
-    error: Any = None
-
-    @property
-    def metadata(self) -> Any:
-        return type("Metadata", (), {"src_node_id": self.node})()
-
-    def has_error(self) -> bool:
-        return False
-
-
 def test_fedmd_digest_replies_are_checked_and_recorded_in_the_digest_phase(
-    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch,
+    coordinator: Coordinator, memory_grid: type[MemoryGrid],
 ) -> None:
     # Prepare
-    monkeypatch.setattr(rounds, "Message", _Sent)
     sites = coordinator.sites
     query = open_round(coordinator, [11, 12])
     replies = judge(coordinator.trail, query, [(11, None, signed_reply(sites["hospital-a"], query, 11)),
@@ -487,7 +450,8 @@ def test_fedmd_digest_replies_are_checked_and_recorded_in_the_digest_phase(
 
     changed = digest_reply(sites["bank-b"], 12)
     changed["metrics"] = MetricRecord({"round": 1, "digest-loss": 0.01, "revisit-loss": 0.27})  # altered in transit
-    grid = AnsweringGrid({11: digest_reply(sites["hospital-a"], 11), 12: changed})
+    answers = {11: digest_reply(sites["hospital-a"], 11), 12: changed}
+    grid = memory_grid(lambda message: answers[message.metadata.dst_node_id])
 
     # Execute
     outcome = send_digest(grid, [11, 12], instruction, 30.0, partial(coordinator.trail.check_digest_reply, instruction))
@@ -496,7 +460,8 @@ def test_fedmd_digest_replies_are_checked_and_recorded_in_the_digest_phase(
 
     # Assert
     assert [m.content for m in grid.sent] == [instruction.to_record()] * 2
-    assert outcome.accepted == {11} and outcome.checks == {12: "digest"}
+    assert [(m.metadata.message_type, m.metadata.group_id) for m in grid.sent] == [("train.digest", "1-digest")] * 2
+    assert list(outcome.accepted) == [11] and outcome.checks == {12: "digest"}
     digest_entries = [e["body"] for e in coordinator.entries() if e["body"].get("phase") == "digest"]
     assert [(body["node_id"], body.get("check")) for body in digest_entries] == [("11", None), ("12", "digest")]
     assert json.loads(digest_entries[0]["attestation"]["statement"])["payload"]["kind"] == "digest-losses"

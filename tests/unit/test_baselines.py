@@ -10,7 +10,7 @@ import pytest
 
 import simulations.baselines as baselines
 from common.config import RunConfig, default_run_config
-from common.tasks.samples import load_split
+from common.tasks.registry import load_split
 from common.models.registry import build_model, count_parameters
 
 PUBLIC_SIZE = 400

@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from common.config import RunConfig
-from common.tasks.samples import load_split
+from common.tasks.registry import load_split
 from common.errors import ConfigError
-from server import checkpoint as checkpoint_module
 from server.audit_trail import LEDGER, AuditTrail
 from server.checkpoint import (
     CHECKPOINT, Checkpoint, CheckpointState, config_differences, config_sha256, mark_completed, read_checkpoint,
@@ -24,6 +23,7 @@ from server.checkpoint import (
 from server.distill import Student
 from server.resume import Checkpointer, plan_start
 from server.results.run_folder import RESULTS, RunFolder
+from server.results.schema import RoundRow
 
 RUN_ID = 2**63 - 7
 
@@ -122,7 +122,7 @@ def test_a_write_killed_before_the_rename_leaves_the_previous_checkpoint(run_con
     def killed(*args: Any) -> None:
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(checkpoint_module.os, "replace", killed)
+    monkeypatch.setattr("common.files.os.replace", killed)
 
     # Execute
     with pytest.raises(KeyboardInterrupt):
@@ -279,7 +279,9 @@ def test_the_checkpointer_restores_rows_and_records_the_resume(run_config_mappin
     first = AuditTrail.open(cfg, run.path, 111)
     keeper = Checkpointer.start(cfg, run, first, plan_start(cfg))
     (run.path / "student.safetensors").write_bytes(b"weights")
-    run.record_round({"round": 1, "student_accuracy": 0.5, "clients_replied": 3, "wall_s": 1.0})
+    row = RoundRow(round=1, student_accuracy=0.5, ensemble_accuracy=0.6, clients_replied=3, clients_rejected={},
+                   uplink_bytes=0, uplink_bytes_per_client={}, downlink_bytes=0, wall_s=1.0)
+    run.record_round(row)
     keeper.save(1, first.checkpoint(1, run.path / "student.safetensors", 0.5), {"w": torch.ones(2)})
     first.ledger.append("round-opened", {"round": 2})
     resumed_cfg = config(run_config_mapping, tmp_path, resume=True)
@@ -291,7 +293,7 @@ def test_the_checkpointer_restores_rows_and_records_the_resume(run_config_mappin
     keeper = Checkpointer.start(resumed_cfg, again, trail, start)
 
     # Assert
-    assert again.rounds == [{"round": 1, "student_accuracy": 0.5, "clients_replied": 3, "wall_s": 1.0}]
+    assert again.rounds == [row]
     assert keeper.run_ids == ["111", "222"]
     last = trail.ledger.entries()[-1]
     assert last["kind"] == "run-resumed" and last["body"]["run_id"] == "222"

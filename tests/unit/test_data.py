@@ -1,7 +1,8 @@
-"""Unit tests of common/tasks/samples.py: idx loading, the public/private/test split and the public fingerprint.
+"""Unit tests of common/tasks/images.py, samples.py and registry.load_split: idx loading, the public/private/test
+split and the public fingerprint.
 
 Corruption tests write small idx folders of their own under `tmp_path` (one folder per test, since
-`_load_fashion_mnist` caches by folder path); only a few tests read the real Fashion-MNIST files.
+`common.tasks.images._load_fashion_mnist` caches by folder path); only a few tests read the real Fashion-MNIST files.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import re
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis.extra import numpy as hnp
 
-from common.tasks.samples import ImageSet, load_split, public_fingerprint
 from common.errors import DataError
+from common.tasks.registry import load_split
+from common.tasks.samples import ImageSet, public_fingerprint
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGES_MAGIC = 2051  # idx: 0x00 0x00, type 0x08 (uint8), 3 dims

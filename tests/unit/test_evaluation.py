@@ -13,9 +13,11 @@ from flwr.app import RecordDict
 
 from client.site import Site
 from client.teacher import attach_store, restore_teacher, save_teacher, teacher_store, train_round
-from common.tasks.samples import load_split, public_fingerprint
+from common.tasks.registry import load_split
+from common.tasks.samples import public_fingerprint
 from common.errors import ConfigError
-from common.models.registry import images_to_tensor
+from common.models.inputs import images_to_tensor
+from common.node_config import NodeConfig
 from common.tasks.partition import partition_rows
 from run_fixtures import make_run_folder, tiny_cfg
 from simulations.student.evaluate import EVAL_DIR, PLOT, REPORT, SUMMARY, EnsembleLogits, evaluate_run
@@ -125,7 +127,7 @@ def test_a_simulated_runs_own_teachers_are_used_and_the_replay_matches_them(tmp_
         site = Site(pid, split.private.subset(partition_rows(split, cfg, pid)), split.public, split.test,
                     public_fingerprint(split.public))
         state = RecordDict()
-        attach_store(state, teacher_store(cfg, site, {"state-dir": str(run / "sites" / f"institution-{pid}")}, 7))
+        attach_store(state, teacher_store(cfg, site, NodeConfig(state_dir=str(run / "sites" / f"institution-{pid}")), 7))
         for _ in range(cfg.num_server_rounds):
             model, rounds_trained = restore_teacher(state, cfg, site)
             train_round(model, cfg, site, rounds_trained)

@@ -11,9 +11,10 @@ import onnx
 import pytest
 import torch
 
-from common.tasks.samples import load_split
+from common.tasks.registry import load_split
 from common.errors import ConfigError
-from common.models.registry import build_model, images_to_tensor
+from common.models.inputs import images_to_tensor
+from common.models.registry import build_model
 from simulations.student.export import (
     EXPORT_DIR, ONNX_FP32, ONNX_INT8, SUMMARY, export_onnx, export_run, ort_logits, ort_session, quantisation_mode,
     quantise,

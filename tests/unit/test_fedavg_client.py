@@ -12,7 +12,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from client.fedavg import fedavg_train
 from client.site import Site
 from common.config import RunConfig, default_run_config
-from common.tasks.samples import load_split, public_fingerprint
+from common.tasks.registry import load_split
+from common.tasks.samples import public_fingerprint
 from common.errors import MessageFormatError
 from common.models.registry import build_model
 

@@ -21,16 +21,24 @@ from PIL import Image
 
 import client.site as site_module
 from client.client_app import check_query
-from client.site import load_site
+from client.site import Site
 from common.config import RunConfig
-from common.tasks.samples import ImageSet, load_split, public_fingerprint, write_idx
 from common.errors import ConfigError, DataError, FingerprintMismatch, MessageFormatError
-from common.tasks.institution_files import (
-    LabelSpace, TabularSet, TextSet, detect_format, image_label_space, load_institution_data,
-)
 from common.messages import SoftLabelQuery
+from common.node_config import NodeConfig
+from common.tasks.images import write_idx
+from common.tasks.institution_files import (
+    LabelSpace,
+    TabularSet,
+    TextSet,
+    detect_format,
+    image_label_space,
+    load_institution_data,
+)
 from common.tasks.partition import partition_indices
-from server.rounds import short_reason
+from common.tasks.registry import load_split
+from common.tasks.samples import ImageSet, public_fingerprint
+from server.exchange import short_reason
 from simulations.deploy.site_data import write_site_data
 
 SIDE = 8
@@ -39,6 +47,11 @@ FASHION_SPACE = LabelSpace("fashion-mnist", "image", 10, ("T-shirt/top", "Trouse
                                                           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"), (SIDE, SIDE))
 TABLE_SPACE = LabelSpace("credit", "tabular", 3, ("low", "medium", "high"))
 TEXT_SPACE = LabelSpace("news", "text", 3, ("sport", "politics", "tech"))
+
+
+def load_site(cfg: RunConfig, node_config: dict[str, Any], state: RecordDict) -> Site:
+    """client.site.load_site, after the node config is parsed as the ClientApp parses it."""
+    return site_module.load_site(cfg, NodeConfig.from_node_config(node_config), state)
 
 
 def sample_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +71,7 @@ def idx_folder(folder: Path, images: np.ndarray, labels: np.ndarray, prefix: str
 
 
 def image_folders(folder: Path, images: np.ndarray, labels: np.ndarray, names: Callable[[int], str] = str) -> Path:
-    for number, (image, label) in enumerate(zip(images, labels)):
+    for number, (image, label) in enumerate(zip(images, labels, strict=True)):
         (folder / names(int(label))).mkdir(parents=True, exist_ok=True)
         Image.fromarray(image, mode="L").save(folder / names(int(label)) / f"{number:04d}.png")
     return folder
@@ -519,7 +532,7 @@ def _assert_refused(path: Path, space: LabelSpace, problem: str, fix: str) -> No
 
 
 def assert_reaches_the_server_whole(message: str) -> None:
-    """The server keeps a node error's own message (judge_replies' short_reason): nothing of it may be cut."""
+    """The server keeps a node error's own message (server/exchange.py, short_reason): nothing of it may be cut."""
     framed = f"<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. Message: {message}'>"
     assert short_reason(framed) == " ".join(message.split())
 

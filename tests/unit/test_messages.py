@@ -1,4 +1,4 @@
-"""Unit tests of common/messages.py (and the ClientApp's `check_query`); the codecs alone are in test_codecs.py.
+"""Unit tests of common/messages/ (and the ClientApp's `check_query`); the codecs alone are in test_codecs.py.
 
 Round-trips through Flower records for every codec, and every way a query or reply can be malformed:
 each rejection is a `MessageFormatError` whose message names the problem.

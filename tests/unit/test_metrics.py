@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
-from common.metrics import classification_metrics
+from common.metrics import classification_metrics, macro_f1
 
 
 def test_majority_guess_scores_high_accuracy_but_low_balanced_metrics() -> None:
@@ -52,6 +52,41 @@ def test_undefined_metrics_are_nan() -> None:
     # Assert
     assert math.isnan(one_class["auroc"]) and one_class["balanced_accuracy"] == 0.5
     assert all(math.isnan(v) for v in empty.values())
+
+
+def test_macro_f1_matches_a_hand_computed_value() -> None:
+    # class 0: TP 1, predicted 1, true 2 -> F1 2/3; class 1: TP 2, predicted 3, true 2 -> F1 4/5
+    assert macro_f1(np.array([0, 1, 1, 1]), np.array([0, 0, 1, 1])) == pytest.approx((2 / 3 + 4 / 5) / 2)
+    assert math.isnan(macro_f1(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)))
+
+
+def _macro_f1_over_all_columns(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The loop `classification_metrics` ran before it called `macro_f1`: every column with a nonzero
+    denominator (kept to show the two give the same float, bit for bit)."""
+    predicted = probs.argmax(axis=1)
+    f1s = []
+    for c in range(probs.shape[1]):
+        tp = float(((predicted == c) & (labels == c)).sum())
+        denominator = float((predicted == c).sum() + (labels == c).sum())
+        if denominator:
+            f1s.append(2 * tp / denominator)
+    return float(np.mean(f1s))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_classification_metrics_macro_f1_is_macro_f1_of_the_argmax_bit_for_bit(seed: int) -> None:
+    # Prepare: imbalanced labels over 5 classes, class 4 never a label; some seeds leave classes unpredicted
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(5, size=150, p=[0.6, 0.2, 0.1, 0.1, 0.0])
+    probs = rng.dirichlet([0.3] * 5, size=150)
+
+    # Execute
+    metrics = classification_metrics(probs, labels)
+
+    # Assert: one implementation, the same number as before and as scikit-learn
+    assert metrics["macro_f1"] == macro_f1(probs.argmax(axis=1), labels) == _macro_f1_over_all_columns(probs, labels)
+    present = np.union1d(labels, probs.argmax(axis=1))
+    assert metrics["macro_f1"] == pytest.approx(f1_score(labels, probs.argmax(axis=1), labels=present, average="macro"))
 
 
 def test_compare_adds_an_imbalance_table_only_when_runs_have_the_metrics() -> None:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from common.errors import ConfigError
-from common.models.registry import MODEL_TASKS, MODELS, build_model, count_parameters, head_parameters, images_to_tensor, models_for
+from common.models.inputs import images_to_tensor
+from common.models.registry import MODELS, build_model, count_parameters, head_parameters, models_for
 
 IMAGE_SIZES = [(28, 28), (8, 8)]  # Fashion-MNIST, digits
 
@@ -32,10 +33,12 @@ def _keep_torch_rng_state():
 
 def test_registry_names() -> None:
     # Execute / Assert
-    assert models_for("image") == ["cnn-large", "cnn-small", "cnn-student", "cnn-tiny", "mlp", "mlp-deep", "mlp-student", "scatter-linear"]
+    assert models_for("image") == [
+        "cnn-large", "cnn-small", "cnn-student", "cnn-tiny", "mlp", "mlp-deep", "mlp-student", "scatter-linear",
+    ]
     assert models_for("tabular") == ["mlp", "mlp-deep", "mlp-student"]
     assert models_for("text") == ["bert-small", "bert-tiny", "minilm"]
-    assert set(MODEL_TASKS) == set(MODELS)
+    assert all(spec.name == name and spec.tasks for name, spec in MODELS.items())
 
 
 def test_heterogeneous_teachers_span_a_5x_size_range() -> None:
@@ -138,7 +141,7 @@ def test_seed_makes_initial_weights_reproducible() -> None:
     other = build_model("cnn-small", 10, (8, 8), seed=6)
 
     # Assert
-    for a, b in zip(first.state_dict().values(), again.state_dict().values()):
+    for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(first.state_dict()["head.1.weight"], other.state_dict()["head.1.weight"])
 

@@ -13,10 +13,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from simulations.deploy.certs import make_ca, make_node_key, make_server_cert, write_node_key, write_pem
 from common.errors import ConfigError, DataError
+from common.node_config import NodeConfig
+from simulations.deploy.certs import make_ca, make_node_key, make_server_cert, write_node_key, write_pem
 from simulations.deploy.node_check import (
-    check_auth_key, check_ca_file, check_node_config, check_superlink, parse_node_config, split_address,
+    check_auth_key,
+    check_ca_file,
+    check_node_config,
+    check_superlink,
+    parse_node_config,
+    split_address,
 )
 
 
@@ -48,7 +54,7 @@ def tls_server(pki):
         while not stop.is_set():
             try:
                 conn, _ = listener.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             try:
                 with context.wrap_socket(conn, server_side=True):
@@ -168,3 +174,16 @@ def test_node_config_problems(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     with pytest.raises(DataError, match="is an empty folder"):
         check_node_config({"data-path": str(tmp_path / "data")})
+
+
+def test_the_node_check_parses_the_node_config_as_the_clientapp_does(tmp_path: Path) -> None:
+    # Prepare
+    (tmp_path / "k.key").write_text("x")
+    good = {"institution-id": "a", "signing-key": str(tmp_path / "k.key"), "partition-id": 2, "max-epsilon": 4}
+
+    # Execute / Assert: the ClientApp's words for an ill-typed key, and its NodeConfig when all is well
+    with pytest.raises(ConfigError, match=r"node config state-dir must be a folder path \(a string\), got 3"):
+        check_node_config({"state-dir": 3})
+    with pytest.raises(ConfigError, match=r"delta must be a float in \(0, 1\), got 2.0"):
+        check_node_config({"delta": 2.0})
+    assert check_node_config(good) == NodeConfig.from_node_config(good)

@@ -59,7 +59,7 @@ def test_partitioning_is_deterministic(labels: np.ndarray, partitioner: str) -> 
     again = all_partitions(labels, partitioner, seed=11)
 
     # Assert
-    for one, other in zip(first, again):
+    for one, other in zip(first, again, strict=True):
         np.testing.assert_array_equal(one, other)
 
 

@@ -13,8 +13,9 @@ from client.privacy import load_policy, statement
 from common.audit import kinds
 from common.config import RunConfig
 from common.errors import ConfigError
+from common.node_config import NodeConfig
 from server.results.privacy import privacy_section
-from server.rounds import node_error_check, short_reason
+from server.exchange import node_error_check, short_reason
 
 
 def config(mapping: dict[str, Any], **overrides: Any) -> RunConfig:
@@ -45,8 +46,8 @@ def test_the_budget_comes_from_the_site_and_the_node_config_wins(tmp_path: Path,
     (site / "site.toml").write_text("max-epsilon = 4.0\ndelta = 1e-6\n")
 
     # Execute
-    from_site = load_policy(cfg, {"partition-id": 3})
-    from_node = load_policy(cfg, {"partition-id": 3, "max-epsilon": 2.0})
+    from_site = load_policy(cfg, NodeConfig(partition_id=3))
+    from_node = load_policy(cfg, NodeConfig(partition_id=3, max_epsilon=2.0))
 
     # Assert
     assert (from_site.max_epsilon, from_site.delta, from_site.ledger_path) == (4.0, 1e-6, site / "privacy-ledger.json")
@@ -59,12 +60,12 @@ def test_a_node_without_a_ledger_or_with_a_bad_budget_is_told_how(tmp_path: Path
 
     # Execute / Assert
     with pytest.raises(ConfigError, match="privacy-ledger="):
-        load_policy(cfg, {"partition-id": 0})
+        load_policy(cfg, NodeConfig(partition_id=0))
     with pytest.raises(ConfigError, match="max-epsilon must be a number > 0"):
-        load_policy(cfg, {"privacy-ledger": str(tmp_path / "l.json"), "max-epsilon": -1.0})
+        NodeConfig.from_node_config({"privacy-ledger": str(tmp_path / "l.json"), "max-epsilon": -1.0})
     with pytest.raises(ConfigError, match="delta must be a float in"):
-        load_policy(cfg, {"privacy-ledger": str(tmp_path / "l.json"), "delta": 2.0})
-    unlimited = load_policy(cfg, {"privacy-ledger": str(tmp_path / "l.json")})
+        NodeConfig.from_node_config({"privacy-ledger": str(tmp_path / "l.json"), "delta": 2.0})
+    unlimited = load_policy(cfg, NodeConfig(privacy_ledger=str(tmp_path / "l.json")))
     assert math.isinf(unlimited.max_epsilon) and unlimited.delta == 1e-5
 
 

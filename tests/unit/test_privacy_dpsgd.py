@@ -9,18 +9,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import opacus
 import pytest
 import torch
 from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
 from torch import nn
 
-import common.privacy.dpsgd as dpsgd
-from common.tasks.samples import load_split
 from common.errors import ConfigError, DataError
 from common.models.registry import MODELS, build_model
-from common.privacy.dpsgd import opacus_steps_per_epoch, planned_event, require_dp_compatible, train_dpsgd
 from common.models.training import accuracy
+from common.privacy.dpsgd import opacus_steps_per_epoch, planned_event, require_dp_compatible, train_dpsgd
+from common.tasks.registry import load_split
 
 DELTA = 1e-5
 
@@ -44,7 +44,8 @@ class EngineSpy:
 
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> EngineSpy:
-    """Replace dpsgd's PrivacyEngine by a subclass that records the engine and every privatised step."""
+    """Replace Opacus's PrivacyEngine (train_dpsgd imports it when it runs) by a subclass that records the
+    engine and every privatised step."""
     record = EngineSpy()
 
     def before_adam_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -63,7 +64,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> EngineSpy:
             optimizer.original_optimizer.register_step_pre_hook(before_adam_step)
             return module, optimizer, loader
 
-    monkeypatch.setattr(dpsgd, "PrivacyEngine", RecordingEngine)
+    monkeypatch.setattr(opacus, "PrivacyEngine", RecordingEngine)
     return record
 
 
@@ -235,7 +236,7 @@ def test_train_dpsgd_is_reproducible_for_a_seed() -> None:
     models = [build_model("cnn-tiny", 10, (8, 8), seed=0) for _ in range(3)]
 
     # Execute
-    results = [train_dpsgd(model, images, labels, **dp_kwargs(seed=seed)) for model, seed in zip(models, (5, 5, 6))]
+    results = [train_dpsgd(model, images, labels, **dp_kwargs(seed=seed)) for model, seed in zip(models, (5, 5, 6), strict=True)]
 
     # Assert
     same, other = models[0].state_dict(), models[2].state_dict()

@@ -1,6 +1,6 @@
 """The ServerApp stopped in round 2 and resumed (`resume = true`) ends exactly where an uninterrupted run does:
 distillation and FedAvg, through `server_app.main` and the real ClientApp handlers of three institutions
-(a stand-in for Flower's Grid delivers the messages), signed and logged as in a simulation."""
+(the suite's in-memory Grid delivers the messages), signed and logged as in a simulation."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from grid import MemoryGrid
 from safetensors.torch import load_file
 
 from client import client_app
@@ -31,11 +32,7 @@ class Killed(BaseException):
     """The ServerApp's process dies (nothing below it may catch this)."""
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages are made outside a Flower process: give them the identity Flower would (run id set per run)."""
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("server_task")  # Messages are made outside a Flower process (run id set per run)
 
 
 @pytest.fixture(autouse=True)
@@ -45,12 +42,13 @@ def _keep_torch_rng_state():
         yield
 
 
-class Federation:
-    """Stands in for Flower's Grid: each message goes to the real ClientApp handler of its node, with that node's
-    own state (kept across a server restart unless `restart_nodes`); `kill_at` (message type, round) stops the
-    ServerApp as that message is about to go out."""
+class Federation(MemoryGrid):
+    """The in-memory Grid, each message going to the real ClientApp handler of its node, with that node's own state
+    (kept across a server restart unless `restart_nodes`); `kill_at` (message type, round) stops the ServerApp as
+    that message is about to go out."""
 
     def __init__(self, mapping: dict[str, Any], run_id: int, kill_at: tuple[str, int] | None = None) -> None:
+        super().__init__(nodes=NODES)
         self.mapping, self.run_id, self.kill_at = mapping, run_id, kill_at
         self.states = {node: RecordDict() for node in NODES}
 
@@ -59,29 +57,16 @@ class Federation:
         if restart_nodes:
             self.states = {node: RecordDict() for node in NODES}
 
-    def get_node_ids(self) -> list[int]:
-        return list(NODES)
-
-    def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
-        messages = list(messages)
-        if not messages:  # FedAvg's evaluate step, with fraction-evaluate 0
-            return []
-        first = messages[0]
-        kind = first.metadata.message_type
-        round_ = int(first.content["config"]["server-round"]) if kind == "train" else int(first.metadata.group_id.split("-")[0])
+    def answer(self, message: Message) -> Message:
+        kind = message.metadata.message_type
+        round_ = int(message.content["config"]["server-round"]) if kind == "train" else int(message.metadata.group_id.split("-")[0])
         if self.kill_at == (kind, round_):
             raise Killed(f"killed before {kind} of round {round_}")
         handlers = {SOFT_LABELS_TYPE: client_app.soft_labels, DIGEST_TYPE: client_app.digest, "train": client_app.fedavg}
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            context = Context(self.run_id, node, {"partition-id": NODES.index(node), "num-partitions": len(NODES)},
-                              self.states[node], self.mapping)
-            try:
-                replies.append(handlers[message.metadata.message_type](message, context))
-            except Exception as error:  # as Flower's ClientApp turns an exception into an error reply
-                replies.append(Message(Error(code=0, reason=f"{type(error).__name__}: {error}"), reply_to=message))
-        return replies
+        node = message.metadata.dst_node_id
+        context = Context(self.run_id, node, {"partition-id": NODES.index(node), "num-partitions": len(NODES)},
+                          self.states[node], self.mapping)
+        return handlers[kind](message, context)
 
 
 def settings(tmp_path: Path, name: str, **changes: Any) -> dict[str, Any]:
@@ -93,7 +78,7 @@ def settings(tmp_path: Path, name: str, **changes: Any) -> dict[str, Any]:
 
 
 def run_server(grid: Federation, mapping: dict[str, Any], run_id: int) -> None:
-    TaskIdentity._run_id = run_id  # restored by the fixture's monkeypatch
+    TaskIdentity._run_id = run_id  # restored when the test ends (the server_task fixture)
     server_app.main(grid, Context(run_id, 0, {}, RecordDict(), mapping))
 
 

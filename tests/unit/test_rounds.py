@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import numpy as np
-from flwr.app import ConfigRecord, RecordDict
+from collections.abc import Callable
 
-from common.messages import SoftLabelQuery, SoftLabelReply
-from server.rounds import judge_replies
+import numpy as np
+from flwr.app import ConfigRecord, Error, Message, RecordDict
+from grid import Answer, MemoryGrid
+
+from common.messages import SoftLabelQuery, SoftLabelReply, record_nbytes
+from server.exchange import collect
+from server.rounds import query_soft_labels
 
 FINGERPRINT = "ab" * 32
+MemoryGridOf = Callable[..., MemoryGrid]
 
 
 def make_query() -> SoftLabelQuery:
@@ -21,25 +26,26 @@ def reply_content(probs: np.ndarray, fingerprint: str = FINGERPRINT) -> RecordDi
                           train_loss=0.5, teacher_accuracy=-1.0, teacher_params=100, teacher_rounds=1).to_record()
 
 
-def test_bad_replies_are_dropped_with_reasons_and_good_ones_kept() -> None:
+def test_bad_replies_are_dropped_with_reasons_and_good_ones_kept(memory_grid: MemoryGridOf) -> None:
     # Prepare
     good = np.full((4, 3), 1 / 3, dtype=np.float32)
     nan = good.copy()
     nan[0, 0] = np.nan
     missing_key = reply_content(good)
     del missing_key["metrics"]
-    answers = [
-        (1, None, reply_content(good)),
-        (2, None, reply_content(nan)),
-        (3, None, reply_content(np.full((4, 2), 0.5, dtype=np.float32))),
-        (4, None, reply_content(good, fingerprint="cd" * 32)),
-        (5, None, missing_key),
-        (6, "DataError: partition is empty", None),
-        (7, None, RecordDict({"release": ConfigRecord({"round": "one"})})),
-    ]
+    answers: dict[int, Answer] = {
+        1: reply_content(good),
+        2: reply_content(nan),
+        3: reply_content(np.full((4, 2), 0.5, dtype=np.float32)),
+        4: reply_content(good, fingerprint="cd" * 32),
+        5: missing_key,
+        6: Error(code=0, reason="DataError: partition is empty"),
+        7: RecordDict({"release": ConfigRecord({"round": "one"})}),
+    }
+    grid = memory_grid(lambda message: answers.get(message.metadata.dst_node_id))
 
     # Execute
-    result = judge_replies(make_query(), [1, 2, 3, 4, 5, 6, 7, 8], answers, timeout=30)
+    result = query_soft_labels(grid, [1, 2, 3, 4, 5, 6, 7, 8], make_query(), timeout=30)
 
     # Assert
     assert list(result.accepted) == [1]
@@ -49,36 +55,40 @@ def test_bad_replies_are_dropped_with_reasons_and_good_ones_kept() -> None:
     assert "missing record 'metrics'" in result.rejected[5]
     assert result.rejected[6] == "node error: DataError: partition is empty"
     assert "MessageFormatError" in result.rejected[7]
-    assert "no reply within round-timeout=30 s" in result.rejected[8]
+    assert result.rejected[8] == "no reply within round-timeout=30 s"
+    assert result.checks == {2: "format", 3: "format", 4: "format", 5: "format", 6: "node-error", 7: "format",
+                             8: "timeout"}
     assert set(result.uplink_bytes) == {1, 2, 3, 4, 5, 7}
-    assert result.downlink_bytes > 0
+    assert result.downlink_bytes == 8 * record_nbytes(make_query().to_record()) > 0
+    assert [m.metadata.group_id for m in grid.sent] == ["1"] * 8
 
 
-def test_an_error_reply_the_superlink_makes_for_a_silent_node_is_that_nodes() -> None:
-    # Prepare: two questions with ids (as the grid sets them when pushing); node 22 went silent and
-    # the SuperLink answered for it (source 1, the SuperLink), node 11 answered itself
-    from types import SimpleNamespace as NS
+def test_an_error_reply_the_superlink_makes_for_a_silent_node_is_that_nodes(memory_grid: MemoryGridOf) -> None:
+    # Prepare: node 22 went silent and the SuperLink answered for it (source 1, the SuperLink); node 11 answered itself
+    def answer(message: Message) -> Answer:
+        if message.metadata.dst_node_id == 11:
+            return RecordDict()
+        reply = Message(Error(code=0, reason="Node Unavailable"), reply_to=message)
+        reply.metadata.__dict__["_src_node_id"] = 1
+        return reply
 
-    from server.rounds import send_and_receive
-
-    asked = [NS(metadata=NS(message_id="q-11", dst_node_id=11)), NS(metadata=NS(message_id="q-22", dst_node_id=22))]
-    replies = [NS(metadata=NS(src_node_id=11, reply_to_message_id="q-11")),
-               NS(metadata=NS(src_node_id=1, reply_to_message_id="q-22"))]
-    grid = NS(send_and_receive=lambda messages, timeout: replies)
+    grid = memory_grid(answer)
+    asked = [Message(RecordDict(), dst_node_id=node, message_type="query.soft_labels") for node in (11, 22)]
 
     # Execute
-    pairs = send_and_receive(grid, asked, 5.0)
+    pairs = collect(grid, asked, 5.0)
 
     # Assert
-    assert [(node, reply) for node, reply in pairs] == [(11, replies[0]), (22, replies[1])]
+    assert [(node, reply.metadata.src_node_id) for node, reply in pairs] == [(11, 11), (22, 1)]
 
 
-def test_questions_without_ids_fall_back_to_each_replys_source() -> None:
-    from types import SimpleNamespace as NS
+def test_questions_without_ids_fall_back_to_each_replys_source(memory_grid: MemoryGridOf) -> None:
+    # Prepare
+    grid = memory_grid(lambda message: RecordDict() if message.metadata.dst_node_id == 22 else None, message_ids=False)
+    asked = [Message(RecordDict(), dst_node_id=node, message_type="query.soft_labels") for node in (11, 22)]
 
-    from server.rounds import send_and_receive
+    # Execute
+    pairs = collect(grid, asked, 5.0)
 
-    asked = [NS(metadata=NS(message_id="", dst_node_id=11)), NS(metadata=NS(message_id="", dst_node_id=22))]
-    replies = [NS(metadata=NS(src_node_id=22, reply_to_message_id=""))]
-
-    assert send_and_receive(NS(send_and_receive=lambda m, timeout: replies), asked, 5.0) == [(22, replies[0])]
+    # Assert
+    assert [node for node, _ in pairs] == [22]

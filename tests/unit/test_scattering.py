@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import common.models.scattering as scattering
-from common.tasks.samples import load_split
 from common.errors import ConfigError
-from common.models.registry import build_model, count_parameters, images_to_tensor
-from common.privacy.dpsgd import require_dp_compatible, train_dpsgd
+from common.models.inputs import images_to_tensor
+from common.models.registry import build_model, count_parameters
 from common.models.training import accuracy, predict_logits, train_supervised
+from common.privacy.dpsgd import require_dp_compatible, train_dpsgd
+from common.tasks.registry import load_split
 
 
 @pytest.fixture(autouse=True)

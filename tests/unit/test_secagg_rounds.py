@@ -1,7 +1,7 @@
 """Unit tests of a secure-aggregation round: server/secure_rounds.py against the institutions' real steps.
 
-A stand-in Grid hands each message to the real client steps of client/secure.py, with one node state per
-institution; the server side (exchanges, roster, sum, ledger) is the real one, with a real AuditTrail.
+The suite's in-memory Grid hands each message to the real client steps of client/secure.py, with one node
+state per institution; the server side (exchanges, roster, sum, ledger) is the real one, with a real AuditTrail.
 Also here: the institution's node state (client/secure.py) and the run-config rules of secure aggregation.
 """
 
@@ -13,16 +13,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Error, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ArrayRecord, Message, RecordDict
+from grid import Answer, MemoryGrid
 
 import server.secure_rounds as secure_rounds
-from client.secure import STATE_KEY, masked_vector, round_keys, share_bundles, unmask_shares
+from client.node_state import SECAGG_KEY as STATE_KEY
+from client.secure import masked_vector, round_keys, share_bundles, unmask_shares
 from common.audit import kinds
 from common.audit.ledger import OPENED
 from common.audit.verify import verify_ledger
 from common.config import RunConfig
-from common.errors import AuditError, ConfigError, FedstillError, QuorumError
+from common.errors import AuditError, ConfigError, QuorumError
 from common.messages import (
     SETUP_TYPE, SHARES_TYPE, SOFT_LABELS_TYPE, UNMASK_TYPE, MaskedReply, SecAggBundles, SecAggRoster, SecAggSetup,
     SecAggShares, SecAggUnmask, SoftLabelQuery,
@@ -54,44 +55,35 @@ def soft_labels(nodes: list[int] = NODES) -> dict[int, np.ndarray]:
 PROBS = soft_labels()
 
 
-class Institutions:
-    """Stands in for Flower's Grid: every message goes to that node's real secure-aggregation step (client/secure.py),
-    with its own node state; `failing` makes a node answer a message type with an error reply or not at all, and
+class Institutions(MemoryGrid):
+    """The in-memory Grid, each message going to that node's real secure-aggregation step (client/secure.py) with
+    its own node state; `failing` makes a node answer a message type with an error reply or not at all, and
     `tamper` alters a reply's content after the node made it. Every content the server receives is kept."""
 
     def __init__(self, probs: dict[int, np.ndarray] = PROBS, weights: dict[int, float] = WEIGHTS, *,
                  failing: dict[tuple[int, str], str] | None = None,
                  tamper: Callable[[int, str, RecordDict], RecordDict] | None = None) -> None:
+        super().__init__(nodes=probs)
         self.probs, self.weights = probs, weights
         self.failing = failing or {}
         self.tamper = tamper
         self.states = {node: RecordDict() for node in probs}
-        self.sent: list[Message] = []
         self.received: list[tuple[int, str, RecordDict]] = []
 
-    def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
-        self.sent += messages
-        replies = []
-        for message in messages:
-            node, kind = message.metadata.dst_node_id, message.metadata.message_type
-            failure = self.failing.get((node, kind))
-            if failure == "silent":
-                continue
-            if failure == "error":
-                replies.append(Message(Error(code=0, reason="RuntimeError: lost connection"), reply_to=message))
-                continue
-            try:
-                content = self.answer(node, kind, message.content)
-            except FedstillError as error:  # as Flower's ClientApp turns an exception into an error reply
-                replies.append(Message(Error(code=0, reason=f"{type(error).__name__}: {error}"), reply_to=message))
-                continue
-            if self.tamper is not None:
-                content = self.tamper(node, kind, content)
-            self.received.append((node, kind, content))
-            replies.append(Message(content, reply_to=message))
-        return replies
+    def answer(self, message: Message) -> Answer:
+        node, kind = message.metadata.dst_node_id, message.metadata.message_type
+        failure = self.failing.get((node, kind))
+        if failure == "silent":
+            return None
+        if failure == "error":
+            raise RuntimeError("lost connection")
+        content = self.step(node, kind, message.content)
+        if self.tamper is not None:
+            content = self.tamper(node, kind, content)
+        self.received.append((node, kind, content))
+        return content
 
-    def answer(self, node: int, kind: str, content: RecordDict) -> RecordDict:
+    def step(self, node: int, kind: str, content: RecordDict) -> RecordDict:
         state = self.states[node]
         if kind == SETUP_TYPE:
             return round_keys(state, SecAggSetup.from_record(content).round).to_record()
@@ -109,15 +101,10 @@ class Institutions:
         raise AssertionError(f"unexpected message type {kind}")
 
     def destinations(self, kind: str) -> list[int]:
-        return sorted(m.metadata.dst_node_id for m in self.sent if m.metadata.message_type == kind)
+        return sorted(m.metadata.dst_node_id for m in self.sent_of(kind))
 
 
-@pytest.fixture(autouse=True)
-def _server_task(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower builds a Message only inside a running task: give this process the ServerApp's identity."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", RUN_ID)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+pytestmark = pytest.mark.usefixtures("server_task")  # Flower builds a Message only inside a running task
 
 
 def secure_config(mapping: dict[str, Any], **overrides: Any) -> RunConfig:
@@ -194,7 +181,7 @@ def test_a_node_failing_at_the_masked_step_is_dropped_and_the_others_sum_opens(
     assert sorted(outcome.accepted) == others
     assert outcome.checks == {gone: check}
     assert grid.destinations(UNMASK_TYPE) == others
-    unmask = SecAggUnmask.from_record(next(m.content for m in grid.sent if m.metadata.message_type == UNMASK_TYPE))
+    unmask = SecAggUnmask.from_record(grid.sent_of(UNMASK_TYPE)[0].content)
     assert (unmask.survivors, unmask.dropped) == (others, [gone])
     rejected = [e["body"] for e in trail.ledger.entries() if e["kind"] == kinds.REPLY_REJECTED]
     assert [(b["phase"], b["node_id"], b["check"]) for b in rejected] == [("soft-labels", str(gone), check)]
@@ -245,7 +232,7 @@ def test_the_default_threshold_is_a_majority_of_those_that_sent_keys(
     probs, _ = secure_soft_labels(grid, cfg, open_trail(cfg, run_dir), make_query(), NODES)
 
     # Assert
-    roster = SecAggRoster.from_record(next(m.content for m in grid.sent if m.metadata.message_type == SHARES_TYPE))
+    roster = SecAggRoster.from_record(grid.sent_of(SHARES_TYPE)[0].content)
     assert (len(roster.roster), roster.threshold) == (len(NODES) - failing_keys, threshold)
     assert np.abs(probs - mean_of(NODES[failing_keys:])).max() < 1e-6
 
@@ -258,7 +245,7 @@ def test_the_configured_threshold_is_the_one_used(run_dir: Path, run_config_mapp
     # Execute / Assert
     with pytest.raises(QuorumError, match=r"only 4 institutions sent masked soft labels; .* \(threshold 5"):
         secure_soft_labels(grid, cfg, open_trail(cfg, run_dir), make_query(), NODES)
-    roster = SecAggRoster.from_record(next(m.content for m in grid.sent if m.metadata.message_type == SHARES_TYPE))
+    roster = SecAggRoster.from_record(grid.sent_of(SHARES_TYPE)[0].content)
     assert roster.threshold == 5
 
 
@@ -300,7 +287,7 @@ def plaintext_in(record: RecordDict, plain: dict[int, np.ndarray]) -> list[str]:
 
 def rebuilt_self_seed(grid: Institutions, node: int) -> bytes:
     """A survivor's self seed b, rebuilt from the b-shares the server received (as server_sum does)."""
-    roster = SecAggRoster.from_record(next(m.content for m in grid.sent if m.metadata.message_type == SHARES_TYPE)).roster
+    roster = SecAggRoster.from_record(grid.sent_of(SHARES_TYPE)[0].content).roster
     shares = {roster[responder].index: SecAggShares.from_record(record, 1).shares[node][1]
               for responder, kind, record in grid.received if kind == UNMASK_TYPE}
     return reconstruct(shares, 3)

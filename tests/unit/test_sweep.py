@@ -10,7 +10,7 @@ import pytest
 
 from common.config import RunConfig
 from common.errors import ConfigError
-from simulations.cli.main import parse_site
+from simulations.cli.run_commands import parse_site
 from simulations.compare import finished_run
 from simulations.privacy_sweep import parse_epsilons, sweep_table
 

@@ -14,9 +14,11 @@ from flwr.app import RecordDict
 
 from client.site import load_site
 from common.config import RunConfig, default_run_config
-from common.tasks.samples import TabularSet, load_split, public_fingerprint
 from common.errors import ConfigError, DataError
+from common.node_config import NodeConfig
 from common.tasks.partition import natural_groups, partition_rows
+from common.tasks.registry import load_split
+from common.tasks.samples import TabularSet, public_fingerprint
 from common.tasks.tabular import SCHEMAS, TabularEncoder, load_table
 
 COVID = {"dataset": "covid-testing", "public-size": 2000, "num-clients": 5, "min-clients": 3, "partitioner": "natural",
@@ -132,7 +134,7 @@ def test_own_table_is_standardised_with_the_public_statistics(tmp_path: Path) ->
     table.to_csv(tmp_path / "clinic.csv", index=False)
 
     # Execute
-    site = load_site(cfg, {"data-path": str(tmp_path / "clinic.csv")}, RecordDict())
+    site = load_site(cfg, NodeConfig(data_path=str(tmp_path / "clinic.csv")), RecordDict())
 
     # Assert: the same rows the partition holds, in the same units; the public set and fingerprint unchanged
     assert isinstance(site.private, TabularSet)
@@ -148,4 +150,4 @@ def test_own_table_with_other_columns_is_refused(tmp_path: Path) -> None:
 
     # Execute / Assert
     with pytest.raises(DataError, match="feature columns that differ from the scenario's"):
-        load_site(cfg, {"data-path": str(tmp_path / "clinic.csv")}, RecordDict())
+        load_site(cfg, NodeConfig(data_path=str(tmp_path / "clinic.csv")), RecordDict())

@@ -14,16 +14,26 @@ import torch
 from flwr.app import Context, RecordDict
 
 import client.teacher as teacher_module
-from client.answer import answer_query
+from client.answer import Answer, answer_query
+from client.node_state import STORE_KEY
 from client.release import site_home
 from client.site import Site
 from client.teacher import (
-    STORE_KEY, TeacherStore, attach_store, restore_teacher, save_teacher, saved_header, teacher_store, train_round,
+    TeacherStore,
+    attach_store,
+    restore_teacher,
+    save_teacher,
+    saved_header,
+    teacher_store,
+    train_round,
 )
 from common.config import RunConfig, default_run_config
-from common.tasks.samples import load_split, public_fingerprint
 from common.errors import ConfigError
+from common.messages import SoftLabelQuery
+from common.node_config import NodeConfig
 from common.privacy.budget import PrivacyLedger
+from common.tasks.registry import load_split
+from common.tasks.samples import public_fingerprint
 
 RUN_ID = 2**63 - 11
 POOL = 300
@@ -53,8 +63,14 @@ def config(**changes: Any) -> RunConfig:
 def restarted(cfg: RunConfig, site: Site, node_config: dict[str, Any]) -> RecordDict:
     """The node state of a freshly started SuperNode: empty, then tied to its store as the ClientApp does."""
     state = RecordDict()
-    attach_store(state, teacher_store(cfg, site, node_config, RUN_ID))
+    attach_store(state, teacher_store(cfg, site, NodeConfig.from_node_config(node_config), RUN_ID))
     return state
+
+
+def answer(cfg: RunConfig, site: Site, node_config: dict[str, Any], state: RecordDict, query: SoftLabelQuery) -> Answer:
+    """The node's answer to `query`, its node config parsed as the ClientApp parses it."""
+    context = Context(RUN_ID, 7, node_config, state, {})
+    return answer_query(context, cfg, NodeConfig.from_node_config(node_config), site, query)
 
 
 def trained(cfg: RunConfig, site: Site, state: RecordDict, rounds: int = 1) -> torch.nn.Module:
@@ -77,19 +93,20 @@ def test_the_store_is_state_dir_else_the_institutions_folder_else_none(tmp_path:
     simulated = config(**{"sites-dir": str(tmp_path / "sites")})
     deployed = {"institution-id": "hospital-a", "signing-key": str(tmp_path / "keys" / "hospital-a.key"),
                 "release-log": str(tmp_path / "site" / "release-log.jsonl")}
+    partition = NodeConfig(partition_id=1)
 
     # Execute / Assert
-    assert teacher_store(config(), site, {"partition-id": 1}, RUN_ID) is None  # plain simulation: memory only
-    assert teacher_store(simulated, site, {"partition-id": 1}, RUN_ID).folder == tmp_path / "sites" / "institution-1"
-    assert teacher_store(config(), site, deployed, RUN_ID).folder == tmp_path / "site"
-    assert site_home(config(), {**deployed, "release-log": ""}) == tmp_path / "keys"
-    explicit = teacher_store(simulated, site, {"partition-id": 1, "state-dir": str(tmp_path / "state")}, RUN_ID)
+    assert teacher_store(config(), site, partition, RUN_ID) is None  # plain simulation: memory only
+    assert teacher_store(simulated, site, partition, RUN_ID).folder == tmp_path / "sites" / "institution-1"
+    assert teacher_store(config(), site, NodeConfig.from_node_config(deployed), RUN_ID).folder == tmp_path / "site"
+    assert site_home(config(), NodeConfig.from_node_config({**deployed, "release-log": ""})) == tmp_path / "keys"
+    explicit = teacher_store(simulated, site, NodeConfig(partition_id=1, state_dir=str(tmp_path / "state")), RUN_ID)
     assert explicit.folder == tmp_path / "state" and explicit.path.name.startswith("teacher-")
 
 
-def test_a_state_dir_that_is_not_a_path_is_refused(site: Site) -> None:
+def test_a_state_dir_that_is_not_a_path_is_refused() -> None:
     with pytest.raises(ConfigError, match="node config state-dir must be a folder path"):
-        teacher_store(config(), site, {"partition-id": 1, "state-dir": 3}, RUN_ID)
+        NodeConfig.from_node_config({"partition-id": 1, "state-dir": 3})
 
 
 # ------------------------------------------------------------------------------------------------ restore
@@ -170,7 +187,7 @@ def test_a_save_killed_before_the_rename_keeps_the_previous_teacher(tmp_path: Pa
     def killed(*args: Any) -> None:
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(teacher_module.os, "replace", killed)
+    monkeypatch.setattr("common.files.os.replace", killed)
 
     # Execute
     with pytest.raises(KeyboardInterrupt):
@@ -184,7 +201,7 @@ def test_a_save_killed_before_the_rename_keeps_the_previous_teacher(tmp_path: Pa
 def test_an_unreadable_teacher_file_gives_a_fresh_teacher(tmp_path: Path, site: Site, caplog: pytest.LogCaptureFixture) -> None:
     # Prepare
     cfg, node = config(), {"partition-id": 1, "state-dir": str(tmp_path)}
-    store = teacher_store(cfg, site, node, RUN_ID)
+    store = teacher_store(cfg, site, NodeConfig.from_node_config(node), RUN_ID)
     store.path.write_bytes(b"not a safetensors file")
 
     # Execute
@@ -207,8 +224,8 @@ def test_a_restarted_dp_node_keeps_its_teacher_and_its_privacy_ledger(tmp_path: 
     query = _query(site)
 
     # Execute: one round, a restart (empty node state), one more round
-    first = answer_query(Context(RUN_ID, 7, node, restarted(cfg, site, node), {}), cfg, site, query)
-    second = answer_query(Context(RUN_ID, 7, node, restarted(cfg, site, node), {}), cfg, site, query)
+    first = answer(cfg, site, node, restarted(cfg, site, node), query)
+    second = answer(cfg, site, node, restarted(cfg, site, node), query)
 
     # Assert
     assert (first.figures["teacher_rounds"], second.figures["teacher_rounds"]) == (1, 2)
@@ -218,9 +235,7 @@ def test_a_restarted_dp_node_keeps_its_teacher_and_its_privacy_ledger(tmp_path: 
     assert second.privacy["epsilon_total"] == pytest.approx(spent) and spent > first.privacy["epsilon_total"] > 0
 
 
-def _query(site: Site, round_: int = 1):
-    from common.messages import SoftLabelQuery
-
+def _query(site: Site, round_: int = 1) -> SoftLabelQuery:
     return SoftLabelQuery(round=round_, fingerprint=site.fingerprint, temperature=3.0, codec="float16", num_classes=10,
                           sample_ids=np.arange(50, dtype=np.int64), evaluate_teacher=False)
 
@@ -228,13 +243,13 @@ def _query(site: Site, round_: int = 1):
 def test_a_resumed_run_asking_again_for_a_trained_round_gets_the_teacher_as_it_is(tmp_path: Path, site: Site) -> None:
     # Prepare: the node trained for round 1, then the server stopped before it completed round 1
     node = {"partition-id": 1, "state-dir": str(tmp_path / "state")}
-    first = answer_query(Context(RUN_ID, 7, node, restarted(config(), site, node), {}), config(), site, _query(site))
+    first = answer(config(), site, node, restarted(config(), site, node), _query(site))
     resumed = config(resume=True)
 
     # Execute: the resumed run asks for round 1 again, then for round 2
-    again = answer_query(Context(RUN_ID, 7, node, restarted(resumed, site, node), {}), resumed, site, _query(site))
+    again = answer(resumed, site, node, restarted(resumed, site, node), _query(site))
     state = restarted(resumed, site, node)
-    after = answer_query(Context(RUN_ID, 7, node, state, {}), resumed, site, _query(site, round_=2))
+    after = answer(resumed, site, node, state, _query(site, round_=2))
 
     # Assert: round 1 is answered by the same teacher, untrained; round 2 trains it once more
     assert again.figures["teacher_rounds"] == 1 and np.isnan(again.figures["train_loss"])
@@ -247,11 +262,11 @@ def test_a_resumed_dp_round_already_trained_spends_nothing_twice(tmp_path: Path,
     cfg = config(privacy="dp-sgd", **{"dp-noise-multiplier": 1.0, "teacher-batch-size": 64})
     node = {"partition-id": 1, "state-dir": str(tmp_path / "state"), "privacy-ledger": str(tmp_path / "privacy-ledger.json"),
             "max-epsilon": 50.0}
-    first = answer_query(Context(RUN_ID, 7, node, restarted(cfg, site, node), {}), cfg, site, _query(site))
+    first = answer(cfg, site, node, restarted(cfg, site, node), _query(site))
     resumed = config(resume=True, privacy="dp-sgd", **{"dp-noise-multiplier": 1.0, "teacher-batch-size": 64})
 
     # Execute
-    again = answer_query(Context(RUN_ID, 7, node, restarted(resumed, site, node), {}), resumed, site, _query(site))
+    again = answer(resumed, site, node, restarted(resumed, site, node), _query(site))
 
     # Assert: one ledger entry; the second release states it spent nothing and why
     entries = json.loads((tmp_path / "privacy-ledger.json").read_text())["entries"]

@@ -15,11 +15,13 @@ from safetensors.torch import load_file
 
 from client.site import load_site
 from common.config import RunConfig, default_run_config
-from common.tasks.samples import TextSet, load_split
 from common.errors import ConfigError
+from common.node_config import NodeConfig
 from common.models.registry import build_model, count_parameters, head_parameters
-from common.tasks.text import read_bbc_news
 from common.models.text import minilm_path, tokenizer
+from common.tasks.registry import load_split
+from common.tasks.samples import TextSet
+from common.tasks.text import read_bbc_news
 
 BBC = {"dataset": "bbc-news", "public-size": 600, "num-clients": 4, "min-clients": 3, "partitioner": "iid",
        "teacher-models": "minilm,bert-small", "student-model": "bert-tiny", "max-seq-len": 32}
@@ -104,7 +106,7 @@ def test_own_texts_are_tokenized_like_the_public_set(tmp_path: Path) -> None:
     (tmp_path / "news.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
 
     # Execute
-    site = load_site(cfg, {"data-path": str(tmp_path / "news.jsonl")}, RecordDict())
+    site = load_site(cfg, NodeConfig(data_path=str(tmp_path / "news.jsonl")), RecordDict())
 
     # Assert
     assert isinstance(site.private, TextSet)

@@ -1,0 +1,205 @@
+"""Every key this node keeps in Flower's `context.state`, with typed accessors: no other module indexes it.
+
+Node state lives as long as the SuperNode (in simulation, the run): it caches what was read from
+disk, and carries the teachers and a secure-aggregation round's secrets from one message to the next.
+
+    key               record        what
+    partition         ArrayRecord   rows of the shared pool this node's partition holds ("rows")
+    partition-meta    ConfigRecord  the settings those rows were drawn for ("key")
+    own-data          ArrayRecord   the institution's own images ("images", "labels")
+    own-data-meta     ConfigRecord  the files they were read from ("key": data set, path, files' stamp)
+    teacher           ArrayRecord   the teacher's weights
+    teacher-meta      ConfigRecord  its model, rounds trained and settings digest ("model", "rounds-trained", "digest")
+    teacher-store     ConfigRecord  where the teacher is kept on disk ("path", "digest", "settings" as JSON)
+    pate-teachers-<k> ArrayRecord   PATE sub-teacher k's weights
+    pate-meta         ConfigRecord  the sub-teachers' model and rounds trained ("model", "rounds")
+    secagg            ConfigRecord  this round's private keys and self seed ("round", "mask-private",
+                                    "share-private", "self-seed"); never leaves the node
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+PARTITION_KEY = "partition"
+PARTITION_META_KEY = "partition-meta"
+OWN_DATA_KEY = "own-data"
+OWN_DATA_META_KEY = "own-data-meta"
+TEACHER_KEY = "teacher"
+TEACHER_META_KEY = "teacher-meta"
+STORE_KEY = "teacher-store"
+PATE_KEY = "pate-teachers"  # one record per sub-teacher: f"{PATE_KEY}-{k}"
+PATE_META_KEY = "pate-meta"
+SECAGG_KEY = "secagg"
+
+Weights = dict[str, torch.Tensor] | OrderedDict[str, torch.Tensor]  # a torch state dict
+
+
+# --- private data read from disk ---------------------------------------------------------------------------
+
+
+def cached_partition(state: RecordDict, key: str) -> np.ndarray | None:
+    """The rows of the partition drawn for settings `key`, or None when the state holds other ones (or none)."""
+    record = _array_record(state, PARTITION_KEY)
+    if _config_record(state, PARTITION_META_KEY, "key") != key or record is None:
+        return None
+    return record["rows"].numpy()
+
+
+def keep_partition(state: RecordDict, key: str, rows: np.ndarray) -> None:
+    state[PARTITION_KEY] = ArrayRecord({"rows": Array(rows)})
+    state[PARTITION_META_KEY] = ConfigRecord({"key": key})
+
+
+def cached_own_images(state: RecordDict, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(images, labels) read from the files `key` stamps, or None when they changed (or were never read)."""
+    record = _array_record(state, OWN_DATA_KEY)
+    if _config_record(state, OWN_DATA_META_KEY, "key") != key or record is None:
+        return None
+    return record["images"].numpy(), record["labels"].numpy()
+
+
+def keep_own_images(state: RecordDict, key: str, images: np.ndarray, labels: np.ndarray) -> None:
+    state[OWN_DATA_KEY] = ArrayRecord({"images": Array(images), "labels": Array(labels)})
+    state[OWN_DATA_META_KEY] = ConfigRecord({"key": key})
+
+
+# --- the teacher -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TeacherMeta:
+    """What the teacher held in node state is: its model, the rounds it trained, the store digest it was saved for."""
+
+    model: str
+    rounds_trained: int
+    digest: str | None = None  # None: kept in memory only (a node without a store)
+
+
+@dataclass(frozen=True)
+class StoreRecord:
+    """Where this node keeps its teacher on disk (client.teacher.TeacherStore, as node state holds it)."""
+
+    path: str
+    digest: str
+    settings: str  # JSON
+
+
+def teacher_meta(state: RecordDict) -> TeacherMeta | None:
+    """The meta of the teacher node state holds; None when it holds none."""
+    meta = state.get(TEACHER_META_KEY)
+    if not isinstance(meta, ConfigRecord) or _array_record(state, TEACHER_KEY) is None:
+        return None
+    model, rounds, digest = meta.get("model"), meta.get("rounds-trained"), meta.get("digest")
+    if not isinstance(model, str) or not isinstance(rounds, int):
+        return None
+    return TeacherMeta(model, rounds, digest if isinstance(digest, str) else None)
+
+
+def teacher_weights(state: RecordDict) -> dict[str, torch.Tensor]:
+    """The weights of the teacher node state holds (check `teacher_meta` first)."""
+    record = _array_record(state, TEACHER_KEY)
+    if record is None:
+        raise KeyError(f"node state holds no {TEACHER_KEY!r}")
+    return dict(record.to_torch_state_dict())
+
+
+def keep_teacher(state: RecordDict, weights: Weights, meta: TeacherMeta) -> None:
+    state[TEACHER_KEY] = ArrayRecord(weights)
+    record: dict[str, str | int] = {"model": meta.model, "rounds-trained": meta.rounds_trained}
+    if meta.digest is not None:
+        record["digest"] = meta.digest
+    state[TEACHER_META_KEY] = ConfigRecord(record)
+
+
+def store_record(state: RecordDict) -> StoreRecord | None:
+    record = state.get(STORE_KEY)
+    if not isinstance(record, ConfigRecord):
+        return None
+    return StoreRecord(str(record["path"]), str(record["digest"]), str(record["settings"]))
+
+
+def keep_store_record(state: RecordDict, store: StoreRecord) -> None:
+    state[STORE_KEY] = ConfigRecord({"path": store.path, "digest": store.digest, "settings": store.settings})
+
+
+# --- PATE sub-teachers -------------------------------------------------------------------------------------
+
+
+def pate_rounds(state: RecordDict, model: str | None = None) -> int:
+    """Rounds the PATE sub-teachers trained (those of `model`, when given); 0 when node state holds none."""
+    meta = state.get(PATE_META_KEY)
+    if not isinstance(meta, ConfigRecord) or (model is not None and meta.get("model") != model):
+        return 0
+    rounds = meta.get("rounds")
+    return rounds if isinstance(rounds, int) else 0
+
+
+def pate_teacher_weights(state: RecordDict, k: int) -> dict[str, torch.Tensor] | None:
+    record = _array_record(state, f"{PATE_KEY}-{k}")
+    return None if record is None else dict(record.to_torch_state_dict())
+
+
+def keep_pate_teacher(state: RecordDict, k: int, weights: Weights) -> None:
+    state[f"{PATE_KEY}-{k}"] = ArrayRecord(weights)
+
+
+def keep_pate_rounds(state: RecordDict, model: str, rounds: int) -> None:
+    state[PATE_META_KEY] = ConfigRecord({"model": model, "rounds": rounds})
+
+
+# --- a secure-aggregation round's secrets ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SecAggSecrets:
+    """This node's private keys for one secure-aggregation round, and its self seed once it drew one."""
+
+    round: int
+    mask_private: bytes
+    share_private: bytes
+    self_seed: bytes | None
+
+
+def secagg_secrets(state: RecordDict) -> SecAggSecrets | None:
+    record = state.get(SECAGG_KEY)
+    if not isinstance(record, ConfigRecord):
+        return None
+    round_, mask, share, seed = (record.get(k) for k in ("round", "mask-private", "share-private", "self-seed"))
+    if not isinstance(round_, int) or not isinstance(mask, bytes) or not isinstance(share, bytes):
+        return None
+    return SecAggSecrets(round_, mask, share, seed if isinstance(seed, bytes) else None)
+
+
+def keep_secagg_keys(state: RecordDict, round_: int, mask_private: bytes, share_private: bytes) -> None:
+    state[SECAGG_KEY] = ConfigRecord({"round": round_, "mask-private": mask_private, "share-private": share_private})
+
+
+def keep_self_seed(state: RecordDict, seed: bytes) -> None:
+    record = state.get(SECAGG_KEY)
+    if not isinstance(record, ConfigRecord):
+        raise KeyError(f"node state holds no {SECAGG_KEY!r} keys to add a self seed to")
+    record["self-seed"] = seed
+
+
+def forget_secagg(state: RecordDict) -> None:
+    del state[SECAGG_KEY]
+
+
+# --- helpers -----------------------------------------------------------------------------------------------
+
+
+def _array_record(state: RecordDict, key: str) -> ArrayRecord | None:
+    record = state.get(key)
+    return record if isinstance(record, ArrayRecord) else None
+
+
+def _config_record(state: RecordDict, key: str, field: str) -> object:
+    """Field `field` of the ConfigRecord at `key`; None when there is none."""
+    record = state.get(key)
+    return record.get(field) if isinstance(record, ConfigRecord) else None

@@ -1,0 +1,142 @@
+"""The one path of every exchange with the institutions: send the messages, collect the replies, judge each one.
+
+Each reply is judged in one order: a node's error reply first, then its attestation (the audit trail's check),
+then its schema (the message type's `from_record`). A bad reply is dropped with its reason and the name of
+the failed check, never raised: no reply, however malformed, may crash the server.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from logging import WARNING
+from typing import Generic, TypeVar
+
+from flwr.app import Message, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from common.audit.attestation import Attestation
+from common.errors import AuditError, FedstillError
+from common.messages import read_attestation, record_digest, record_nbytes
+
+R = TypeVar("R")
+Check = Callable[[int, RecordDict], "Attestation | None"]  # the audit trail's attestation check; AuditError if bad
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One kind of exchange: its name (the ledger's `phase`) and how it words a dropped reply.
+
+    Each kind keeps the wording it had before they shared this path: the ledger and results.json hold it.
+    """
+
+    name: str
+    malformed: str = "{error}"  # the schema refused the reply (a FedstillError)
+    unreadable: str = "unreadable reply ({error})"  # the reply broke its parser (any other exception)
+    silent: str = "no reply within round-timeout={timeout:g} s"
+    counts_uplink: bool = True  # the digest phase has never counted its replies' bytes
+
+
+@dataclass
+class Exchange(Generic[R]):
+    """One exchange, judged: each node's parsed reply, or why it was dropped and which check failed; what each
+    node claimed to sign; each reply's digest; the bytes both ways."""
+
+    downlink_bytes: int = 0
+    accepted: dict[int, R] = field(default_factory=dict)  # node id -> parsed reply
+    rejected: dict[int, str] = field(default_factory=dict)  # node id -> reason
+    checks: dict[int, str] = field(default_factory=dict)  # rejected node id -> the check that failed
+    attestations: dict[int, Attestation | None] = field(default_factory=dict)  # node id -> what it signed
+    payload_digests: dict[int, tuple[str, int]] = field(default_factory=dict)  # node id -> (sha256, bytes)
+    uplink_bytes: dict[int, int] = field(default_factory=dict)  # node id -> bytes received
+    replies: dict[int, Message] = field(default_factory=dict)  # node id -> its reply as received, in arrival order
+
+    def reject(self, node: int, reason: str, check: str) -> None:
+        self.rejected[node], self.checks[node] = reason, check
+
+
+def ask(records: Mapping[int, RecordDict], message_type: str, group_id: str) -> list[Message]:
+    """One message per node, each carrying that node's record."""
+    return [Message(content=record, dst_node_id=node, message_type=message_type, group_id=group_id)
+            for node, record in records.items()]
+
+
+def exchange(
+    grid: Grid, messages: list[Message], timeout: float, parse: Callable[[RecordDict], R], check: Check | None,
+    phase: Phase, round_: int,
+) -> Exchange[R]:
+    """Send `messages`, collect the replies within `timeout` and judge each: node error, then attestation
+    (`check`; None: no attestation is asked of this exchange), then schema (`parse`)."""
+    result: Exchange[R] = Exchange(downlink_bytes=sum(record_nbytes(m.content) for m in messages))
+    for node, reply in collect(grid, messages, timeout) if messages else []:
+        result.replies[node] = reply
+        _judge(result, node, reply, parse, check, phase)
+    for node in [m.metadata.dst_node_id for m in messages]:
+        if node not in result.accepted and node not in result.rejected:
+            result.reject(node, phase.silent.format(timeout=timeout), "timeout")
+    for node, reason in sorted(result.rejected.items()):
+        log(WARNING, "round %d %s: dropped node %d: %s", round_, phase.name, node, reason)
+    return result
+
+
+def _judge(result: Exchange[R], node: int, reply: Message, parse: Callable[[RecordDict], R], check: Check | None,
+           phase: Phase) -> None:
+    if reply.has_error():
+        reason = reply.error.reason
+        result.reject(node, _node_error(reason), node_error_check(reason))
+        return
+    content = reply.content
+    if phase.counts_uplink:
+        result.uplink_bytes[node] = record_nbytes(content)
+    try:
+        result.payload_digests[node] = record_digest(content)
+        result.attestations[node] = _claimed_attestation(content)  # kept for the ledger, even if rejected
+        if check is not None:
+            result.attestations[node] = check(node, content)
+        result.accepted[node] = parse(content)
+    except AuditError as problem:
+        result.reject(node, f"{type(problem).__name__}: {problem}", problem.check)
+    except FedstillError as problem:
+        result.reject(node, phase.malformed.format(error=f"{type(problem).__name__}: {problem}"), "format")
+    except Exception as problem:  # noqa: BLE001 - no reply, however malformed, may crash the server
+        result.reject(node, phase.unreadable.format(error=f"{type(problem).__name__}: {problem}"), "format")
+
+
+def collect(grid: Grid, messages: list[Message], timeout: float) -> list[tuple[int, Message]]:
+    """(node, reply) for each reply, the node being the one its question went to. When a node stops
+    sending heartbeats, the SuperLink itself answers for it with a "Node Unavailable" error whose
+    source is the SuperLink, not the node; matching on the question keeps it on the right node."""
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}  # set when pushed
+    if len(asked) != len(messages):  # a grid that did not give the questions ids: trust each reply's source
+        asked = {}
+    return [(asked.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
+
+
+def short_reason(reason: str, limit: int = 600) -> str:
+    """A node's error as one readable line: the exception's own message, not the simulation engine's traceback."""
+    marker = "Message: "
+    if marker in reason:
+        reason = reason[reason.rindex(marker) + len(marker):]
+        reason = re.sub(r"['\">)\s]+$", "", reason)
+    reason = " ".join(reason.split())
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
+
+
+def node_error_check(reason: str) -> str:
+    """The ledger's name for an error reply: a refusal on privacy budget is told apart from a failure."""
+    return "privacy-budget" if "PrivacyBudgetExceeded" in reason else "node-error"
+
+
+def _node_error(reason: str) -> str:
+    prefix = "PrivacyBudgetExceeded: " if node_error_check(reason) == "privacy-budget" else ""
+    return f"node error: {prefix}{short_reason(reason)}"
+
+
+def _claimed_attestation(content: RecordDict) -> Attestation | None:
+    try:
+        return read_attestation(content)
+    except FedstillError:
+        return None
