@@ -84,7 +84,7 @@ def exchange(
 def _judge(result: Exchange[R], node: int, reply: Message, parse: Callable[[RecordDict], R], check: Check | None,
            phase: Phase) -> None:
     if reply.has_error():
-        reason = reply.error.reason
+        reason = str(reply.error.reason)
         result.reject(node, _node_error(reason), node_error_check(reason))
         return
     content = reply.content

@@ -43,7 +43,7 @@ class MeasuredFedAvg(FedAvg):
     """Flower's FedAvg, unchanged, driven through a `JudgedGrid`: each round's replies are judged like every
     other exchange (server/exchange.py) and measured, with the rounds numbered as the run's."""
 
-    def __init__(self, round_offset: int = 0, **kwargs: Any):
+    def __init__(self, round_offset: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.round_offset = round_offset  # rounds completed before a resume
         self.round = round_offset  # the run's number of the round being trained

@@ -121,5 +121,5 @@ def collect_and_aggregate(grid: Grid, cfg: RunConfig, trail: AuditTrail, query: 
 
 
 def _class_counts(accepted: list[SoftLabelReply]) -> list[np.ndarray] | None:
-    counts = [r.class_counts for r in accepted]
-    return None if any(c is None for c in counts) else counts
+    counts = [r.class_counts for r in accepted if r.class_counts is not None]
+    return counts if len(counts) == len(accepted) else None

@@ -64,15 +64,15 @@ def build_text_model(name: str, num_classes: int, input_shape: tuple[int, ...]) 
         from transformers.utils import logging as hf_logging
 
         path, verbosity = minilm_path(), hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # not the load report on the unused pooler weights
+        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # not the load report on the unused pooler weights
         bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         try:
             encoder = BertModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
         finally:
             hf_logging.set_verbosity(verbosity)
             if bar:
-                hf_logging.enable_progress_bar()
+                hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
         encoder.embeddings.word_embeddings.weight.requires_grad_(False)  # 11.7M of 22.6M: kept as pretrained
         if length > encoder.config.max_position_embeddings:
             raise DataError(f"max-seq-len {length} exceeds minilm's {encoder.config.max_position_embeddings} positions")

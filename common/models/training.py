@@ -47,7 +47,7 @@ def train_epochs(
         for idx in batches(n, batch_size, rng):
             optimizer.zero_grad(set_to_none=True)
             loss = batch_loss(idx)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             optimizer.step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ def opacus_steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return int(1 / (1 / batches))  # UniformWithReplacementSampler: steps = int(1 / sample_rate)
 
 
-def planned_event(num_examples: int, batch_size: int, epochs: int, noise_multiplier: float) -> dict:
+def planned_event(num_examples: int, batch_size: int, epochs: int, noise_multiplier: float) -> dict[str, Any]:
     """The privacy history entry `train_dpsgd` will report for these arguments, before training."""
     _check_arguments(num_examples, batch_size=batch_size, epochs=epochs, noise_multiplier=noise_multiplier)
     steps_per_epoch = opacus_steps_per_epoch(num_examples, batch_size)
@@ -99,7 +99,7 @@ def train_dpsgd(
     noise_multiplier: float,
     max_grad_norm: float,
     seed: int,
-) -> tuple[float, dict]:
+) -> tuple[float, dict[str, Any]]:
     """Train `model` in place with DP-SGD (Adam on the privatised gradients, cross-entropy loss).
 
     `images` are uint8 `(n, h, w)`, `labels` int `(n,)`. Afterwards the plain `model` holds the
@@ -137,7 +137,7 @@ def train_dpsgd(
 
 
 def _run_epochs(
-    model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, epochs: int
+    model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader[tuple[torch.Tensor, ...]], epochs: int
 ) -> tuple[float, int]:
     """Every Poisson batch, empty ones included, is one noisy step; returns (last epoch's mean loss, steps)."""
     model.train()
@@ -147,7 +147,7 @@ def _run_epochs(
         for xb, yb in loader:
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(xb), yb)  # nan on an empty batch, whose step is noise only
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             optimizer.step()
             steps += 1
             if len(yb):
@@ -157,7 +157,7 @@ def _run_epochs(
     return last, steps
 
 
-def _check_matches_accountant(event: dict, engine: PrivacyEngine) -> None:
+def _check_matches_accountant(event: dict[str, Any], engine: PrivacyEngine) -> None:
     """The entry we report must be exactly what Opacus's accountant charged, or accounting is wrong."""
     charged = [tuple(entry) for entry in engine.accountant.history]
     expected = [(event["noise_multiplier"], event["sample_rate"], event["steps"])]
@@ -178,7 +178,7 @@ def _check_arguments(
     lr: float | None = None,
 ) -> None:
     """Raise one ConfigError naming every out-of-range DP-SGD setting."""
-    checks = [
+    checks: list[tuple[float | None, Callable[[float], bool], str]] = [
         (noise_multiplier, lambda v: v > 0, "dp-noise-multiplier must be > 0"),
         (max_grad_norm, lambda v: v > 0, "dp-max-grad-norm must be > 0"),
         (epochs, lambda v: v >= 1, "local-epochs must be >= 1"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -310,7 +311,7 @@ def check_labels(labels: np.ndarray, space: LabelSpace, where: str) -> np.ndarra
     return labels
 
 
-def _label_values(values: list, space: LabelSpace, where: str, line) -> np.ndarray:
+def _label_values(values: list[object], space: LabelSpace, where: str, line: Callable[[int], str]) -> np.ndarray:
     """Class indices of labels given as integers, integral floats, or text (index or label name)."""
     out = np.empty(len(values), dtype=np.int64)
     unknown: list[str] = []
@@ -323,8 +324,8 @@ def _label_values(values: list, space: LabelSpace, where: str, line) -> np.ndarr
             if not float(value).is_integer():
                 raise DataError(f"{where}: {line(i)} has a non-integer label; labels must be {space.describe()}")
             out[i] = int(value)
-        elif isinstance(value, str) and space.parse(value) is not None:
-            out[i] = space.parse(value)
+        elif isinstance(value, str) and (index := space.parse(value)) is not None:
+            out[i] = index
         elif isinstance(value, str):
             unknown += [] if value in unknown else [value]
             out[i] = -1
@@ -354,7 +355,7 @@ def _normal(name: str) -> str:
     return re.sub(r"[^0-9a-z]+", "-", name.lower()).strip("-")
 
 
-def _names(items: list, limit: int = 5) -> str:
+def _names(items: Sequence[object], limit: int = 5) -> str:
     names = [getattr(item, "name", str(item)) for item in items]
     shown = ", ".join(repr(n) for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -129,8 +129,9 @@ def plot_accuracy(rounds: list[RoundRow], final: FinalFigures, path: Path) -> No
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r.round for r in rounds]
     ax.plot(xs, [r.student_accuracy for r in rounds], marker="o", label="student (test)")
-    if all(r.ensemble_accuracy is not None for r in rounds):
-        ax.plot(xs, [r.ensemble_accuracy for r in rounds], marker="s", label="ensemble (public)")
+    ensemble = [r.ensemble_accuracy for r in rounds if r.ensemble_accuracy is not None]  # none in a FedAvg run
+    if len(ensemble) == len(rounds):
+        ax.plot(xs, ensemble, marker="s", label="ensemble (public)")
     if final.teacher_accuracy_mean is not None:
         ax.axhline(final.teacher_accuracy_mean, color="grey", linestyle="--", label="teachers, mean (test)")
     ax.set_xlabel("round")

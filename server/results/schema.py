@@ -22,7 +22,7 @@ R = TypeVar("R", bound="Record")
 
 
 def _integer(minimum: int) -> Check:
-    return lambda v: isinstance(v, Integral) and not isinstance(v, bool) and v >= minimum
+    return lambda v: isinstance(v, Integral) and not isinstance(v, bool) and int(v) >= minimum
 
 
 def _number(v: Any) -> bool:

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from client.site import load_site
 from common.config import RunConfig, default_run_config
 from common.errors import ConfigError
-from common.node_config import NodeConfig
 from common.models.registry import build_model, count_parameters, head_parameters
 from common.models.text import minilm_path, tokenizer
+from common.node_config import NodeConfig
 from common.tasks.registry import load_split
 from common.tasks.samples import TextSet
 from common.tasks.text import read_bbc_news
