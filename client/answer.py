@@ -33,16 +33,12 @@ class Answer:
 
 def answer_query(context: Context, cfg: RunConfig, node: NodeConfig, site: Site, query: SoftLabelQuery) -> Answer:
     if cfg.privacy == "pate":
-        policy = load_policy(cfg, node)
-        probs, loss, teacher_accuracy, params, privacy = pate_round(
-            context.state, cfg, site, policy, query.sample_ids, context.run_id, query.round)
-        rounds = pate_rounds(context.state)
-        return Answer(probs, _figures(loss, teacher_accuracy if query.evaluate_teacher else -1.0, params, rounds), privacy)
+        return _pate_answer(context, cfg, node, site, query)
     teacher, rounds_trained = restore_teacher(context.state, cfg, site)
     # A resumed run asks again for the round the server stopped in, after this teacher had trained for it:
     # answer with the teacher as it is, and train (under DP: spend) no second time for the same round.
     again = cfg.resume and rounds_trained >= query.round
-    privacy = None
+    privacy: dict[str, Any] | None = None
     if cfg.privacy == "dp-sgd":
         policy = load_policy(cfg, node)
         loss, privacy = dpsgd_round(teacher, cfg, site, policy, context.run_id, query.round, rounds_trained, again=again)
@@ -53,6 +49,14 @@ def answer_query(context: Context, cfg: RunConfig, node: NodeConfig, site: Site,
     probs = predict_probs(teacher, site.public.inputs[query.sample_ids], query.temperature)
     teacher_accuracy = accuracy(teacher, site.test.inputs, site.test.labels) if query.evaluate_teacher else -1.0
     return Answer(probs, _figures(loss, teacher_accuracy, count_parameters(teacher), rounds), privacy)
+
+
+def _pate_answer(context: Context, cfg: RunConfig, node: NodeConfig, site: Site, query: SoftLabelQuery) -> Answer:
+    policy = load_policy(cfg, node)
+    probs, loss, teacher_accuracy, params, privacy = pate_round(
+        context.state, cfg, site, policy, query.sample_ids, context.run_id, query.round)
+    rounds = pate_rounds(context.state)
+    return Answer(probs, _figures(loss, teacher_accuracy if query.evaluate_teacher else -1.0, params, rounds), privacy)
 
 
 def _figures(loss: float, teacher_accuracy: float, params: int, rounds: int) -> dict[str, Any]:

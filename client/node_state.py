@@ -111,10 +111,10 @@ def teacher_weights(state: RecordDict) -> dict[str, torch.Tensor]:
 
 def keep_teacher(state: RecordDict, weights: Weights, meta: TeacherMeta) -> None:
     state[TEACHER_KEY] = ArrayRecord(weights)
-    record: dict[str, str | int] = {"model": meta.model, "rounds-trained": meta.rounds_trained}
+    record = ConfigRecord({"model": meta.model, "rounds-trained": meta.rounds_trained})
     if meta.digest is not None:
         record["digest"] = meta.digest
-    state[TEACHER_META_KEY] = ConfigRecord(record)
+    state[TEACHER_META_KEY] = record
 
 
 def store_record(state: RecordDict) -> StoreRecord | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flwr.app import RecordDict
 
@@ -90,6 +91,7 @@ def sign_and_log(
     """
     payload_sha256, payload_bytes = record_digest(reply)
     query_sha256, _ = record_digest(query)
+    payload: dict[str, Any]
     if kind is not None:
         payload, categories = {"kind": kind, "codec": None, "arrays": {}}, SECAGG_RELEASES[kind]
     elif digest:

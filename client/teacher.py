@@ -174,7 +174,8 @@ def _read(store: TeacherStore) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
         return None
     others = sorted(store.folder.glob("teacher-*.safetensors"), key=lambda p: p.stat().st_mtime) if store.folder.is_dir() else []
     if others and isinstance(latest := saved_header(others[-1]), dict):
-        settings = latest.get("settings") if isinstance(latest.get("settings"), dict) else {}
+        saved_settings = latest.get("settings")
+        settings = saved_settings if isinstance(saved_settings, dict) else {}
         differing = sorted(k for k in store.settings if settings.get(k) != store.settings[k])
         log(WARNING, "the teacher saved in %s was trained for other settings (%s differ): training a fresh teacher",
             others[-1], ", ".join(differing) or "format")
