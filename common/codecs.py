@@ -20,13 +20,15 @@ payload that does not match its codec's schema (names, dtypes, shapes, quanta su
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from common.errors import MessageFormatError
 
 CODECS = ("float32", "float16", "uint8", "topk")
-FLOAT_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+FLOAT_DTYPES: dict[str, np.dtype[np.floating[Any]]] = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 WIRE_DTYPES = FLOAT_DTYPES  # the former name, kept for old imports
 QUANTA = 255  # uint8: every row is split into this many quanta of probability
 
@@ -60,7 +62,7 @@ def encode(probs: np.ndarray, codec: str, top_k: int = 1) -> dict[str, np.ndarra
 
 def decode(
     arrays: Mapping[str, np.ndarray], codec: str, num_classes: int, top_k: int = 1, *, num_rows: int | None = None,
-) -> np.ndarray:
+) -> npt.NDArray[np.float32]:
     """Named wire arrays of `codec` back to float32 probabilities `(m, C)`.
 
     Checks the array names, shapes (`(num_rows, ...)` when given, else the rows of the first array)
@@ -87,7 +89,7 @@ def decode(
     return _decode_topk(arrays["values"], arrays["indices"], num_classes)
 
 
-def wire_schema(codec: str, num_classes: int, top_k: int = 1) -> dict[str, tuple[np.dtype, int]]:
+def wire_schema(codec: str, num_classes: int, top_k: int = 1) -> dict[str, tuple[np.dtype[Any], int]]:
     """The arrays `codec` puts on the wire: name -> (dtype, columns); every array has one row per sample."""
     _check_codec(codec)
     if codec in FLOAT_DTYPES:
@@ -155,7 +157,7 @@ def require_simplex(probs: np.ndarray, tolerance: float) -> None:
         )
 
 
-def _largest_remainder(rows: np.ndarray) -> np.ndarray:
+def _largest_remainder(rows: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
     """Rows on the simplex `(m, C)` float64 to uint8 quanta summing to exactly 255 per row.
 
     Each entry gets floor(255 p); the r quanta left over go to the r largest remainders, ties to the
@@ -172,7 +174,7 @@ def _largest_remainder(rows: np.ndarray) -> np.ndarray:
     return quanta.astype(np.uint8)
 
 
-def _decode_quanta(quanta: np.ndarray) -> np.ndarray:
+def _decode_quanta(quanta: np.ndarray) -> npt.NDArray[np.float32]:
     sums = quanta.sum(axis=1, dtype=np.int64)
     bad = int((sums != QUANTA).sum())
     if bad:
@@ -182,7 +184,7 @@ def _decode_quanta(quanta: np.ndarray) -> np.ndarray:
     return (quanta / QUANTA).astype(np.float32)
 
 
-def _decode_topk(values: np.ndarray, indices: np.ndarray, num_classes: int) -> np.ndarray:
+def _decode_topk(values: np.ndarray, indices: np.ndarray, num_classes: int) -> npt.NDArray[np.float32]:
     """Kept values `(m, k)` in place; the rest of each row's mass spread evenly over the other classes."""
     m, k = values.shape
     idx = indices.astype(np.int64)
@@ -212,7 +214,7 @@ def _decode_topk(values: np.ndarray, indices: np.ndarray, num_classes: int) -> n
     return probs.astype(np.float32)
 
 
-def _check_array(array: np.ndarray, codec: str, name: str | None, dtype: np.dtype, shape: tuple[int, int]) -> None:
+def _check_array(array: np.ndarray, codec: str, name: str | None, dtype: np.dtype[Any], shape: tuple[int, int]) -> None:
     what = f"soft-labels {name!r}" if name else "soft-labels"
     if array.shape != shape:
         raise MessageFormatError(f"{what}: expected shape {shape}, got {array.shape}")
@@ -231,7 +233,7 @@ def _check_top_k(top_k: int, num_classes: int) -> None:
         raise MessageFormatError(f"top-k must be an integer in [1, num-classes = {num_classes}], got {top_k!r}")
 
 
-def _index_dtype(num_classes: int) -> np.dtype:
+def _index_dtype(num_classes: int) -> np.dtype[np.unsignedinteger[Any]]:
     """Smallest unsigned integer dtype that holds class indices 0 .. C - 1."""
     if num_classes <= 256:
         return np.dtype(np.uint8)

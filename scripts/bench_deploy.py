@@ -51,8 +51,9 @@ def main() -> None:
 
     work = out / f"federation-{stamp}"
     written, _ = write_site_data(RunConfig.from_run_config({**default_run_config(), **scenario}), work / "sites")
-    fed = LocalFederation(work, [s.name for s in written], node_configs={s.name: {"data-path": str(s.folder), "partition-id": i}  # i: its teacher architecture
-                                                for i, s in enumerate(written)})
+    # partition-id i: its teacher architecture
+    fed = LocalFederation(work, [s.name for s in written],
+                          node_configs={s.name: {"data-path": str(s.folder), "partition-id": i} for i, s in enumerate(written)})
     started = time.monotonic()
     with fed:
         up = time.monotonic() - started
@@ -65,7 +66,7 @@ def main() -> None:
     dep_rounds = [r["wall_s"] for r in deployed["rounds"]]
     print(f"scenario: {args.dataset}, {args.clients} institutions, {args.rounds} rounds; {_threads()}")
     print(f"{'round':>5} {'simulated s':>12} {'deployed s':>11} {'ratio':>6}")
-    for i, (s, d) in enumerate(zip(sim_rounds, dep_rounds), start=1):
+    for i, (s, d) in enumerate(zip(sim_rounds, dep_rounds, strict=False), start=1):
         print(f"{i:>5} {s:>12.2f} {d:>11.2f} {d / s:>6.2f}")
     if len(sim_rounds) > 1:
         s, d = statistics.mean(sim_rounds[1:]), statistics.mean(dep_rounds[1:])

@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.models.inputs import input_shape, inputs_to_tensor  # noqa: E402
-from simulations.student.metrics import js_divergence  # noqa: E402
 from server.distill import Student  # noqa: E402
 from simulations.student.load import load_run_split, load_run_student, softmax, torch_logits  # noqa: E402
+from simulations.student.metrics import js_divergence  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
 

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from common.config import RunConfig
-from common.tasks.registry import load_split
 from common.models.inputs import input_shape
 from common.models.registry import build_model, count_parameters
-from common.tasks.partition import partition_rows
 from common.models.training import evaluate, train_supervised
+from common.tasks.partition import partition_rows
+from common.tasks.registry import load_split
 
 METRIC_NAMES = ("balanced_accuracy", "macro_f1", "auroc")  # beside accuracy: the imbalance-aware metrics
 

@@ -4,13 +4,12 @@ with a markdown table and plots (accuracy per round; accuracy against cumulative
 from __future__ import annotations
 
 import json
-
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from common.config import RunConfig, default_run_config
 from common.errors import ConfigError, FedstillError
@@ -219,15 +218,18 @@ def plot_comparison(summary: dict[str, Any], folder: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
 
     runs = {**summary["methods"], **{k: v for k, v in summary["baselines"].items() if k == "fedavg"}}
     runs = {label: entry for label, entry in runs.items() if "rounds" in entry}
     fig_r, ax_r = plt.subplots(figsize=(7, 4.5))
     fig_u, ax_u = plt.subplots(figsize=(7, 4.5))
-    palette, markers = plt.get_cmap("tab20").colors, "osD^v<>ph*"
+    # get_cmap is typed to return the base Colormap; tab20 is a ListedColormap, which has .colors
+    palette, markers = cast(ListedColormap, plt.get_cmap("tab20")).colors, "osD^v<>ph*"
     for i, (label, entry) in enumerate(runs.items()):
         # a colour and a marker of their own for each of up to 20 methods (tab20's dark shades first); FedAvg in black
-        style = {"color": "black", "marker": "s"} if label == "fedavg" else {"color": palette[(2 * i + i // 10) % 20], "marker": markers[i % len(markers)]}
+        style: dict[str, Any] = ({"color": "black", "marker": "s"} if label == "fedavg"
+                                 else {"color": palette[(2 * i + i // 10) % 20], "marker": markers[i % len(markers)]})
         rounds = entry["rounds"]
         acc = [r["student_accuracy"] for r in rounds]
         cumulative, total = [], 0.0
@@ -236,9 +238,9 @@ def plot_comparison(summary: dict[str, Any], folder: Path) -> None:
             cumulative.append(total)
         ax_r.plot([r["round"] for r in rounds], acc, markersize=4, label=label, **style)
         ax_u.plot(cumulative, acc, markersize=4, label=label, **style)
-    for name, value, style in _reference_lines(summary):
+    for name, value, linestyle in _reference_lines(summary):
         for ax in (ax_r, ax_u):
-            ax.axhline(value, linestyle=style, color="grey", linewidth=1)
+            ax.axhline(value, linestyle=linestyle, color="grey", linewidth=1)
             ax.annotate(name, xy=(0.01, value), xycoords=("axes fraction", "data"), fontsize=7, va="bottom")
     ax_r.set(xlabel="round", ylabel="student test accuracy", title="accuracy per round")
     ax_u.set(xlabel="cumulative uplink bytes per client", ylabel="student test accuracy",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tomllib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ def resolve(scenario: str | None, sets: list[str], cwd: Path) -> tuple[dict[str,
         if isinstance(merged.get(key), str) and merged[key]:
             overrides[key] = merged[key] = str((cwd / Path(merged[key]).expanduser()).resolve())
     if not merged.get("run-name") and isinstance(merged.get("scenario"), str):
-        overrides["run-name"] = merged["run-name"] = f"{merged['scenario']}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+        overrides["run-name"] = merged["run-name"] = f"{merged['scenario']}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     return overrides, RunConfig.from_run_config(merged)
 
 

@@ -20,9 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.aggregation.averaging import (
-    balanced_expertise_rule, confidence_rule, era_rule, expertise_rule, mean_rule, weighted_rule,
-)
+from common.aggregation.averaging import balanced_expertise_rule, confidence_rule, era_rule, expertise_rule, mean_rule, weighted_rule
 from common.aggregation.base import Aggregate, AggregationParams, Rule, RuleInput
 from common.aggregation.filtering import selective_rule
 from common.aggregation.robust import median_rule, trimmed_mean_rule
@@ -46,6 +44,7 @@ RULES: dict[str, Rule] = {
 }
 NEEDS_INDIVIDUAL_ROWS: frozenset[str] = frozenset(RULES) - {"mean", "weighted"}
 NEEDS_CLASS_COUNTS: frozenset[str] = frozenset({"expertise", "balanced-expertise"})  # the query must ask for per-class counts
+_DEFAULT_PARAMS = AggregationParams()  # frozen, so one shared default is safe
 
 
 def aggregate(
@@ -53,7 +52,7 @@ def aggregate(
     soft_labels: list[np.ndarray],
     num_examples: list[int],
     class_counts: list[np.ndarray] | None = None,
-    params: AggregationParams = AggregationParams(),
+    params: AggregationParams = _DEFAULT_PARAMS,
 ) -> Aggregate:
     """Apply the named rule to k institutions' soft labels `(n, C)`; `num_examples` and `class_counts` per institution.
 

@@ -10,8 +10,8 @@ from typing import Any
 from common.audit import kinds
 from common.audit.canonical import utc_now
 from common.audit.ledger import OPENED, RESUMED
-from common.audit.verify import Chain, abandoned_releases, abandoned_entries, read_chain, verify_ledger
 from common.audit.report_page import BYTES_PLOT, EPSILON_PLOT, JSON_FILE, MARKDOWN_FILE, write_report
+from common.audit.verify import Chain, abandoned_entries, abandoned_releases, read_chain, verify_ledger
 from common.errors import ConfigError
 
 __all__ = ["BYTES_PLOT", "EPSILON_PLOT", "JSON_FILE", "MARKDOWN_FILE", "SCHEMA", "build_report", "write_report"]
@@ -40,7 +40,7 @@ def build_report(
     logs = [read_chain(path) for path in log_paths]
     report: dict[str, Any] = {"schema": SCHEMA, "generated": utc_now(), "verified": True, "ledgers": [], "runs": [],
                               "institutions": {}, "release_logs": [], "rounds_axis": []}
-    for chain, label in zip(chains, labels):
+    for chain, label in zip(chains, labels, strict=True):
         companions = _companions(chain, logs, chains)
         check = verify_ledger(chain.path, coordinator_key=coordinator_key, allow_list=allow_list, client_logs=companions)
         report["verified"] = report["verified"] and check.ok
@@ -133,7 +133,7 @@ def _node_institutions(chain: Chain) -> dict[str, str]:
             if isinstance(name, str):
                 nodes.setdefault(str(body.get("node_id")), name)
         elif entry["kind"] == kinds.AGGREGATED:
-            for node, name in zip(_list(body.get("nodes")), _list(body.get("institutions"))):
+            for node, name in zip(_list(body.get("nodes")), _list(body.get("institutions")), strict=False):
                 if isinstance(name, str):
                     nodes.setdefault(str(node), name)
     return nodes
@@ -260,7 +260,7 @@ def _add_release_log(report: dict[str, Any], log: Chain, chains: list[Chain], la
     releases left the institution all the same: their bytes and privacy count too.
     """
     where, runs, timeouts, abandoned = {}, {}, set(), {}
-    for chain, label in zip(chains, labels):
+    for chain, label in zip(chains, labels, strict=True):
         runs.update({run_id: label for run_id in _run_ids(chain)})
         abandoned.update(abandoned_releases(chain))
         for _, entry in chain.entries:

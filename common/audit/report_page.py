@@ -20,7 +20,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = [out_dir / JSON_FILE, out_dir / MARKDOWN_FILE, out_dir / BYTES_PLOT, out_dir / EPSILON_PLOT]
-        for path, text in zip(paths, (json.dumps(report, indent=2) + "\n", render_markdown(report))):
+        for path, text in zip(paths[:2], (json.dumps(report, indent=2) + "\n", render_markdown(report)), strict=True):
             atomic_write_text(path, text)
         _plot_bytes(report, paths[2])
         _plot_epsilon(report, paths[3])
@@ -85,14 +85,16 @@ def _md_institutions(report: dict[str, Any]) -> str:
 def _md_rejections(report: dict[str, Any]) -> str:
     order = {run["run"]: n for n, run in enumerate(report["runs"])}
     rows = sorted(([r["run"], r["round"], r["phase"], name, r["node_id"], r["check"], r["reason"], r["time"]]
-                   for name, inst in report["institutions"].items() for r in inst["rejections"]), key=lambda row: (order[row[0]], str(row[7])))
+                   for name, inst in report["institutions"].items() for r in inst["rejections"]),
+                  key=lambda row: (order[row[0]], str(row[7])))
     return _section("Rejections", ["run", "round", "phase", "institution", "node", "check", "reason", "time"], rows,
                     empty="No reply was rejected.")
 
 
 def _md_privacy(report: dict[str, Any]) -> str:
     note = ("The sums are basic composition over every attested release (accepted, rejected or only logged: all left the "
-            "institution), an upper bound; *epsilon_total* is the institution's own accounting. Per-release figures are in the JSON report.")
+            "institution), an upper bound; *epsilon_total* is the institution's own accounting. "
+            "Per-release figures are in the JSON report.")
     if any(inst["privacy_summary"]["no_guarantee"] for inst in report["institutions"].values()):
         note += ("\n\n**Mechanism `none`**: epsilon 0 is recorded for releases made without a privacy mechanism; it means no "
                  "differential-privacy guarantee was claimed, not perfect privacy.")
@@ -142,7 +144,7 @@ def _plot_bytes(report: dict[str, Any], path: Path) -> None:
         refused = {index.get((item["run"], item["round"])) for item in inst["per_round"] if item["outcome"] != "accepted"}
         crossed += [(x, totals[x]) for x in xs if x in refused]
     if crossed:
-        ax.scatter(*zip(*crossed), marker="x", s=70, color="red", zorder=3, label="not accepted by the coordinator")
+        ax.scatter(*zip(*crossed, strict=True), marker="x", s=70, color="red", zorder=3, label="not accepted by the coordinator")
     ax.set(xlabel="round", ylabel="bytes sent", title="bytes released per round, per institution", ylim=(0, None))
     _save(fig, ax, ticks, path, plt)
 

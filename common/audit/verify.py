@@ -134,7 +134,8 @@ def _parse(chain: Chain, number: int, raw: bytes) -> dict[str, Any] | None:
         chain.problem(number, None, "json", "not a JSON object")
         return None
     missing = [name for name in ENTRY_FIELDS if name not in entry]
-    types_ok = (isinstance(entry.get("seq"), int) and all(isinstance(entry.get(n), str) for n in ("ledger", "kind", "prev", "hash", "key", "sig"))
+    types_ok = (isinstance(entry.get("seq"), int)
+                and all(isinstance(entry.get(n), str) for n in ("ledger", "kind", "prev", "hash", "key", "sig"))
                 and isinstance(entry.get("body"), dict))
     if missing or not types_ok:
         chain.problem(number, entry, "fields", f"missing or ill-typed fields {missing or list(CORE_FIELDS)}")
@@ -248,7 +249,8 @@ def _check_accepted(chain: Chain, number: int, entry: dict[str, Any], keys: dict
     try:
         fields = check_attestation(attestation, keys, expected, "attestation")
         if fields["run_id"] not in run_ids:
-            chain.problem(number, entry, "attestation", f"made for run {fields['run_id']}, this ledger's runs are {sorted(run_ids)} (replayed)")
+            chain.problem(number, entry, "attestation",
+                          f"made for run {fields['run_id']}, this ledger's runs are {sorted(run_ids)} (replayed)")
     except AuditError as error:
         chain.problem(number, entry, "attestation", str(error).removeprefix("attestation: "))
 
@@ -265,7 +267,8 @@ def _check_companions(chain: Chain, result: Verification) -> None:
         if digest != checkpoints[-1][1]["body"].get("sha256"):
             n, e = checkpoints[-1]
             result.problems.append(Finding(chain.label, n, e["seq"], e["kind"], "student checkpoint",
-                                           f"{student.name} has sha256 {digest[:16]}..., the ledger recorded {str(e['body'].get('sha256'))[:16]}..."))
+                                           f"{student.name} has sha256 {digest[:16]}..., "
+                                           f"the ledger recorded {str(e['body'].get('sha256'))[:16]}..."))
     results = folder / "results.json"
     if results.is_file():
         try:
@@ -336,10 +339,12 @@ def _check_client_log(path: Path, keys: dict[str, str] | None, ledger: Chain, ru
                 result.notes.append(f"{chain.label}: the release of round {where[0]} of run {fields['run_id']} belongs to an "
                                     f"attempt abandoned when the coordinator stopped (the run resumed after round {after})")
             elif where in timeouts:
-                result.notes.append(f"{chain.label}: the release of round {where[0]} reached the coordinator after its round-timeout (ledger records the timeout)")
+                result.notes.append(f"{chain.label}: the release of round {where[0]} reached the coordinator after its "
+                                    f"round-timeout (ledger records the timeout)")
             else:
-                chain.problem(number, entry, "cross-check", f"release of round {fields['round']} (payload {fields['payload_sha256'][:16]}...) "
-                                                            f"is not in the ledger, or was changed there")
+                chain.problem(number, entry, "cross-check",
+                              f"release of round {fields['round']} (payload {fields['payload_sha256'][:16]}...) "
+                              f"is not in the ledger, or was changed there")
     for (statement, signature), entry in in_ledger.items():
         try:
             fields = json.loads(statement)
@@ -349,7 +354,8 @@ def _check_client_log(path: Path, keys: dict[str, str] | None, ledger: Chain, ru
             continue
         if fields.get("institution_id") == institution and entry["kind"] == kinds.REPLY_ACCEPTED and (statement, signature) not in logged:
             result.problems.append(Finding(ledger.label, line_of.get(entry["seq"]), entry["seq"], entry["kind"], "cross-check",
-                                           f"the ledger holds a release by {institution!r} in round {fields.get('round')} that its log does not"))
+                                           f"the ledger holds a release by {institution!r} in round {fields.get('round')} "
+                                           f"that its log does not"))
     result.problems += chain.problems
 
 

@@ -7,12 +7,18 @@ checked record access, digests and attestation helpers they share. This package 
 """
 
 from common.messages.digest import DIGEST_TYPE, DigestInstruction, DigestReply
-from common.messages.records import (
-    ATTESTATION, attach_attestation, payload_description, read_attestation, record_digest, record_nbytes,
-)
+from common.messages.records import ATTESTATION, attach_attestation, payload_description, read_attestation, record_digest, record_nbytes
 from common.messages.secagg import (
-    SETUP_TYPE, SHARES_TYPE, UNMASK_TYPE, MaskedReply, SecAggBundles, SecAggKeys, SecAggRoster, SecAggSetup,
-    SecAggShares, SecAggUnmask,
+    SETUP_TYPE,
+    SHARES_TYPE,
+    UNMASK_TYPE,
+    MaskedReply,
+    SecAggBundles,
+    SecAggKeys,
+    SecAggRoster,
+    SecAggSetup,
+    SecAggShares,
+    SecAggUnmask,
 )
 from common.messages.soft_labels import SOFT_LABELS_TYPE, SoftLabelQuery, SoftLabelReply, validate_soft_labels
 

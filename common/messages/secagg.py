@@ -94,7 +94,7 @@ class SecAggRoster:
         if n and sorted(int(i) for i in indices) != list(range(1, n + 1)) and min(int(i) for i in indices) < 1:
             raise MessageFormatError("secagg-roster: indices must be positive Shamir points")
         roster = {int(node): RosterEntry(int(i), bytes(m), bytes(s))
-                  for node, i, m, s in zip(nodes, indices, mask_keys, share_keys)}
+                  for node, i, m, s in zip(nodes, indices, mask_keys, share_keys, strict=True)}
         result = cls(get_field(config, "secagg", "round", int), get_field(config, "secagg", "threshold", int),
                      get_field(config, "secagg", "weighted", bool), roster)
         if len(set(int(i) for i in indices)) != n or not 2 <= result.threshold <= max(n, 2):

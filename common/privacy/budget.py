@@ -18,7 +18,7 @@ import json
 import numbers
 import os
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ class PrivacyLedger:
         self.delta = delta
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], max_epsilon: float, delta: float) -> "PrivacyLedger":
+    def open(cls, path: str | os.PathLike[str], max_epsilon: float, delta: float) -> PrivacyLedger:
         """Load the ledger at `path`, or create an empty one; max_epsilon may be math.inf (no budget)."""
         if isinstance(max_epsilon, bool) or not isinstance(max_epsilon, numbers.Real) or not max_epsilon > 0:
             raise ConfigError(
@@ -97,7 +97,7 @@ class PrivacyLedger:
             raise ConfigError(f"ledger record: round must be an integer >= 0, got {round_!r}")
         entries = self._load()
         history = [entry["event"] for entry in entries]
-        time = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        time = datetime.now(UTC).isoformat(timespec="seconds")
         total = accounting.epsilon(history, self.delta)
         for event in events:
             clean = accounting.check_entry(event)

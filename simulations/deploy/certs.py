@@ -19,8 +19,9 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -39,8 +40,8 @@ LOOPBACK = ("localhost", "127.0.0.1", "::1")  # where flower-superexec reaches t
 CURVE = ec.SECP384R1
 DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
-PemObject = Union[ec.EllipticCurvePrivateKey, x509.Certificate]
-Host = Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address]
+PemObject = ec.EllipticCurvePrivateKey | x509.Certificate
+Host = str | ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def parse_host(text: str) -> Host:
@@ -87,7 +88,7 @@ def _general_name(host: Host) -> x509.GeneralName:
 def _validity(days: int) -> tuple[dt.datetime, dt.datetime]:
     if not isinstance(days, int) or days < 1:
         raise ConfigError(f"--days must be a whole number of days >= 1, got {days!r}")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return now - dt.timedelta(minutes=1), now + dt.timedelta(days=days)
 
 
@@ -248,7 +249,7 @@ def check_bundle(folder: Path | str, hosts: Sequence[str] = ("127.0.0.1",)) -> l
     if problems:
         return problems
     ca, cert, key = loaded
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     for name, c in ((CA_CERT, ca), (SERVER_CERT, cert)):
         if not c.not_valid_before_utc <= now <= c.not_valid_after_utc:
             problems.append(f"{folder / name} is valid only from {c.not_valid_before_utc:%Y-%m-%d %H:%M} to "

@@ -23,8 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from common.audit.keys import Signer, private_key_path, write_allow_list, write_key_pair
-from simulations.deploy.certs import CA_CERT, NODES, SERVER_CERT, SERVER_KEY, make_ca, make_node_key, make_server_cert, write_node_key, write_pem
 from common.errors import FedstillError
+from simulations.deploy.certs import (
+    CA_CERT,
+    NODES,
+    SERVER_CERT,
+    SERVER_KEY,
+    make_ca,
+    make_node_key,
+    make_server_cert,
+    write_node_key,
+    write_pem,
+)
 from simulations.launcher import OFFLINE_ENV, PROJECT_DIR, find_run_id, free_ports, last_error
 from simulations.scenarios import to_toml
 

@@ -34,9 +34,9 @@ def write_site_data(cfg, out: Path, fmt: str = "idx", overwrite: bool = False) -
     the public set's fingerprint (what each institution's copy of the public set must match)."""
     from client.release import site_folder
     from client.site import SITE_DATA
+    from common.tasks.partition import partition_rows
     from common.tasks.registry import load_split
     from common.tasks.samples import public_fingerprint
-    from common.tasks.partition import partition_rows
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")

@@ -28,8 +28,8 @@ import torch
 from common.errors import ConfigError
 from common.models.inputs import inputs_to_tensor
 from common.models.registry import build_model, count_parameters
-from simulations.student.export import EXPORT_DIR, ONNX_FP32, ONNX_INT8, INPUT, export_run, ort_session
 from server.results.run_folder import add_section, write_json
+from simulations.student.export import EXPORT_DIR, INPUT, ONNX_FP32, ONNX_INT8, export_run, ort_session
 from simulations.student.load import RunStudent, load_run_split, load_run_student
 
 RESULT = "bench.json"
@@ -60,7 +60,7 @@ def measure(engines: dict[str, Callable[[np.ndarray], Any]], inputs: np.ndarray,
             iterations: int, warmup: int, rounds: int) -> dict[str, dict[int, list[float]]]:
     """Per engine and batch size, the seconds of each timed call, in interleaved blocks."""
     times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batches} for name in engines}
-    for name, engine in engines.items():
+    for engine in engines.values():
         for b in batches:
             for _ in range(warmup):
                 engine(inputs[:b])
@@ -129,7 +129,8 @@ def _bench(student: RunStudent, export: Path, inputs: np.ndarray, *, threads: in
     result = {
         "run_dir": str(student.run_dir), "threads": threads, "batches": list(batches), "iterations": iterations,
         "rounds": rounds, "warmup": warmup,
-        "teacher": {"model": teacher_name, "params": count_parameters(teacher), "weights": "built fresh, not the institutions' (timing only)"},
+        "teacher": {"model": teacher_name, "params": count_parameters(teacher),
+                    "weights": "built fresh, not the institutions' (timing only)"},
         "student": {"model": student.meta.model, "params": count_parameters(student.model)},
         "machine": {"cpu": _cpu_name(), "cpus": os.cpu_count(), "load_average_before": load_before[0],
                     "load_average_after": os.getloadavg()[0], "torch": torch.__version__, "python": platform.python_version()},

@@ -19,16 +19,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.metrics import macro_f1
 from common.files import atomic_path, atomic_write_text
-from common.tasks.samples import FederatedSplit, task_of
+from common.metrics import macro_f1
 from common.models.inputs import inputs_to_tensor
 from common.models.registry import count_parameters
-from simulations.student.robustness import fgsm_curve, noise_curve, seeded_curve, token_dropout, token_substitution
-from simulations.student.metrics import ECE_BINS, expected_calibration_error, js_divergence
-from simulations.student.export import EXPORT_DIR, ONNX_FP32, ONNX_INT8
+from common.tasks.samples import FederatedSplit, task_of
 from server.results.run_folder import STUDENT, add_section, write_json
+from simulations.student.export import EXPORT_DIR, ONNX_FP32, ONNX_INT8
 from simulations.student.load import RunStudent, load_run_split, softmax, torch_logits
+from simulations.student.metrics import ECE_BINS, expected_calibration_error, js_divergence
+from simulations.student.robustness import fgsm_curve, noise_curve, seeded_curve, token_dropout, token_substitution
 
 EVAL_DIR = "evaluation"
 SUMMARY, REPORT, PLOT = "evaluation.json", "evaluation.md", "robustness.png"
@@ -174,7 +174,7 @@ def plot_robustness(s: dict[str, Any], path: Path) -> None:
 
     curves = list(s["robustness"]["curves"].values())
     fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), sharey=True, squeeze=False)
-    for ax, curve in zip(axes[0], curves):
+    for ax, curve in zip(axes[0], curves, strict=True):
         points = curve["points"]
         ax.plot([p["level"] for p in points], [p["accuracy"] for p in points], marker="o")
         ax.set_xlabel(curve["title"])

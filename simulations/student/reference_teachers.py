@@ -31,15 +31,15 @@ from safetensors.torch import load_file
 from client.release import site_folder
 from client.site import SITE_DATA
 from client.teacher import saved_header
-from common.aggregation import AggregationParams, NEEDS_CLASS_COUNTS, aggregate
+from common.aggregation import NEEDS_CLASS_COUNTS, AggregationParams, aggregate
 from common.config import RunConfig
-from common.tasks.samples import FederatedSplit, public_fingerprint
 from common.errors import ConfigError
 from common.files import atomic_path
 from common.models.inputs import input_shape, inputs_to_tensor
 from common.models.registry import build_model
-from common.tasks.partition import partition_rows
 from common.models.training import train_supervised
+from common.tasks.partition import partition_rows
+from common.tasks.samples import FederatedSplit, public_fingerprint
 from simulations.student.evaluate import EVAL_DIR, EnsembleLogits
 from simulations.student.load import RunStudent, load_run_split, softmax, torch_logits
 
@@ -145,7 +145,8 @@ def reference_ensemble(student: RunStudent, *, retrain: bool = False,
     accuracies = [float((t["logits"].argmax(1) == labels).mean()) for t in teachers]
     recorded = sorted((recorded_rounds[-1].get("teacher_accuracy") or {}).values()) if recorded_rounds else []
     details = {
-        "teachers": [{"model": t["model"], "samples": int(t["num_examples"]), "accuracy": a} for t, a in zip(teachers, accuracies)],
+        "teachers": [{"model": t["model"], "samples": int(t["num_examples"]), "accuracy": a}
+                     for t, a in zip(teachers, accuracies, strict=True)],
         "teacher_accuracy_sorted": sorted(round(a, 4) for a in accuracies),
         "recorded_teacher_accuracy_sorted": recorded,
         "max_abs_diff_to_recorded": (float(np.max(np.abs(np.sort(accuracies) - np.asarray(recorded))))
@@ -189,7 +190,7 @@ def _read_cache(path: Path, key: str) -> list[dict[str, Any]] | None:
             return None
         models = json.loads(str(saved["models"]))
         return [{"model": m, "num_examples": int(n), "class_counts": c, "logits": z}
-                for m, n, c, z in zip(models, saved["num_examples"], saved["class_counts"], saved["logits"])]
+                for m, n, c, z in zip(models, saved["num_examples"], saved["class_counts"], saved["logits"], strict=True)]
 
 
 def _write_cache(path: Path, key: str, teachers: list[dict[str, Any]]) -> None:

@@ -107,7 +107,7 @@ def noise_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigmas: list
 def fgsm_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float],
                clip: Range = (0.0, 1.0)) -> list[dict[str, float]]:
     """Accuracy under FGSM at each epsilon (white-box: the attack sees the model it attacks)."""
-    return [{"level": float(eps), "accuracy": accuracy_under(model, x, y, lambda m, xb, yb: fgsm(m, xb, yb, eps, clip))}
+    return [{"level": float(eps), "accuracy": accuracy_under(model, x, y, lambda m, xb, yb, eps=eps: fgsm(m, xb, yb, eps, clip))}
             for eps in epsilons]
 
 
@@ -118,8 +118,9 @@ def seeded_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, levels: lis
     rows = []
     for level in levels:
         generator = torch.Generator().manual_seed(seed)
-        rows.append({"level": float(level),
-                     "accuracy": accuracy_under(model, x, y, lambda _m, xb, _y: perturb(xb, level, generator))})
+        # level and generator bound as defaults: the closure keeps this iteration's values
+        accuracy = accuracy_under(model, x, y, lambda _m, xb, _y, level=level, generator=generator: perturb(xb, level, generator))
+        rows.append({"level": float(level), "accuracy": accuracy})
     return rows
 
 

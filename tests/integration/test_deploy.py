@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from common.audit.verify import verify_ledger
-from simulations.deploy.certs import make_ca, make_node_key, write_node_key, write_pem
 from common.config import RunConfig, default_run_config
+from simulations.deploy.certs import make_ca, make_node_key, write_node_key, write_pem
 from simulations.deploy.local import LocalFederation
-from simulations.launcher import processes_matching
 from simulations.deploy.site_data import write_site_data
+from simulations.launcher import processes_matching
 
 INSTITUTIONS = ["institution-0", "institution-1", "institution-2"]
 SCENARIO = {

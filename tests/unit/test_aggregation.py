@@ -117,7 +117,7 @@ def test_inputs_are_not_modified(rule: str) -> None:
     aggregate(rule, [first, second], [1, 1], [first_counts, second_counts])
 
     # Assert
-    for array, copy in zip([first, second, first_counts, second_counts], copies):
+    for array, copy in zip([first, second, first_counts, second_counts], copies, strict=True):
         np.testing.assert_array_equal(array, copy)
 
 

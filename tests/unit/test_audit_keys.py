@@ -14,8 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.audit.keys import (
-    NAME_PATTERN, PASSPHRASE_ENV, Signer, check_name, decode_public, key_id, load_allow_list, load_signer,
-    verify_signature, write_allow_list, write_key_pair,
+    NAME_PATTERN,
+    PASSPHRASE_ENV,
+    Signer,
+    check_name,
+    decode_public,
+    key_id,
+    load_allow_list,
+    load_signer,
+    verify_signature,
+    write_allow_list,
+    write_key_pair,
 )
 from common.errors import AuditError, ConfigError
 

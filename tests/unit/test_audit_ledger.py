@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 import threading
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,9 @@ from common.errors import AuditError
 SAFE = 2**53 - 1  # RFC 8785 numbers are IEEE doubles: integers beyond this are refused by design
 JSON_SCALARS = (st.none() | st.booleans() | st.integers(-SAFE, SAFE) | st.floats(-SAFE, SAFE, allow_nan=False)
                 | st.text(max_size=20))
-JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8,
+)
 BODIES = st.dictionaries(st.text(max_size=10), JSON_VALUES, max_size=4)
 
 
@@ -63,7 +66,7 @@ def test_appends_link_each_entry_to_the_last(tmp_path: Path, signer: Signer) -> 
     entries = assert_valid_chain(ledger.path, signer.public)
     assert [entry["seq"] for entry in entries] == [0, 1, 2, 3, 4]
     assert len({entry["ledger"] for entry in entries}) == 1
-    assert all(later["prev"] == earlier["hash"] for earlier, later in zip(entries, entries[1:]))
+    assert all(later["prev"] == earlier["hash"] for earlier, later in pairwise(entries))
 
 
 @settings(max_examples=25, deadline=None)

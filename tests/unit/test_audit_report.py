@@ -48,9 +48,11 @@ def fabricate_run(
     """
     allow_list = {name: signers[name].public for name in INSTITUTIONS}
     ledger = Ledger.open(folder / "ledger.jsonl", signers[kinds.COORDINATOR], {"run_name": folder.name, "allow_list": allow_list})
-    logs = {name: Ledger.open(folder / "sites" / name / "release-log.jsonl", signers[name], {"institution_id": name}) for name in INSTITUTIONS}
+    logs = {name: Ledger.open(folder / "sites" / name / "release-log.jsonl", signers[name], {"institution_id": name})
+            for name in INSTITUTIONS}
     ledger.append(kinds.RUN_STARTED, {"run_id": run_id, "run_name": folder.name, "scenario": "unit", "method": "distill",
-                                      "aggregation": "mean", "codec": "float16", "num_server_rounds": 2, "config_sha256": "c" * 64, "config": {}})
+                                      "aggregation": "mean", "codec": "float16", "num_server_rounds": 2, "config_sha256": "c" * 64,
+                                      "config": {}})
     for round_ in (1, 2):
         query = hashlib.sha256(f"query {run_id} {round_}".encode()).hexdigest()
         ledger.append(kinds.ROUND_OPENED, {"round": round_, "nodes": list(NODES.values()), "query_sha256": query, "temperature": 3.0,
@@ -62,13 +64,16 @@ def fabricate_run(
             categories = ["soft labels on public samples"] + (["teacher accuracy"] if round_ == 2 else [])
             attestation = attest(signers[name], run_id=int(run_id), round_=round_, node_id=int(NODES[name]), public_fingerprint="f" * 64,
                                  query_sha256=query, payload_sha256=digest, payload_bytes=size, data_categories=categories, privacy=privacy,
-                                 payload={"kind": "soft-labels", "codec": "float16", "arrays": {"probs": {"dtype": "float16", "shape": [100, 10]}}})
-            logs[name].append(kinds.RELEASE, {"run_id": run_id, "round": round_, "node_id": NODES[name], "attestation": attestation.as_dict()})
+                                 payload={"kind": "soft-labels", "codec": "float16",
+                                          "arrays": {"probs": {"dtype": "float16", "shape": [100, 10]}}})
+            logs[name].append(kinds.RELEASE, {"run_id": run_id, "round": round_, "node_id": NODES[name],
+                                              "attestation": attestation.as_dict()})
             if (name, round_) == rejected[:2]:
                 timeout = rejected[2] == "timeout"
                 ledger.append(kinds.REPLY_REJECTED, {"round": round_, "phase": "soft-labels", "node_id": NODES[name],
                                                      "institution_id": None if timeout else name, "check": rejected[2],
-                                                     "reason": f"{rejected[2]} check failed", "attestation": None if timeout else attestation.as_dict()})
+                                                     "reason": f"{rejected[2]} check failed",
+                                                     "attestation": None if timeout else attestation.as_dict()})
                 continue
             ledger.append(kinds.REPLY_ACCEPTED, {"round": round_, "phase": "soft-labels", "node_id": NODES[name], "institution_id": name,
                                                  "payload_sha256": digest, "payload_bytes": size, "uplink_bytes": size + 100,
@@ -78,7 +83,8 @@ def fabricate_run(
                                          "samples_kept": 100, "ensemble_sha256": "e" * 64})
         if round_ == digest_round:
             fabricate_digest_phase(ledger, logs, signers, run_id, round_)
-        ledger.append(kinds.CHECKPOINT, {"round": round_, "file": "student.safetensors", "sha256": f"{round_}" * 64, "student_accuracy": 0.5})
+        ledger.append(kinds.CHECKPOINT, {"round": round_, "file": "student.safetensors", "sha256": f"{round_}" * 64,
+                                         "student_accuracy": 0.5})
     ledger.append(kinds.RUN_FINISHED, {"status": "completed", "rounds": 2, "student_sha256": "2" * 64})
     return folder / "ledger.jsonl"
 
@@ -95,7 +101,8 @@ def fabricate_digest_phase(ledger: Ledger, logs: dict[str, Ledger], signers: dic
                              payload={"kind": "digest-losses", "codec": None, "arrays": {}})
         logs[name].append(kinds.RELEASE, {"run_id": run_id, "round": round_, "node_id": NODES[name], "attestation": attestation.as_dict()})
         ledger.append(kinds.REPLY_ACCEPTED, {"round": round_, "phase": "digest", "node_id": NODES[name], "institution_id": name,
-                                             "payload_sha256": digest, "payload_bytes": 50, "uplink_bytes": 60, "attestation": attestation.as_dict()})
+                                             "payload_sha256": digest, "payload_bytes": 50, "uplink_bytes": 60,
+                                             "attestation": attestation.as_dict()})
 
 
 def release_logs(folder: Path) -> list[Path]:
@@ -150,7 +157,8 @@ def test_privacy_is_listed_per_release_and_summed(tmp_path: Path, signers: dict[
 
     # Assert
     a, b = report["institutions"]["inst-a"], report["institutions"]["inst-b"]
-    assert [(p["round"], p["epsilon"], p["epsilon_total"], p["delta"]) for p in a["privacy"]] == [(1, 0.5, 0.5, 1e-06), (2, 0.5, 1.0, 1e-06)]
+    assert ([(p["round"], p["epsilon"], p["epsilon_total"], p["delta"]) for p in a["privacy"]]
+            == [(1, 0.5, 0.5, 1e-06), (2, 0.5, 1.0, 1e-06)])
     assert a["privacy_mechanisms"] == ["gaussian"]
     assert a["privacy_summary"]["epsilon_sum"] == 1.0 and a["privacy_summary"]["no_guarantee"] is False
     # no mechanism yet: still shown, as zeros, and flagged as no guarantee (the rejected release left inst-b too)
@@ -246,7 +254,8 @@ def test_two_runs_are_aggregated_per_institution(tmp_path: Path, signers: dict[s
     assert a["bytes_sent"] == 2 * (1001 + 2001) and a["bytes_accepted"] == 1001 + 2 * 2001
     assert [(r["run"], r["check"]) for r in a["rejections"]] == [("run2", "statement")]
     assert len(a["privacy"]) == 4 and a["privacy_summary"]["epsilon_sum"] == 2.0
-    assert [ledger["release_logs"] for ledger in report["ledgers"]] == [[str(p) for p in release_logs(tmp_path / run)] for run in ("run1", "run2")]
+    assert ([ledger["release_logs"] for ledger in report["ledgers"]]
+            == [[str(p) for p in release_logs(tmp_path / run)] for run in ("run1", "run2")])
     assert report["rounds_axis"] == [["run1", 1], ["run1", 2], ["run2", 1], ["run2", 2]]
 
 
@@ -401,13 +410,14 @@ def test_cli_report_on_a_copy_of_a_simulated_run(tmp_path: Path) -> None:
     logs = [arg for log in release_logs(run) for arg in ("-c", str(log))]
 
     # Execute
-    result = CliRunner().invoke(app, ["audit", "report", str(run / "ledger.jsonl"), *logs, "--coordinator-key", str(run / "coordinator.pub"),
-                                      "--allow-list", str(run / "allow-list.toml")])
+    result = CliRunner().invoke(app, ["audit", "report", str(run / "ledger.jsonl"), *logs,
+                                      "--coordinator-key", str(run / "coordinator.pub"), "--allow-list", str(run / "allow-list.toml")])
 
     # Assert
     assert result.exit_code == 0, result.output
     report = json.loads((run / JSON_FILE).read_text(encoding="utf-8"))
     assert report["verified"] is True and report["runs"][0]["status"] == "completed"
     rounds = list(range(1, report["runs"][0]["rounds"] + 1))
-    assert all(inst["rounds"] == {"audit1": rounds} and inst["releases_accepted"] >= len(rounds) for inst in report["institutions"].values())
+    assert all(inst["rounds"] == {"audit1": rounds} and inst["releases_accepted"] >= len(rounds)
+               for inst in report["institutions"].values())
     assert all(log["all_in_ledger"] for log in report["release_logs"])

@@ -10,8 +10,8 @@ import pytest
 
 import simulations.baselines as baselines
 from common.config import RunConfig, default_run_config
-from common.tasks.registry import load_split
 from common.models.registry import build_model, count_parameters
+from common.tasks.registry import load_split
 
 PUBLIC_SIZE = 400
 TEACHERS = "cnn-tiny,cnn-large"  # round-robin over 3 clients: tiny, large, tiny

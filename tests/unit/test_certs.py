@@ -20,11 +20,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from simulations.deploy.certs import (
-    CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, check_bundle, make_ca, make_node_key, make_server_cert, parse_host,
-    subject_alt_names, write_node_key, write_pem,
-)
 from common.errors import ConfigError
+from simulations.deploy.certs import (
+    CA_CERT,
+    CA_KEY,
+    SERVER_CERT,
+    SERVER_KEY,
+    check_bundle,
+    make_ca,
+    make_node_key,
+    make_server_cert,
+    parse_host,
+    subject_alt_names,
+    write_node_key,
+    write_pem,
+)
 
 HOSTS = ["superlink.example.org", "10.0.0.5", "2001:db8::1"]
 
@@ -260,9 +270,7 @@ def test_grpc_accepts_the_p384_certificate_as_flower_configures_it(bundle: Path)
 
 def test_node_key_files_load_with_flowers_own_loaders(tmp_path: Path) -> None:
     from flwr.cli.supernode.register import try_load_public_key
-    from flwr.supercore.primitives.asymmetric import (
-        bytes_to_public_key, public_key_to_bytes, sign_message, verify_signature,
-    )
+    from flwr.supercore.primitives.asymmetric import bytes_to_public_key, public_key_to_bytes, sign_message, verify_signature
     from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
 
     # Prepare

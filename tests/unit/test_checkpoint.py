@@ -13,17 +13,25 @@ import pytest
 import torch
 
 from common.config import RunConfig
-from common.tasks.registry import load_split
 from common.errors import ConfigError
+from common.tasks.registry import load_split
 from server.audit_trail import LEDGER, AuditTrail
 from server.checkpoint import (
-    CHECKPOINT, Checkpoint, CheckpointState, config_differences, config_sha256, mark_completed, read_checkpoint,
-    read_state, resumable_config, write_checkpoint,
+    CHECKPOINT,
+    Checkpoint,
+    CheckpointState,
+    config_differences,
+    config_sha256,
+    mark_completed,
+    read_checkpoint,
+    read_state,
+    resumable_config,
+    write_checkpoint,
 )
 from server.distill import Student
-from server.resume import Checkpointer, plan_start
 from server.results.run_folder import RESULTS, RunFolder
 from server.results.schema import RoundRow
+from server.resume import Checkpointer, plan_start
 
 RUN_ID = 2**63 - 7
 

@@ -11,9 +11,7 @@ from typing import Any
 import pytest
 
 from common.errors import ConfigError
-from simulations.compare import (
-    PER_ROUND_PLOT, UPLINK_PLOT, Method, markdown_table, parse_methods, plot_comparison, rows_of,
-)
+from simulations.compare import PER_ROUND_PLOT, UPLINK_PLOT, Method, markdown_table, parse_methods, plot_comparison, rows_of
 
 # ---------------------------------------------------------------------------------------------------
 # parse_methods

@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import RecordDict
+from run_fixtures import make_run_folder, tiny_cfg
 
 from client.site import Site
 from client.teacher import attach_store, restore_teacher, save_teacher, teacher_store, train_round
-from common.tasks.registry import load_split
-from common.tasks.samples import public_fingerprint
 from common.errors import ConfigError
 from common.models.inputs import images_to_tensor
 from common.node_config import NodeConfig
 from common.tasks.partition import partition_rows
-from run_fixtures import make_run_folder, tiny_cfg
+from common.tasks.registry import load_split
+from common.tasks.samples import public_fingerprint
+from simulations.student.bench import bench_run
 from simulations.student.evaluate import EVAL_DIR, PLOT, REPORT, SUMMARY, EnsembleLogits, evaluate_run
 from simulations.student.load import load_run_student, softmax, torch_logits
 from simulations.student.reference_teachers import CACHE, reference_ensemble, train_teachers
-from simulations.student.bench import bench_run
 
 
 @pytest.fixture(scope="module")

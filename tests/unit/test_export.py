@@ -10,17 +10,25 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from run_fixtures import make_run_folder
 
-from common.tasks.registry import load_split
 from common.errors import ConfigError
 from common.models.inputs import images_to_tensor
 from common.models.registry import build_model
+from common.tasks.registry import load_split
 from simulations.student.export import (
-    EXPORT_DIR, ONNX_FP32, ONNX_INT8, SUMMARY, export_onnx, export_run, ort_logits, ort_session, quantisation_mode,
+    EXPORT_DIR,
+    ONNX_FP32,
+    ONNX_INT8,
+    SUMMARY,
+    export_onnx,
+    export_run,
+    ort_logits,
+    ort_session,
+    quantisation_mode,
     quantise,
 )
 from simulations.student.load import softmax, torch_logits
-from run_fixtures import make_run_folder
 
 
 @pytest.fixture(scope="module")

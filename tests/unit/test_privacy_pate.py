@@ -38,8 +38,8 @@ def test_shards_are_seeded() -> None:
     other = pate.shard_indices(100, 4, seed=2)
 
     # Assert
-    assert all(np.array_equal(a, b) for a, b in zip(first, again))
-    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
     assert not np.array_equal(first[0], np.arange(25))  # shuffled, not contiguous
 
 

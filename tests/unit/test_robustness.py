@@ -9,7 +9,14 @@ from torch import nn
 
 from common.errors import ConfigError
 from simulations.student.robustness import (
-    accuracy_under, fgsm, fgsm_curve, gaussian_noise, noise_curve, parse_levels, token_dropout, token_substitution,
+    accuracy_under,
+    fgsm,
+    fgsm_curve,
+    gaussian_noise,
+    noise_curve,
+    parse_levels,
+    token_dropout,
+    token_substitution,
 )
 
 
@@ -89,7 +96,7 @@ def test_token_dropout_deletes_ordinary_tokens_and_closes_up() -> None:
     assert (some[:, 0] == 101).all()
     lengths = (some != 0).sum(dim=1)
     assert set(lengths.tolist()) <= {2, 3, 4, 5} and 3 <= float(lengths.float().mean()) <= 4  # 2 + Binomial(3, 0.5)
-    for row, length in zip(some, lengths):
+    for row, length in zip(some, lengths, strict=True):
         assert row[length - 1] == 102 and row[:length].tolist() == [t for t in [101, 7, 8, 9, 102] if t in row[:length].tolist()]
 
 

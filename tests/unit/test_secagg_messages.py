@@ -13,9 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.errors import FingerprintMismatch, MessageFormatError
-from common.messages import (
-    MaskedReply, SecAggBundles, SecAggKeys, SecAggRoster, SecAggSetup, SecAggShares, SecAggUnmask,
-)
+from common.messages import MaskedReply, SecAggBundles, SecAggKeys, SecAggRoster, SecAggSetup, SecAggShares, SecAggUnmask
 from common.secagg.protocol import ClientSecrets, Roster, RosterEntry
 from common.secagg.shamir import PRIME
 
@@ -26,7 +24,7 @@ NODES = [7, 2**63 + 5, 2**64 - 1]  # Flower node ids are uint64: past int64 too
 
 def new_roster(nodes: list[int] = NODES) -> Roster:
     keys = [ClientSecrets.generate().public_keys() for _ in nodes]
-    return {node: RosterEntry(i, *pair) for i, (node, pair) in enumerate(zip(sorted(nodes), keys), start=1)}
+    return {node: RosterEntry(i, *pair) for i, (node, pair) in enumerate(zip(sorted(nodes), keys, strict=True), start=1)}
 
 
 ROSTER = new_roster()

@@ -15,12 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.errors import AuditError, ConfigError
-from common.secagg.masking import (
-    MAX_ABS, SCALE_BITS, dequantise, derive_seed, pairwise_mask, prg, quantise,
-)
-from common.secagg.protocol import (
-    ClientSecrets, Roster, client_masked_input, client_share_bundles, client_unmask, make_roster, server_sum,
-)
+from common.secagg.masking import MAX_ABS, SCALE_BITS, dequantise, derive_seed, pairwise_mask, prg, quantise
+from common.secagg.protocol import ClientSecrets, Roster, client_masked_input, client_share_bundles, client_unmask, make_roster, server_sum
 from common.secagg.shamir import MAX_SECRET_BYTES, PRIME, reconstruct, split
 
 CONTEXT = b"fedstill/7/1"  # client.secure.context_bytes(7, 1)

@@ -11,11 +11,11 @@ import torch
 
 import server.distill as distill
 from common.config import RunConfig, default_run_config
-from common.tasks.registry import load_split
-from common.tasks.samples import FederatedSplit
 from common.losses import distillation_loss
 from common.models.inputs import images_to_tensor
 from common.models.registry import head_parameters
+from common.tasks.registry import load_split
+from common.tasks.samples import FederatedSplit
 from server.distill import Student, ensemble_accuracy
 
 TEMPERATURE = 2.0

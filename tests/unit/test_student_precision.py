@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from common.config import RunConfig, default_run_config
-from common.tasks.registry import load_split
-from common.tasks.samples import FederatedSplit
 from common.errors import ConfigError
 from common.models.inputs import images_to_tensor
+from common.tasks.registry import load_split
+from common.tasks.samples import FederatedSplit
 from server.checkpoint import config_differences, resumable_config
 from server.distill import Student
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from run_fixtures import make_run_folder
+
 from simulations.student.evaluate import evaluate_run
 from simulations.student.export import export_run
 from simulations.student.load import load_run_student
