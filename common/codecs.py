@@ -165,7 +165,7 @@ def _largest_remainder(rows: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
     """
     scaled = rows * QUANTA
     floors = np.floor(scaled)
-    left = QUANTA - floors.sum(axis=1).astype(np.int64)  # (m,) in [0, C - 1]
+    left: npt.NDArray[np.int64] = QUANTA - floors.sum(axis=1).astype(np.int64)  # (m,) in [0, C - 1]
     order = np.argsort(-(scaled - floors), axis=1, kind="stable")  # (m, C) largest remainder first
     ranks = np.argsort(order, axis=1)  # (m, C) rank of each class's remainder, 0 = largest
     quanta = floors.astype(np.int64) + (ranks < left[:, None])

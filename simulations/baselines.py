@@ -25,7 +25,7 @@ def local_only(cfg: RunConfig, epochs: int | None = None) -> dict[str, Any]:
     split = _split(cfg)
     epochs = epochs if epochs is not None else cfg.local_epochs * cfg.num_server_rounds
     started = time.monotonic()
-    per_client = {}
+    per_client: dict[str, dict[str, Any]] = {}
     for pid in range(cfg.num_clients):
         data = split.private.subset(partition_rows(split, cfg, pid))
         name = cfg.teacher_model_for(pid)

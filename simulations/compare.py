@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from common.config import RunConfig, default_run_config
 from common.errors import ConfigError, FedstillError
@@ -218,18 +218,16 @@ def plot_comparison(summary: dict[str, Any], folder: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
 
     runs = {**summary["methods"], **{k: v for k, v in summary["baselines"].items() if k == "fedavg"}}
     runs = {label: entry for label, entry in runs.items() if "rounds" in entry}
     fig_r, ax_r = plt.subplots(figsize=(7, 4.5))
     fig_u, ax_u = plt.subplots(figsize=(7, 4.5))
-    # get_cmap is typed to return the base Colormap; tab20 is a ListedColormap, which has .colors
-    palette, markers = cast(ListedColormap, plt.get_cmap("tab20")).colors, "osD^v<>ph*"
+    palette, markers = plt.get_cmap("tab20"), "osD^v<>ph*"  # palette(j): tab20's j-th colour, as RGBA
     for i, (label, entry) in enumerate(runs.items()):
         # a colour and a marker of their own for each of up to 20 methods (tab20's dark shades first); FedAvg in black
         style: dict[str, Any] = ({"color": "black", "marker": "s"} if label == "fedavg"
-                                 else {"color": palette[(2 * i + i // 10) % 20], "marker": markers[i % len(markers)]})
+                                 else {"color": palette((2 * i + i // 10) % 20), "marker": markers[i % len(markers)]})
         rounds = entry["rounds"]
         acc = [r["student_accuracy"] for r in rounds]
         cumulative, total = [], 0.0

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from common.aggregation.averaging import balanced_expertise_rule, confidence_rule, era_rule, expertise_rule, mean_rule, weighted_rule
 from common.aggregation.base import Aggregate, AggregationParams, Rule, RuleInput
@@ -76,7 +77,7 @@ def aggregate(
     return RULES[rule](inputs)
 
 
-def _stack(soft_labels: Sequence[np.ndarray]) -> np.ndarray:
+def _stack(soft_labels: Sequence[np.ndarray]) -> npt.NDArray[np.float64]:
     """`(k, n, C)` float64 of the institutions' rows, each clipped at 0 and renormalised (float16 sums drift)."""
     shapes = {np.shape(s) for s in soft_labels}
     if len(shapes) != 1:
@@ -95,7 +96,8 @@ def _stack(soft_labels: Sequence[np.ndarray]) -> np.ndarray:
                 f"soft labels of institution {j}: {bad} rows hold NaN, inf, negative values or no mass; "
                 "send probabilities"
             )
-    return stack / stack.sum(axis=2, keepdims=True)
+    normalised: npt.NDArray[np.float64] = stack / stack.sum(axis=2, keepdims=True)  # (k, n, C)
+    return normalised
 
 
 def _per_institution(num_examples: Sequence[int], k: int) -> np.ndarray:

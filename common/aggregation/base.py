@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from numbers import Real
 
 import numpy as np
+import numpy.typing as npt
 
 from common.errors import ConfigError
 
@@ -22,7 +23,7 @@ class AggregationParams:
     temperature: float = 1.0  # the temperature the soft labels were made at (selective judges at T = 1)
 
     def __post_init__(self) -> None:
-        checks = (
+        checks: tuple[tuple[str, float, Callable[[float], bool], str], ...] = (
             ("era_temperature", self.era_temperature, lambda v: v > 0,
              "a finite number > 0 (below 1 it sharpens the mean)"),
             ("trim_fraction", self.trim_fraction, lambda v: 0 <= v < 0.5,
@@ -48,17 +49,17 @@ def _is_real(value: object) -> bool:
 class Aggregate:
     """One round's ensemble target for the student."""
 
-    probs: np.ndarray  # (n, C) float32, every row on the simplex
-    keep: np.ndarray  # (n,) bool: rows the student should learn from (all True except for `selective`)
+    probs: npt.NDArray[np.float32]  # (n, C) float32, every row on the simplex
+    keep: npt.NDArray[np.bool_]  # (n,) bool: rows the student should learn from (all True except for `selective`)
 
 
 @dataclass(frozen=True)
 class RuleInput:
     """A rule's view of one round, validated by `aggregate`; rules never modify it."""
 
-    stack: np.ndarray  # (k, n, C) float64, k institutions' rows, each on the simplex
-    num_examples: np.ndarray  # (k,) float64 >= 0, private partition sizes
-    class_counts: np.ndarray | None  # (k, C) float64 >= 0 private samples per class, or None if not reported
+    stack: npt.NDArray[np.float64]  # (k, n, C) float64, k institutions' rows, each on the simplex
+    num_examples: npt.NDArray[np.float64]  # (k,) float64 >= 0, private partition sizes
+    class_counts: npt.NDArray[np.float64] | None  # (k, C) float64 >= 0 private samples per class, or None if not reported
     params: AggregationParams
 
 
@@ -81,16 +82,18 @@ def to_aggregate(raw: np.ndarray, stack: np.ndarray, keep: np.ndarray | None = N
     return Aggregate(probs=probs.astype(np.float32), keep=np.asarray(keep, dtype=bool))
 
 
-def entropy(probs: np.ndarray) -> np.ndarray:
+def entropy(probs: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     r"""Shannon entropy in nats along the last axis, :math:`H(p) = -\sum_c p_c \log p_c`, with 0 log 0 = 0."""
     positive = probs > 0
     logs = np.log(np.where(positive, probs, 1.0))
-    return -np.sum(np.where(positive, probs * logs, 0.0), axis=-1)
+    h: npt.NDArray[np.float64] = -np.sum(np.where(positive, probs * logs, 0.0), axis=-1)
+    return h
 
 
-def normalised_entropy(probs: np.ndarray) -> np.ndarray:
+def normalised_entropy(probs: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """H(p) / log C in [0, 1] along the last axis: 0 for a one-hot row, 1 for the uniform row (0 when C = 1)."""
     num_classes = probs.shape[-1]
     if num_classes < 2:
         return np.zeros(probs.shape[:-1])
-    return np.clip(entropy(probs) / math.log(num_classes), 0.0, 1.0)
+    normalised: npt.NDArray[np.float64] = np.clip(entropy(probs) / math.log(num_classes), 0.0, 1.0)
+    return normalised

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from common.aggregation.base import Aggregate, RuleInput, normalised_entropy, to_aggregate
 
 
-def unsoften(probs: np.ndarray, temperature: float) -> np.ndarray:
+def unsoften(probs: npt.NDArray[np.float64], temperature: float) -> npt.NDArray[np.float64]:
     """Rows softened at temperature T back to T = 1: p^T, renormalised (computed in log space)."""
     logp = temperature * np.log(np.clip(probs, 1e-300, None))
     logp -= logp.max(axis=1, keepdims=True)
     sharp = np.exp(logp)
-    return sharp / sharp.sum(axis=1, keepdims=True)
+    rows: npt.NDArray[np.float64] = sharp / sharp.sum(axis=1, keepdims=True)
+    return rows
 
 
 def selective_rule(inputs: RuleInput) -> Aggregate:

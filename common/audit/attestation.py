@@ -35,7 +35,11 @@ class Attestation:
 
     @property
     def fields(self) -> dict[str, Any]:
-        return json.loads(self.statement)
+        """The statement's fields, unchecked; ValueError when it is not a JSON object."""
+        fields = json.loads(self.statement)
+        if not isinstance(fields, dict):
+            raise ValueError(f"attestation statement is a JSON {type(fields).__name__}, not an object")
+        return fields
 
     def as_dict(self) -> dict[str, str]:
         return {"statement": self.statement, "signature": self.signature}

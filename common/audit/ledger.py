@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from common.audit.canonical import canonical, sha256_hex, utc_now
 from common.audit.keys import Signer
@@ -92,7 +92,7 @@ class Ledger:
         return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line]
 
     @contextmanager
-    def _locked(self) -> Iterator[Any]:
+    def _locked(self) -> Iterator[BinaryIO]:
         descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         with os.fdopen(descriptor, "r+b") as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
@@ -101,13 +101,13 @@ class Ledger:
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
-    def _write(self, handle: Any, entry: dict[str, Any]) -> None:
+    def _write(self, handle: BinaryIO, entry: dict[str, Any]) -> None:
         handle.seek(0, os.SEEK_END)
         handle.write(canonical(entry) + b"\n")
         handle.flush()
         os.fsync(handle.fileno())
 
-    def _last_entry(self, handle: Any) -> dict[str, Any] | None:
+    def _last_entry(self, handle: BinaryIO) -> dict[str, Any] | None:
         """The last whole entry; a torn tail (no final newline) is moved aside and recorded first."""
         size = handle.seek(0, os.SEEK_END)
         if size == 0:
@@ -127,7 +127,7 @@ class Ledger:
             ) from None
         return entry
 
-    def _recover_torn_tail(self, handle: Any, size: int) -> dict[str, Any] | None:
+    def _recover_torn_tail(self, handle: BinaryIO, size: int) -> dict[str, Any] | None:
         start = _last_newline_before(handle, size) + 1
         if start > 0:  # the last whole entry must be ours before we touch the file
             try:
@@ -155,7 +155,7 @@ class Ledger:
         return entry
 
 
-def _last_newline_before(handle: Any, end: int) -> int:
+def _last_newline_before(handle: BinaryIO, end: int) -> int:
     """Offset of the last b'\\n' before `end`, or -1."""
     position = end
     while position > 0:
@@ -169,7 +169,7 @@ def _last_newline_before(handle: Any, end: int) -> int:
     return -1
 
 
-def _last_line(handle: Any, size: int) -> bytes:
+def _last_line(handle: BinaryIO, size: int) -> bytes:
     """The last line of a file that ends with a newline, without it."""
     start = _last_newline_before(handle, size - 1) + 1
     handle.seek(start)

@@ -111,8 +111,9 @@ def _signed(body: dict[str, Any]) -> tuple[str, str] | None:
 
 def _statement(body: dict[str, Any]) -> dict[str, Any]:
     """The attestation's statement as a dict, or {} when there is none or it does not parse."""
+    signed = _signed(body)
     try:
-        fields = json.loads(_signed(body)[0]) if _signed(body) else {}
+        fields = json.loads(signed[0]) if signed else {}
     except ValueError:
         return {}
     return fields if isinstance(fields, dict) else {}
@@ -167,7 +168,8 @@ def _run_summary(chain: Chain, label: str, verified: bool) -> dict[str, Any]:
 
 
 def _institution(report: dict[str, Any], name: str) -> dict[str, Any]:
-    return report["institutions"].setdefault(name, {
+    institutions: dict[str, dict[str, Any]] = report["institutions"]
+    return institutions.setdefault(name, {
         "runs": [], "rounds": {}, "releases_accepted": 0, "releases_rejected": 0, "releases_only_logged": 0, "bytes_accepted": 0,
         "bytes_sent": 0, "data_categories": [], "privacy_mechanisms": [], "privacy": [], "per_round": [],
         "rejections": [], "first_release": None, "last_release": None, "unverified_runs": [], "release_logs": [],
@@ -211,7 +213,9 @@ def _add_release(
         return  # nothing signed: the ledger cannot say what, if anything, left the institution
     for category in _list(statement.get("data_categories")):
         _add_new(institution["data_categories"], str(category))
-    privacy = statement.get("privacy") if isinstance(statement.get("privacy"), dict) else {}
+    privacy = statement.get("privacy")
+    if not isinstance(privacy, dict):
+        privacy = {}
     mechanism, time = str(privacy.get("mechanism", "none")), str(statement.get("time", ""))
     _add_new(institution["privacy_mechanisms"], mechanism)
     institution["privacy"].append({
@@ -259,20 +263,24 @@ def _add_release_log(report: dict[str, Any], log: Chain, chains: list[Chain], la
     Late, abandoned (made for a round the coordinator abandoned when it stopped, before a resume) and missing
     releases left the institution all the same: their bytes and privacy count too.
     """
-    where, runs, timeouts, abandoned = {}, {}, set(), {}
-    for chain, label in zip(chains, labels, strict=True):
-        runs.update({run_id: label for run_id in _run_ids(chain)})
+    where: dict[tuple[str, str], str] = {}  # (statement, signature) -> the kind of the ledger entry that holds it
+    runs: dict[str, str] = {}  # run id -> ledger label
+    timeouts: set[tuple[str, int | None, str]] = set()  # (ledger label, round, node id)
+    abandoned: dict[str, int] = {}
+    for chain, chain_label in zip(chains, labels, strict=True):
+        runs.update({run_id: chain_label for run_id in _run_ids(chain)})
         abandoned.update(abandoned_releases(chain))
         for _, entry in chain.entries:
             if (signed := _signed(entry["body"])) is not None:
                 where[signed] = entry["kind"]
             if entry["kind"] == kinds.REPLY_REJECTED and entry["body"].get("check") == "timeout":
-                timeouts.add((label, _round(entry["body"]), str(entry["body"].get("node_id"))))
+                timeouts.add((chain_label, _round(entry["body"]), str(entry["body"].get("node_id"))))
     name, path = _institution_of(log), str(log.path)
     counts, missing = {"releases": 0, "accepted": 0, "rejected": 0, "late": 0, "abandoned": 0, "other_runs": 0}, []
     for body in _bodies(log, kinds.RELEASE):
         counts["releases"] += 1
-        kind, label, round_ = where.get(_signed(body)), runs.get(str(body.get("run_id"))), _round(body)
+        signed = _signed(body)
+        kind, label, round_ = where.get(signed) if signed else None, runs.get(str(body.get("run_id"))), _round(body)
         if label is None or kind is not None:
             counts["other_runs" if label is None else "accepted" if kind == kinds.REPLY_ACCEPTED else "rejected"] += 1
             continue

@@ -236,7 +236,7 @@ def abandoned_releases(chain: Chain) -> dict[str, int]:
     return found
 
 
-def _check_accepted(chain: Chain, number: int, entry: dict[str, Any], keys: dict[str, str] | None, run_ids: set) -> None:
+def _check_accepted(chain: Chain, number: int, entry: dict[str, Any], keys: dict[str, str] | None, run_ids: set[Any]) -> None:
     body = entry["body"]
     attestation = _attestation(body)
     if keys is None:

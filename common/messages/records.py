@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, ConfigRecordValues, MetricRecord, RecordDict
 
 from common.audit.attestation import Attestation
 from common.audit.canonical import canonical
@@ -15,8 +15,10 @@ from common.errors import MessageFormatError
 
 ATTESTATION = "attestation"
 
+R = TypeVar("R", ArrayRecord, ConfigRecord, MetricRecord)
 
-def get_record(record: RecordDict, key: str, kind: type) -> Any:
+
+def get_record(record: RecordDict, key: str, kind: type[R]) -> R:
     """The record `key` of `record`, which must be a `kind`; else a MessageFormatError."""
     if key not in record:
         raise MessageFormatError(f"missing record {key!r} (got {sorted(record.keys())})")
@@ -117,7 +119,8 @@ def payload_description(record: RecordDict, key: str = "soft-labels") -> dict[st
 
 def attach_attestation(record: RecordDict, attestation: Attestation) -> RecordDict:
     """`record` with the attestation added as its config record `attestation`."""
-    record[ATTESTATION] = ConfigRecord(attestation.as_dict())
+    fields: dict[str, ConfigRecordValues] = {**attestation.as_dict()}
+    record[ATTESTATION] = ConfigRecord(fields)
     return record
 
 

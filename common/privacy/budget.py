@@ -140,7 +140,7 @@ class PrivacyLedger:
 
 def _check_stored(entry: Any, index: int, path: Path) -> None:
     """DataError unless `entry` is a well-formed stored ledger entry."""
-    fields = {"run_id": str, "round": int, "event": dict, "epsilon_after": (int, float), "time": str}
+    fields: dict[str, type | tuple[type, ...]] = {"run_id": str, "round": int, "event": dict, "epsilon_after": (int, float), "time": str}
     if not isinstance(entry, dict) or set(entry) != set(fields):
         raise DataError(
             f"privacy ledger {path}: entry {index} is malformed (expected {sorted(fields)}); {_DO_NOT_DELETE}"

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from common.errors import ConfigError
 from common.privacy import accounting
@@ -32,7 +34,7 @@ L2_SENSITIVITY = math.sqrt(2)
 """L2 sensitivity of one vote histogram to one private record: one count -1, another +1."""
 
 
-def shard_indices(n: int, num_shards: int, seed: int) -> list[np.ndarray]:
+def shard_indices(n: int, num_shards: int, seed: int) -> list[npt.NDArray[np.int64]]:
     """Disjoint, covering shards of range(n) from a seeded permutation; sizes differ by at most one.
 
     Each shard is sorted ascending, int64.
@@ -51,7 +53,7 @@ def shard_indices(n: int, num_shards: int, seed: int) -> list[np.ndarray]:
     return [np.sort(shard).astype(np.int64) for shard in np.array_split(permutation, int(num_shards))]
 
 
-def vote_histograms(predictions: np.ndarray, num_classes: int) -> np.ndarray:
+def vote_histograms(predictions: np.ndarray, num_classes: int) -> npt.NDArray[np.int64]:
     """Per-sample vote counts: predictions (num_teachers, m) int class ids -> (m, num_classes) int64."""
     predictions = np.asarray(predictions)
     if predictions.ndim != 2 or not np.issubdtype(predictions.dtype, np.integer):
@@ -74,7 +76,7 @@ def vote_histograms(predictions: np.ndarray, num_classes: int) -> np.ndarray:
     return votes
 
 
-def noisy_votes(votes: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+def noisy_votes(votes: np.ndarray, sigma: float, rng: np.random.Generator) -> npt.NDArray[np.float64]:
     """The GNMax mechanism: votes + N(0, sigma^2) independently per count, (m, C) float64."""
     votes = _check_votes(votes)
     if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not 0.0 < float(sigma) < math.inf:
@@ -84,7 +86,7 @@ def noisy_votes(votes: np.ndarray, sigma: float, rng: np.random.Generator) -> np
     return votes.astype(np.float64) + rng.normal(0.0, float(sigma), size=votes.shape)
 
 
-def gnmax_soft_labels(votes: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+def gnmax_soft_labels(votes: np.ndarray, sigma: float, rng: np.random.Generator) -> npt.NDArray[np.float32]:
     """Noisy vote histograms turned into soft labels, (m, C) float32 rows on the simplex.
 
     soft = max(votes + N(0, sigma^2 I), 0), each row divided by its sum; a row with no positive entry
@@ -95,11 +97,11 @@ def gnmax_soft_labels(votes: np.ndarray, sigma: float, rng: np.random.Generator)
     totals = clipped.sum(axis=1, keepdims=True)  # (m, 1)
     num_classes = clipped.shape[1]
     uniform = np.full_like(clipped, 1.0 / num_classes)
-    soft = np.divide(clipped, totals, out=uniform, where=totals > 0)
+    soft: npt.NDArray[np.float64] = np.divide(clipped, totals, out=uniform, where=totals > 0)
     return soft.astype(np.float32)  # (m, C) float32, rows sum to 1
 
 
-def gnmax_event(sigma: float, queries: int) -> dict:
+def gnmax_event(sigma: float, queries: int) -> dict[str, Any]:
     """Privacy history entry for `queries` GNMax histogram releases at noise std `sigma`."""
     return accounting.check_entry(
         {"mechanism": "gnmax", "sigma": sigma, "l2_sensitivity": L2_SENSITIVITY, "queries": queries}

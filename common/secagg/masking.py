@@ -13,6 +13,7 @@ reconstructed each b_i from shares. Every y_i alone is uniformly distributed: it
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
@@ -37,7 +38,7 @@ def dequantise(values: np.ndarray) -> np.ndarray:
     return np.asarray(values, dtype=np.uint64).view(np.int64).astype(np.float64) / (1 << SCALE_BITS)
 
 
-def prg(seed: bytes, length: int) -> np.ndarray:
+def prg(seed: bytes, length: int) -> npt.NDArray[np.uint64]:
     """`length` pseudo-random uint64 from a 32-byte seed: the ChaCha20 keystream under that key."""
     if len(seed) != 32:
         raise ConfigError(f"secure aggregation: PRG seeds are 32 bytes, got {len(seed)}")
@@ -51,16 +52,16 @@ def derive_seed(private: X25519PrivateKey, peer_public: bytes, info: bytes) -> b
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
 
 
-def pairwise_mask(me: int, peer: int, seed: bytes, length: int) -> np.ndarray:
+def pairwise_mask(me: int, peer: int, seed: bytes, length: int) -> npt.NDArray[np.uint64]:
     """What client `me` adds for its pair with `peer`: +PRG(s) when me < peer, -PRG(s) otherwise."""
     stream = prg(seed, length)
     return stream if me < peer else (np.uint64(0) - stream)
 
 
-def apply_masks(quantised: np.ndarray, me: int, self_seed: bytes, pair_seeds: dict[int, bytes]) -> np.ndarray:
+def apply_masks(quantised: np.ndarray, me: int, self_seed: bytes, pair_seeds: dict[int, bytes]) -> npt.NDArray[np.uint64]:
     """y = x + PRG(b) + sum of pairwise masks (mod 2^64)."""
     length = quantised.size
-    masked = quantised.reshape(-1).astype(np.uint64) + prg(self_seed, length)
+    masked: npt.NDArray[np.uint64] = quantised.reshape(-1).astype(np.uint64) + prg(self_seed, length)
     for peer, seed in pair_seeds.items():
         masked += pairwise_mask(me, peer, seed, length)
     return masked

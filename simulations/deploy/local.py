@@ -163,7 +163,8 @@ class LocalFederation:
     def start_node(self, name: str, *, auth_key: Path | None = None, ca: Path | None = None,
                    extra: list[str] | None = None) -> Node:
         """Start (or restart) an institution's SuperNode through `fedstill supernode`."""
-        if name in self.nodes and self.nodes[name].process and self.nodes[name].process.poll() is None:
+        running = self.nodes[name].process if name in self.nodes else None
+        if running is not None and running.poll() is None:
             raise DeployError(f"the SuperNode of {name} is still running; kill_node({name!r}) first")
         folder = self.site(name)
         (folder / "flwr-home").mkdir(parents=True, exist_ok=True)

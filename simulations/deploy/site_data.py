@@ -36,7 +36,7 @@ def write_site_data(cfg, out: Path, fmt: str = "idx", overwrite: bool = False) -
     from client.site import SITE_DATA
     from common.tasks.partition import partition_rows
     from common.tasks.registry import load_split
-    from common.tasks.samples import public_fingerprint
+    from common.tasks.samples import ImageSet, public_fingerprint
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -46,13 +46,14 @@ def write_site_data(cfg, out: Path, fmt: str = "idx", overwrite: bool = False) -
         raise DataError(f"{taken[0]} already holds data ({len(taken)} of {len(folders)} folders do); "
                         "choose another --out or pass --overwrite")
     split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size, max_seq_len=cfg.max_seq_len)
-    if split.task != "image":
+    private = split.private
+    if split.task != "image" or not isinstance(private, ImageSet):
         raise ConfigError(f"site-data writes image data (idx or per-class images); dataset {cfg.dataset} is a "
                           f"{split.task} task: its institutions bring their own CSV/Parquet or JSONL (docs/tasks.md)")
     written = []
     for partition_id, folder in enumerate(folders):
         rows = partition_rows(split, cfg, partition_id)
-        part = split.private.subset(rows)
+        part = private.subset(rows)
         if folder.exists():
             shutil.rmtree(folder)  # --overwrite: replace the folder as a whole
         (write_idx_folder if fmt == "idx" else write_image_folders)(folder, part.images, part.labels)

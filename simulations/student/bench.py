@@ -88,8 +88,8 @@ def figures(times: dict[str, dict[int, list[float]]], reference: str) -> dict[st
             table[name][str(b)] = {"throughput": b / p50, "throughput_mean": b * len(s) / float(s.sum()),
                                    "p50_ms": 1e3 * p50, "p95_ms": 1e3 * float(np.percentile(s, 95)), "calls": len(s)}
     for name in table:
-        for b, row in table[name].items():
-            ref = table[reference][b]
+        for batch, row in table[name].items():
+            ref = table[reference][batch]
             row["throughput_x_teacher"] = row["throughput"] / ref["throughput"]
             row["p50_vs_teacher"] = row["p50_ms"] / ref["p50_ms"]
     return table

@@ -102,7 +102,8 @@ def _token_sets(split: FederatedSplit) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def model_size(student: RunStudent) -> dict[str, Any]:
-    size = {"params": count_parameters(student.model), "safetensors_bytes": (student.run_dir / STUDENT).stat().st_size}
+    size: dict[str, int | None] = {"params": count_parameters(student.model),
+                                   "safetensors_bytes": (student.run_dir / STUDENT).stat().st_size}
     for key, name in (("onnx_fp32_bytes", ONNX_FP32), ("onnx_int8_bytes", ONNX_INT8)):
         path = student.run_dir / EXPORT_DIR / name
         size[key] = path.stat().st_size if path.is_file() else None  # `fedstill export` writes them

@@ -112,16 +112,19 @@ def quantise(fp32: Path, int8: Path, calibration: np.ndarray | None, mode: str =
     dynamic: weights INT8; activation ranges computed per batch at run time (no calibration)
     """
     mode = quantisation_mode(fp32, mode)
-    if mode == "static" and (calibration is None or not len(calibration)):
-        raise ConfigError("static quantisation needs calibration inputs (a slice of the public set)")
+    reader = None  # static only: the calibration inputs in batches
+    if mode == "static":
+        if calibration is None or not len(calibration):
+            raise ConfigError("static quantisation needs calibration inputs (a slice of the public set)")
+        reader = _CalibrationSlice(calibration)
     with atomic_path(int8) as tmp, tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared))  # shape inference and graph optimisation first
-        if mode == "dynamic":
+        if reader is None:
             quantize_dynamic(str(prepared), str(tmp), weight_type=QuantType.QInt8)
         else:
             quantize_static(
-                str(prepared), str(tmp), _CalibrationSlice(calibration), quant_format=QuantFormat.QDQ,
+                str(prepared), str(tmp), reader, quant_format=QuantFormat.QDQ,
                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
             )

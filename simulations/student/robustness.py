@@ -18,6 +18,7 @@ Padding and `protected` ids (a tokenizer's [CLS], [SEP], ...) are never touched.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -107,7 +108,7 @@ def noise_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigmas: list
 def fgsm_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: list[float],
                clip: Range = (0.0, 1.0)) -> list[dict[str, float]]:
     """Accuracy under FGSM at each epsilon (white-box: the attack sees the model it attacks)."""
-    return [{"level": float(eps), "accuracy": accuracy_under(model, x, y, lambda m, xb, yb, eps=eps: fgsm(m, xb, yb, eps, clip))}
+    return [{"level": float(eps), "accuracy": accuracy_under(model, x, y, functools.partial(fgsm, epsilon=eps, clip=clip))}
             for eps in epsilons]
 
 
@@ -118,10 +119,15 @@ def seeded_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, levels: lis
     rows = []
     for level in levels:
         generator = torch.Generator().manual_seed(seed)
-        # level and generator bound as defaults: the closure keeps this iteration's values
-        accuracy = accuracy_under(model, x, y, lambda _m, xb, _y, level=level, generator=generator: perturb(xb, level, generator))
-        rows.append({"level": float(level), "accuracy": accuracy})
+        at_level = functools.partial(_input_only, perturb, level, generator)  # binds this iteration's level and generator
+        rows.append({"level": float(level), "accuracy": accuracy_under(model, x, y, at_level)})
     return rows
+
+
+def _input_only(perturb: Callable[[torch.Tensor, float, torch.Generator], torch.Tensor], level: float, generator: torch.Generator,
+                _model: nn.Module, x: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
+    """`perturb(x, level, generator)` as a Perturbation: model and labels unused."""
+    return perturb(x, level, generator)
 
 
 def parse_levels(text: str, name: str) -> list[float]:
