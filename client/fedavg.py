@@ -5,11 +5,12 @@ Unlike distillation, this sends model weights back to the server: it exists only
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 from client.site import Site
 from common.config import RunConfig
 from common.errors import MessageFormatError
+from common.messages import TrainReply
 from common.models.inputs import input_shape
 from common.models.registry import build_model
 from common.models.training import train_supervised
@@ -29,7 +30,4 @@ def fedavg_train(content: RecordDict, cfg: RunConfig, site: Site, server_round: 
         model, site.private.inputs, site.private.labels, epochs=cfg.local_epochs, lr=cfg.teacher_lr,
         batch_size=cfg.teacher_batch_size, seed=cfg.seed * 1_000_003 + site.partition_id * 1_009 + server_round,
     )
-    return RecordDict({
-        "arrays": ArrayRecord(model.state_dict()),
-        "metrics": MetricRecord({"num-examples": len(site.private), "train-loss": float(loss)}),
-    })
+    return TrainReply(weights=ArrayRecord(model.state_dict()), num_examples=len(site.private), train_loss=float(loss)).to_record()

@@ -26,7 +26,7 @@ from common.audit.canonical import canonical, sha256_hex
 from common.config import RunConfig, default_run_config
 from common.errors import ConfigError
 from common.files import atomic_path
-from server.results.run_folder import _jsonable
+from server.results.run_folder import json_default
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT = 1
@@ -94,7 +94,7 @@ def write_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
             for key, value in values.items():
                 tensors[f"{OPTIMIZER_PREFIX}{name}/{index}/{key}"] = value
     checkpoint.state.optimizers = groups
-    header = json.dumps(asdict(checkpoint.state), default=_jsonable)
+    header = json.dumps(asdict(checkpoint.state), default=json_default)
     path = Path(run_dir) / CHECKPOINT
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={HEADER_KEY: header})

@@ -6,11 +6,11 @@ import numpy as np
 import torch
 
 from common.config import RunConfig
-from common.tasks.samples import Samples
 from common.losses import distillation_loss
 from common.models.inputs import inputs_to_tensor
 from common.models.registry import build_model, count_parameters, head_parameters, lr_of
 from common.models.training import accuracy, evaluate, train_epochs
+from common.tasks.samples import Samples
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # run-config `student-precision` -> autocast dtype
 

@@ -20,7 +20,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import RunConfig
-from common.errors import MessageFormatError, QuorumError
+from common.errors import QuorumError
+from common.messages import TrainReply
 from common.models.inputs import input_shape
 from common.models.registry import build_model, count_parameters
 from common.models.training import evaluate as evaluate_model
@@ -44,10 +45,10 @@ class MeasuredFedAvg(FedAvg):
     other exchange (server/exchange.py) and measured, with the rounds numbered as the run's."""
 
     def __init__(self, round_offset: int = 0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(weighted_by_key=TrainReply.weight_key, **kwargs)  # what each reply's schema check requires
         self.round_offset = round_offset  # rounds completed before a resume
         self.round = round_offset  # the run's number of the round being trained
-        self.exchanges: dict[int, Exchange[RecordDict]] = {}  # round -> its judged training exchange
+        self.exchanges: dict[int, Exchange[TrainReply]] = {}  # round -> its judged training exchange
 
     @property
     def downlink(self) -> dict[int, int]:
@@ -74,20 +75,11 @@ class MeasuredFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         return super().aggregate_train(server_round + self.round_offset, replies)
 
-    def trained_weights(self, content: RecordDict) -> RecordDict:
-        """A reply as Flower's FedAvg reads it: one ArrayRecord (the trained weights) and one MetricRecord with
-        the weight key. Without them the reply is dropped here (Flower's own check would stop the run)."""
-        if len(content.array_records) != 1:
-            raise MessageFormatError(f"fedavg reply: expected one ArrayRecord of trained weights, got {len(content.array_records)}")
-        metrics = list(content.metric_records.values())
-        if len(metrics) != 1 or self.weighted_by_key not in metrics[0]:
-            raise MessageFormatError(f"fedavg reply: expected one MetricRecord holding {self.weighted_by_key!r}")
-        return content
-
 
 class JudgedGrid(Grid):
     """The Grid that Flower's FedAvg drives, every exchange going through server/exchange.py: the strategy gets
-    only the replies that pass (node error, then schema: FedAvg replies carry no attestation), in arrival order."""
+    only the replies that pass (node error, then schema, `TrainReply.from_record`: FedAvg replies carry no
+    attestation), in arrival order. Flower's own check of the replies would stop the run on one bad reply."""
 
     def __init__(self, grid: Grid, strategy: MeasuredFedAvg) -> None:
         self.grid, self.strategy = grid, strategy
@@ -97,8 +89,8 @@ class JudgedGrid(Grid):
         if not messages:  # the evaluate step, with fraction-evaluate 0
             return []
         round_ = self.strategy.round
-        judged = exchange(self.grid, messages, math.inf if timeout is None else timeout, self.strategy.trained_weights,
-                          None, FEDAVG, round_)
+        judged = exchange(self.grid, messages, math.inf if timeout is None else timeout, TrainReply.from_record, None,
+                          FEDAVG, round_)
         self.strategy.exchanges[round_] = judged
         return [reply for node, reply in judged.replies.items() if node in judged.accepted]
 

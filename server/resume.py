@@ -17,8 +17,15 @@ from common.config import RunConfig
 from common.errors import ConfigError
 from server.audit_trail import LEDGER, AuditTrail, ledger_holds
 from server.checkpoint import (
-    Checkpoint, CheckpointState, config_differences, config_sha256, mark_completed, read_checkpoint, read_state,
-    resumable_config, write_checkpoint,
+    Checkpoint,
+    CheckpointState,
+    config_differences,
+    config_sha256,
+    mark_completed,
+    read_checkpoint,
+    read_state,
+    resumable_config,
+    write_checkpoint,
 )
 from server.results.run_folder import RESULTS, RunFolder, resolve_run_dir
 from server.results.schema import RoundRow

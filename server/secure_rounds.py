@@ -18,8 +18,18 @@ from flwr.serverapp import Grid
 from common.config import RunConfig
 from common.errors import FedstillError, QuorumError
 from common.messages import (
-    SETUP_TYPE, SHARES_TYPE, SOFT_LABELS_TYPE, UNMASK_TYPE, MaskedReply, SecAggBundles, SecAggKeys, SecAggRoster,
-    SecAggSetup, SecAggShares, SecAggUnmask, SoftLabelQuery,
+    SETUP_TYPE,
+    SHARES_TYPE,
+    SOFT_LABELS_TYPE,
+    UNMASK_TYPE,
+    MaskedReply,
+    SecAggBundles,
+    SecAggKeys,
+    SecAggRoster,
+    SecAggSetup,
+    SecAggShares,
+    SecAggUnmask,
+    SoftLabelQuery,
 )
 from common.secagg.masking import dequantise
 from common.secagg.protocol import make_roster, server_sum

@@ -5,20 +5,21 @@ server/results/schema.py. Distillation and FedAvg share `final_figures`, `studen
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
 from common.config import RunConfig
-from common.messages import SoftLabelQuery
+from common.messages import DigestReply, MaskedReply, SoftLabelQuery, SoftLabelReply
+from server.exchange import Exchange
 from server.results.schema import FinalFigures, RoundRow, StudentMeta
+from server.rounds import SoftLabels
 
 
-def round_row(query: SoftLabelQuery, replies: Any, metrics: Mapping[str, float], ensemble_acc: float,
-              student_loss: float, distilled_samples: int, digest: Any | None, wall_s: float) -> RoundRow:
+def round_row(query: SoftLabelQuery, replies: SoftLabels, metrics: Mapping[str, float], ensemble_acc: float,
+              student_loss: float, distilled_samples: int, digest: Exchange[DigestReply] | None, wall_s: float) -> RoundRow:
     """One distillation round: the replies (accepted, rejected, bytes each way), the student's test `metrics`
     (accuracy and common.metrics), and the FedMD `digest` step's outcome when the round had one."""
-    accepted = sorted(replies.accepted.items())
+    accepted: list[tuple[int, SoftLabelReply | MaskedReply]] = sorted(replies.accepted.items())
     accuracy, others = split_metrics(metrics)
     return RoundRow(
         round=query.round,

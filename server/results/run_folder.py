@@ -12,7 +12,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ PLOT = "accuracy.png"
 
 def resolve_run_dir(cfg: RunConfig) -> Path:
     """`output-dir/run-name`, with `run-name` defaulting to `<scenario>-<UTC timestamp>`."""
-    name = cfg.run_name or f"{cfg.scenario}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    name = cfg.run_name or f"{cfg.scenario}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     return Path(cfg.output_dir).expanduser().resolve() / name
 
 
@@ -110,10 +110,11 @@ def add_section(run_dir: Path, name: str, section: dict[str, Any]) -> dict[str, 
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2, default=json_default) + "\n")
 
 
-def _jsonable(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """`json.dumps`'s `default=`: a numpy or torch scalar as its Python value; anything else is refused."""
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"cannot write {type(value).__name__} to JSON")

@@ -13,7 +13,16 @@ from typing import Any
 import numpy as np
 import pytest
 from audit_fixtures import (
-    FINGERPRINT, NUM_SAMPLES, RUN_ID, altered, judge, make_identity, make_query, make_reply, run_config, signed_reply,
+    FINGERPRINT,
+    NUM_SAMPLES,
+    RUN_ID,
+    altered,
+    judge,
+    make_identity,
+    make_query,
+    make_reply,
+    run_config,
+    signed_reply,
     write_allow_list_for,
 )
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
@@ -28,7 +37,12 @@ from common.audit.ledger import OPENED, RESUMED
 from common.audit.verify import verify_ledger
 from common.config import RunConfig
 from common.messages import (
-    DigestInstruction, DigestReply, SoftLabelQuery, SoftLabelReply, read_attestation, record_digest,
+    DigestInstruction,
+    DigestReply,
+    SoftLabelQuery,
+    SoftLabelReply,
+    read_attestation,
+    record_digest,
 )
 from server.audit_trail import LEDGER, AuditTrail
 from server.rounds import send_digest

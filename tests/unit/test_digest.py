@@ -17,14 +17,14 @@ from client.client_app import check_public
 from client.site import Site
 from client.teacher import digest_round
 from common.config import RunConfig, default_run_config
-from common.tasks.registry import load_split
-from common.tasks.samples import public_fingerprint
 from common.errors import FingerprintMismatch, MessageFormatError
 from common.losses import distillation_loss
 from common.messages import DigestInstruction, DigestReply
 from common.models.inputs import images_to_tensor
 from common.models.registry import build_model
 from common.models.training import predict_probs
+from common.tasks.registry import load_split
+from common.tasks.samples import public_fingerprint
 
 FINGERPRINT = "3f2a" + "0" * 60
 OTHER_FINGERPRINT = "9c1e" + "f" * 60

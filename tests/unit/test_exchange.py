@@ -12,6 +12,7 @@ from grid import Answer, MemoryGrid
 
 from common.audit.attestation import Attestation
 from common.errors import AuditError, MessageFormatError
+from common.messages import TrainReply
 from server.exchange import Phase, ask, exchange
 from server.fedavg import JudgedGrid, MeasuredFedAvg
 from server.rounds import DIGEST, SOFT_LABELS
@@ -87,8 +88,8 @@ def weights(value: float) -> ArrayRecord:
 def test_fedavg_replies_pass_the_same_judge_and_only_good_ones_are_averaged(memory_grid: MemoryGridOf) -> None:
     # Prepare: nodes 1 and 2 train properly, 3 sends no weight key, 4 fails, 5 is silent
     answers: dict[int, Answer] = {
-        1: RecordDict({"arrays": weights(1.0), "metrics": MetricRecord({"num-examples": 10})}),
-        2: RecordDict({"arrays": weights(4.0), "metrics": MetricRecord({"num-examples": 30})}),
+        1: TrainReply(weights=weights(1.0), num_examples=10, train_loss=0.5).to_record(),
+        2: TrainReply(weights=weights(4.0), num_examples=30, train_loss=0.25).to_record(),
         3: RecordDict({"arrays": weights(100.0), "metrics": MetricRecord({"loss": 0.1})}),
         4: Error(code=0, reason="RuntimeError: out of memory"),
     }
@@ -105,6 +106,7 @@ def test_fedavg_replies_pass_the_same_judge_and_only_good_ones_are_averaged(memo
     # Assert
     judged = strategy.exchanges[3]  # the run's round: 2 done before a resume
     assert sorted(judged.accepted) == [1, 2] and sorted(r.metadata.src_node_id for r in replies) == [1, 2]
+    assert (judged.accepted[1].num_examples, judged.accepted[2].train_loss) == (10, 0.25)
     assert judged.checks == {3: "format", 4: "node-error", 5: "timeout"}
     assert judged.rejected[3] == "MessageFormatError: fedavg reply: expected one MetricRecord holding 'num-examples'"
     assert strategy.replied == {3: 2} and set(strategy.uplink[3]) == {"1", "2", "3"}

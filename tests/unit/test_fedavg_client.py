@@ -12,10 +12,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from client.fedavg import fedavg_train
 from client.site import Site
 from common.config import RunConfig, default_run_config
+from common.errors import MessageFormatError
+from common.messages import TrainReply
+from common.models.registry import build_model
 from common.tasks.registry import load_split
 from common.tasks.samples import public_fingerprint
-from common.errors import MessageFormatError
-from common.models.registry import build_model
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,7 @@ def test_returns_trained_weights_of_the_same_shapes_and_counts(site: Site, cfg: 
     metrics = reply["metrics"]
     assert metrics["num-examples"] == len(site.private) == 250
     assert math.isfinite(metrics["train-loss"]) and metrics["train-loss"] > 0
+    assert TrainReply.from_record(reply).num_examples == 250  # the reply passes the server's schema check
 
 
 def test_the_global_weights_in_the_message_are_not_modified(site: Site, cfg: RunConfig) -> None:

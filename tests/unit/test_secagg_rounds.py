@@ -25,8 +25,17 @@ from common.audit.verify import verify_ledger
 from common.config import RunConfig
 from common.errors import AuditError, ConfigError, QuorumError
 from common.messages import (
-    SETUP_TYPE, SHARES_TYPE, SOFT_LABELS_TYPE, UNMASK_TYPE, MaskedReply, SecAggBundles, SecAggRoster, SecAggSetup,
-    SecAggShares, SecAggUnmask, SoftLabelQuery,
+    SETUP_TYPE,
+    SHARES_TYPE,
+    SOFT_LABELS_TYPE,
+    UNMASK_TYPE,
+    MaskedReply,
+    SecAggBundles,
+    SecAggRoster,
+    SecAggSetup,
+    SecAggShares,
+    SecAggUnmask,
+    SoftLabelQuery,
 )
 from common.secagg.masking import prg, quantise
 from common.secagg.protocol import RosterEntry
@@ -38,7 +47,7 @@ RUN_ID = 2**63 - 25  # Flower's run ids are 64-bit
 FINGERPRINT = "ab" * 32
 SAMPLES, CLASSES = 6, 3
 NODES = [2**63 + 11, 2**63 + 12, 2**63 + 13, 2**63 + 14, 2**63 + 15]  # uint64 node ids, past int64
-WEIGHTS = {node: float(w) for node, w in zip(NODES, (50, 120, 300, 75, 999))}  # len(private) of each institution
+WEIGHTS = {node: float(w) for node, w in zip(NODES, (50, 120, 300, 75, 999), strict=True)}  # len(private) of each institution
 
 
 def make_query(round_: int = 1) -> SoftLabelQuery:
