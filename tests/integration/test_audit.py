@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from run_cli import fedstill
 
 from client.release import simulated_institution, site_folder
 from common.audit.keys import Signer, write_key_pair
 from simulations.provision import provision_sites
+
+from run_cli import fedstill
 
 pytestmark = pytest.mark.integration
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from run_cli import fedstill
 
 pytestmark = pytest.mark.integration

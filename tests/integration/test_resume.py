@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from run_cli import fedstill
 
 from common.audit import kinds
 from common.audit.verify import abandoned_entries
@@ -24,6 +23,8 @@ from server.results.run_folder import PROGRESS, RESULTS
 from simulations import launcher
 from simulations.provision import provision_sites
 from simulations.scenarios import load_scenario, to_toml
+
+from run_cli import fedstill
 
 pytestmark = pytest.mark.integration
 

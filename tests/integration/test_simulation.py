@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from run_cli import fedstill
 from safetensors.torch import load_file
 
 from common.models.registry import build_model
+
+from run_cli import fedstill
 
 pytestmark = pytest.mark.integration
 

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-from run_cli import fedstill
 
 from client.release import site_folder
 from simulations.provision import provision_sites
+
+from run_cli import fedstill
 
 pytestmark = pytest.mark.integration
 

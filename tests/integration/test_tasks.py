@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from run_cli import fedstill
 
 from common.models.registry import build_model, count_parameters
+
+from run_cli import fedstill
 
 pytestmark = pytest.mark.integration
 

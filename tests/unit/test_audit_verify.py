@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from audit_fixtures import FINGERPRINT, RUN_ID, AuditedRun, audited_run, make_identity, make_query, signed_reply
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -29,6 +28,8 @@ from common.audit.canonical import canonical
 from common.audit.keys import Signer
 from common.audit.ledger import ENTRY_FIELDS, Ledger, entry_hash
 from common.audit.verify import Finding, Verification, read_chain, verify_ledger
+
+from audit_fixtures import FINGERPRINT, RUN_ID, AuditedRun, audited_run, make_identity, make_query, signed_reply
 
 LEDGER_LINES = 13
 ACCEPTED_R1, CHECKPOINT_R1, ACCEPTED_R2, CLOSING = 4, 7, 9, 13

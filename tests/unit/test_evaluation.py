@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import RecordDict
-from run_fixtures import make_run_folder, tiny_cfg
 
 from client.site import Site
 from client.teacher import attach_store, restore_teacher, save_teacher, teacher_store, train_round
@@ -24,6 +23,8 @@ from simulations.student.bench import bench_run
 from simulations.student.evaluate import EVAL_DIR, PLOT, REPORT, SUMMARY, EnsembleLogits, evaluate_run
 from simulations.student.load import load_run_student, softmax, torch_logits
 from simulations.student.reference_teachers import CACHE, reference_ensemble, train_teachers
+
+from run_fixtures import make_run_folder, tiny_cfg
 
 
 @pytest.fixture(scope="module")

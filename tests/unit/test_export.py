@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from run_fixtures import make_run_folder
 
 from common.errors import ConfigError
 from common.models.inputs import images_to_tensor
@@ -29,6 +28,8 @@ from simulations.student.export import (
     quantise,
 )
 from simulations.student.load import softmax, torch_logits
+
+from run_fixtures import make_run_folder
 
 
 @pytest.fixture(scope="module")

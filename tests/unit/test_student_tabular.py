@@ -6,12 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from run_fixtures import make_run_folder
 
 from simulations.student.evaluate import evaluate_run
 from simulations.student.export import export_run
 from simulations.student.load import load_run_student
 from simulations.student.reference_teachers import reference_ensemble
+
+from run_fixtures import make_run_folder
 
 TABULAR_RUN = {"dataset": "credit-data", "public-size": 300, "teacher-models": "mlp-deep,mlp", "student-model": "mlp-student",
                "partitioner": "iid", "num-server-rounds": 1, "temperature": 2.0}

@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from run_fixtures import TINY_TEXT_RUN, make_run_folder
 
 from simulations.student.evaluate import evaluate_run
 from simulations.student.export import export_run
 from simulations.student.load import load_run_student
+
+from run_fixtures import TINY_TEXT_RUN, make_run_folder
 
 
 @pytest.fixture(scope="module")
