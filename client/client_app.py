@@ -30,6 +30,7 @@ from common.messages import (
     SecAggUnmask,
     SoftLabelQuery,
     SoftLabelReply,
+    TrainInstruction,
 )
 from common.node_config import NodeConfig
 
@@ -125,8 +126,7 @@ def fedavg(msg: Message, context: Context) -> Message:
     cfg, _, site = _setup(context)
     if cfg.method != "fedavg":
         raise MessageFormatError(f"this run's method is {cfg.method!r}: nodes send weights only when method is 'fedavg'")
-    server_round = int(msg.content["config"]["server-round"]) if "config" in msg.content else 0
-    return Message(fedavg_train(msg.content, cfg, site, server_round), reply_to=msg)
+    return Message(fedavg_train(TrainInstruction.from_record(msg.content), cfg, site), reply_to=msg)
 
 
 def _setup(context: Context) -> tuple[RunConfig, NodeConfig, Site]:

@@ -10,20 +10,18 @@ from flwr.app import ArrayRecord, RecordDict
 from client.site import Site
 from common.config import RunConfig
 from common.errors import MessageFormatError
-from common.messages import TrainReply
+from common.messages import TrainInstruction, TrainReply
 from common.models.inputs import input_shape
 from common.models.registry import build_model
 from common.models.training import train_supervised
 
 
-def fedavg_train(content: RecordDict, cfg: RunConfig, site: Site, server_round: int) -> RecordDict:
-    """Load the global weights from `content["arrays"]`, train `local-epochs`, return weights and counts."""
-    arrays = content.get("arrays")
-    if not isinstance(arrays, ArrayRecord):
-        raise MessageFormatError("fedavg: expected an ArrayRecord 'arrays' holding the global model")
+def fedavg_train(instruction: TrainInstruction, cfg: RunConfig, site: Site) -> RecordDict:
+    """Load the global weights, train `local-epochs`, return weights and counts."""
+    server_round = instruction.server_round
     model = build_model(cfg.student_model, site.private.num_classes, input_shape(site.private.inputs))
     try:
-        model.load_state_dict(arrays.to_torch_state_dict())
+        model.load_state_dict(instruction.weights.to_torch_state_dict())
     except (RuntimeError, TypeError, ValueError) as error:
         raise MessageFormatError(f"fedavg: global weights do not fit {cfg.student_model}: {error}") from None
     loss = train_supervised(

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 import secrets
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 import torch
 from flwr.app import RecordDict
 from torch import nn

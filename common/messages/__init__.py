@@ -3,12 +3,12 @@
 Each message is a dataclass with `to_record()` and a validating `from_record()` that raises
 `MessageFormatError` naming the field, the value found and what was expected. One module per family:
 `soft_labels` (query and reply), `digest` (FedMD), `secagg` (secure aggregation), `fedavg` (the FedAvg
-baseline's reply); `records` holds the checked record access, digests and attestation helpers they share.
+baseline's instruction and reply); `records` holds the checked record access, digests and attestation helpers they share.
 This package only re-exports them.
 """
 
 from common.messages.digest import DIGEST_TYPE, DigestInstruction, DigestReply
-from common.messages.fedavg import TrainReply
+from common.messages.fedavg import TrainInstruction, TrainReply
 from common.messages.records import ATTESTATION, attach_attestation, payload_description, read_attestation, record_digest, record_nbytes
 from common.messages.secagg import (
     SETUP_TYPE,
@@ -42,6 +42,7 @@ __all__ = [
     "SecAggUnmask",
     "SoftLabelQuery",
     "SoftLabelReply",
+    "TrainInstruction",
     "TrainReply",
     "attach_attestation",
     "payload_description",

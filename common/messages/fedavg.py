@@ -1,4 +1,4 @@
-"""The FedAvg baseline's reply: the trained weights an institution returns to Flower's FedAvg strategy."""
+"""The FedAvg baseline's messages: the global weights Flower's FedAvg strategy sends, and the trained weights back."""
 
 from __future__ import annotations
 
@@ -6,10 +6,35 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.errors import MessageFormatError
 from common.messages.records import get_field, get_record
+
+
+@dataclass(frozen=True)
+class TrainInstruction:
+    """Server -> institution, FedAvg baseline only, as Flower's FedAvg strategy builds it: the global weights
+    (`arrays`) and the round (`config`, `server-round`; absent when a caller sends weights alone: round 0)."""
+
+    weights: ArrayRecord  # the global student's state dict
+    server_round: int
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({"arrays": self.weights, "config": ConfigRecord({"server-round": self.server_round})})
+
+    @classmethod
+    def from_record(cls, record: RecordDict) -> TrainInstruction:
+        arrays = record.get("arrays")
+        if not isinstance(arrays, ArrayRecord):
+            raise MessageFormatError("fedavg: expected an ArrayRecord 'arrays' holding the global model")
+        if "config" not in record:
+            return cls(weights=arrays, server_round=0)
+        config = get_record(record, "config", ConfigRecord)
+        server_round = get_field(config, "config", "server-round", int)
+        if server_round < 0:
+            raise MessageFormatError(f"config: server-round must be >= 0, got {server_round}")
+        return cls(weights=arrays, server_round=server_round)
 
 
 @dataclass(frozen=True)

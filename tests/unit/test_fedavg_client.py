@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ from client.fedavg import fedavg_train
 from client.site import Site
 from common.config import RunConfig, default_run_config
 from common.errors import MessageFormatError
-from common.messages import TrainReply
+from common.messages import TrainInstruction, TrainReply
 from common.models.registry import build_model
 from common.tasks.registry import load_split
 from common.tasks.samples import public_fingerprint
@@ -36,6 +37,12 @@ def cfg() -> RunConfig:
     })
 
 
+def train(content: RecordDict, cfg: RunConfig, site: Site, server_round: int) -> RecordDict:
+    """What the ClientApp's train handler does: parse the instruction (here at `server_round`), then train."""
+    instruction = dataclasses.replace(TrainInstruction.from_record(content), server_round=server_round)
+    return fedavg_train(instruction, cfg, site)
+
+
 def global_weights(name: str = "cnn-student", num_classes: int = 10) -> dict[str, torch.Tensor]:
     return build_model(name, num_classes, (8, 8), seed=0).state_dict()
 
@@ -46,7 +53,7 @@ def test_returns_trained_weights_of_the_same_shapes_and_counts(site: Site, cfg: 
     content = RecordDict({"arrays": ArrayRecord(weights), "config": ConfigRecord({"server-round": 1})})
 
     # Execute
-    reply = fedavg_train(content, cfg, site, server_round=1)
+    reply = train(content, cfg, site, server_round=1)
 
     # Assert
     assert set(reply.keys()) == {"arrays", "metrics"}
@@ -70,7 +77,7 @@ def test_the_global_weights_in_the_message_are_not_modified(site: Site, cfg: Run
     content = RecordDict({"arrays": arrays})
 
     # Execute
-    fedavg_train(content, cfg, site, server_round=1)
+    train(content, cfg, site, server_round=1)
 
     # Assert
     for name, value in arrays.to_torch_state_dict().items():
@@ -82,8 +89,8 @@ def test_the_same_round_trains_reproducibly(site: Site, cfg: RunConfig) -> None:
     content = RecordDict({"arrays": ArrayRecord(global_weights())})
 
     # Execute
-    first = fedavg_train(content, cfg, site, server_round=3)["arrays"].to_torch_state_dict()
-    second = fedavg_train(content, cfg, site, server_round=3)["arrays"].to_torch_state_dict()
+    first = train(content, cfg, site, server_round=3)["arrays"].to_torch_state_dict()
+    second = train(content, cfg, site, server_round=3)["arrays"].to_torch_state_dict()
 
     # Assert
     for name, value in first.items():
@@ -106,7 +113,7 @@ def test_weights_of_another_architecture_are_a_message_format_error(site: Site, 
 
     # Execute / Assert
     with pytest.raises(MessageFormatError, match=rf"fedavg: global weights do not fit cnn-student: (.|\n)*{expected}"):
-        fedavg_train(content, cfg, site, server_round=1)
+        train(content, cfg, site, server_round=1)
 
 
 @pytest.mark.parametrize(
@@ -120,7 +127,7 @@ def test_weights_of_another_architecture_are_a_message_format_error(site: Site, 
 def test_missing_global_weights_are_a_message_format_error(site: Site, cfg: RunConfig, content: RecordDict) -> None:
     # Execute / Assert
     with pytest.raises(MessageFormatError, match="fedavg: expected an ArrayRecord 'arrays' holding the global model"):
-        fedavg_train(content, cfg, site, server_round=1)
+        train(content, cfg, site, server_round=1)
 
 
 def test_non_numeric_weights_are_a_message_format_error(site: Site, cfg: RunConfig) -> None:
@@ -131,4 +138,4 @@ def test_non_numeric_weights_are_a_message_format_error(site: Site, cfg: RunConf
 
     # Execute / Assert
     with pytest.raises(MessageFormatError, match="fedavg: global weights"):
-        fedavg_train(content, cfg, site, server_round=1)
+        train(content, cfg, site, server_round=1)

@@ -1,4 +1,4 @@
-"""Unit tests of common/messages/fedavg.py: the FedAvg baseline's `TrainReply` round-trips through Flower records,
+"""Unit tests of common/messages/fedavg.py: the FedAvg baseline's `TrainInstruction` and `TrainReply` round-trip through Flower records,
 and every way a reply can be malformed is a `MessageFormatError` that names the problem."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.errors import MessageFormatError
-from common.messages import TrainReply
+from common.messages import TrainInstruction, TrainReply
 
 
 def trained(**changes) -> TrainReply:
@@ -110,3 +110,44 @@ def test_a_config_record_beside_the_weights_is_not_a_second_array_record() -> No
 
     # Assert
     assert parsed.num_examples == 250
+
+
+def test_train_instruction_round_trips_as_flower_fedavg_sends_it() -> None:
+    # Prepare
+    weights = trained().weights
+    record = RecordDict({"arrays": weights, "config": ConfigRecord({"server-round": 3})})  # FedAvg.configure_train's shape
+
+    # Execute
+    parsed = TrainInstruction.from_record(record)
+    again = TrainInstruction.from_record(parsed.to_record())
+
+    # Assert
+    assert parsed.server_round == again.server_round == 3
+    assert list(again.weights.keys()) == ["fc.weight", "bn.num_batches_tracked"]
+
+
+def test_train_instruction_without_config_is_round_zero() -> None:
+    # Execute
+    parsed = TrainInstruction.from_record(RecordDict({"arrays": trained().weights}))
+
+    # Assert
+    assert parsed.server_round == 0
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        pytest.param(lambda: RecordDict({}), "expected an ArrayRecord 'arrays'", id="no-weights"),
+        pytest.param(lambda: RecordDict({"arrays": ConfigRecord({"x": 1})}), "expected an ArrayRecord 'arrays'", id="not-arrays"),
+        pytest.param(lambda: RecordDict({"arrays": trained().weights, "config": ConfigRecord({})}), "missing key 'server-round'",
+                     id="no-round"),
+        pytest.param(lambda: RecordDict({"arrays": trained().weights, "config": ConfigRecord({"server-round": "1"})}),
+                     "'server-round' must be int", id="round-text"),
+        pytest.param(lambda: RecordDict({"arrays": trained().weights, "config": ConfigRecord({"server-round": -1})}),
+                     "server-round must be >= 0", id="negative-round"),
+    ],
+)
+def test_malformed_train_instructions_are_refused(record: Callable[[], RecordDict], expected: str) -> None:
+    # Execute / Assert
+    with pytest.raises(MessageFormatError, match=expected):
+        TrainInstruction.from_record(record())
