@@ -16,7 +16,8 @@ from run_fixtures import TINY_TEXT_RUN, make_run_folder
 
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_run_folder(tmp_path_factory.mktemp("text") / "run", epochs=2, lr=1e-3, **TINY_TEXT_RUN)
+    # One epoch: no assertion here depends on how well the student learned, only on its export and perturbations
+    return make_run_folder(tmp_path_factory.mktemp("text") / "run", epochs=1, lr=1e-3, **TINY_TEXT_RUN)
 
 
 def test_text_student_exports_with_parity_and_dynamic_int8(text_run: Path) -> None:
