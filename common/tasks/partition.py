@@ -10,18 +10,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from datasets import Dataset
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    NaturalIdPartitioner,
-    Partitioner,
-    PathologicalPartitioner,
-)
 
 from common.errors import ConfigError, DataError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # Flower Datasets (and with it `datasets`, pandas, matplotlib) is imported on first use
+    from flwr_datasets.partitioner import Partitioner
+
     from common.tasks.samples import FederatedSplit
 
 
@@ -78,6 +72,8 @@ def partition_indices(
             raise ConfigError("partitioner 'natural' needs a data set with natural institutions (covid-testing: "
                               "its clinics); use iid, dirichlet or pathological for this dataset")
         columns["group"] = natural_groups(groups, num_partitions).tolist()
+    from datasets import Dataset
+
     table = Dataset.from_dict(columns)
     chosen = _build(partitioner, num_partitions, alpha, classes_per_client, min_partition_size, seed)
     chosen.dataset = table
@@ -92,6 +88,8 @@ def partition_indices(
 
 
 def _build(name: str, n: int, alpha: float, classes: int, min_size: int, seed: int) -> Partitioner:
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, PathologicalPartitioner
+
     if name == "natural":  # partition i is group i: NaturalIdPartitioner numbers the sorted ids
         return NaturalIdPartitioner(partition_by="group")
     if name == "iid":
