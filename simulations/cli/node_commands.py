@@ -19,9 +19,11 @@ def supernode(
     superlink: str = typer.Option(..., "--superlink", help="host:port of the federation's SuperLink."),
     root_certificates: Path = typer.Option(..., "--root-certificates", help="The federation's ca.crt, from the coordinator."),
     auth_key: Path = typer.Option(..., "--auth-supernode-private-key", help="This institution's node key (certs/nodes/NAME.key)."),
-    node_config: str = typer.Option("", "--node-config", help="institution-id=\"..\" signing-key=\"..\" data-path=\"..\" ... (see docs/deployment.md)."),
+    node_config: str = typer.Option(
+        "", "--node-config", help="institution-id=\"..\" signing-key=\"..\" data-path=\"..\" ... (see docs/deployment.md)."),
     port: int = typer.Option(9094, "--port", help="Local port of the node's ClientApp API (distinct per node on one host)."),
-    max_retries: int = typer.Option(-1, "--max-retries", help="Give up after this many reconnection attempts (-1: Flower's default, retry forever)."),
+    max_retries: int = typer.Option(
+        -1, "--max-retries", help="Give up after this many reconnection attempts (-1: Flower's default, retry forever)."),
     check_only: bool = typer.Option(False, "--check-only", help="Run the checks and exit without starting the node."),
 ) -> None:
     """Check this institution's files and its TLS connection to the SuperLink, then start its SuperNode."""

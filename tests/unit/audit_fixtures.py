@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
-from grid import Answer, MemoryGrid, server_task
 
 from client.release import RELEASE_LOG, Identity, sign_and_log
 from common.audit.keys import Signer, load_signer, private_key_path, write_allow_list, write_key_pair
@@ -27,6 +26,8 @@ from common.messages import SoftLabelQuery, SoftLabelReply
 from server.audit_trail import LEDGER, AuditTrail
 from server.exchange import Exchange
 from server.rounds import query_soft_labels
+
+from grid import Answer, MemoryGrid, server_task
 
 FINGERPRINT = "ab" * 32
 RUN_ID = 2**63 - 25  # Flower's run ids are 64-bit: more than an RFC 8785 number holds exactly

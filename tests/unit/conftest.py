@@ -6,9 +6,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from grid import MemoryGrid, server_task
 
 from common.config import default_run_config
+
+from grid import MemoryGrid, server_task
 
 
 @pytest.fixture

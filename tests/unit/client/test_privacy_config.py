@@ -14,8 +14,8 @@ from common.audit import kinds
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.node_config import NodeConfig
-from server.results.privacy import privacy_section
 from server.exchange import node_error_check, short_reason
+from server.results.privacy import privacy_section
 
 
 def config(mapping: dict[str, Any], **overrides: Any) -> RunConfig:

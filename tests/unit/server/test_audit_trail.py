@@ -12,21 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from audit_fixtures import (
-    FINGERPRINT,
-    NUM_SAMPLES,
-    RUN_ID,
-    altered,
-    judge,
-    make_identity,
-    make_query,
-    make_reply,
-    run_config,
-    signed_reply,
-    write_allow_list_for,
-)
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
-from grid import MemoryGrid
 
 from client.release import Identity, sign_and_log
 from common.audit import kinds
@@ -46,6 +32,21 @@ from common.messages import (
 )
 from server.audit_trail import LEDGER, AuditTrail
 from server.rounds import send_digest
+
+from audit_fixtures import (
+    FINGERPRINT,
+    NUM_SAMPLES,
+    RUN_ID,
+    altered,
+    judge,
+    make_identity,
+    make_query,
+    make_reply,
+    run_config,
+    signed_reply,
+    write_allow_list_for,
+)
+from grid import MemoryGrid
 
 NAMES = ("hospital-a", "bank-b", "clinic-c", "lab-d")
 

@@ -8,7 +8,6 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from grid import Answer, MemoryGrid
 
 from common.audit.attestation import Attestation
 from common.errors import AuditError, MessageFormatError
@@ -17,6 +16,8 @@ from server.exchange import Phase, ask, exchange
 from server.fedavg import JudgedGrid, MeasuredFedAvg
 from server.rounds import DIGEST, SOFT_LABELS
 from server.secure_rounds import secure_phase
+
+from grid import Answer, MemoryGrid
 
 MemoryGridOf = Callable[..., MemoryGrid]
 

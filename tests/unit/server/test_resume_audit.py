@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-from audit_fixtures import NUM_SAMPLES, RUN_ID, AuditedRun, judge, make_identity, make_query, run_config, signed_reply, write_allow_list_for
 
 from common.audit import kinds
 from common.audit.report import build_report
 from common.audit.verify import abandoned_entries, verify_ledger
 from server.audit_trail import AuditTrail
 from server.results.privacy import privacy_section
+
+from audit_fixtures import NUM_SAMPLES, RUN_ID, AuditedRun, judge, make_identity, make_query, run_config, signed_reply, write_allow_list_for
 
 NEW_RUN_ID = RUN_ID - 1000
 NODES = (101, 102)

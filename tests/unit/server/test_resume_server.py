@@ -12,7 +12,6 @@ import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from grid import MemoryGrid
 from safetensors.torch import load_file
 
 from client import client_app
@@ -22,6 +21,8 @@ from common.config import default_run_config
 from common.messages import DIGEST_TYPE, SOFT_LABELS_TYPE
 from server import server_app
 from simulations.provision import provision_sites
+
+from grid import MemoryGrid
 
 NODES = (11, 12, 13)
 DETERMINISTIC = ("round", "student_accuracy", "ensemble_accuracy", "clients_replied", "teacher_rounds",  # not bytes: run ids differ

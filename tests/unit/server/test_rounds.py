@@ -6,11 +6,12 @@ from collections.abc import Callable
 
 import numpy as np
 from flwr.app import ConfigRecord, Error, Message, RecordDict
-from grid import Answer, MemoryGrid
 
 from common.messages import SoftLabelQuery, SoftLabelReply, record_nbytes
 from server.exchange import collect
 from server.rounds import query_soft_labels
+
+from grid import Answer, MemoryGrid
 
 FINGERPRINT = "ab" * 32
 MemoryGridOf = Callable[..., MemoryGrid]

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Message, RecordDict
-from grid import Answer, MemoryGrid
 
 import server.secure_rounds as secure_rounds
 from client.node_state import SECAGG_KEY as STATE_KEY
@@ -42,6 +41,8 @@ from common.secagg.protocol import RosterEntry
 from common.secagg.shamir import reconstruct
 from server.audit_trail import LEDGER, AuditTrail
 from server.secure_rounds import secure_soft_labels
+
+from grid import Answer, MemoryGrid
 
 RUN_ID = 2**63 - 25  # Flower's run ids are 64-bit
 FINGERPRINT = "ab" * 32
