@@ -2,6 +2,8 @@
 
 Only soft labels on public samples and counts leave the node (masked, under secure aggregation):
 never weights, gradients or samples. Every reply is signed and logged when the node has an identity.
+Each message is first held against the institution's site policy (client.enforce): what it refuses is
+refused before any training, and under privacy the counts and losses leave only as the policy says.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.answer import answer_query
+from client.enforce import admit_query, admit_run, site_policy
 from client.fedavg import fedavg_train
-from client.release import load_identity, sign_and_log
+from client.release import load_identity, released_statement, sign_and_log
 from client.secure import masked_vector, round_keys, share_bundles, unmask_shares
 from client.site import Site, load_site
 from client.teacher import attach_store, digest_round, restore_teacher, save_teacher, teacher_store
+from common.audit import kinds
 from common.config import RunConfig
 from common.errors import FingerprintMismatch, MessageFormatError
 from common.messages import (
@@ -45,19 +49,24 @@ def soft_labels(msg: Message, context: Context) -> Message:
     query = SoftLabelQuery.from_record(msg.content)
     check_query(query, site.fingerprint, site.private.num_classes, len(site.public))
     shared = SecAggRoster.from_record(msg.content)
-    answer = answer_query(context, cfg, node, site, query)
+    policy = site_policy(cfg, node)
+    admit_query(context.state, context.run_id, cfg, policy, query, shared)
+    answer = answer_query(context, cfg, node, site, query, policy)
     probs, figures = answer.probs, answer.figures
+    released = policy.releases(cfg.privacy, class_counts=query.want_class_counts, teacher_accuracy=query.evaluate_teacher)
+    privacy = released_statement(answer.privacy, released)
+    count = len(site.private) if query.want_class_counts else policy.released_count(len(site.private), cfg.privacy)
     if shared is not None:
-        weight = float(len(site.private)) if shared.weighted else 1.0
+        weight = float(count) if shared.weighted else 1.0
         masked = masked_vector(context.state, context.node_id, context.run_id, shared, probs, weight)
         record = MaskedReply(round=query.round, fingerprint=site.fingerprint, masked=masked, **figures).to_record()
-        return _reply(record, msg, context, cfg, node, site, query.round, kind="secagg-masked", privacy=answer.privacy)
+        return _reply(record, msg, context, cfg, node, site, query.round, kind="secagg-masked", privacy=privacy)
     reply = SoftLabelReply(
         round=query.round, fingerprint=site.fingerprint, codec=query.codec, soft_labels=probs,
-        num_examples=len(site.private), class_counts=_class_counts(site) if query.want_class_counts else None,
+        num_examples=count, class_counts=_class_counts(site) if query.want_class_counts else None,
         top_k=query.top_k, **figures,
     )
-    return _reply(reply.to_record(), msg, context, cfg, node, site, query.round, privacy=answer.privacy,
+    return _reply(reply.to_record(), msg, context, cfg, node, site, query.round, privacy=privacy,
                   with_counts=query.want_class_counts, with_accuracy=query.evaluate_teacher)
 
 
@@ -74,6 +83,7 @@ def secagg_shares(msg: Message, context: Context) -> Message:
     """Secure aggregation, step 2: sealed shares of this round's secrets, one bundle per institution."""
     cfg, node, site = _setup(context)
     request = _roster(msg)
+    site_policy(cfg, node).check_threshold(request.threshold)  # before any share of this node's secrets leaves
     bundles = share_bundles(context.state, context.node_id, context.run_id, request)
     return _reply(bundles.to_record(), msg, context, cfg, node, site, request.round, kind="secagg-bundles")
 
@@ -113,6 +123,7 @@ def digest(msg: Message, context: Context) -> Message:
     instruction = DigestInstruction.from_record(msg.content)
     check_public(instruction.fingerprint, instruction.consensus.shape[1], instruction.sample_ids,
                  site.fingerprint, site.private.num_classes, len(site.public))
+    site_policy(cfg, node).check_digest(cfg.privacy, instruction.digest_epochs, instruction.revisit_epochs)
     teacher, rounds_trained = restore_teacher(context.state, cfg, site)
     digest_loss, revisit_loss = digest_round(teacher, cfg, site, instruction, rounds_trained)
     save_teacher(context.state, teacher, cfg, site, rounds_trained)
@@ -122,17 +133,21 @@ def digest(msg: Message, context: Context) -> Message:
 
 @app.train()
 def fedavg(msg: Message, context: Context) -> Message:
-    """The FedAvg baseline (method = "fedavg"): train the global student weights on private data."""
-    cfg, _, site = _setup(context)
+    """The FedAvg baseline (method = "fedavg"): train the global student weights on private data; the trained
+    weights leave signed and logged, like every other release."""
+    cfg, node, site = _setup(context)
     if cfg.method != "fedavg":
         raise MessageFormatError(f"this run's method is {cfg.method!r}: nodes send weights only when method is 'fedavg'")
-    return Message(fedavg_train(TrainInstruction.from_record(msg.content), cfg, site), reply_to=msg)
+    instruction = TrainInstruction.from_record(msg.content)
+    record = fedavg_train(instruction, cfg, site)
+    return _reply(record, msg, context, cfg, node, site, instruction.server_round, kind=kinds.FEDAVG_PAYLOAD)
 
 
 def _setup(context: Context) -> tuple[RunConfig, NodeConfig, Site]:
     """The run's config and this node's, parsed once per message, and what the institution holds."""
     cfg = RunConfig.from_run_config(context.run_config)
     node = NodeConfig.from_node_config(context.node_config)
+    admit_run(cfg, node)  # the mechanism, before any private data is read
     torch.set_num_threads(cfg.torch_threads)
     site = load_site(cfg, node, context.state)
     attach_store(context.state, teacher_store(cfg, site, node, context.run_id))  # survives a restart

@@ -15,6 +15,7 @@ disk, and carries the teachers and a secure-aggregation round's secrets from one
     pate-meta         ConfigRecord  the sub-teachers' model and rounds trained ("model", "rounds")
     secagg            ConfigRecord  this round's private keys and self seed ("round", "mask-private",
                                     "share-private", "self-seed"); never leaves the node
+    policy-queries    ConfigRecord  soft-label queries taken this round, for the site policy ("run", "round", "count")
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ STORE_KEY = "teacher-store"
 PATE_KEY = "pate-teachers"  # one record per sub-teacher: f"{PATE_KEY}-{k}"
 PATE_META_KEY = "pate-meta"
 SECAGG_KEY = "secagg"
+QUERIES_KEY = "policy-queries"
 
 Weights = dict[str, torch.Tensor] | OrderedDict[str, torch.Tensor]  # a torch state dict
 
@@ -189,6 +191,22 @@ def keep_self_seed(state: RecordDict, seed: bytes) -> None:
 
 def forget_secagg(state: RecordDict) -> None:
     del state[SECAGG_KEY]
+
+
+# --- the site policy's count of queries ------------------------------------------------------------------
+
+
+def queries_taken(state: RecordDict, run_id: int, round_: int) -> int:
+    """Soft-label queries this node took in round `round_` of run `run_id` (0 for another run or round)."""
+    record = state.get(QUERIES_KEY)
+    if not isinstance(record, ConfigRecord) or record.get("run") != str(run_id) or record.get("round") != round_:
+        return 0
+    count = record.get("count")
+    return count if isinstance(count, int) else 0
+
+
+def keep_queries_taken(state: RecordDict, run_id: int, round_: int, count: int) -> None:
+    state[QUERIES_KEY] = ConfigRecord({"run": str(run_id), "round": round_, "count": count})
 
 
 # --- helpers -----------------------------------------------------------------------------------------------

@@ -3,29 +3,35 @@
 The budget (`max-epsilon` at `delta`) is the institution's, from its node config (simulation: its
 site folder's `site.toml`); the server never sets it. Before anything that spends privacy, the
 institution computes what the spend would bring its total to and refuses (PrivacyBudgetExceeded,
-an error reply the server records) when that exceeds its budget. Noise is drawn from the operating
-system's entropy, never from the run's public seed, so no other party can reproduce it.
+an error reply the server records) when that exceeds its budget. Check, release and record run as one
+step under the ledger's exclusive lock (`PrivacyLedger.reserve`), so two runs on one node cannot
+overspend. Noise is drawn from the operating system's entropy, never from the run's public seed, so no
+other party can reproduce it. Errors name epsilons and counts, never the ledger's path: that is logged
+on the node only.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import RecordDict
+from flwr.common.logger import log
 from torch import nn
 
 from client.node_state import keep_pate_rounds, keep_pate_teacher, pate_rounds, pate_teacher_weights
 from client.release import SITE_CONFIG, simulated_institution
 from client.site import Site
 from common.config import RunConfig
-from common.errors import ConfigError
+from common.errors import ConfigError, FedstillError
 from common.models.inputs import input_shape
 from common.models.registry import build_model, count_parameters
 from common.models.training import predict_logits, train_supervised
@@ -33,7 +39,7 @@ from common.node_config import NodeConfig
 from common.privacy.accounting import ACCOUNTANT, calibrate_dpsgd, calibrate_gnmax
 from common.privacy.budget import PrivacyLedger
 from common.privacy.dpsgd import planned_event, train_dpsgd
-from common.privacy.pate import gnmax_event, gnmax_soft_labels, shard_indices, vote_histograms
+from common.privacy.pate import gnmax_event, gnmax_soft_labels, os_entropy_rng, shard_indices, vote_histograms
 
 LEDGER_FILE = "privacy-ledger.json"
 DEFAULT_DELTA = 1e-5
@@ -61,7 +67,8 @@ def load_policy(cfg: RunConfig, node: NodeConfig) -> Policy:
             try:
                 site_settings = tomllib.loads((folder / SITE_CONFIG).read_text(encoding="utf-8"))
             except tomllib.TOMLDecodeError as error:
-                raise ConfigError(f"{folder / SITE_CONFIG} is not valid TOML: {error}") from None
+                log(WARNING, "%s is not valid TOML: %s", folder / SITE_CONFIG, error)  # the path stays on the node
+                raise ConfigError(f"this institution's {SITE_CONFIG} is not valid TOML: {error}; fix it") from None
             node = node.with_site_settings(site_settings)
     ledger = node.privacy_ledger or (folder / LEDGER_FILE if folder else None)
     if ledger is None:
@@ -88,25 +95,38 @@ def dpsgd_round(teacher: nn.Module, cfg: RunConfig, site: Site, policy: Policy, 
     `again` (a resumed run asks for a round this teacher already trained for) nothing is trained or
     spent either: the statement says `reused`.
     """
-    ledger = policy.ledger()
     n = len(site.private)
     per_round = planned_event(n, cfg.teacher_batch_size, cfg.local_epochs, 1.0)
     z = cfg.dp_noise_multiplier or _calibrated_z(policy, per_round, cfg.num_server_rounds)
     event = {**per_round, "noise_multiplier": z}
-    before = ledger.spent()
     parameters = {"noise_multiplier": z, "max_grad_norm": cfg.dp_max_grad_norm, "sample_rate": event["sample_rate"],
                   "steps_per_round": event["steps"], "budget": _budget(policy)}
-    if again:
-        return float("nan"), statement("dp-sgd", {**parameters, "reused": True}, before, before, policy.delta)
-    if ledger.would_spend([event]) > policy.max_epsilon + 1e-9:
-        if rounds_trained == 0:
-            ledger.check([event], f"round {round_}: DP-SGD training")  # nothing trained yet: refuse
-        return float("nan"), statement("dp-sgd", {**parameters, "frozen": True}, before, before, policy.delta)
-    loss, done = train_dpsgd(teacher, site.private.inputs, site.private.labels, epochs=cfg.local_epochs,
-                             lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size, noise_multiplier=z,
-                             max_grad_norm=cfg.dp_max_grad_norm, seed=secrets.randbits(63))
-    after = ledger.record([done], str(run_id), round_)
-    return loss, statement("dp-sgd", parameters, before, after, policy.delta)
+    with _ledger_path_logged(policy):
+        ledger = policy.ledger()
+        if again:
+            before = ledger.spent()
+            return float("nan"), statement("dp-sgd", {**parameters, "reused": True}, before, before, policy.delta)
+        # check -> train -> record under the ledger's lock; nothing trained yet: refuse, else freeze the teacher
+        with ledger.reserve([event], f"round {round_}: DP-SGD training", str(run_id), round_,
+                            refuse=rounds_trained == 0) as spend:
+            if not spend.granted:
+                frozen = {**parameters, "frozen": True}
+                return float("nan"), statement("dp-sgd", frozen, spend.before, spend.before, policy.delta)
+            loss, done = train_dpsgd(teacher, site.private.inputs, site.private.labels, epochs=cfg.local_epochs,
+                                     lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size, noise_multiplier=z,
+                                     max_grad_norm=cfg.dp_max_grad_norm)  # no seed: noise from OS entropy
+            spend.events = [done]
+    return loss, statement("dp-sgd", parameters, spend.before, spend.after, policy.delta)
+
+
+@contextmanager
+def _ledger_path_logged(policy: Policy) -> Iterator[None]:
+    """Errors on the privacy path go to the server without the ledger's path; log it here, on the node."""
+    try:
+        yield
+    except FedstillError as error:
+        log(WARNING, "privacy ledger %s: %s: %s", policy.ledger_path, type(error).__name__, error)
+        raise
 
 
 def _budget(policy: Policy) -> float | None:
@@ -126,15 +146,14 @@ def pate_round(state: RecordDict, cfg: RunConfig, site: Site, policy: Policy, sa
     """Mechanism 2: PATE inside the institution. Sub-teachers on disjoint shards train a round, vote on
     the queried public samples, and the institution releases GNMax-noised vote histograms as soft labels.
     Returns (soft labels, loss, ensemble test accuracy, parameters of all sub-teachers, statement)."""
-    ledger = policy.ledger()
     sigma = cfg.pate_sigma or _calibrated_sigma(policy, len(sample_ids), cfg.num_server_rounds)
     event = gnmax_event(sigma, len(sample_ids))
-    ledger.check([event], f"round {round_}: {len(sample_ids)} PATE answers")  # refuse before any work
-    teachers, losses = _pate_teachers(state, cfg, site)
-    votes = vote_histograms(_predictions(teachers, site.public.inputs[sample_ids]), site.private.num_classes)
-    probs = gnmax_soft_labels(votes, sigma, np.random.default_rng(secrets.randbits(128)))
-    before = ledger.spent()
-    after = ledger.record([event], str(run_id), round_)
+    what = f"round {round_}: {len(sample_ids)} PATE answers"
+    with _ledger_path_logged(policy), policy.ledger().reserve([event], what, str(run_id), round_) as spend:
+        teachers, losses = _pate_teachers(state, cfg, site)  # refused above before any work
+        votes = vote_histograms(_predictions(teachers, site.public.inputs[sample_ids]), site.private.num_classes)
+        probs = gnmax_soft_labels(votes, sigma, os_entropy_rng())
+    before, after = spend.before, spend.after
     test_votes = vote_histograms(_predictions(teachers, site.test.inputs), site.private.num_classes)
     accuracy = float((test_votes.argmax(axis=1) == site.test.labels).mean())
     parameters = {"teachers": len(teachers), "sigma": sigma, "l2_sensitivity": event["l2_sensitivity"],

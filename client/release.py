@@ -28,6 +28,7 @@ SOFT_LABEL_CATEGORIES = ["soft labels on public transfer samples", "training sum
 COUNTS_CATEGORY = "per-class counts of private data"
 ACCURACY_CATEGORY = "teacher accuracy on the benchmark test set"
 DIGEST_CATEGORY = "training summary (FedMD digest and revisit losses)"
+FEDAVG_CATEGORIES = ["model weights trained on private data (FedAvg baseline)", "training summary (num-examples, loss)"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,21 @@ def site_home(cfg: RunConfig, node: NodeConfig) -> Path | None:
     return None
 
 
+COUNT_REVEALING = ("sample_rate", "steps_per_round")  # DP-SGD's parameters that give away num-examples (batch / n)
+
+
+def released_statement(privacy: dict[str, Any] | None, released: dict[str, str]) -> dict[str, Any] | None:
+    """The privacy statement a reply signs: the mechanism's own, plus `released` (value by value, what else the
+    reply carries in the clear, as the site policy allowed it). When num-examples is not released exactly, the
+    mechanism parameters that would give it away stay on the node (its privacy ledger keeps them)."""
+    if privacy is None:
+        return None
+    parameters = dict(privacy.get("parameters") or {})
+    if released.get("num-examples") != "exact":
+        parameters = {k: v for k, v in parameters.items() if k not in COUNT_REVEALING}
+    return {**privacy, "parameters": parameters, "released": dict(released)}
+
+
 SECAGG_RELEASES = {
     "secagg-keys": ["ephemeral public keys for secure aggregation"],
     "secagg-bundles": ["encrypted secret shares for secure aggregation, readable only by their addressee"],
@@ -87,12 +103,14 @@ def sign_and_log(
 
     A soft-label reply states the soft labels and what else it carries (counts, accuracy); a FedMD
     digest reply (`digest=True`) releases only two losses; `kind` names a secure-aggregation
-    message (a key of SECAGG_RELEASES).
+    message (a key of SECAGG_RELEASES) or a FedAvg reply (`kinds.FEDAVG_PAYLOAD`: trained weights).
     """
     payload_sha256, payload_bytes = record_digest(reply)
     query_sha256, _ = record_digest(query)
     payload: dict[str, Any]
-    if kind is not None:
+    if kind == kinds.FEDAVG_PAYLOAD:  # full weights leave: each array's name, dtype and shape are stated
+        payload, categories = {**payload_description(reply, "arrays"), "kind": kind}, FEDAVG_CATEGORIES
+    elif kind is not None:
         payload, categories = {"kind": kind, "codec": None, "arrays": {}}, SECAGG_RELEASES[kind]
     elif digest:
         payload, categories = {"kind": "digest-losses", "codec": None, "arrays": {}}, [DIGEST_CATEGORY]

@@ -5,15 +5,21 @@ The private data comes from the node config's `data-path` (the institution's own
 that folder exists; otherwise from partition `partition-id` of the shared pool. The public and test
 sets come from the run config's `data-dir`, or the node config's `public-dir` where this node keeps
 its copy.
+
+A problem with those files is a `DataError` that travels to the server as the reply's error: its text
+there names the node-config key (`data-path`, `public-dir`), never the institution's local path; the
+full text, paths included, goes to the node's own log for its operator.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from logging import ERROR
 from pathlib import Path
 
 from flwr.app import RecordDict
+from flwr.common.logger import log
 
 from client.node_state import cached_own_images, cached_partition, keep_own_images, keep_partition
 from client.release import site_folder
@@ -40,8 +46,41 @@ class Site:
 def load_site(cfg: RunConfig, node: NodeConfig, state: RecordDict) -> Site:
     """Load this node's private data (its own `data-path`, else its partition) and the public set.
 
-    What was read is kept in node state, so later rounds skip the partitioner or the files.
+    What was read is kept in node state, so later rounds skip the partitioner or the files. A DataError
+    leaves without the node's local paths (`kept_local`).
     """
+    try:
+        return _load_site(cfg, node, state)
+    except DataError as error:
+        raise kept_local(error, local_paths(cfg, node)) from None
+
+
+def local_paths(cfg: RunConfig, node: NodeConfig) -> dict[str, str]:
+    """This node's own paths (as given and resolved), each with the node-config key that names it."""
+    named = {"data-path": institution_data_path(cfg, node), "public-dir": node.public_dir and Path(node.public_dir)}
+    paths: dict[str, str] = {}
+    for key, path in named.items():
+        if path is not None:
+            for form in (Path(path), Path(path).expanduser(), Path(path).expanduser().resolve()):
+                paths.setdefault(str(form), key)
+    if len(str(Path.home())) > 1:
+        paths.setdefault(str(Path.home()), "~")
+    return paths
+
+
+def kept_local(error: DataError, paths: dict[str, str]) -> DataError:
+    """The error as the server may read it: each local path replaced by the key that names it ("data-path
+    /srv/x/labels.csv: ..." -> "data-path/labels.csv: ..."); the full text goes to this node's log."""
+    text = original = str(error)
+    for path, key in sorted(paths.items(), key=lambda item: -len(item[0])):  # the longest (most specific) first
+        text = text.replace(f"{key} {path}", key).replace(path, key)
+    if text == original:
+        return error
+    log(ERROR, "this institution's data: %s", original)
+    return type(error)(f"{text}; this node's log names the path")
+
+
+def _load_site(cfg: RunConfig, node: NodeConfig, state: RecordDict) -> Site:
     data_dir = public_dir(cfg, node)
     split = load_split(cfg.dataset, data_dir, cfg.public_size, cfg.seed, cfg.test_size, max_seq_len=cfg.max_seq_len)
     data_path = institution_data_path(cfg, node)

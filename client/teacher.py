@@ -37,6 +37,7 @@ from client.release import site_home
 from client.site import Site
 from common.audit.canonical import canonical, sha256_hex, utc_now
 from common.config import RunConfig
+from common.errors import PolicyViolation
 from common.files import atomic_path
 from common.losses import distillation_loss
 from common.messages import DigestInstruction
@@ -142,7 +143,13 @@ def saved_header(path: Path) -> dict[str, Any] | None:
 
 def digest_round(model: nn.Module, cfg: RunConfig, site: Site, digest: DigestInstruction, rounds_trained: int) -> tuple[float, float]:
     """FedMD (Li & Wang, 2019): learn toward the consensus on the public samples, then revisit the
-    private data. Returns the last epoch's loss of each step (nan when a step has 0 epochs)."""
+    private data. Returns the last epoch's loss of each step (nan when a step has 0 epochs).
+
+    Under privacy the revisit is refused here too (the site policy refuses it first): it would train on
+    the private data outside the accounted mechanism, while the teacher's later releases claim DP."""
+    if cfg.privacy != "none" and digest.revisit_epochs > 0:
+        raise PolicyViolation(f"site-policy: max-revisit-epochs = 0 (always, under privacy \"{cfg.privacy}\") refuses "
+                              f"revisit-epochs {digest.revisit_epochs}; send revisit-epochs 0")
     trained, x = fixed_stage(model, inputs_to_tensor(site.public.inputs[digest.sample_ids]))
     targets = torch.from_numpy(digest.consensus)
     optimizer = torch.optim.Adam(trained.parameters(), lr=cfg.teacher_lr)

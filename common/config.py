@@ -81,6 +81,7 @@ class RunConfig:
     era_temperature: float
     trim_fraction: float
     selective_threshold: float
+    weight_clip: float
     allow_list: str
     coordinator_key: str
     sites_dir: str
@@ -133,6 +134,8 @@ class RunConfig:
             (0.0 <= self.trim_fraction < 0.5, f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}"),
             (0.0 < self.selective_threshold <= 1.0,
              f"selective-threshold must be in (0, 1], got {self.selective_threshold}"),
+            (self.weight_clip == 0 or 1.0 <= self.weight_clip < float("inf"),
+             f"weight-clip must be 0 (off) or a finite multiple >= 1 of the median declared size, got {self.weight_clip}"),
             (self.public_size > 0, f"public-size must be > 0, got {self.public_size}"),
             (self.test_size >= 0, f"test-size must be >= 0 (0 = whole test set), got {self.test_size}"),
             (self.num_clients >= 1, f"num-clients must be >= 1, got {self.num_clients}"),

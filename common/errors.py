@@ -7,6 +7,7 @@
     ├── FingerprintMismatch   the two sides do not hold the same public transfer set
     ├── QuorumError           too few valid replies (or nodes) to go on with a round
     ├── PrivacyBudgetExceeded a release would spend more privacy budget than allowed
+    ├── PolicyViolation       a query asks for what the institution's site policy refuses
     └── AuditError            a signature, digest or ledger link does not verify
 
 Every message names the thing, the value and the fix. Messages raised in a client travel back to
@@ -42,6 +43,10 @@ class QuorumError(FedstillError):
 
 class PrivacyBudgetExceeded(FedstillError):
     """A release would spend more privacy budget than the institution allows."""
+
+
+class PolicyViolation(FedstillError):
+    """A query asks what the institution's site policy refuses; the message starts with the policy line."""
 
 
 class AuditError(FedstillError):

@@ -35,6 +35,7 @@ class NodeConfig:
     max_epsilon: float | None = None
     delta: float | None = None
     state_dir: str | None = None  # where its teacher is kept across restarts (client.teacher)
+    site_policy: str | None = None  # its site policy file (common.site_policy); default: site-policy.toml in its folder
 
     @classmethod
     def from_node_config(cls, raw: Mapping[str, UserConfigValue]) -> NodeConfig:
@@ -152,4 +153,5 @@ _PARSERS: dict[str, Parser] = {
     "max-epsilon": _max_epsilon,
     "delta": _delta,
     "state-dir": _folder("for example --node-config 'state-dir=\"/var/lib/fedstill/hospital-a\"'"),
+    "site-policy": _file("site-policy.toml"),
 }

@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
+from common.aggregation import ClippedWeight
 from common.audit import kinds
 from common.audit.attestation import Attestation, check_attestation
 from common.audit.canonical import canonical, sha256_hex
 from common.audit.keys import Signer, load_allow_list, load_signer, private_key_path, write_key_pair
 from common.audit.ledger import RESUMED, Ledger
 from common.config import RunConfig
-from common.errors import AuditError, FedstillError
-from common.messages import DigestInstruction, SoftLabelQuery, read_attestation, record_digest
+from common.errors import AuditError, ConfigError, FedstillError
+from common.messages import DigestInstruction, SoftLabelQuery, read_attestation, record_digest, weights_digest
 from server.exchange import Exchange
 from server.results.schema import AuditSummary
 
@@ -41,6 +43,7 @@ class AuditTrail:
     query_digests: dict[int, str] = field(default_factory=dict)  # node -> digest, when each got its own message
     rejections: int = 0
     earlier_institutions: dict[str, str] = field(default_factory=dict)  # node id -> institution, before a resume
+    max_examples: dict[str, int] = field(default_factory=dict)  # institution -> agreed largest size ([max-examples])
 
     @classmethod
     def open(cls, cfg: RunConfig, run_dir: Path, run_id: int) -> AuditTrail:
@@ -51,6 +54,7 @@ class AuditTrail:
         existed = path.exists() and path.stat().st_size > 0
         ledger = Ledger.open(path, signer, {"run_name": run_dir.name, "allow_list": allow_list})
         trail = cls(ledger, str(run_id), allow_list)
+        trail.max_examples = load_max_examples(cfg.allow_list, allow_list) if allow_list else {}
         if existed:
             ledger.append(RESUMED, {"run_id": str(run_id)})
         config = cfg.to_dict()
@@ -85,7 +89,7 @@ class AuditTrail:
         })
 
     def exchange_opened(self, phase: str, round_: int, records: dict[int, RecordDict]) -> None:
-        """A secure-aggregation exchange goes out (one message per node, possibly each its own)."""
+        """A secure-aggregation or FedAvg exchange goes out (one message per node, possibly each its own)."""
         self.query_digests = {node: record_digest(record)[0] for node, record in records.items()}
         digests = set(self.query_digests.values())
         self.query_sha256 = digests.pop() if len(digests) == 1 else ""
@@ -95,7 +99,8 @@ class AuditTrail:
         })
 
     def check_exchange(self, round_: int, fingerprint: str, node: int, content: RecordDict) -> Attestation | None:
-        """Verify the attestation of a secure-aggregation reply (keys, bundles, shares)."""
+        """Verify the attestation of a reply to `exchange_opened`: secure aggregation's keys, bundles and shares,
+        and FedAvg's trained weights."""
         return self._check(round_, fingerprint, node, content)
 
     def check_digest_reply(self, instruction: DigestInstruction, node: int, content: RecordDict) -> Attestation | None:
@@ -157,6 +162,35 @@ class AuditTrail:
             "institutions": [self.bindings.get(int(n)) for n in nodes], "samples_kept": int(kept),
             "ensemble_sha256": hashlib.sha256(np.ascontiguousarray(probs, dtype=np.float32).tobytes()).hexdigest(),
         })
+
+    def weights_aggregated(self, round_: int, nodes: list[int], weights: ArrayRecord) -> None:
+        """FedAvg: the weights of `nodes` (their replies all accepted) were averaged into `weights`."""
+        self.ledger.append(kinds.AGGREGATED, {
+            "round": round_, "rule": kinds.FEDAVG_PHASE, "nodes": [str(n) for n in nodes],
+            "institutions": [self.bindings.get(int(n)) for n in nodes],
+            "weights_sha256": weights_digest(weights),
+        })
+
+    def weight_caps(self, nodes: list[int]) -> list[float] | None:
+        """Each node's agreed largest size (the allow-list's [max-examples] for the institution it signed as),
+        inf where none was agreed; None when the allow-list agrees none."""
+        if not self.max_examples:
+            return None
+        return [float(self.max_examples.get(self.bindings.get(int(n), ""), float("inf"))) for n in nodes]
+
+    def weights_clipped(self, round_: int, nodes: list[int], clipped: tuple[ClippedWeight, ...]) -> None:
+        """One `weight-clipped` entry per institution whose declared size was capped before a weighted rule."""
+        for clip in clipped:
+            node = nodes[clip.index]
+            self.ledger.append(kinds.WEIGHT_CLIPPED, {
+                "round": round_, "node_id": str(node), "institution_id": self.bindings.get(int(node)),
+                "check": clip.check, "declared": float(clip.declared), "used": float(clip.used),
+            })
+
+    def sum_refused(self, round_: int, check: str, reason: str) -> None:
+        """Secure aggregation: the opened sum failed a range check; no institution can be singled out."""
+        self.rejections += 1
+        self.ledger.append(kinds.SUM_REFUSED, {"round": round_, "check": check, "reason": reason})
 
     def checkpoint(self, round_: int, student: Path, accuracy: float) -> dict[str, Any]:
         return self.ledger.append(kinds.CHECKPOINT, {"round": round_, "file": student.name, "sha256": _file_sha256(student),
@@ -231,6 +265,21 @@ def coordinator_signer(cfg: RunConfig, run_dir: Path) -> Signer:
     signer = Signer.generate(kinds.COORDINATOR)
     write_key_pair(signer, run_dir)
     return signer
+
+
+def load_max_examples(path: Path | str, institutions: dict[str, str]) -> dict[str, int]:
+    """Institution -> the largest private size the consortium agreed for it, from the allow-list's optional
+    `[max-examples]` table (name = integer >= 1, names of the [institutions] table only)."""
+    with Path(path).expanduser().open("rb") as handle:
+        table = tomllib.load(handle).get("max-examples", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"allow-list {path}: [max-examples] must be a table of institution = integer >= 1")
+    bad = sorted(name for name, value in table.items()
+                 if name not in institutions or isinstance(value, bool) or not isinstance(value, int) or value < 1)
+    if bad:
+        raise ConfigError(f"allow-list {path}: [max-examples] entries {bad} must name an institution of [institutions] "
+                          "and be an integer >= 1")
+    return dict(table)
 
 
 def _institution(attestation: Attestation | None) -> str | None:

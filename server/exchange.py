@@ -125,14 +125,20 @@ def short_reason(reason: str, limit: int = 600) -> str:
     return reason if len(reason) <= limit else reason[: limit - 3] + "..."
 
 
+NODE_REFUSALS = {"PrivacyBudgetExceeded": "privacy-budget", "PolicyViolation": "site-policy"}  # error -> ledger check
+
+
 def node_error_check(reason: str) -> str:
-    """The ledger's name for an error reply: a refusal on privacy budget is told apart from a failure."""
-    return "privacy-budget" if "PrivacyBudgetExceeded" in reason else "node-error"
+    """The ledger's name for an error reply: a refusal on privacy budget or by the site policy is told apart
+    from a failure."""
+    return next((check for error, check in NODE_REFUSALS.items() if error in reason), "node-error")
 
 
 def _node_error(reason: str) -> str:
-    prefix = "PrivacyBudgetExceeded: " if node_error_check(reason) == "privacy-budget" else ""
-    return f"node error: {prefix}{short_reason(reason)}"
+    check = node_error_check(reason)
+    prefix = next((f"{error}: " for error, named in NODE_REFUSALS.items() if named == check), "")
+    text = short_reason(reason)
+    return f"node error: {text if text.startswith(prefix) else prefix + text}"
 
 
 def _claimed_attestation(content: RecordDict) -> Attestation | None:

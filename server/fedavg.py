@@ -1,6 +1,8 @@
 """The FedAvg baseline (McMahan et al., 2017) in the same harness: Flower's own `FedAvg` strategy
 training the student architecture, with the same run folder. Its replies pass the same judge as every
-other exchange (server/exchange.py, through `JudgedGrid`) and the bytes each way are measured.
+other exchange (server/exchange.py, through `JudgedGrid`): each reply's attestation (the institution signs
+the trained weights it releases and logs them) is checked by the audit trail, every reply, accepted or
+rejected, and each round's average go into the ledger, and the bytes each way are measured.
 
 It checkpoints after every round like distillation (the global weights; FedAvg keeps no server-side
 optimizer) and resumes from there: Flower's loop then runs the remaining rounds, numbered from 1 in
@@ -11,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
+from functools import partial
 from logging import INFO
 from typing import TYPE_CHECKING, Any
 
@@ -19,13 +22,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from common.audit import kinds
 from common.config import RunConfig
 from common.errors import QuorumError
 from common.messages import TrainReply
 from common.models.inputs import input_shape
 from common.models.registry import build_model, count_parameters
 from common.models.training import evaluate as evaluate_model
-from common.tasks.samples import FederatedSplit
+from common.tasks.samples import FederatedSplit, public_fingerprint
 from server.audit_trail import AuditTrail
 from server.checkpoint import Checkpoint
 from server.exchange import Exchange, Phase, exchange
@@ -37,15 +41,17 @@ from server.resume import Checkpointer
 if TYPE_CHECKING:
     from flwr.supercore.run import Run
 
-FEDAVG = Phase("fedavg")
+FEDAVG = Phase(kinds.FEDAVG_PHASE)
 
 
 class MeasuredFedAvg(FedAvg):
     """Flower's FedAvg, unchanged, driven through a `JudgedGrid`: each round's replies are judged like every
-    other exchange (server/exchange.py) and measured, with the rounds numbered as the run's."""
+    other exchange (server/exchange.py), their attestations checked and recorded by `trail`, and measured,
+    with the rounds numbered as the run's. `fingerprint` is the public set's, which every attestation names."""
 
-    def __init__(self, round_offset: int = 0, **kwargs: Any) -> None:
+    def __init__(self, trail: AuditTrail, fingerprint: str, round_offset: int = 0, **kwargs: Any) -> None:
         super().__init__(weighted_by_key=TrainReply.weight_key, **kwargs)  # what each reply's schema check requires
+        self.trail, self.fingerprint = trail, fingerprint
         self.round_offset = round_offset  # rounds completed before a resume
         self.round = round_offset  # the run's number of the round being trained
         self.exchanges: dict[int, Exchange[TrainReply]] = {}  # round -> its judged training exchange
@@ -73,13 +79,20 @@ class MeasuredFedAvg(FedAvg):
         return super().aggregate_evaluate(server_round + self.round_offset, replies)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return super().aggregate_train(server_round + self.round_offset, replies)
+        """Flower's weighted average of the accepted replies (the attestation, a ConfigRecord, is not read by it),
+        recorded in the ledger with the digest of the result."""
+        arrays, metrics = super().aggregate_train(server_round + self.round_offset, replies)
+        judged = self.exchanges.get(self.round)
+        if arrays is not None and judged is not None:
+            self.trail.weights_aggregated(self.round, sorted(judged.accepted), arrays)
+        return arrays, metrics
 
 
 class JudgedGrid(Grid):
     """The Grid that Flower's FedAvg drives, every exchange going through server/exchange.py: the strategy gets
-    only the replies that pass (node error, then schema, `TrainReply.from_record`: FedAvg replies carry no
-    attestation), in arrival order. Flower's own check of the replies would stop the run on one bad reply."""
+    only the replies that pass (node error, then attestation, `AuditTrail.check_exchange`, then schema,
+    `TrainReply.from_record`), in arrival order; the exchange and every reply's judgement go into the ledger.
+    Flower's own check of the replies would stop the run on one bad reply."""
 
     def __init__(self, grid: Grid, strategy: MeasuredFedAvg) -> None:
         self.grid, self.strategy = grid, strategy
@@ -88,9 +101,12 @@ class JudgedGrid(Grid):
         messages = list(messages)
         if not messages:  # the evaluate step, with fraction-evaluate 0
             return []
-        round_ = self.strategy.round
-        judged = exchange(self.grid, messages, math.inf if timeout is None else timeout, TrainReply.from_record, None,
+        round_, trail = self.strategy.round, self.strategy.trail
+        trail.exchange_opened(FEDAVG.name, round_, {m.metadata.dst_node_id: m.content for m in messages})
+        check = partial(trail.check_exchange, round_, self.strategy.fingerprint)
+        judged = exchange(self.grid, messages, math.inf if timeout is None else timeout, TrainReply.from_record, check,
                           FEDAVG, round_)
+        trail.record_replies(round_, judged, FEDAVG.name)
         self.strategy.exchanges[round_] = judged
         return [reply for node, reply in judged.replies.items() if node in judged.accepted]
 
@@ -129,8 +145,8 @@ def run_fedavg(
         log(INFO, "FedAvg resumes after round %d: Flower's log counts the %d remaining rounds from 1", done,
             cfg.num_server_rounds - done)
     strategy = MeasuredFedAvg(
-        round_offset=done, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=cfg.min_clients,
-        min_available_nodes=cfg.min_clients,
+        trail, public_fingerprint(split.public), round_offset=done, fraction_train=1.0, fraction_evaluate=0.0,
+        min_train_nodes=cfg.min_clients, min_available_nodes=cfg.min_clients,
     )
     started = [time.monotonic()]
 

@@ -94,7 +94,33 @@ def secure_soft_labels(
                            shared.roster, threshold, f"fedstill/{trail.run_id}/{round_}".encode())
     except FedstillError as error:
         raise QuorumError(f"round {round_}: secure aggregation could not open the sum: {error}") from None
-    return _mean(dequantise(total), len(query.sample_ids), query.num_classes), _combined(masked, phases)
+    values = dequantise(total)
+    problem = sum_out_of_range(values, len(query.sample_ids), query.num_classes, len(survivors),
+                               cfg.aggregation == "weighted", trail.weight_caps(survivors))
+    if problem:
+        trail.sum_refused(round_, "weight-range", problem)
+        raise QuorumError(f"round {round_}: secure aggregation refused the opened sum: {problem}")
+    return _mean(values, len(query.sample_ids), query.num_classes), _combined(masked, phases)
+
+
+def sum_out_of_range(values: np.ndarray, rows: int, classes: int, parties: int, weighted: bool,
+                     caps: list[float] | None) -> str:
+    """Why the opened sum [sum w*p (rows*classes), sum w] cannot come from `parties` honest institutions ("" if it can).
+
+    Each honest institution adds a weight w with 1 <= w <= its agreed max-examples (w = 1 under `mean`) and
+    w times rows on the simplex: so the total weight W lies in [parties, sum of caps] (exactly `parties` under
+    `mean`), every entry of the summed rows in [0, W], and every summed row adds up to W. Each institution's own
+    weight stays hidden; a lie that keeps these totals in range is not detected (see docs/methods.md).
+    """
+    weight, sums = float(values[-1]), values[:-1].reshape(rows, classes)
+    tolerance = 1e-3 * max(abs(weight), 1.0) + parties * classes * 2.0**-20  # float32 rows and fixed-point rounding
+    upper = float(sum(caps)) if weighted and caps else (np.inf if weighted else float(parties))
+    if not (parties - tolerance <= weight <= upper + tolerance):
+        bound = f"exactly {parties} (one per institution)" if not weighted else f"in [{parties}, {upper:g}]"
+        return f"the summed weight is {weight:g}, expected {bound}: an institution sent a weight out of range"
+    if (sums < -tolerance).any() or (sums > weight + tolerance).any() or (np.abs(sums.sum(axis=1) - weight) > tolerance).any():
+        return "the summed soft labels are not rows on the simplex scaled by the summed weight: an institution sent values out of range"
+    return ""
 
 
 def _drop_shared_keys(keys: Exchange[SecAggKeys]) -> None:

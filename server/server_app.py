@@ -113,10 +113,13 @@ def collect_and_aggregate(grid: Grid, cfg: RunConfig, trail: AuditTrail, query: 
         return masked, Aggregate(probs, np.ones(len(probs), dtype=bool))
     replies = soft_label_round(grid, cfg, trail, query, nodes)
     require_quorum(replies, cfg, query.round)
+    nodes = list(replies.accepted)
     accepted = list(replies.accepted.values())
-    params = AggregationParams(cfg.era_temperature, cfg.trim_fraction, cfg.selective_threshold, query.temperature)
+    params = AggregationParams(cfg.era_temperature, cfg.trim_fraction, cfg.selective_threshold, query.temperature,
+                               cfg.weight_clip)
     ensemble = aggregate(cfg.aggregation, [r.soft_labels for r in accepted], [r.num_examples for r in accepted],
-                         class_counts=_class_counts(accepted), params=params)
+                         class_counts=_class_counts(accepted), params=params, max_examples=trail.weight_caps(nodes))
+    trail.weights_clipped(query.round, nodes, ensemble.clipped)
     return replies, ensemble
 
 

@@ -11,12 +11,15 @@ which returns an `Aggregate`: `(n, C)` float32 rows on the simplex and a `(n,)` 
 `mean` and `weighted` are linear in each institution's rows, so a secure-aggregation protocol can
 compute them from masked sums; every other rule needs each institution's rows in the clear
 (`NEEDS_INDIVIDUAL_ROWS`). Rules in `NEEDS_CLASS_COUNTS` also need each institution's per-class
-sample counts, which the query must ask for.
+sample counts, which the query must ask for. Rules in `WEIGHTED_RULES` weigh institutions by the sizes
+they declare; `aggregate` caps those first (weights.py: `weight-clip` times the lower median, and each
+institution's agreed `max-examples`), so no reply can dominate by declaring a huge size.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
@@ -25,11 +28,12 @@ from common.aggregation.averaging import balanced_expertise_rule, confidence_rul
 from common.aggregation.base import Aggregate, AggregationParams, Rule, RuleInput
 from common.aggregation.filtering import selective_rule
 from common.aggregation.robust import median_rule, trimmed_mean_rule
+from common.aggregation.weights import ClippedWeight, clip_weights
 from common.errors import ConfigError, MessageFormatError, QuorumError
 
 __all__ = [
-    "Aggregate", "AggregationParams", "NEEDS_CLASS_COUNTS", "NEEDS_INDIVIDUAL_ROWS", "RULES", "Rule", "RuleInput",
-    "aggregate",
+    "Aggregate", "AggregationParams", "ClippedWeight", "NEEDS_CLASS_COUNTS", "NEEDS_INDIVIDUAL_ROWS", "RULES", "Rule",
+    "RuleInput", "WEIGHTED_RULES", "aggregate", "clip_weights",
 ]
 
 RULES: dict[str, Rule] = {
@@ -45,6 +49,7 @@ RULES: dict[str, Rule] = {
 }
 NEEDS_INDIVIDUAL_ROWS: frozenset[str] = frozenset(RULES) - {"mean", "weighted"}
 NEEDS_CLASS_COUNTS: frozenset[str] = frozenset({"expertise", "balanced-expertise"})  # the query must ask for per-class counts
+WEIGHTED_RULES: frozenset[str] = frozenset({"weighted", "expertise", "balanced-expertise"})  # weigh by declared sizes
 _DEFAULT_PARAMS = AggregationParams()  # frozen, so one shared default is safe
 
 
@@ -54,8 +59,13 @@ def aggregate(
     num_examples: list[int],
     class_counts: list[np.ndarray] | None = None,
     params: AggregationParams = _DEFAULT_PARAMS,
+    max_examples: Sequence[float] | None = None,
 ) -> Aggregate:
     """Apply the named rule to k institutions' soft labels `(n, C)`; `num_examples` and `class_counts` per institution.
+
+    A rule of `WEIGHTED_RULES` gets the declared sizes capped first (`params.weight_clip` times their lower
+    median, and `max_examples`: each institution's agreed largest size, inf where none); the result's
+    `clipped` names every institution whose size was capped.
 
     Raises ConfigError (unknown rule, bad params, `expertise` without class counts), QuorumError (no
     soft labels) or MessageFormatError (shapes, values or counts that do not fit together).
@@ -68,13 +78,14 @@ def aggregate(
         raise QuorumError("no soft labels to aggregate: every reply was rejected or missing")
     stack = _stack(soft_labels)  # (k, n, C)
     k, _, num_classes = stack.shape
-    inputs = RuleInput(
-        stack=stack,
-        num_examples=_per_institution(num_examples, k),
-        class_counts=None if class_counts is None else _class_counts(class_counts, k, num_classes),
-        params=params,
-    )
-    return RULES[rule](inputs)
+    sizes = _per_institution(num_examples, k)
+    counts = None if class_counts is None else _class_counts(class_counts, k, num_classes)
+    clipped: tuple[ClippedWeight, ...] = ()
+    if rule in WEIGHTED_RULES:
+        caps = None if max_examples is None else np.asarray(max_examples, dtype=np.float64)
+        sizes, counts, clipped = clip_weights(sizes, counts, params.weight_clip, caps)
+    result = RULES[rule](RuleInput(stack=stack, num_examples=sizes, class_counts=counts, params=params))
+    return replace(result, clipped=clipped) if clipped else result
 
 
 def _stack(soft_labels: Sequence[np.ndarray]) -> npt.NDArray[np.float64]:

@@ -10,6 +10,7 @@ from numbers import Real
 import numpy as np
 import numpy.typing as npt
 
+from common.aggregation.weights import ClippedWeight
 from common.errors import ConfigError
 
 
@@ -21,6 +22,7 @@ class AggregationParams:
     trim_fraction: float = 0.1  # trimmed mean: fraction cut at EACH end, per coordinate, in [0, 0.5)
     selective_threshold: float = 0.5  # selective: drop rows whose H(p)/log(C) exceeds this, in (0, 1]
     temperature: float = 1.0  # the temperature the soft labels were made at (selective judges at T = 1)
+    weight_clip: float = 0.0  # weighted rules: cap each declared size at this multiple of the lower median (0: off)
 
     def __post_init__(self) -> None:
         checks: tuple[tuple[str, float, Callable[[float], bool], str], ...] = (
@@ -31,6 +33,8 @@ class AggregationParams:
             ("selective_threshold", self.selective_threshold, lambda v: 0 < v <= 1,
              "in (0, 1]: the largest normalised entropy of a kept row (1 keeps every row)"),
             ("temperature", self.temperature, lambda v: v > 0, "a finite number > 0"),
+            ("weight_clip", self.weight_clip, lambda v: v == 0 or v >= 1,
+             "0 (off) or a multiple >= 1 of the lower median of the declared sizes"),
         )
         problems = [
             f"{name} must be {want}, got {value!r}"
@@ -51,6 +55,7 @@ class Aggregate:
 
     probs: npt.NDArray[np.float32]  # (n, C) float32, every row on the simplex
     keep: npt.NDArray[np.bool_]  # (n,) bool: rows the student should learn from (all True except for `selective`)
+    clipped: tuple[ClippedWeight, ...] = ()  # weighted rules: institutions whose declared size was capped
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,19 @@ Coordinator ledger (`<run folder>/ledger.jsonl`, signer "coordinator"):
     reply-accepted      {round, phase, node_id, institution_id, payload_sha256, payload_bytes, uplink_bytes, attestation}
     reply-rejected      {round, phase, node_id, institution_id, check, reason, attestation}   (institution and
                         attestation as the reply claimed them, unverified, or null)
+    weight-clipped      {round, node_id, institution_id, check, declared, used}   before `aggregated`, under a
+                        weighted rule: the declared size of that reply was capped (check "weight-cap": the
+                        allow-list's max-examples; "weight-clip": weight-clip times the lower median)
+    sum-refused         {round, check, reason}   secure aggregation: the opened sum failed a range check
+                        (check "weight-range"); the round stops, no institution can be singled out
     aggregated          {round, rule, nodes, institutions, samples_kept, ensemble_sha256}
     digest-opened       {round, nodes, query_sha256, samples, digest_epochs, revisit_epochs}   FedMD only; its
                         replies follow as reply-accepted/-rejected with phase "digest"
     exchange-opened     {round, phase, nodes, query_sha256 (one digest, or node -> digest)}   secure
                         aggregation: phases "secagg-keys", "secagg-bundles" (before round-opened) and
-                        "secagg-shares" (after the masked soft labels); replies follow with that phase
+                        "secagg-shares" (after the masked soft labels); the FedAvg baseline (method "fedavg"):
+                        phase "fedavg", one per round in place of round-opened. Replies follow with that phase
+    aggregated (FedAvg) {round, rule: "fedavg", nodes, institutions, weights_sha256}   the averaged weights
     student-checkpoint  {round, file, sha256, student_accuracy}
     run-finished        {status: "completed", rounds, student_sha256}
     run-failed          {status: "failed", error}
@@ -32,8 +39,9 @@ Institution release log (`release-log.jsonl`, signer = the institution id):
 Run and node ids are decimal strings (64-bit ids do not fit RFC 8785 numbers).
 `attestation` is {"statement": <canonical JSON text>, "signature": <base64>} (common.audit.attestation),
 or null for an unsigned reply (only when the coordinator runs without an allow-list).
-`phase` is "soft-labels" (the answer to round-opened), "digest" (to digest-opened) or a secure-aggregation
-phase (to exchange-opened).
+`phase` is "soft-labels" (the answer to round-opened), "digest" (to digest-opened), "fedavg" (to a FedAvg
+exchange-opened: the reply's attestation states payload kind "fedavg-weights", the trained weights) or a
+secure-aggregation phase (to exchange-opened).
 Rejection checks: "node-error", "timeout", "format", "unsigned", "allow-list", "signature", "statement",
 "digest" (payload digest mismatch), "identity" (a node changed institution, or two nodes claim one).
 """
@@ -52,6 +60,11 @@ RUN_FINISHED = "run-finished"
 RUN_FAILED = "run-failed"
 RUN_RESUMED = "run-resumed"
 RELEASE = "release"
+WEIGHT_CLIPPED = "weight-clipped"
+SUM_REFUSED = "sum-refused"
+FEDAVG_PHASE = "fedavg"  # the FedAvg baseline's exchange: global weights down, trained weights up
+FEDAVG_PAYLOAD = "fedavg-weights"  # the payload kind a FedAvg reply's attestation states
 CLOSING = (RUN_FINISHED, RUN_FAILED)
-ROUND_WORK = (ROUND_OPENED, REPLY_ACCEPTED, REPLY_REJECTED, AGGREGATED, DIGEST_OPENED, EXCHANGE_OPENED, CHECKPOINT)
+ROUND_WORK = (ROUND_OPENED, REPLY_ACCEPTED, REPLY_REJECTED, AGGREGATED, DIGEST_OPENED, EXCHANGE_OPENED, CHECKPOINT,
+              WEIGHT_CLIPPED, SUM_REFUSED)
 COORDINATOR = "coordinator"

@@ -119,6 +119,18 @@ def _statement(body: dict[str, Any]) -> dict[str, Any]:
     return fields if isinstance(fields, dict) else {}
 
 
+def _opens_round(entry: dict[str, Any]) -> bool:
+    """A round of the run opens: a soft-label query, or the FedAvg baseline's exchange of weights."""
+    return bool(entry["kind"] == kinds.ROUND_OPENED or (
+        entry["kind"] == kinds.EXCHANGE_OPENED and entry["body"].get("phase") == kinds.FEDAVG_PHASE))
+
+
+def _release_phase(statement: dict[str, Any]) -> str:
+    """The phase a logged release answered, from the payload its attestation states."""
+    kind = _payload_kind(statement)
+    return "digest" if kind == DIGEST_PAYLOAD else kinds.FEDAVG_PHASE if kind == kinds.FEDAVG_PAYLOAD else SOFT_LABELS
+
+
 def _round(body: dict[str, Any]) -> int | None:
     value = body.get("round")
     return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -153,7 +165,7 @@ def _run_summary(chain: Chain, label: str, verified: bool) -> dict[str, Any]:
         "run": label, "ledger": str(chain.path), "verified": verified, "run_name": first.get("run_name"),
         "run_ids": sorted({str(body.get("run_id")) for body in started}), "scenario": first.get("scenario"),
         "method": first.get("method"), "aggregation": first.get("aggregation"), "num_server_rounds": first.get("num_server_rounds"),
-        "rounds_opened": sum(e["kind"] == kinds.ROUND_OPENED for e in kept), "rounds_aggregated": len(aggregated),
+        "rounds_opened": sum(_opens_round(e) for e in kept), "rounds_aggregated": len(aggregated),
         "digests_opened": len(_bodies(chain, kinds.DIGEST_OPENED)),
         "rounds": end.get("rounds", len(aggregated)),
         "status": end.get("status", "unfinished"), "error": end.get("error"), "restarts": len(_bodies(chain, RESUMED)),
@@ -181,7 +193,7 @@ def _add_replies(report: dict[str, Any], chain: Chain, label: str, verified: boo
     nodes = _node_institutions(chain)
     for _, entry in chain.entries:
         body = entry["body"]
-        if entry["kind"] == kinds.ROUND_OPENED and [label, _round(body)] not in report["rounds_axis"]:
+        if _opens_round(entry) and [label, _round(body)] not in report["rounds_axis"]:
             report["rounds_axis"].append([label, _round(body)])
         if entry["kind"] not in REPLIES:
             continue
@@ -293,9 +305,8 @@ def _add_release_log(report: dict[str, Any], log: Chain, chains: list[Chain], la
         statement = _statement(body)
         if owner := name or statement.get("institution_id"):
             _institution(report, str(owner))["releases_only_logged"] += 1
-            phase = "digest" if _payload_kind(statement) == DIGEST_PAYLOAD else SOFT_LABELS
             _add_release(_institution(report, str(owner)), label, round_, int(_number(statement.get("payload_bytes"))), statement,
-                         "late" if late else "abandoned" if dropped else "not in the ledger", phase)
+                         "late" if late else "abandoned" if dropped else "not in the ledger", _release_phase(statement))
     checked = [ledger["run"] for ledger in report["ledgers"] if path in ledger["release_logs"]]
     report["release_logs"].append({"path": path, "institution": name, **counts, "missing": missing, "all_in_ledger": not missing,
                                    "checked_against": checked})

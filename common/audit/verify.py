@@ -179,9 +179,10 @@ def verify_ledger(
 
 
 def _check_semantics(chain: Chain, keys: dict[str, str] | None) -> set[str]:
-    """Attestations of accepted replies, round order, and a closing entry."""
+    """Attestations of accepted replies (against the query of their round and its phase), round order, replies of
+    the run's method, and a closing entry."""
     run_ids = {e["body"].get("run_id") for _, e in chain.entries if e["kind"] == kinds.RUN_STARTED}
-    open_round, resumed_after = None, None
+    open_round, open_query, resumed_after, method = None, None, None, None
     for index, (number, entry) in enumerate(chain.entries):
         body, kind = entry["body"], entry["kind"]
         if kind == kinds.RUN_RESUMED:
@@ -191,12 +192,17 @@ def _check_semantics(chain: Chain, keys: dict[str, str] | None) -> set[str]:
             if isinstance(resumed_after, int) and body.get("round") != resumed_after + 1:
                 chain.problem(number, entry, "resume", f"the run resumed after round {resumed_after}, but opens round {body.get('round')}")
             resumed_after = None
+        if kind == kinds.RUN_STARTED:
+            method = body.get("method")
         if kind in (kinds.ROUND_OPENED, kinds.DIGEST_OPENED, kinds.EXCHANGE_OPENED):
-            open_round = body.get("round")
+            open_round, open_query = body.get("round"), body.get("query_sha256")
         elif kind in (kinds.REPLY_ACCEPTED, kinds.REPLY_REJECTED, kinds.AGGREGATED) and body.get("round") != open_round:
             chain.problem(number, entry, "round order", f"about round {body.get('round')}, but the open round is {open_round}")
+        if kind in (kinds.REPLY_ACCEPTED, kinds.REPLY_REJECTED) and (method == "fedavg") != (body.get("phase") == kinds.FEDAVG_PHASE):
+            chain.problem(number, entry, "phase", f"a reply of phase {body.get('phase')!r} in a run of method {method!r}: "
+                                                  f"a FedAvg run exchanges weights only, other runs never do")
         if kind == kinds.REPLY_ACCEPTED:
-            _check_accepted(chain, number, entry, keys, run_ids)
+            _check_accepted(chain, number, entry, keys, run_ids, open_query)
     if chain.entries and chain.entries[-1][1]["kind"] not in kinds.CLOSING:
         number, last = chain.entries[-1]
         chain.problem(number, last, "closing entry",
@@ -236,7 +242,10 @@ def abandoned_releases(chain: Chain) -> dict[str, int]:
     return found
 
 
-def _check_accepted(chain: Chain, number: int, entry: dict[str, Any], keys: dict[str, str] | None, run_ids: set[Any]) -> None:
+def _check_accepted(chain: Chain, number: int, entry: dict[str, Any], keys: dict[str, str] | None, run_ids: set[Any],
+                    open_query: Any = None) -> None:
+    """An accepted reply's attestation verifies, names this ledger's run, its round's query (one digest, or the node's
+    when each node got its own message), and states a payload of its phase: FedAvg weights in phase "fedavg" only."""
     body = entry["body"]
     attestation = _attestation(body)
     if keys is None:
@@ -251,6 +260,14 @@ def _check_accepted(chain: Chain, number: int, entry: dict[str, Any], keys: dict
         if fields["run_id"] not in run_ids:
             chain.problem(number, entry, "attestation",
                           f"made for run {fields['run_id']}, this ledger's runs are {sorted(run_ids)} (replayed)")
+        query = open_query.get(str(body.get("node_id"))) if isinstance(open_query, dict) else open_query
+        if isinstance(query, str) and query and fields["query_sha256"] != query:
+            chain.problem(number, entry, "attestation", f"signed for query {str(fields['query_sha256'])[:16]}..., the "
+                                                        f"round's query is {query[:16]}...")
+        payload = fields["payload"].get("kind") if isinstance(fields["payload"], dict) else None
+        if (payload == kinds.FEDAVG_PAYLOAD) != (body.get("phase") == kinds.FEDAVG_PHASE):
+            chain.problem(number, entry, "attestation", f"states a payload of kind {payload!r}, accepted in phase "
+                                                        f"{body.get('phase')!r}")
     except AuditError as error:
         chain.problem(number, entry, "attestation", str(error).removeprefix("attestation: "))
 

@@ -8,7 +8,7 @@ This package only re-exports them.
 """
 
 from common.messages.digest import DIGEST_TYPE, DigestInstruction, DigestReply
-from common.messages.fedavg import TrainInstruction, TrainReply
+from common.messages.fedavg import TrainInstruction, TrainReply, weights_digest
 from common.messages.records import ATTESTATION, attach_attestation, payload_description, read_attestation, record_digest, record_nbytes
 from common.messages.secagg import (
     SETUP_TYPE,
@@ -50,4 +50,5 @@ __all__ = [
     "record_digest",
     "record_nbytes",
     "validate_soft_labels",
+    "weights_digest",
 ]

@@ -9,7 +9,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.errors import MessageFormatError
-from common.messages.records import get_field, get_record
+from common.messages.records import get_field, get_record, record_digest
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,11 @@ class TrainReply:
         if num_examples < 1:
             raise MessageFormatError(f"metrics: {cls.weight_key} must be >= 1, got {num_examples}")
         return cls(weights=weights, num_examples=num_examples, train_loss=get_field(metrics, "metrics", "train-loss", float))
+
+
+def weights_digest(weights: ArrayRecord) -> str:
+    """sha256 of a set of weights, as a FedAvg reply's `arrays` record is digested (`record_digest`)."""
+    return record_digest(RecordDict({"arrays": weights}))[0]
 
 
 def _numeric(name: str, dtype: str) -> None:

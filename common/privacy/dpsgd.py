@@ -22,6 +22,14 @@ module reports (Opacus's q and the steps actually taken) is what Opacus's own ac
 and a sound bound on the mechanism. Note q is not batch_size / n but 1 / ceil(n / batch_size), which
 is at most batch_size / n (equal when batch_size divides n): Poisson batches average n / k records.
 
+Randomness: the Poisson sampling and the Gaussian noise each come from their own torch Generator whose
+whole Mersenne-Twister state (624 words) is filled from a SeedSequence; without a `seed` (as nodes run
+it) that SeedSequence draws 128 bits of OS entropy, so nobody can reproduce the noise. (torch's
+`manual_seed` would keep only 32 bits of any seed; Opacus's own `secure_mode=True` needs `torchcsprng`,
+which has no build for current torch.) The noise is drawn as Opacus's secure mode draws it: the sum of
+four Gaussians halved, which resists the floating-point attacks on Gaussian sampling (Holohan et al.
+2021, arXiv:2107.10138) at the cost of four normal draws per parameter per step instead of one.
+
 Opacus (and with it most of `torch.distributed`) is imported only inside the functions that train or
 validate under DP-SGD: a node without privacy never loads it (tests/unit/test_lazy_imports.py).
 """
@@ -51,7 +59,7 @@ MECHANISM = "dp-sgd"
 
 # Warnings Opacus (and torch, on Opacus's hooks) raise on every run that say nothing about this run.
 _KNOWN_WARNINGS = (
-    r"Secure RNG turned off",  # secure_mode=False: seeded, reproducible pseudo-randomness on purpose
+    r"Secure RNG turned off",  # secure_mode=False: we pass OS-seeded generators ourselves (module docstring)
     r"Full backward hook is firing when gradients are computed with respect to module outputs",
 )
 
@@ -98,13 +106,14 @@ def train_dpsgd(
     batch_size: int,
     noise_multiplier: float,
     max_grad_norm: float,
-    seed: int,
+    seed: int | None = None,
 ) -> tuple[float, dict[str, Any]]:
     """Train `model` in place with DP-SGD (Adam on the privatised gradients, cross-entropy loss).
 
     `images` are uint8 `(n, h, w)`, `labels` int `(n,)`. Afterwards the plain `model` holds the
     trained weights (its state_dict keys are unchanged). Returns the mean loss of the last epoch
-    and the privacy history entry of what was done.
+    and the privacy history entry of what was done. Sampling and noise come from 128 bits of OS
+    entropy, or, for tests only, from `seed` (reproducible: never pass a seed another party knows).
     """
     from opacus import PrivacyEngine  # here, not at the top: only the DP path loads Opacus
 
@@ -117,16 +126,16 @@ def train_dpsgd(
     event = planned_event(len(y), batch_size, epochs, noise_multiplier)
     require_dp_compatible(model)
     model, x = fixed_stage(model, x)  # fixed features (no weights, no privacy cost): DP-SGD trains the head
-    sampling_seed, noise_seed = (int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(2))
-    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size,
-                        generator=torch.Generator().manual_seed(sampling_seed))
+    sampling, noise = (_torch_generator(s) for s in np.random.SeedSequence(seed).spawn(2))  # seed None: OS entropy
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, generator=sampling)
     with _known_opacus_warnings_silenced():
         engine = PrivacyEngine(accountant="rdp", secure_mode=False)
         private_model, optimizer, private_loader = engine.make_private(
             module=model, optimizer=torch.optim.Adam(model.parameters(), lr=lr), data_loader=loader,
             noise_multiplier=float(noise_multiplier), max_grad_norm=float(max_grad_norm), poisson_sampling=True,
-            noise_generator=torch.Generator().manual_seed(noise_seed),
+            noise_generator=noise,
         )
+        optimizer.secure_mode = True  # Opacus's floating-point-safe noise (module docstring), from our generator
         try:
             loss, steps = _run_epochs(private_model, optimizer, private_loader, epochs)
         finally:
@@ -134,6 +143,29 @@ def train_dpsgd(
     actual = {**event, "sample_rate": 1 / len(private_loader), "steps": steps}
     _check_matches_accountant(actual, engine)
     return loss, actual
+
+
+_MT_WORDS = 624  # the Mersenne Twister's state: 624 32-bit words
+_MT_STATE_OFFSET = 24  # torch's CPU generator state: seed u64, left i32, seeded i32, next u64, then state u64[624]
+
+
+def _torch_generator(seed: np.random.SeedSequence) -> torch.Generator:
+    """A CPU torch Generator whose whole Mersenne-Twister state comes from `seed` (all its entropy kept).
+
+    torch's manual_seed keeps only the low 32 bits of a seed, so the state is written directly: the
+    layout is checked against a manual_seed'ed generator first, and any change of it is refused.
+    """
+    generator = torch.Generator().manual_seed(1)
+    state = generator.get_state().numpy().copy()  # (5056,) uint8, torch's legacy CPU generator state
+    words = state[_MT_STATE_OFFSET:_MT_STATE_OFFSET + 8 * _MT_WORDS].view("<u8")  # (624,) uint64 view
+    if state.size != 5056 or words[0] != 1 or words[1] != (1812433253 * (1 ^ (1 >> 30)) + 1) & 0xFFFFFFFF:
+        raise RuntimeError(
+            "dp-sgd: torch's CPU generator state no longer has the layout this module writes; update "
+            "_torch_generator before training under DP (the noise must come from the full 128-bit seed)"
+        )
+    words[:] = seed.generate_state(_MT_WORDS, np.uint32).astype(np.uint64)
+    generator.set_state(torch.from_numpy(state))
+    return generator
 
 
 def _run_epochs(

@@ -11,6 +11,8 @@ count goes down by 1 and another goes up by 1. Each histogram's L2 sensitivity i
 (L1 sensitivity 2). Adding N(0, sigma^2) to every count is the Gaussian mechanism with noise multiplier
 sigma / sqrt(2); releasing m histograms composes m such mechanisms, which gnmax_event records for the
 accountant (data-independent analysis). Clipping and normalisation are post-processing and cost nothing.
+The noise must be unpredictable to everyone else: draw it from `os_entropy_rng` (128 bits of OS entropy),
+never from a seed another party knows; tests pass seeded generators for determinism.
 
 The argument takes the partition as fixed, as PATE does: which shard every other record lies in must
 not depend on the one record. shard_indices draws the partition from (n, seed) alone, which holds for
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import secrets
 from typing import Any
 
 import numpy as np
@@ -74,6 +77,11 @@ def vote_histograms(predictions: np.ndarray, num_classes: int) -> npt.NDArray[np
     for teacher in predictions:  # one vote per teacher per sample, so no index repeats within a step
         votes[rows, teacher] += 1
     return votes
+
+
+def os_entropy_rng() -> np.random.Generator:
+    """A numpy Generator (PCG64) seeded with 128 bits from the operating system's CSPRNG (`secrets`)."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(secrets.randbits(128))))
 
 
 def noisy_votes(votes: np.ndarray, sigma: float, rng: np.random.Generator) -> npt.NDArray[np.float64]:

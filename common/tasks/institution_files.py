@@ -12,8 +12,9 @@ What `data-path` may hold (the format is detected, never configured):
 
 Images give an `ImageSet`, tables a `TabularSet`, texts a `TextSet`; a format of another task than the
 scenario's is refused. Every problem raises `DataError` naming it and its fix, and nothing is
-silently dropped. Messages name files, line numbers, counts and label ranges, never values read
-from a file: a client's errors travel to the server.
+silently dropped. Messages name files, line numbers, columns and counts, never values read from a
+file (no label, no class folder's name): a client's errors travel to the server, and the ClientApp
+(client/site.py) replaces the local paths in them by `data-path`, keeping the full text in the node's log.
 """
 
 from __future__ import annotations
@@ -195,8 +196,8 @@ def read_image_folders(folder: Path, space: LabelSpace) -> ImageSet:
         else:
             classes[index] = sub
     if unknown or outside:
-        problem = (f"class folders {_names(unknown)} are not classes of {space.dataset}" if unknown else
-                   f"class folders {_names(outside)} lie outside the label space [0, {space.num_classes})")
+        problem = (f"{len(unknown)} class folders are not classes of {space.dataset}" if unknown else
+                   f"{len(outside)} class folders lie outside the label space [0, {space.num_classes})")
         raise DataError(f"data-path {folder}: {problem}; name class folders by {space.describe()}")
     images, labels = [], []
     for index, sub in sorted(classes.items()):
@@ -304,9 +305,9 @@ def check_labels(labels: np.ndarray, space: LabelSpace, where: str) -> np.ndarra
     if outside.any():
         low, high = int(labels.min()), int(labels.max())
         hint = "; they look 1-based: subtract 1" if low >= 1 and high == space.num_classes else ""
-        raise DataError(
+        raise DataError(  # the count, never the labels found: they are values of the private file
             f"{where}: {int(outside.sum())} of {len(labels)} labels lie outside the label space [0, {space.num_classes}) of "
-            f"{space.dataset} (found labels from {low} to {high}){hint}; labels must be {space.describe()}"
+            f"{space.dataset}{hint}; labels must be {space.describe()}"
         )
     return labels
 
@@ -332,7 +333,7 @@ def _label_values(values: list[object], space: LabelSpace, where: str, line: Cal
         else:
             raise DataError(f"{where}: {line(i)} has a label of type {type(value).__name__}; labels must be {space.describe()}")
     if unknown:
-        raise DataError(f"{where}: labels {_names(unknown)} are not classes of {space.dataset}; "
+        raise DataError(f"{where}: {len(unknown)} distinct labels are not classes of {space.dataset}; "
                         f"labels must be {space.describe()}")
     return out
 

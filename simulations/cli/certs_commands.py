@@ -113,12 +113,15 @@ def _next_steps(out: Path, nodes: list[str]) -> None:
     ca = escape(str(out / CA_CERT))
     console.print(f"\n[bold]SuperLink[/] (its certificate also names {', '.join(LOOPBACK)}: "
                   "the ServerApp subprocess connects back over loopback):")
-    console.print(f"  flower-superlink --host 0.0.0.0 --ssl-ca-certfile {ca} --ssl-certfile {escape(str(out / SERVER_CERT))} "
+    console.print(f"  flower-superlink --host 127.0.0.1 --ssl-ca-certfile {ca} --ssl-certfile {escape(str(out / SERVER_CERT))} "
                   f"--ssl-keyfile {escape(str(out / SERVER_KEY))} --enable-supernode-auth")
+    console.print("  its one port also serves the Control API (no login): open only /v1/fleet/ to the institutions, "
+                  "through a reverse proxy (docs/deployment.md, \"Control API\")")
     console.print(f"[bold]flwr CLI[/]: in $FLWR_HOME/config.toml, {escape('[superlink.remote]')} address = \"{address}\", "
                   f"root-certificates = \"{escape(str(out.resolve() / CA_CERT))}\"")
     for name in nodes:
         key = escape(str(out / NODES / f"{name}.key"))
         console.print(f"[bold]{escape(name)}[/]: register, then start the node with a copy of ca.crt and its key:")
         console.print(f"  flwr supernode register {escape(str(out / NODES / f'{name}.pub'))} remote --name {escape(name)}")
-        console.print(f"  flower-supernode --superlink {address} --root-certificates {ca} --auth-supernode-private-key {key}")
+        console.print(f"  fedstill supernode --superlink {address} --root-certificates {ca} --auth-supernode-private-key {key} "
+                      "--approved-apps approved-apps.toml  # the app hashes it approves: fedstill app-hash APP")

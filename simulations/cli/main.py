@@ -6,7 +6,7 @@ import typer
 
 from simulations.cli.audit_commands import audit_app, keygen
 from simulations.cli.certs_commands import certs
-from simulations.cli.node_commands import supernode
+from simulations.cli.node_commands import app_hash, supernode
 from simulations.cli.run_commands import compare, privacy_sweep, scenarios, simulate
 from simulations.cli.site_commands import site_data
 from simulations.cli.student_commands import bench, evaluate, export
@@ -16,6 +16,7 @@ app.command()(keygen)
 app.command()(certs)
 app.command("site-data")(site_data)
 app.command()(supernode)
+app.command("app-hash")(app_hash)
 app.command()(export)
 app.command()(evaluate)
 app.command()(bench)

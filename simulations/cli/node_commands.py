@@ -1,9 +1,11 @@
-"""`fedstill supernode`: an institution checks its node's files and TLS connection, then starts its SuperNode."""
+"""`fedstill supernode`: an institution checks its node's files and TLS connection, then starts its SuperNode
+beside the runner that starts only approved apps; `fedstill app-hash`: the hash an institution approves."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from rich.markup import escape
 
 from common.errors import FedstillError
 from simulations.cli.console import console, fail
+from simulations.deploy.approved_apps import ApprovedApps, app_fab, fab_hash
 from simulations.deploy.node_check import check_auth_key, check_node_config, check_superlink, parse_node_config
 
 
@@ -21,6 +24,8 @@ def supernode(
     auth_key: Path = typer.Option(..., "--auth-supernode-private-key", help="This institution's node key (certs/nodes/NAME.key)."),
     node_config: str = typer.Option(
         "", "--node-config", help="institution-id=\"..\" signing-key=\"..\" data-path=\"..\" ... (see docs/deployment.md)."),
+    approved_apps: Path = typer.Option(
+        ..., "--approved-apps", help="The app bundles (FAB sha256) this institution lets run here; see `fedstill app-hash`."),
     port: int = typer.Option(9094, "--port", help="Local port of the node's ClientApp API (distinct per node on one host)."),
     max_retries: int = typer.Option(
         -1, "--max-retries", help="Give up after this many reconnection attempts (-1: Flower's default, retry forever)."),
@@ -29,21 +34,38 @@ def supernode(
     """Check this institution's files and its TLS connection to the SuperLink, then start its SuperNode."""
     try:
         check_auth_key(auth_key)
+        approved = ApprovedApps.load(approved_apps)
         config = parse_node_config(node_config)
         check_node_config(config)
         check_superlink(superlink, root_certificates)
     except FedstillError as error:
         fail(error)
     console.print(f"checks passed: {escape(superlink)} presents a certificate from {escape(str(root_certificates))}; "
-                  f"node key and node config ({', '.join(sorted(config)) or 'empty'}) readable")
+                  f"node key and node config ({', '.join(sorted(config)) or 'empty'}) readable; "
+                  f"{len(approved.sha256)} approved app bundle(s)")
     if check_only:
         return
     binary = Path(sys.executable).parent / "flower-supernode"
     command = [str(binary) if binary.exists() else (shutil.which("flower-supernode") or "flower-supernode"),
                "--superlink", superlink, "--root-certificates", str(root_certificates),
                "--auth-supernode-private-key", str(auth_key), "--node-config", node_config,
-               "--port", str(port)]
+               "--host", "127.0.0.1", "--port", str(port), "--isolation", "process"]
     if max_retries >= 0:
         command += ["--max-retries", str(max_retries)]
     sys.stdout.flush()
+    # The runner watches this PID, which stays the SuperNode's after exec; it stops when the node stops.
+    subprocess.Popen([sys.executable, "-m", "simulations.deploy.runner", "dispatch",  # noqa: S603
+                      "--runtime-api-address", f"127.0.0.1:{port}", "--approved-apps", str(approved_apps.resolve()),
+                      "--parent-pid", str(os.getpid())])
     os.execv(command[0], command)
+
+
+def app_hash(
+    app_dir: Path = typer.Argument(Path("."), help="An app folder (with its pyproject.toml), as given to `flwr run`."),
+) -> None:
+    """Print the app bundle hash (FAB sha256) that `flwr run APP_DIR` submits: the line an institution approves."""
+    try:
+        digest = fab_hash(app_fab(app_dir))
+    except (OSError, ValueError) as error:
+        fail(FedstillError(f"cannot build the app bundle of {app_dir}: {error}"))
+    console.print(digest, highlight=False)

@@ -5,11 +5,16 @@ This is the deployment of docs/deployment.md run on loopback, with every process
 stopped here: the deployment integration tests (tests/integration/test_deploy.py) and the deployment
 benchmark (scripts/bench_deploy.py) use it; there is no command that starts it.
 Each institution's SuperNode is started through `fedstill supernode`, which checks the node's files
-and its TLS connection first, exactly as an institution would start it.
+and its TLS connection first, exactly as an institution would start it, and runs only the app
+bundles on the institution's approved list: at start the federation takes a snapshot of the
+fedstill app (`app/`, so that edits to the checkout during a run change nothing) and every
+institution approves that snapshot's bundle hash. The SuperLink, whose one port also serves the
+Control API, listens on loopback only.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -18,12 +23,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common.audit.keys import Signer, private_key_path, write_allow_list, write_key_pair
 from common.errors import FedstillError
+from simulations.deploy.approved_apps import ApprovedApps, app_fab, fab_hash
 from simulations.deploy.certs import (
     CA_CERT,
     NODES,
@@ -40,6 +47,7 @@ from simulations.scenarios import to_toml
 
 FEDERATION = "deploy"
 ALLOW_LIST = "allow-list.toml"
+APPROVED_APPS = "approved-apps.toml"
 STARTUP_TIMEOUT_S = 60.0
 TERMINAL = ("finished",)
 
@@ -69,6 +77,7 @@ class LocalFederation:
     institutions: list[str]
     node_configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra node config per institution
     superlink_port: int = 0
+    app_hash: str = ""  # the FAB hash of the snapshot in app/, which every institution approves
     nodes: dict[str, Node] = field(default_factory=dict)
     superlink: subprocess.Popen | None = None
     started: list[subprocess.Popen] = field(default_factory=list)  # every process started here, to stop them all
@@ -77,6 +86,7 @@ class LocalFederation:
         self.work = Path(self.work).resolve()
         self.certs = self.work / "certs"
         self.home = self.work / "flwr-home"  # the coordinator's flwr CLI and SuperLink
+        self.app = self.work / "app"  # the snapshot of the fedstill app that runs are submitted from
 
     # --- setup -------------------------------------------------------------------------------------
 
@@ -96,6 +106,19 @@ class LocalFederation:
             write_key_pair(signer, folder / "keys", overwrite=True)
             public_keys[name] = signer.public
         write_allow_list(self.work / ALLOW_LIST, public_keys)
+
+    def snapshot_app(self) -> str:
+        """Copy the fedstill app's bundle into `app/` (what `flwr run` submits) and have every
+        institution approve its hash; returns the hash."""
+        if not (self.app / "pyproject.toml").is_file():
+            with zipfile.ZipFile(io.BytesIO(app_fab(PROJECT_DIR))) as bundle:
+                for name in bundle.namelist():
+                    if not name.startswith(".info/"):
+                        bundle.extract(name, self.app)
+        digest = fab_hash(app_fab(self.app))
+        for name in self.institutions:
+            ApprovedApps(frozenset({digest})).write(self.site(name) / APPROVED_APPS)
+        return digest
 
     def site(self, name: str) -> Path:
         return self.work / "sites" / name
@@ -130,6 +153,7 @@ class LocalFederation:
         self.work.mkdir(parents=True, exist_ok=True)
         if not (self.certs / CA_CERT).is_file():
             self.provision()
+        self.app_hash = self.snapshot_app()
         self.superlink_port = self.superlink_port or free_ports(1)[0]
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(
@@ -161,7 +185,7 @@ class LocalFederation:
             raise DeployError(f"registering {name}'s node key failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
 
     def start_node(self, name: str, *, auth_key: Path | None = None, ca: Path | None = None,
-                   extra: list[str] | None = None) -> Node:
+                   approved_apps: Path | None = None, extra: list[str] | None = None) -> Node:
         """Start (or restart) an institution's SuperNode through `fedstill supernode`."""
         running = self.nodes[name].process if name in self.nodes else None
         if running is not None and running.poll() is None:
@@ -170,12 +194,15 @@ class LocalFederation:
         (folder / "flwr-home").mkdir(parents=True, exist_ok=True)
         port = self.nodes[name].port if name in self.nodes else free_ports(1)[0]
         config = self.node_config(name)
+        if approved_apps is None and not (folder / APPROVED_APPS).is_file():  # a node the federation did not provision
+            ApprovedApps(frozenset({self.app_hash})).write(folder / APPROVED_APPS)
         command = [
             sys.executable, "-m", "simulations.cli.main", "supernode",
             "--superlink", f"127.0.0.1:{self.superlink_port}",
             "--root-certificates", str(ca or self.certs / CA_CERT),
             "--auth-supernode-private-key", str(auth_key or self.certs / NODES / f"{name}.key"),
             "--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in config.items()),
+            "--approved-apps", str(approved_apps or folder / APPROVED_APPS),
             "--port", str(port), *(extra or []),
         ]
         node = Node(name, folder, config, port)
@@ -216,14 +243,15 @@ class LocalFederation:
 
     # --- runs --------------------------------------------------------------------------------------
 
-    def submit(self, overrides: dict[str, Any]) -> str:
-        """`flwr run . deploy --run-config ...`; returns the run id."""
+    def submit(self, overrides: dict[str, Any], app: Path | None = None) -> str:
+        """`flwr run APP deploy --run-config ...` (APP: the fedstill snapshot unless given); returns the run id.
+        Only the fedstill app gets the federation's run-config keys."""
         with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as handle:
-            handle.write(to_toml({**self.run_config(), **overrides}))
+            handle.write(to_toml(overrides if app else {**self.run_config(), **overrides}))
             config_file = handle.name
         log = self.work / "flwr-run.log"
         try:
-            out = self.flwr("run", str(PROJECT_DIR), FEDERATION, "--run-config", config_file)
+            out = self.flwr("run", str(app or self.app), FEDERATION, "--run-config", config_file)
         finally:
             os.unlink(config_file)
         log.write_text(out.stdout + out.stderr, encoding="utf-8")
@@ -253,8 +281,8 @@ class LocalFederation:
             time.sleep(poll_s)
         raise DeployError(f"run {run_id} did not finish within {timeout_s:.0f} s")
 
-    def run(self, overrides: dict[str, Any], timeout_s: float = 900.0) -> tuple[str, str]:
-        run_id = self.submit(overrides)
+    def run(self, overrides: dict[str, Any], timeout_s: float = 900.0, app: Path | None = None) -> tuple[str, str]:
+        run_id = self.submit(overrides, app)
         return run_id, self.wait(run_id, timeout_s)
 
     def serverapp_pids(self) -> list[int]:

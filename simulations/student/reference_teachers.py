@@ -158,7 +158,8 @@ def reference_ensemble(student: RunStudent, *, retrain: bool = False,
     def probs_at(temperature: float) -> np.ndarray:
         answers = [softmax(t["logits"] / temperature) for t in teachers]
         counts = [t["class_counts"] for t in teachers] if rule in NEEDS_CLASS_COUNTS else None
-        params = AggregationParams(cfg.era_temperature, cfg.trim_fraction, cfg.selective_threshold, temperature)
+        params = AggregationParams(cfg.era_temperature, cfg.trim_fraction, cfg.selective_threshold, temperature,
+                                   cfg.weight_clip)
         return aggregate(rule, answers, [t["num_examples"] for t in teachers], counts, params).probs.astype(np.float64)
 
     return EnsembleLogits(probs_at, f"{source}, aggregated with the run's rule {rule!r}", details)

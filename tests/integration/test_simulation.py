@@ -58,6 +58,31 @@ def test_tiny_federation_runs_end_to_end(tmp_path: Path, home: Path) -> None:
     assert "OK" in verified.stdout and "3 release log(s) match the ledger" in verified.stdout
 
 
+def test_fedavg_weights_leave_signed_and_the_ledger_verifies_with_the_release_logs(tmp_path: Path, home: Path) -> None:
+    # Prepare
+    out = tmp_path / "runs"
+
+    # Execute
+    result = fedstill("simulate", "digits-tiny", "--set", 'method="fedavg"', "--set", f"output-dir={out}",
+                      "--set", 'run-name="fedavg"', home=home)
+
+    # Assert: every round's weights signed by each institution, checked and recorded, and the record verifies
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = out / "fedavg"
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "completed" and [r["clients_replied"] for r in results["rounds"]] == [3, 3]
+    entries = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+    accepted = [e["body"] for e in entries if e["kind"] == "reply-accepted"]
+    assert len(accepted) == 6 and all(b["phase"] == "fedavg" and b["attestation"] for b in accepted)
+    assert [e["body"]["rule"] for e in entries if e["kind"] == "aggregated"] == ["fedavg", "fedavg"]
+    logs = sorted(str(p) for p in (run / "sites").glob("*/release-log.jsonl"))
+    assert len(logs) == 3
+    verified = fedstill("audit", "verify", str(run / "ledger.jsonl"), "--coordinator-key", str(run / "coordinator.pub"),
+                        *[arg for log in logs for arg in ("--client-log", log)], home=home)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "OK" in verified.stdout and "3 release log(s) match the ledger" in verified.stdout
+
+
 def test_failed_run_exits_nonzero_with_reason(tmp_path: Path, home: Path) -> None:
     # Prepare: no node can answer within a millisecond, so round 1 misses its quorum
     out = tmp_path / "runs"

@@ -4,6 +4,7 @@ the teacher's `digest_round` (client/teacher.py) on a tiny digits site."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,7 @@ from client.client_app import check_public
 from client.site import Site
 from client.teacher import digest_round
 from common.config import RunConfig, default_run_config
-from common.errors import FingerprintMismatch, MessageFormatError
+from common.errors import FingerprintMismatch, MessageFormatError, PolicyViolation
 from common.losses import distillation_loss
 from common.messages import DigestInstruction, DigestReply
 from common.models.inputs import images_to_tensor
@@ -343,3 +344,16 @@ def test_revisit_epochs_train_on_the_private_data(site: Site, cfg: RunConfig) ->
     assert math.isnan(digest_loss)
     assert math.isfinite(revisit_loss) and revisit_loss > 0
     assert any(not torch.equal(value, before[name]) for name, value in teacher.state_dict().items())
+
+
+def test_digest_round_itself_refuses_a_revisit_under_privacy(site: Site, cfg: RunConfig) -> None:
+    # Prepare: the site policy is the first guard (client.enforce); the training function is the last
+    private_cfg = dataclasses.replace(cfg, privacy="dp-sgd")
+    teacher = build_model("cnn-small", 10, (8, 8), seed=0)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    ids = np.arange(8, dtype=np.int64)
+
+    # Execute / Assert
+    with pytest.raises(PolicyViolation, match=r"^site-policy: max-revisit-epochs = 0 \(always, under privacy \"dp-sgd\"\)"):
+        digest_round(teacher, private_cfg, site, received(site, ids, make_consensus(8), 1, 2), 0)
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # nothing trained

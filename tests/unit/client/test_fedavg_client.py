@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from client import client_app
 from client.fedavg import fedavg_train
 from client.site import Site
+from common.audit import kinds
+from common.audit.attestation import check_attestation
+from common.audit.keys import load_allow_list
 from common.config import RunConfig, default_run_config
 from common.errors import MessageFormatError
-from common.messages import TrainInstruction, TrainReply
+from common.messages import TrainInstruction, TrainReply, read_attestation, record_digest
 from common.models.registry import build_model
 from common.tasks.registry import load_split
 from common.tasks.samples import public_fingerprint
+from simulations.provision import provision_sites
+
+RUN_ID = 2**63 - 25  # Flower's run ids are 64-bit
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +149,35 @@ def test_non_numeric_weights_are_a_message_format_error(site: Site, cfg: RunConf
     # Execute / Assert
     with pytest.raises(MessageFormatError, match="fedavg: global weights"):
         train(content, cfg, site, server_round=1)
+
+
+def test_the_clientapp_signs_the_trained_weights_and_logs_the_release(tmp_path: Path, memory_grid: Any) -> None:
+    # Prepare: a simulated institution with its key, as `fedstill simulate` provisions it, and a FedAvg round-2 question
+    mapping = {**default_run_config(), "dataset": "digits", "public-size": 400, "method": "fedavg", "num-clients": 2, "min-clients": 2,
+               "student-model": "cnn-student", "local-epochs": 1, **provision_sites(tmp_path, 2)}
+    allow_list = load_allow_list(mapping["allow-list"])
+    context = Context(RUN_ID, 7, {"partition-id": 1, "num-partitions": 2}, RecordDict(), mapping)
+    grid = memory_grid(lambda message: client_app.fedavg(message, context), nodes=[7])
+    question = Message(TrainInstruction(ArrayRecord(global_weights()), server_round=2).to_record(), dst_node_id=7,
+                       message_type="train", group_id="2")
+
+    # Execute
+    [reply] = grid.send_and_receive([question])
+
+    # Assert: the attestation holds for this run, round, node, query and the exact bytes sent, and says weights leave
+    assert not reply.has_error(), reply.error.reason
+    content = reply.content
+    attestation = read_attestation(content)
+    assert attestation is not None
+    payload_sha256, payload_bytes = record_digest(content)
+    fields = check_attestation(attestation, allow_list, {
+        "run_id": str(RUN_ID), "round": 2, "node_id": "7", "institution_id": "institution-1",
+        "query_sha256": record_digest(question.content)[0], "payload_sha256": payload_sha256, "payload_bytes": payload_bytes,
+    }, "attestation")
+    assert fields["payload"]["kind"] == kinds.FEDAVG_PAYLOAD
+    assert set(fields["payload"]["arrays"]) == set(global_weights())
+    assert fields["data_categories"][0] == "model weights trained on private data (FedAvg baseline)"
+    assert TrainReply.from_record(content).num_examples > 0  # still the reply Flower's FedAvg reads
+    log = Path(mapping["sites-dir"]) / "institution-1" / "release-log.jsonl"
+    releases = [json.loads(line) for line in log.read_text().splitlines()][1:]
+    assert [r["body"]["attestation"] for r in releases] == [attestation.as_dict()]

@@ -4,6 +4,8 @@ FedAvg's replies through the same judge (server/fedavg.py `JudgedGrid`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,11 +14,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from common.audit.attestation import Attestation
 from common.errors import AuditError, MessageFormatError
 from common.messages import TrainReply
+from server.audit_trail import AuditTrail
 from server.exchange import Phase, ask, exchange
 from server.fedavg import JudgedGrid, MeasuredFedAvg
 from server.rounds import DIGEST, SOFT_LABELS
 from server.secure_rounds import secure_phase
 
+from audit_fixtures import FINGERPRINT, RUN_ID, run_config
 from grid import Answer, MemoryGrid
 
 MemoryGridOf = Callable[..., MemoryGrid]
@@ -86,15 +90,18 @@ def weights(value: float) -> ArrayRecord:
     return ArrayRecord({"w": Array(np.full((2, 2), value, dtype=np.float32))})
 
 
-def test_fedavg_replies_pass_the_same_judge_and_only_good_ones_are_averaged(memory_grid: MemoryGridOf) -> None:
-    # Prepare: nodes 1 and 2 train properly, 3 sends no weight key, 4 fails, 5 is silent
+def test_fedavg_replies_pass_the_same_judge_and_only_good_ones_are_averaged(memory_grid: MemoryGridOf, tmp_path: Path,
+                                                                          run_config_mapping: dict[str, Any]) -> None:
+    # Prepare: nodes 1 and 2 train properly, 3 sends no weight key, 4 fails, 5 is silent (a run without an allow-list:
+    # replies are logged, not signature-checked; tests/unit/server/test_fedavg.py checks signed ones)
     answers: dict[int, Answer] = {
         1: TrainReply(weights=weights(1.0), num_examples=10, train_loss=0.5).to_record(),
         2: TrainReply(weights=weights(4.0), num_examples=30, train_loss=0.25).to_record(),
         3: RecordDict({"arrays": weights(100.0), "metrics": MetricRecord({"loss": 0.1})}),
         4: Error(code=0, reason="RuntimeError: out of memory"),
     }
-    strategy = MeasuredFedAvg(round_offset=2, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=5,
+    trail = AuditTrail.open(run_config(run_config_mapping, ""), tmp_path / "run", RUN_ID)
+    strategy = MeasuredFedAvg(trail, FINGERPRINT, round_offset=2, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=5,
                               min_available_nodes=5)
     grid = JudgedGrid(memory_grid(lambda message: answers.get(message.metadata.dst_node_id), nodes=[1, 2, 3, 4, 5]),
                       strategy)

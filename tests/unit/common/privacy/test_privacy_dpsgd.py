@@ -40,6 +40,7 @@ class EngineSpy:
     expected_batch_sizes: list[int] = field(default_factory=list)
     step_grads: list[torch.Tensor] = field(default_factory=list)  # per step: (n_params,) noisy, scaled
     batch_sizes: list[int] = field(default_factory=list)  # per step: the Poisson batch's size
+    optimizers: list[Any] = field(default_factory=list)  # the DPOptimizers, as training left them
 
 
 @pytest.fixture
@@ -61,6 +62,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> EngineSpy:
         def make_private(self, **kwargs: Any):
             module, optimizer, loader = super().make_private(**kwargs)
             record.expected_batch_sizes.append(optimizer.expected_batch_size)
+            record.optimizers.append(optimizer)
             optimizer.original_optimizer.register_step_pre_hook(before_adam_step)
             return module, optimizer, loader
 
@@ -243,6 +245,45 @@ def test_train_dpsgd_is_reproducible_for_a_seed() -> None:
     assert results[0] == results[1]
     assert all(torch.equal(same[k], v) for k, v in models[1].state_dict().items())
     assert not all(torch.equal(same[k], v) for k, v in other.items())
+
+
+def test_without_a_seed_every_run_draws_fresh_noise() -> None:
+    # Prepare: what a node does (no seed): sampling and noise from OS entropy
+    images, labels = random_data(120)
+    models = [build_model("cnn-tiny", 10, (8, 8), seed=0) for _ in range(2)]
+
+    # Execute
+    for model in models:
+        train_dpsgd(model, images, labels, **{**dp_kwargs(), "seed": None})
+
+    # Assert: same data, same start, different noise (equal weights would take a 2^-128 collision)
+    first, second = models[0].state_dict(), models[1].state_dict()
+    assert not all(torch.equal(first[k], v) for k, v in second.items())
+
+
+def test_the_generators_keep_every_bit_of_the_seed() -> None:
+    # Prepare: torch's manual_seed would keep only the low 32 bits, making these two seeds one
+    from common.privacy.dpsgd import _torch_generator
+
+    low, high = 5, 5 + 2**100
+
+    # Execute
+    draws = [torch.randn(8, generator=_torch_generator(np.random.SeedSequence(seed))) for seed in (low, low, high)]
+
+    # Assert
+    assert torch.equal(draws[0], draws[1])
+    assert not torch.equal(draws[0], draws[2])
+
+
+def test_noise_is_drawn_in_opacus_secure_mode(spy: EngineSpy) -> None:
+    # Prepare
+    images, labels = random_data(64)
+
+    # Execute
+    train_dpsgd(build_model("mlp", 10, (8, 8), seed=0), images, labels, **dp_kwargs())
+
+    # Assert: the optimizer draws floating-point-safe noise (the sum of four Gaussians, halved)
+    assert spy.optimizers and all(optimizer.secure_mode for optimizer in spy.optimizers)
 
 
 @pytest.mark.parametrize(

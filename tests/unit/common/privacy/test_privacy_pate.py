@@ -202,3 +202,12 @@ def test_gnmax_event_rejects_bad_counts() -> None:
     # Execute / Assert
     with pytest.raises(ConfigError, match="queries must be an integer >= 1, got 0"):
         pate.gnmax_event(25.0, 0)
+
+
+def test_the_os_entropy_generator_is_fresh_each_time() -> None:
+    # Execute
+    draws = [pate.os_entropy_rng().integers(0, 2**63, size=4) for _ in range(2)]
+
+    # Assert: two generators from 128 bits of OS entropy each (equal draws: a 2^-252 chance)
+    assert isinstance(pate.os_entropy_rng(), np.random.Generator)
+    assert not np.array_equal(draws[0], draws[1])

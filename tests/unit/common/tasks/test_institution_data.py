@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -329,6 +330,12 @@ def _unknown_class(root: Path) -> Path:
     return folder
 
 
+def _class_folder(root: Path, name: str) -> Path:
+    folder = image_folders(root / "data", *sample_images(3))
+    (folder / name).mkdir()
+    return folder
+
+
 def _class_outside(root: Path) -> Path:
     folder = image_folders(root / "data", *sample_images(3))
     (folder / "10").mkdir()
@@ -404,13 +411,13 @@ IMAGE_ERRORS = [
     (_bad_magic, r"is not an idx file \(magic number 1234\)", r"export the file again"),
     (_truncated, r"holds \d+ bytes but its header \(3, 8, 8\) needs \d+: the file is truncated", r"export the file again"),
     (_bad_gzip, r"cannot read .*train-labels-idx1-ubyte.gz", r"export the file again"),
-    (_labels_outside, r"1 of 10 labels lie outside the label space \[0, 10\) of digits \(found labels from \d+ to 12\)",
+    (_labels_outside, r"1 of 10 labels lie outside the label space \[0, 10\) of digits; labels must",
      r"labels must be class indices 0..9"),
-    (_labels_one_based, r"1 of 10 labels lie outside .*\(found labels from 1 to 10\)", r"look 1-based: subtract 1"),
+    (_labels_one_based, r"1 of 10 labels lie outside .* of digits; they look 1-based", r"look 1-based: subtract 1"),
     (_wrong_idx_size, r"the images in train-images-idx3-ubyte are 28x28 pixels .* are 8x8", r"resize .* to 8x8"),
     (_wrong_png_size, r"image .*a.png is 32x32 pixels .*public set's images \(digits\) are 8x8", r"resize .* to 8x8"),
-    (_unknown_class, r"class folders 'cats' are not classes of digits", r"name class folders by class indices 0..9"),
-    (_class_outside, r"class folders '10' lie outside the label space \[0, 10\)", r"name class folders by"),
+    (_unknown_class, r"1 class folders are not classes of digits", r"name class folders by class indices 0..9"),
+    (_class_outside, r"1 class folders lie outside the label space \[0, 10\)", r"name class folders by"),
     (_same_class_twice, r"class folders '0' and 't-shirt-top' both name class 0", r"merge them"),
     (_empty_class, r"class folder '7' holds no images", r"add its images or remove it"),
     (_stray_file_in_class, r"class folder '2' holds 'notes.txt', which are not PNG or JPEG", r"remove them or convert"),
@@ -488,10 +495,10 @@ TABLE_ERRORS = [
     (_write("text-feature.csv", "city,label\nParis,0\n"), r"feature columns 'city' are not numeric", r"encode them"),
     (_write("float-label.csv", "x,label\n1,0\n2,1.5\n"), r"line 3 has a non-integer label", r"class indices 0..2 or label names"),
     (_write("missing-label.csv", "x,label\n1,0\n2,\n"), r"line 3 has no class label", r"every row needs one"),
-    (_write("unknown-name.csv", "x,label\n1,low\n2,giant\n"), r"labels 'giant' are not classes of credit",
+    (_write("unknown-name.csv", "x,label\n1,low\n2,giant\n"), r"1 distinct labels are not classes of credit",
      r"or label names: low, medium, high$"),
     (_write("outside.csv", "x,label\n1,0\n2,3\n"), r"1 of 2 labels lie outside the label space \[0, 3\)", r"labels must be"),
-    (_write("negative.csv", "x,label\n1,-1\n"), r"outside the label space \[0, 3\) of credit \(found labels from -1 to -1\)",
+    (_write("negative.csv", "x,label\n1,-1\n"), r"1 of 1 labels lie outside the label space \[0, 3\) of credit;",
      r"labels must be"),
     (_parquet_with_gaps, r"1 rows have missing or infinite values \(columns 'x'\)", r"fill or remove them"),
     (_write("broken.parquet", "not parquet"), r"cannot read .*broken.parquet as PARQUET", r"export it again"),
@@ -505,7 +512,7 @@ TEXT_ERRORS = [
     (_write("keys.jsonl", '{"text": "a", "label": 0}\n{"body": "b", "label": 1}\n'), r"line 2 is not an object with 'text' and 'label'",
      r'write \{"text": ..., "label": ...\}'),
     (_write("empty-text.jsonl", '{"text": " ", "label": 0}\n'), r"line 1 has an empty or non-string 'text'", r"needs its text"),
-    (_write("names.jsonl", '{"text": "a", "label": "weather"}\n'), r"labels 'weather' are not classes of news", r"sport, politics, tech"),
+    (_write("names.jsonl", '{"text": "a", "label": "weather"}\n'), r"1 distinct labels are not classes of news", r"sport, politics, tech"),
     (_write("float.jsonl", '{"text": "a", "label": 0.5}\n'), r"line 1 has a non-integer label", r"class indices 0..2"),
     (_write("list.jsonl", '{"text": "a", "label": [1]}\n'), r"line 1 has a label of type list", r"class indices 0..2"),
     (_write("blank.jsonl", "\n\n"), r"holds no lines", r"export this institution's texts"),
@@ -544,6 +551,10 @@ def test_no_message_carries_values_read_from_the_file(tmp_path: Path) -> None:
         (_write("a.csv", f"x,label\n{secret},0\n")(tmp_path), TABLE_SPACE),
         (_write("b.jsonl", f'{{"text": "{secret}", "label": 0.5}}\n')(tmp_path), TEXT_SPACE),
         (_write("c.jsonl", f'{{"text": "{secret}", "label": 0}}\n{{"text": "{secret}" label}}\n')(tmp_path), TEXT_SPACE),
+        (_write("d.csv", f"x,label\n1,0\n2,{secret}\n")(tmp_path), TABLE_SPACE),  # a label that is no class
+        (_write("e.jsonl", f'{{"text": "a", "label": "{secret}"}}\n')(tmp_path), TEXT_SPACE),
+        (_write("f.csv", "x,label\n1,0\n2,4711\n")(tmp_path), TABLE_SPACE),  # a label outside the label space
+        (_class_folder(tmp_path / "g", secret), IMAGE_SPACE),  # a class folder that names no class
     ]
 
     for path, space in cases:
@@ -552,7 +563,7 @@ def test_no_message_carries_values_read_from_the_file(tmp_path: Path) -> None:
             load_institution_data(path, space)
 
         # Assert
-        assert secret not in str(caught.value)
+        assert secret not in str(caught.value) and "4711" not in str(caught.value), str(caught.value)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -678,3 +689,40 @@ def test_label_space_mismatches_are_refused(tmp_path: Path, run_config_mapping: 
 def test_bad_node_config_is_a_config_error(run_config_mapping: dict[str, Any], node: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_site(digits_config(run_config_mapping), node, RecordDict())
+
+
+def test_a_data_error_reaches_the_server_without_the_local_path_and_the_node_logs_it(
+    tmp_path: Path, run_config_mapping: dict[str, Any], caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: labels outside the scenario's classes, in a folder whose path names the institution
+    cfg = digits_config(run_config_mapping)
+    images, labels = sample_images(10)
+    wrong = idx_folder(tmp_path / "st-mary-hospital" / "exports", images, np.r_[labels[:-1], 10])
+
+    # Execute
+    with caplog.at_level(logging.ERROR, logger="flwr"), pytest.raises(DataError) as caught:
+        load_site(cfg, {"data-path": str(wrong)}, RecordDict())
+
+    # Assert: the text the server reads names data-path and the count; the node's own log has the path
+    message = str(caught.value)
+    assert "st-mary-hospital" not in message and str(tmp_path) not in message, message
+    assert re.match(r"data-path: 1 of 10 labels lie outside the label space \[0, 10\) of digits; .*; this node's log names "
+                    r"the path$", message), message
+    assert_reaches_the_server_whole(message)
+    assert any(str(wrong) in record.getMessage() for record in caplog.records)
+
+
+def test_every_form_of_a_local_path_is_replaced_by_its_key() -> None:
+    # Prepare
+    paths = {"/srv/hospital/data": "data-path", "/srv/hospital/data/public": "public-dir", "/home/op": "~"}
+    error = DataError("data-path /srv/hospital/data/x.csv: line 3 has no class label; Fashion-MNIST folder "
+                      "/srv/hospital/data/public/fm does not exist; see /home/op/notes")
+
+    # Execute
+    kept = site_module.kept_local(error, paths)
+
+    # Assert
+    assert isinstance(kept, DataError)
+    assert str(kept) == ("data-path/x.csv: line 3 has no class label; Fashion-MNIST folder public-dir/fm does not exist; "
+                         "see ~/notes; this node's log names the path")
+    assert site_module.kept_local(DataError("no path here"), paths).args == ("no path here",)

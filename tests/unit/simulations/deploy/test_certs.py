@@ -436,11 +436,12 @@ def test_cli_writes_the_bundle_and_node_keys_and_prints_the_commands(tmp_path: P
         assert mode(path) == 0o600
     assert (out / "nodes" / "bank-b.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
     assert "superlink.example.org, localhost, 10.0.0.5, 127.0.0.1, ::1" in result.output
-    assert (f"flower-superlink --host 0.0.0.0 --ssl-ca-certfile {out}/ca.crt --ssl-certfile {out}/superlink.crt "
+    assert (f"flower-superlink --host 127.0.0.1 --ssl-ca-certfile {out}/ca.crt --ssl-certfile {out}/superlink.crt "
             f"--ssl-keyfile {out}/superlink.key --enable-supernode-auth") in result.output
     assert f"flwr supernode register {out}/nodes/bank-b.pub remote --name bank-b" in result.output
-    assert (f"flower-supernode --superlink superlink.example.org:8000 --root-certificates {out}/ca.crt "
-            f"--auth-supernode-private-key {out}/nodes/hospital-a.key") in result.output
+    assert "open only /v1/fleet/ to the institutions" in result.output
+    assert (f"fedstill supernode --superlink superlink.example.org:8000 --root-certificates {out}/ca.crt "
+            f"--auth-supernode-private-key {out}/nodes/hospital-a.key --approved-apps approved-apps.toml") in result.output
 
 
 def test_cli_adds_node_keys_beside_an_existing_ca(tmp_path: Path, runner: CliRunner) -> None:

@@ -1,0 +1,234 @@
+"""An institution's site policy (`site-policy.toml`): what its node releases and does, whatever a query asks.
+
+The policy is the institution's own file, read by its node; the coordinator never sets it. A node
+without a file keeps the defaults below, which answer an honest run as before, except that under a
+privacy mechanism nothing else leaves in the clear and a node with a budget answers only under a
+mechanism. Every refusal raises `PolicyViolation`, whose message starts with the policy line that
+refused (`site-policy: mechanisms = ["dp-sgd"] refuses privacy "none"; ...`) and travels to the
+coordinator, which records it in its ledger (check `site-policy`).
+
+    key                    default                       what
+    mechanisms             every one                     privacy values this node runs ("none", "dp-sgd", "pate")
+    max-epsilon, delta     node config / site.toml       the budget; the smaller of this and the node config's wins
+    counts                 exact; "rounded" under DP      how num-examples leaves: exact, rounded (up, to a
+                                                         multiple of count-multiple) or withheld (sent as 1)
+    count-multiple         100                           the rounding of `counts = "rounded"`
+    class-counts           true; false under DP          whether per-class counts may leave (always exact)
+    training-loss          true; false under DP          whether the loss on private batches leaves (else NaN)
+    digest                 true                          whether FedMD digest instructions are followed
+    max-digest-epochs      no limit                      most epochs of a digest step (public data)
+    max-revisit-epochs     no limit; 0 under DP          most epochs of a revisit (private data, no DP)
+    max-queries-per-round  no limit                      most soft-label queries answered per run and round
+    max-samples-per-query  no limit                      most public samples labelled per query
+    min-secagg-threshold   none (the protocol's 2)       the least secure-aggregation threshold accepted
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.errors import ConfigError, PolicyViolation
+
+POLICY_FILE = "site-policy.toml"
+MECHANISMS = ("none", "dp-sgd", "pate")
+COUNT_MODES = ("exact", "rounded", "withheld")
+WITHHELD_COUNT = 1  # what num-examples says when counts are withheld: the same for every institution
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """The typed site policy; field `foo_bar` is key `foo-bar`; None means the default of the module docstring."""
+
+    mechanisms: tuple[str, ...] | None = None
+    max_epsilon: float | None = None
+    delta: float | None = None
+    counts: str | None = None
+    count_multiple: int = 100
+    class_counts: bool | None = None
+    training_loss: bool | None = None
+    digest: bool = True
+    max_digest_epochs: int | None = None
+    max_revisit_epochs: int | None = None
+    max_queries_per_round: int | None = None
+    max_samples_per_query: int | None = None
+    min_secagg_threshold: int | None = None
+    written: frozenset[str] = field(default=frozenset(), compare=False)  # the keys the institution's file set
+
+    @classmethod
+    def from_toml(cls, text: str) -> SitePolicy:
+        """Parse the policy file's text; a ConfigError names every bad key, its value and the fix."""
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"site-policy: the policy file is not valid TOML ({error}); fix site-policy.toml, or remove it "
+                              "to keep the defaults") from None
+        return cls.from_mapping(raw)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> SitePolicy:
+        values: dict[str, Any] = {}
+        problems = [f"unknown key {key!r} (known: {', '.join(_PARSERS)})" for key in raw if key not in _PARSERS]
+        for key, value in raw.items():
+            if key in _PARSERS:
+                parsed, problem = _PARSERS[key](value)
+                if problem:
+                    problems.append(f"{key} {problem}, got {value!r}")
+                values[key.replace("-", "_")] = parsed
+        if values.get("mechanisms") == ("none",) and values.get("max_epsilon") is not None:
+            problems.append("mechanisms = [\"none\"] with a max-epsilon: a budget needs a mechanism that spends it")
+        if problems:
+            raise ConfigError("site-policy: " + "; ".join(problems) + "; fix site-policy.toml")
+        return cls(**values, written=frozenset(raw))
+
+    # --- what the node runs ----------------------------------------------------------------------------
+
+    def check_mechanism(self, privacy: str, budget: float | None) -> None:
+        """Refuse a mechanism the policy does not list, and any run without one on a node with a budget."""
+        if self.mechanisms is not None and privacy not in self.mechanisms:
+            raise PolicyViolation(f"{self.line('mechanisms')} refuses privacy {json.dumps(privacy)}; this "
+                                  f"institution answers only runs with privacy one of {list(self.mechanisms)}")
+        if privacy == "none" and budget is not None:
+            raise PolicyViolation(
+                f"site-policy: max-epsilon = {budget:g} refuses privacy \"none\": a node with a privacy budget answers "
+                "only under a mechanism that spends it; run with privacy = \"dp-sgd\" or \"pate\"")
+
+    def check_query(self, num_samples: int, answered: int, class_counts: bool, privacy: str) -> None:
+        """Refuse a soft-label query for more samples, more often or more counts than the policy allows
+        (`answered`: queries of this run and round this node already took)."""
+        if self.max_samples_per_query is not None and num_samples > self.max_samples_per_query:
+            raise PolicyViolation(f"{self.line('max-samples-per-query')} refuses a query for {num_samples} public "
+                                  "samples; ask for fewer samples per query")
+        if self.max_queries_per_round is not None and answered >= self.max_queries_per_round:
+            raise PolicyViolation(f"{self.line('max-queries-per-round')} refuses query {answered + 1} of this round; "
+                                  "ask once per round")
+        if class_counts and not self.allows_class_counts(privacy):
+            raise PolicyViolation(
+                f"{self.line('class-counts', False)} refuses per-class counts under privacy {json.dumps(privacy)}; "
+                "use an aggregation rule without class counts (mean, weighted), or the institution sets "
+                "class-counts = true to release them exactly")
+
+    def check_digest(self, privacy: str, digest_epochs: int, revisit_epochs: int) -> None:
+        """Refuse a FedMD digest the policy does not allow; under privacy, any revisit of the private data,
+        which would train outside the accounted mechanism."""
+        if not self.digest:
+            raise PolicyViolation(f"{self.line('digest')} refuses FedMD digest instructions; run without digest-epochs")
+        if self.max_digest_epochs is not None and digest_epochs > self.max_digest_epochs:
+            raise PolicyViolation(f"{self.line('max-digest-epochs')} refuses digest-epochs {digest_epochs}; "
+                                  "send fewer digest epochs")
+        if privacy != "none" and revisit_epochs > 0:
+            raise PolicyViolation(
+                f"site-policy: max-revisit-epochs = 0 (always, under privacy {json.dumps(privacy)}) refuses revisit-epochs "
+                f"{revisit_epochs}: a revisit trains on private data outside the accounted mechanism; send revisit-epochs 0")
+        if self.max_revisit_epochs is not None and revisit_epochs > self.max_revisit_epochs:
+            raise PolicyViolation(f"{self.line('max-revisit-epochs')} refuses revisit-epochs {revisit_epochs}; "
+                                  "send fewer revisit epochs")
+
+    def check_threshold(self, threshold: int) -> None:
+        """Refuse a secure-aggregation round whose threshold is below the policy's least."""
+        if self.min_secagg_threshold is not None and threshold < self.min_secagg_threshold:
+            raise PolicyViolation(f"{self.line('min-secagg-threshold')} refuses a secure-aggregation threshold of "
+                                  f"{threshold}; set secagg-threshold >= {self.min_secagg_threshold}")
+
+    # --- what a reply releases -------------------------------------------------------------------------
+
+    def count_mode(self, privacy: str) -> str:
+        if self.counts is not None:
+            return self.counts
+        return "exact" if privacy == "none" else "rounded"
+
+    def released_count(self, n: int, privacy: str) -> int:
+        """num-examples as it leaves: exact, rounded up to a multiple of count-multiple, or withheld."""
+        mode = self.count_mode(privacy)
+        if mode == "exact":
+            return n
+        if mode == "withheld":
+            return WITHHELD_COUNT
+        return max(1, math.ceil(n / self.count_multiple)) * self.count_multiple
+
+    def allows_class_counts(self, privacy: str) -> bool:
+        return self.class_counts if self.class_counts is not None else privacy == "none"
+
+    def sends_training_loss(self, privacy: str) -> bool:
+        return self.training_loss if self.training_loss is not None else privacy == "none"
+
+    def releases(self, privacy: str, *, class_counts: bool, teacher_accuracy: bool) -> dict[str, str]:
+        """Value by value, what a soft-label reply carries besides the mechanism's output (for the signed
+        privacy statement). With class counts, num-examples is their sum: exact."""
+        count = "exact" if class_counts else self.count_mode(privacy)
+        return {
+            "num-examples": {"exact": "exact", "withheld": f"withheld (sent as {WITHHELD_COUNT})",
+                             "rounded": f"rounded up to a multiple of {self.count_multiple}"}[count],
+            "class-counts": "exact" if class_counts else "withheld",
+            "train-loss": "exact" if self.sends_training_loss(privacy) else "withheld (sent as NaN)",
+            "teacher-accuracy": "on the public test set" if teacher_accuracy else "withheld (sent as -1)",
+            "teacher-params": "public (the model's size)", "teacher-rounds": "public (rounds answered)",
+        }
+
+    def line(self, key: str, default: object = None) -> str:
+        """`site-policy: key = value` as the file says it, or the default this node applied."""
+        value = getattr(self, key.replace("-", "_"))
+        if value is None:
+            value = default
+        suffix = "" if key in self.written else " (default)"
+        return f"site-policy: {key} = {_toml(value)}{suffix}"
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _mechanisms(value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, list) and value and all(v in MECHANISMS for v in value):
+        return tuple(value), None
+    return None, f"must be a non-empty list of {list(MECHANISMS)}"
+
+
+def _choice(options: tuple[str, ...]) -> Any:
+    def parse(value: Any) -> tuple[Any, str | None]:
+        return (value, None) if value in options else (None, f"must be one of {list(options)}")
+    return parse
+
+
+def _flag(value: Any) -> tuple[Any, str | None]:
+    return (value, None) if isinstance(value, bool) else (None, "must be true or false")
+
+
+def _at_least(least: int) -> Any:
+    def parse(value: Any) -> tuple[Any, str | None]:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= least:
+            return value, None
+        return None, f"must be an integer >= {least}"
+    return parse
+
+
+def _epsilon(value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf:
+        return float(value), None
+    return None, "must be a finite number > 0"
+
+
+def _delta(value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, float) and 0 < value < 1:
+        return value, None
+    return None, "must be a float in (0, 1)"
+
+
+_PARSERS: dict[str, Any] = {
+    "mechanisms": _mechanisms, "max-epsilon": _epsilon, "delta": _delta, "counts": _choice(COUNT_MODES),
+    "count-multiple": _at_least(1), "class-counts": _flag, "training-loss": _flag, "digest": _flag,
+    "max-digest-epochs": _at_least(0), "max-revisit-epochs": _at_least(0), "max-queries-per-round": _at_least(1),
+    "max-samples-per-query": _at_least(1), "min-secagg-threshold": _at_least(2),
+}
