@@ -43,8 +43,10 @@ def test_institutions_read_their_own_data_folders_and_a_corrupt_one_is_rejected(
     (row,) = results["rounds"]
     assert row["clients_replied"] == 2
     (reason,) = row["clients_rejected"].values()
-    assert reason.startswith(f"node error: {broken} holds ") and "the file is truncated or corrupt" in reason
-    assert reason.endswith("export the file again; `fedstill site-data --format idx` writes an example of the layout")
+    # the reason names the file under its node-config key, never the institution's local path
+    assert reason.startswith(f"node error: data-path/{broken.name} holds ") and "the file is truncated or corrupt" in reason
+    assert "export the file again; `fedstill site-data --format idx` writes an example of the layout" in reason
+    assert str(sites) not in reason and reason.endswith("this node's log names the path")
     assert sorted(results["audit"]["institutions"].values()) == ["institution-0", "institution-1"]
     # the ledger records the rejection with its reason
     entries = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
