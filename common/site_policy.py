@@ -232,3 +232,12 @@ _PARSERS: dict[str, Any] = {
     "max-digest-epochs": _at_least(0), "max-revisit-epochs": _at_least(0), "max-queries-per-round": _at_least(1),
     "max-samples-per-query": _at_least(1), "min-secagg-threshold": _at_least(2),
 }
+POLICY_KEYS: tuple[str, ...] = tuple(_PARSERS)
+
+
+def value_problem(key: str, value: Any) -> str | None:
+    """What is wrong with one key's value (`must be true or false, got 'yes'`), or None when it is valid."""
+    if key not in _PARSERS:
+        return f"unknown key {key!r} (known: {', '.join(_PARSERS)})"
+    problem = _PARSERS[key](value)[1]
+    return f"{problem}, got {value!r}" if problem else None

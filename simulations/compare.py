@@ -53,11 +53,13 @@ def run_comparison(
     with_baselines: bool,
     cpus_per_client: int,
     on_stage: Callable[[str, RunConfig | None], Callable[[dict], None] | None],
+    site: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run every method, FedAvg (when `fedavg_rounds` > 0) and the baselines; write the report.
 
     `on_stage(label, cfg)` is called as each stage starts (cfg None for the in-process baselines)
-    and may return a callback for that run's progress events."""
+    and may return a callback for that run's progress events; `site`: every simulated institution's settings
+    (simulations.provision)."""
     folder.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"scenario": None, "methods": {}, "baselines": {}}
     jobs = [(m.label, {**base, **m.overrides}) for m in methods]
@@ -69,7 +71,8 @@ def run_comparison(
             cfg = RunConfig.from_run_config({**default_run_config(), **overrides})
             results = finished_run(folder / label, cfg)
             if results is None:
-                outcome = launcher.simulate(cfg, overrides, cpus_per_client=cpus_per_client, on_event=on_stage(label, cfg))
+                outcome = launcher.simulate(cfg, overrides, cpus_per_client=cpus_per_client, on_event=on_stage(label, cfg),
+                                            site=site)
                 results = outcome.results
             entry = {"run_dir": str(folder / label), "rounds": results["rounds"], "final": results["final"]}
             summary["scenario"] = summary["scenario"] or results["scenario"]

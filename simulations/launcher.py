@@ -27,7 +27,7 @@ from typing import Any
 from common.config import RunConfig
 from common.errors import FedstillError
 from server.results.run_folder import PROGRESS, RESULTS, resolve_run_dir
-from simulations.provision import ALLOW_LIST, SITES, provision_sites
+from simulations.provision import ALLOW_LIST, SITES, check_class_counts, provision_sites
 from simulations.scenarios import to_toml
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -70,7 +70,8 @@ def simulate(
 ) -> Outcome:
     """Run one simulation to the end and return its results; raise RunFailed with the reason if it fails.
 
-    `site` holds every simulated institution's own settings (its `max-epsilon` and `delta`).
+    `site` holds every simulated institution's own settings (its budget, `max-epsilon` and `delta`, and its
+    site-policy keys; see simulations.provision).
     """
     run_dir = resolve_run_dir(cfg)
     earlier = _earlier_status(run_dir)
@@ -84,13 +85,14 @@ def simulate(
     if cfg.resume and not cfg.allow_list and not cfg.sites_dir and provisioned.is_file():
         if site:
             raise RunFailed("a resumed run keeps its institutions' settings: they are in "
-                            f"{run_dir / SITES}/*/site.toml; drop --site")
+                            f"{run_dir / SITES}/*/site.toml and site-policy.toml; drop --site")
         overrides = {**overrides, "allow-list": str(provisioned), "sites-dir": str(run_dir / SITES)}  # same keys
     elif not cfg.allow_list and not cfg.sites_dir:
+        check_class_counts(cfg, site)
         overrides = {**overrides, **provision_sites(run_dir, cfg.num_clients, site)}
     elif site:
-        raise RunFailed("site settings (a privacy budget) go into provisioned sites; with allow-list or sites-dir "
-                        "set, write them into each institution's site.toml yourself")
+        raise RunFailed("site settings (a privacy budget, a site policy) go into provisioned sites; with allow-list or "
+                        "sites-dir set, write them into each institution's site.toml and site-policy.toml yourself")
     home = flwr_home() / "runs" / f"{run_dir.name}-{os.getpid()}"
     home.mkdir(parents=True, exist_ok=True)
     http_port, control_port = free_ports(2)

@@ -1,8 +1,8 @@
 """`fedstill privacy-sweep`: the student's accuracy against each institution's privacy budget epsilon.
 
 One run without privacy, then one per budget: every simulated institution gets `max-epsilon` = that
-budget (in its own site.toml) and the mechanism calibrates its noise to spend exactly that budget
-over the run (dp-noise-multiplier = 0, pate-sigma = 0). Runs already completed in the sweep folder
+budget (in its own site.toml; `--site` adds site-policy keys to every run) and the mechanism calibrates
+its noise to spend exactly that budget over the run (dp-noise-multiplier = 0, pate-sigma = 0). Runs already completed in the sweep folder
 are reused, so an interrupted sweep goes on where it stopped.
 """
 
@@ -35,16 +35,17 @@ def parse_epsilons(text: str) -> list[float]:
 
 def run_sweep(
     base: dict[str, Any], folder: Path, mechanism: str, epsilons: list[float], *, delta: float, cpus_per_client: int,
-    on_stage: Callable[[str, RunConfig], Callable[[dict], None] | None],
+    on_stage: Callable[[str, RunConfig], Callable[[dict], None] | None], site: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the non-private reference and one run per budget; write results.json, sweep.md and the plot."""
+    """Run the non-private reference and one run per budget; write results.json, sweep.md and the plot.
+    `site`: every simulated institution's site-policy keys (simulations.provision), in every run."""
     if mechanism not in PRIVACY or mechanism == "none":
         raise ConfigError(f"--mechanism must be one of {[p for p in PRIVACY if p != 'none']}, got {mechanism!r}")
     folder.mkdir(parents=True, exist_ok=True)
-    jobs: list[tuple[str, dict[str, Any], dict[str, Any] | None, float | None]] = [("none", {"privacy": "none"}, None, None)]
+    jobs: list[tuple[str, dict[str, Any], dict[str, Any] | None, float | None]] = [("none", {"privacy": "none"}, site, None)]
     for eps in epsilons:
         calibrate = {"dp-noise-multiplier": 0.0} if mechanism == "dp-sgd" else {"pate-sigma": 0.0}
-        jobs.append((f"eps-{eps:g}", {"privacy": mechanism, **calibrate}, {"max-epsilon": eps, "delta": delta}, eps))
+        jobs.append((f"eps-{eps:g}", {"privacy": mechanism, **calibrate}, {**(site or {}), "max-epsilon": eps, "delta": delta}, eps))
     summary: dict[str, Any] = {"mechanism": mechanism, "delta": delta, "scenario": None, "points": []}
     for label, extra, site, budget in jobs:
         overrides = {**base, **extra, "output-dir": str(folder), "run-name": label}

@@ -1,39 +1,110 @@
-"""Identities for a simulated federation: what each institution and the coordinator would set up themselves.
+"""Identities and settings for a simulated federation: what each institution and the coordinator would set up themselves.
 
 In a real federation each institution runs `fedstill keygen` and sends its public key to the
 coordinator, who lists it in the allow-list. A simulation does the same on one machine: one key pair
-per simulated institution in `<run folder>/sites/institution-<i>/` (with the institution's own
-`site.toml`: its privacy budget), and `<run folder>/allow-list.toml`.
+per simulated institution in `<run folder>/sites/institution-<i>/`, with the institution's own
+`site.toml` (its privacy budget: max-epsilon, delta) and `site-policy.toml` (every other site-policy
+key: what its node releases), and `<run folder>/allow-list.toml`.
+
+`site` (from `--site`) is {key: value, "institutions": {name: {key: value}}}: settings of every
+institution, and of one by name; one institution's own value wins.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from client.release import SITE_CONFIG, simulated_institution, site_folder
+from common.aggregation import NEEDS_CLASS_COUNTS
 from common.audit.keys import Signer, write_allow_list, write_key_pair
+from common.errors import ConfigError
+from common.site_policy import POLICY_FILE, SitePolicy
 from simulations.scenarios import to_toml
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
 
 SITES = "sites"
 ALLOW_LIST = "allow-list.toml"
+BUDGET = ("max-epsilon", "delta")  # into site.toml; every other key goes into site-policy.toml
 
 
 def provision_sites(run_dir: Path, num_clients: int, site: dict[str, Any] | None = None) -> dict[str, Any]:
     """Make keys and the allow-list for `num_clients` simulated institutions, and write each one's own
-    settings (`site`: its privacy budget, `max-epsilon` and `delta`, with per-institution values under
-    `site["institutions"][name]`) into its `site.toml`; return the run-config overrides."""
+    settings (`site`) into its `site.toml` and `site-policy.toml`; return the run-config overrides.
+    Every institution's settings are checked before anything is written."""
+    settings = site_settings(site, num_clients)
     sites = Path(run_dir) / SITES
     institutions = {}
     for partition_id in range(num_clients):
         signer = Signer.generate(simulated_institution(partition_id))
         folder = site_folder(sites, partition_id)
         write_key_pair(signer, folder, overwrite=True)
-        own = {k: v for k, v in (site or {}).items() if k != "institutions"}
-        own.update((site or {}).get("institutions", {}).get(signer.name, {}))
-        if own:
-            (folder / SITE_CONFIG).write_text(to_toml(own), encoding="utf-8")
+        own = settings[signer.name]
+        for name, keys in ((SITE_CONFIG, [k for k in own if k in BUDGET]), (POLICY_FILE, [k for k in own if k not in BUDGET])):
+            (folder / name).unlink(missing_ok=True)  # a rerun into the same folder keeps no stale settings
+            if keys:
+                (folder / name).write_text(to_toml({k: own[k] for k in keys}), encoding="utf-8")
         institutions[signer.name] = signer.public
     allow_list = Path(run_dir) / ALLOW_LIST
     write_allow_list(allow_list, institutions)
     return {"allow-list": str(allow_list), "sites-dir": str(sites)}
+
+
+def site_settings(site: dict[str, Any] | None, num_clients: int) -> dict[str, dict[str, Any]]:
+    """Every simulated institution's settings by name, checked (see institution_settings)."""
+    return {name: institution_settings(site, name, num_clients) for name in _names(num_clients)}
+
+
+def institution_settings(site: dict[str, Any] | None, name: str, num_clients: int) -> dict[str, Any]:
+    """One institution's settings: every institution's, then its own; a ConfigError names a bad key or an
+    institution this run does not have."""
+    unknown = sorted(set((site or {}).get("institutions", {})) - set(_names(num_clients)))
+    if unknown:
+        raise ConfigError(f"--site {unknown[0]}.…: this run has no institution {unknown[0]!r} (it has institution-0 to "
+                          f"institution-{num_clients - 1}); fix the name or num-clients")
+    own = {k: v for k, v in (site or {}).items() if k != "institutions"}
+    own.update((site or {}).get("institutions", {}).get(name, {}))
+    try:
+        SitePolicy.from_mapping(own)
+    except ConfigError as error:
+        raise ConfigError(f"--site for {name}: {str(error).removeprefix('site-policy: ').removesuffix('; fix site-policy.toml')}"
+                          "; fix --site") from None
+    return own
+
+
+def check_class_counts(cfg: RunConfig, site: dict[str, Any] | None, *, privacy: str | None = None,
+                       sites_dir: Path | None = None) -> None:
+    """Refuse, before the run starts, a rule that needs per-class counts under a privacy mechanism when fewer
+    than min-clients simulated institutions' policies release them (the run would end in a QuorumError).
+    `privacy`: the run's mechanism when it is not cfg's (a privacy sweep); `sites_dir`: the institutions'
+    folders when they exist already (cfg's sites-dir, or a resumed run's), else `site` says what will be written."""
+    privacy = privacy or cfg.privacy
+    if cfg.method == "fedavg" or cfg.aggregation not in NEEDS_CLASS_COUNTS or privacy == "none":
+        return
+    policies = {name: _policy(cfg, site, name, sites_dir) for name in _names(cfg.num_clients)}
+    refusing = [name for name, policy in policies.items() if not policy.allows_class_counts(privacy)]
+    if len(policies) - len(refusing) >= cfg.min_clients:
+        return
+    raise ConfigError(
+        f"aggregation {json.dumps(cfg.aggregation)} needs per-class counts, which the site policy of "
+        f"{', '.join(refusing)} refuses under privacy {json.dumps(privacy)} (class-counts = false under privacy, "
+        "unless the policy says otherwise): add --site class-counts=true (the counts then leave exact, outside the "
+        "accounted mechanism, and each signed privacy statement lists them as released), or use aggregation "
+        "\"mean\" or \"weighted\"")
+
+
+def _policy(cfg: RunConfig, site: dict[str, Any] | None, name: str, sites_dir: Path | None) -> SitePolicy:
+    """The policy this institution's node will read: its file in the sites folder, or the one `site` provisions."""
+    folder = Path(cfg.sites_dir) if cfg.sites_dir else sites_dir
+    if folder is not None:
+        path = folder / name / POLICY_FILE
+        return SitePolicy.from_toml(path.read_text(encoding="utf-8")) if path.is_file() else SitePolicy()
+    own = institution_settings(site, name, cfg.num_clients)
+    return SitePolicy.from_mapping({k: v for k, v in own.items() if k not in BUDGET})
+
+
+def _names(num_clients: int) -> list[str]:
+    return [simulated_institution(i) for i in range(num_clients)]

@@ -69,14 +69,15 @@ def resolve(scenario: str | None, sets: list[str], cwd: Path) -> tuple[dict[str,
 
 
 def to_toml(values: dict[str, Any]) -> str:
-    """Flat key = value TOML for scalars (what run configs hold)."""
-    lines = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, (int, float)):
-            text = repr(value)
-        else:
-            text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-        lines.append(f"{key} = {text}")
-    return "\n".join(lines) + "\n"
+    """Flat key = value TOML for scalars and lists of scalars (what run configs and site policies hold)."""
+    return "\n".join(f"{key} = {_toml_value(value)}" for key, value in values.items()) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -7,6 +7,7 @@ always have; the other commands keep each path and finding on one line.
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
     from common.config import RunConfig
 
 OnEvent = Callable[[dict[str, Any]], None]
+SITE_HELP = ("Every simulated institution's own setting: --site max-epsilon=4 --site delta=1e-5 (its budget, into "
+             "site.toml), any site-policy key, --site class-counts=true --site counts=exact (into site-policy.toml); "
+             "for one institution: --site institution-2.class-counts=true (repeatable).")
 
 
 def simulate(
@@ -29,15 +33,16 @@ def simulate(
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a run-config key: --set num-server-rounds=3 (repeatable)."),
     cpus_per_client: int = typer.Option(1, min=1, help="CPUs Ray reserves per simulated client."),
     timeout: float = typer.Option(0, help="Stop the run after this many seconds (0: no limit)."),
-    site: list[str] = typer.Option([], "--site", help="Every simulated institution's own setting, into its site.toml: "
-                                   "--site max-epsilon=4 --site delta=1e-5 (repeatable)."),
+    site: list[str] = typer.Option([], "--site", help=SITE_HELP),
 ) -> None:
     """Run a scenario on Flower's simulation engine and print its results."""
     from simulations import launcher
     from simulations.scenarios import resolve
 
     try:
+        settings = parse_site(site)
         overrides, cfg = resolve(scenario, set_, Path.cwd())
+        preflight_sites(cfg, settings)
         preflight(cfg)
         console.print(f"[bold]fedstill[/] {cfg.scenario}: {cfg.num_clients} clients, {cfg.partitioner}, "
                       f"{cfg.num_server_rounds} rounds -> {launcher.resolve_run_dir(cfg)}", soft_wrap=False)
@@ -46,7 +51,7 @@ def simulate(
             outcome = launcher.simulate(
                 cfg, overrides, cpus_per_client=cpus_per_client,
                 on_event=lambda event: _show(progress, task, event), timeout_s=timeout or None,
-                site=parse_site(site),
+                site=settings,
             )
     except FedstillError as error:
         fail(error)
@@ -61,17 +66,26 @@ def compare(
     fedavg_rounds: int = typer.Option(20, help="Rounds of the FedAvg baseline (0: skip it)."),
     baselines: bool = typer.Option(True, help="Also train the local-only and centralised baselines."),
     cpus_per_client: int = typer.Option(1, min=1, help="CPUs Ray reserves per simulated client."),
+    site: list[str] = typer.Option([], "--site", help=SITE_HELP),
 ) -> None:
     """Compare aggregation rules and variants with FedAvg, local-only and centralised baselines."""
+    from common.config import RunConfig, default_run_config
     from simulations.compare import TABLE, parse_methods, run_comparison
     from simulations.scenarios import resolve
 
     try:
+        settings = parse_site(site)
         overrides, cfg = resolve(scenario, set_, Path.cwd())
-        preflight(cfg)
         methods = parse_methods(rules or ([] if method else ["mean"]), method)
         folder = Path(cfg.output_dir) / f"compare-{cfg.run_name}"
         base = {k: v for k, v in overrides.items() if k not in ("run-name", "output-dir")}
+        for variant in methods:  # each method's own privacy and rule
+            try:
+                variant_cfg = RunConfig.from_run_config({**default_run_config(), **base, **variant.overrides})
+            except ConfigError:
+                continue  # reported in that method's row
+            preflight_sites(variant_cfg, settings)
+        preflight(cfg)
         console.print(f"[bold]fedstill compare[/] {cfg.scenario}: {', '.join(m.label for m in methods)}"
                       f"{', fedavg' if fedavg_rounds else ''} -> {folder}", soft_wrap=False)
         with _progress() as progress:
@@ -85,7 +99,7 @@ def compare(
                 return lambda event: _show(progress, task, event, label)
 
             summary = run_comparison(base, folder, methods, fedavg_rounds=fedavg_rounds, with_baselines=baselines,
-                                     cpus_per_client=cpus_per_client, on_stage=on_stage)
+                                     cpus_per_client=cpus_per_client, on_stage=on_stage, site=settings)
             if stages:
                 _end(progress, stages[-1])
     except FedstillError as error:
@@ -104,13 +118,17 @@ def privacy_sweep(
     delta: float = typer.Option(1e-5, help="Each institution's delta."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a run-config key for every run (repeatable)."),
     cpus_per_client: int = typer.Option(1, min=1, help="CPUs Ray reserves per simulated client."),
+    site: list[str] = typer.Option([], "--site", help="Every simulated institution's site-policy key, as for simulate: "
+                                   "--site class-counts=true (repeatable); the sweep sets max-epsilon and delta itself."),
 ) -> None:
     """Student accuracy against each institution's privacy budget, with a non-private reference."""
     from simulations.privacy_sweep import TABLE, parse_epsilons, run_sweep
     from simulations.scenarios import resolve
 
     try:
+        settings = parse_site(site, budget=False)
         overrides, cfg = resolve(scenario, set_, Path.cwd())
+        preflight_sites(cfg, settings, privacy=mechanism)
         preflight(cfg)
         budgets = parse_epsilons(epsilons)
         if not 0 < delta < 1:
@@ -129,7 +147,7 @@ def privacy_sweep(
                 return lambda event: _show(progress, stages[-1], event, label)
 
             summary = run_sweep(base, folder, mechanism, budgets, delta=delta, cpus_per_client=cpus_per_client,
-                                on_stage=on_stage)
+                                on_stage=on_stage, site=settings)
             if stages:
                 _end(progress, stages[-1])
     except FedstillError as error:
@@ -148,25 +166,46 @@ def scenarios() -> None:
         console.print(name, soft_wrap=False)
 
 
-SITE_KEYS = {"max-epsilon": float, "delta": float}
+def parse_site(items: list[str], *, budget: bool = True) -> dict[str, Any] | None:
+    """`--site key=value` settings of every simulated institution, or of one: `--site institution-2.class-counts=true`.
+    Keys are the budget (max-epsilon, delta; only with `budget`) and every site-policy key; values are TOML
+    (`true`, `100`, `"exact"`), a bare word is a string, and `mechanisms` takes `dp-sgd,pate`.
+    Returns {key: value, "institutions": {name: {key: value}}}; a bad key or value raises a ConfigError naming it."""
+    from common.site_policy import POLICY_KEYS, value_problem
+    from simulations.provision import BUDGET
 
-
-def parse_site(items: list[str]) -> dict[str, Any] | None:
-    """`--site key=value` settings of every simulated institution (its privacy budget), or of one:
-    `--site institution-2.max-epsilon=1`. Returns {key: value, "institutions": {name: {key: value}}}."""
     settings: dict[str, Any] = {}
     for item in items:
-        target, _, value = item.partition("=")
+        target, sep, text = item.partition("=")
         name, _, key = target.strip().rpartition(".")
-        if key not in SITE_KEYS:
-            raise ConfigError(f"--site {item!r}: known institution settings are {sorted(SITE_KEYS)}, "
-                              f"optionally for one institution: institution-<i>.max-epsilon=...")
-        try:
-            number = SITE_KEYS[key](value)
-        except ValueError:
-            raise ConfigError(f"--site {item!r}: {key} must be a number") from None
-        (settings.setdefault("institutions", {}).setdefault(name, {}) if name else settings)[key] = number
+        if not sep or key not in POLICY_KEYS:
+            raise ConfigError(f"--site {item!r}: known institution settings are {', '.join(POLICY_KEYS)} (key=value), "
+                              "optionally for one institution: institution-<i>.class-counts=true")
+        if key in BUDGET and not budget:
+            raise ConfigError(f"--site {item!r}: a privacy sweep sets each run's {key} itself; use --epsilons and --delta")
+        value = _site_value(key, text.strip())
+        problem = value_problem(key, value)
+        if problem:
+            raise ConfigError(f"--site {item!r}: {key} {problem}; fix the value")
+        (settings.setdefault("institutions", {}).setdefault(name, {}) if name else settings)[key] = value
     return settings or None
+
+
+def _site_value(key: str, text: str) -> Any:
+    from simulations.provision import BUDGET
+
+    if key in BUDGET:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--site {key}={text}: {key} must be a number") from None
+    try:
+        value = tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word: counts=exact
+    if key == "mechanisms" and isinstance(value, str):
+        value = [part.strip() for part in value.split(",")]
+    return value
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -176,6 +215,19 @@ def preflight(cfg: RunConfig) -> None:
 
     split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size, max_seq_len=cfg.max_seq_len)
     partition_rows(split, cfg, 0)
+
+
+def preflight_sites(cfg: RunConfig, site: dict[str, Any] | None, *, privacy: str | None = None) -> None:
+    """Fail before starting Flower when `--site` names a bad setting or institution, or when the institutions'
+    policies refuse what the run's rule needs (under
+    `privacy`, when it is not cfg's): the policies a resumed run's institutions already have, else `site`'s."""
+    from server.results.run_folder import resolve_run_dir
+    from simulations.provision import ALLOW_LIST, SITES, check_class_counts, site_settings
+
+    site_settings(site, cfg.num_clients)
+    run_dir = resolve_run_dir(cfg)
+    resumed = run_dir / SITES if cfg.resume and (run_dir / ALLOW_LIST).is_file() else None
+    check_class_counts(cfg, site, privacy=privacy, sites_dir=resumed)
 
 
 def _progress() -> Progress:

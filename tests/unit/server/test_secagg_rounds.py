@@ -7,6 +7,7 @@ Also here: the institution's node state (client/secure.py) and the run-config ru
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -390,6 +391,34 @@ def test_the_ledger_records_every_phase_and_verifies(run_dir: Path, run_config_m
     assert round_opened["nodes"] == [str(n) for n in NODES]
     result = verify_ledger(run_dir / LEDGER)
     assert result.problems == [], "\n".join(map(str, result.problems))
+
+
+def test_a_masked_reply_carrying_a_weight_of_2_to_the_52_gets_the_opened_sum_refused(
+        run_dir: Path, run_config_mapping: dict[str, Any]) -> None:
+    # Prepare: the liar knows its own masks, so it adds [2^52 p, 2^52] - [w p, w] (fixed point, mod 2^64) to its
+    # honest masked vector; 2^52 * 2^24 wraps in the 64-bit field, so the opened rows are garbage
+    cfg = secure_config(run_config_mapping, aggregation="weighted")
+    trail = open_trail(cfg, run_dir)
+    liar, lie = NODES[2], 2**52
+    honest = np.concatenate([WEIGHTS[liar] * PROBS[liar].astype(np.float64).reshape(-1), [WEIGHTS[liar]]])
+    lying = [int(lie * float(p)) * (1 << 24) % 2**64 for p in PROBS[liar].reshape(-1)] + [lie * (1 << 24) % 2**64]
+    delta = np.asarray(lying, dtype=np.uint64) - quantise(honest)  # uint64 arithmetic wraps mod 2^64
+
+    def inflate(node: int, kind: str, content: RecordDict) -> RecordDict:
+        if node != liar or kind != SOFT_LABELS_TYPE:
+            return content
+        reply = MaskedReply.from_record(content, 1, FINGERPRINT, SAMPLES * CLASSES + 1)
+        return dataclasses.replace(reply, masked=reply.masked + delta).to_record()
+
+    # Execute
+    with pytest.raises(QuorumError, match="refused the opened sum"):
+        secure_soft_labels(Institutions(tamper=inflate), cfg, trail, make_query(), NODES)
+
+    # Assert: the round refused as a whole (no institution can be singled out) and recorded
+    [refused] = [e["body"] for e in trail.ledger.entries() if e["kind"] == kinds.SUM_REFUSED]
+    assert refused["round"] == 1 and refused["check"] == "weight-range"
+    assert "not rows on the simplex" in refused["reason"]
+    assert not [e for e in trail.ledger.entries() if e["kind"] == kinds.AGGREGATED]
 
 
 def test_a_bundle_altered_in_relay_drops_only_its_reader_at_unmask(
