@@ -10,18 +10,17 @@ they travel to the coordinator.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import RecordDict
 
 from client.node_state import keep_queries_taken, queries_taken
-from client.release import SITE_CONFIG, site_folder, site_home
+from client.release import site_home, with_site_toml
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.messages import SecAggRoster, SoftLabelQuery
-from common.node_config import BUDGET_KEYS, NodeConfig
+from common.node_config import NodeConfig
 from common.site_policy import POLICY_FILE, SitePolicy
 
 if TYPE_CHECKING:
@@ -65,7 +64,7 @@ def admit_query(state: RecordDict, run_id: int, cfg: RunConfig, policy: SitePoli
 def budget(cfg: RunConfig, node: NodeConfig, policy: SitePolicy) -> float | None:
     """The node's budget: the smaller of the policy's max-epsilon and the node config's (in simulation, its
     site.toml's); None when neither sets one."""
-    node_epsilon = _with_site_toml(cfg, node).max_epsilon
+    node_epsilon = with_site_toml(cfg, node).max_epsilon
     given = [e for e in (policy.max_epsilon, node_epsilon) if e is not None]
     return min(given) if given else None
 
@@ -78,17 +77,3 @@ def within_policy(privacy: Policy, policy: SitePolicy) -> Policy:
     if policy.delta is not None and policy.delta < privacy.delta:
         changes["delta"] = policy.delta
     return dataclasses.replace(privacy, **changes) if changes else privacy
-
-
-def _with_site_toml(cfg: RunConfig, node: NodeConfig) -> NodeConfig:
-    """The node config, with a simulated institution's site.toml filling the budget keys it leaves unset."""
-    if not cfg.sites_dir or node.partition_id is None:
-        return node
-    path = site_folder(cfg.sites_dir, node.partition_id) / SITE_CONFIG
-    if not path.is_file():
-        return node
-    try:
-        settings = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"the institution's site.toml is not valid TOML: {error}") from None
-    return node.with_site_settings({k: v for k, v in settings.items() if k in BUDGET_KEYS})

@@ -13,7 +13,6 @@ on the node only.
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from flwr.common.logger import log
 from torch import nn
 
 from client.node_state import keep_pate_rounds, keep_pate_teacher, pate_rounds, pate_teacher_weights
-from client.release import SITE_CONFIG, simulated_institution
+from client.release import simulated_institution, with_site_toml
 from client.site import Site
 from common.config import RunConfig
 from common.errors import ConfigError, FedstillError
@@ -60,16 +59,8 @@ class Policy:
 def load_policy(cfg: RunConfig, node: NodeConfig) -> Policy:
     """The node's budget: node config `max-epsilon`, `delta`, `privacy-ledger`; in simulation, its site.toml
     fills what the node config leaves unset."""
-    folder = None
-    if cfg.sites_dir and node.partition_id is not None:
-        folder = Path(cfg.sites_dir) / simulated_institution(node.partition_id)
-        if (folder / SITE_CONFIG).is_file():
-            try:
-                site_settings = tomllib.loads((folder / SITE_CONFIG).read_text(encoding="utf-8"))
-            except tomllib.TOMLDecodeError as error:
-                log(WARNING, "%s is not valid TOML: %s", folder / SITE_CONFIG, error)  # the path stays on the node
-                raise ConfigError(f"this institution's {SITE_CONFIG} is not valid TOML: {error}; fix it") from None
-            node = node.with_site_settings(site_settings)
+    node = with_site_toml(cfg, node)
+    folder = Path(cfg.sites_dir) / simulated_institution(node.partition_id) if cfg.sites_dir and node.partition_id is not None else None
     ledger = node.privacy_ledger or (folder / LEDGER_FILE if folder else None)
     if ledger is None:
         raise ConfigError("privacy needs the institution's own privacy ledger: set node config "

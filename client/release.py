@@ -8,17 +8,21 @@ in the release log before it is returned, so the site's record never misses some
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 from flwr.app import RecordDict
+from flwr.common.logger import log
 
 from common.audit import kinds
 from common.audit.attestation import attest
 from common.audit.keys import Signer, load_signer, private_key_path
 from common.audit.ledger import Ledger
 from common.config import RunConfig
+from common.errors import ConfigError
 from common.messages import attach_attestation, payload_description, record_digest
 from common.node_config import NodeConfig
 
@@ -126,3 +130,18 @@ def sign_and_log(
     log.append(kinds.RELEASE, {"run_id": str(run_id), "round": int(round_), "node_id": str(node_id),
                                "attestation": attestation.as_dict()})
     return attach_attestation(reply, attestation)
+
+
+def with_site_toml(cfg: RunConfig, node: NodeConfig) -> NodeConfig:
+    """The node config, with a simulated institution's site.toml filling the budget keys it leaves unset."""
+    if not cfg.sites_dir or node.partition_id is None:
+        return node
+    path = site_folder(cfg.sites_dir, node.partition_id) / SITE_CONFIG
+    if not path.is_file():
+        return node
+    try:
+        settings = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        log(WARNING, "%s is not valid TOML: %s", path, error)  # the path stays on the node
+        raise ConfigError(f"this institution's {SITE_CONFIG} is not valid TOML: {error}; fix it") from None
+    return node.with_site_settings(settings)
