@@ -4,7 +4,9 @@ Without privacy: the teacher trains one more round on the private data and answe
 With `privacy = "dp-sgd"`: the same, with the round's training done by DP-SGD within the budget.
 With `privacy = "pate"`: sub-teachers on disjoint shards vote, and the noisy votes are the answer.
 Under privacy the budget is the tighter of the node's and its site policy's, and the loss on private
-batches leaves only when the site policy allows it (else NaN).
+batches leaves only when the site policy allows it (else NaN). The counts a reply carries (num-examples,
+class counts when asked) are what the site policy releases: exact, rounded, withheld, or noised once per
+run and accounted in the same budget (the mechanism's noise is calibrated to leave room for them).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from flwr.app import Context
 
 from client.enforce import within_policy
 from client.node_state import pate_rounds
-from client.privacy import dpsgd_round, load_policy, pate_round
+from client.privacy import Policy, count_event, dpsgd_round, load_policy, noised_counts, pate_round
 from client.site import Site
 from client.teacher import restore_teacher, save_teacher, train_round
 from common.config import RunConfig
@@ -33,46 +35,74 @@ class Answer:
     probs: np.ndarray  # (m, C) float32, rows on the simplex
     figures: dict[str, Any]  # train_loss, teacher_accuracy, teacher_params, teacher_rounds
     privacy: dict[str, Any] | None  # the attestation's privacy statement; None without a mechanism
+    num_examples: int = 0  # as released (client.answer._counts)
+    class_counts: np.ndarray | None = None  # (C,) int64 as released, only when the query asked
 
 
 def answer_query(context: Context, cfg: RunConfig, node: NodeConfig, site: Site, query: SoftLabelQuery,
                  site_policy: SitePolicy | None = None) -> Answer:
     """Train, then answer `query`; the caller has admitted it (client.enforce)."""
     site_policy = site_policy or SitePolicy()
-    if cfg.privacy == "pate":
-        return _released(_pate_answer(context, cfg, node, site, query, site_policy), cfg, site_policy)
+    budget = within_policy(load_policy(cfg, node), site_policy) if cfg.privacy != "none" else None
+    noised = site_policy.count_mode(cfg.privacy) == "noised"
+    also = (count_event(site_policy.count_noise),) if noised and budget is not None else ()
+    count, class_counts, counts_before = _counts(context, cfg, site, query, site_policy, budget)
+    if budget is not None and cfg.privacy == "pate":
+        answer = _pate_answer(context, cfg, site, query, budget, also)
+    else:
+        answer = _teacher_answer(context, cfg, site, query, budget, also)
+    privacy = answer.privacy
+    if privacy is not None and counts_before is not None:  # this release also spent the noised counts
+        privacy = {**privacy, "epsilon": max(0.0, privacy["epsilon_total"] - counts_before)}
+    if privacy is not None and noised:
+        privacy = {**privacy, "parameters": {**privacy["parameters"], "count_noise": site_policy.count_noise}}
+    figures = dict(answer.figures)
+    if not site_policy.sends_training_loss(cfg.privacy):
+        figures["train_loss"] = float("nan")
+    if not site_policy.sends_teacher_accuracy(cfg.privacy):
+        figures["teacher_accuracy"] = -1.0
+    return Answer(answer.probs, figures, privacy, count, class_counts)
+
+
+def _teacher_answer(context: Context, cfg: RunConfig, site: Site, query: SoftLabelQuery, budget: Policy | None,
+                    also: tuple[dict[str, Any], ...]) -> Answer:
     teacher, rounds_trained = restore_teacher(context.state, cfg, site)
     # A resumed run asks again for the round the server stopped in, after this teacher had trained for it:
     # answer with the teacher as it is, and train (under DP: spend) no second time for the same round.
     again = cfg.resume and rounds_trained >= query.round
     privacy: dict[str, Any] | None = None
-    if cfg.privacy == "dp-sgd":
-        policy = within_policy(load_policy(cfg, node), site_policy)
-        loss, privacy = dpsgd_round(teacher, cfg, site, policy, context.run_id, query.round, rounds_trained, again=again)
+    if budget is not None:
+        loss, privacy = dpsgd_round(teacher, cfg, site, budget, context.run_id, query.round, rounds_trained,
+                                    again=again, also=also)
     else:
         loss = float("nan") if again else train_round(teacher, cfg, site, rounds_trained)
     rounds = rounds_trained if again else rounds_trained + 1
     save_teacher(context.state, teacher, cfg, site, rounds)
     probs = predict_probs(teacher, site.public.inputs[query.sample_ids], query.temperature)
     teacher_accuracy = accuracy(teacher, site.test.inputs, site.test.labels) if query.evaluate_teacher else -1.0
-    return _released(Answer(probs, _figures(loss, teacher_accuracy, count_parameters(teacher), rounds), privacy),
-                     cfg, site_policy)
+    return Answer(probs, _figures(loss, teacher_accuracy, count_parameters(teacher), rounds), privacy)
 
 
-def _pate_answer(context: Context, cfg: RunConfig, node: NodeConfig, site: Site, query: SoftLabelQuery,
-                 site_policy: SitePolicy) -> Answer:
-    policy = within_policy(load_policy(cfg, node), site_policy)
+def _pate_answer(context: Context, cfg: RunConfig, site: Site, query: SoftLabelQuery, budget: Policy,
+                 also: tuple[dict[str, Any], ...]) -> Answer:
     probs, loss, teacher_accuracy, params, privacy = pate_round(
-        context.state, cfg, site, policy, query.sample_ids, context.run_id, query.round)
+        context.state, cfg, site, budget, query.sample_ids, context.run_id, query.round, also)
     rounds = pate_rounds(context.state)
     return Answer(probs, _figures(loss, teacher_accuracy if query.evaluate_teacher else -1.0, params, rounds), privacy)
 
 
-def _released(answer: Answer, cfg: RunConfig, site_policy: SitePolicy) -> Answer:
-    """The answer as it may leave: the training loss withheld (NaN) unless the site policy sends it."""
-    if site_policy.sends_training_loss(cfg.privacy):
-        return answer
-    return Answer(answer.probs, {**answer.figures, "train_loss": float("nan")}, answer.privacy)
+def _counts(context: Context, cfg: RunConfig, site: Site, query: SoftLabelQuery, site_policy: SitePolicy,
+            budget: Policy | None) -> tuple[int, np.ndarray | None, float | None]:
+    """(num-examples, class counts or None, epsilon before a noised release made now) as the policy releases
+    them; with class counts, num-examples is their sum."""
+    histogram = np.bincount(site.private.labels, minlength=site.private.num_classes).astype(np.int64)
+    if site_policy.count_mode(cfg.privacy) == "noised":
+        counts, before = noised_counts(context.state, context.run_id, query.round, histogram, site_policy.count_noise,
+                                       budget)
+        return int(counts.sum()), counts if query.want_class_counts else None, before
+    if query.want_class_counts:
+        return int(histogram.sum()), histogram, None
+    return site_policy.released_count(len(site.private), cfg.privacy), None, None
 
 
 def _figures(loss: float, teacher_accuracy: float, params: int, rounds: int) -> dict[str, Any]:

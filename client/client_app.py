@@ -55,7 +55,7 @@ def soft_labels(msg: Message, context: Context) -> Message:
     probs, figures = answer.probs, answer.figures
     released = policy.releases(cfg.privacy, class_counts=query.want_class_counts, teacher_accuracy=query.evaluate_teacher)
     privacy = released_statement(answer.privacy, released)
-    count = len(site.private) if query.want_class_counts else policy.released_count(len(site.private), cfg.privacy)
+    count = answer.num_examples
     if shared is not None:
         weight = float(count) if shared.weighted else 1.0
         masked = masked_vector(context.state, context.node_id, context.run_id, shared, probs, weight)
@@ -63,7 +63,7 @@ def soft_labels(msg: Message, context: Context) -> Message:
         return _reply(record, msg, context, cfg, node, site, query.round, kind="secagg-masked", privacy=privacy)
     reply = SoftLabelReply(
         round=query.round, fingerprint=site.fingerprint, codec=query.codec, soft_labels=probs,
-        num_examples=count, class_counts=_class_counts(site) if query.want_class_counts else None,
+        num_examples=count, class_counts=answer.class_counts,
         top_k=query.top_k, **figures,
     )
     return _reply(reply.to_record(), msg, context, cfg, node, site, query.round, privacy=privacy,
@@ -152,10 +152,6 @@ def _setup(context: Context) -> tuple[RunConfig, NodeConfig, Site]:
     site = load_site(cfg, node, context.state)
     attach_store(context.state, teacher_store(cfg, site, node, context.run_id))  # survives a restart
     return cfg, node, site
-
-
-def _class_counts(site: Site) -> np.ndarray:
-    return np.bincount(site.private.labels, minlength=site.private.num_classes).astype(np.int64)
 
 
 def check_query(query: SoftLabelQuery, fingerprint: str, num_classes: int, public_size: int) -> None:

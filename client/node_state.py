@@ -16,6 +16,8 @@ disk, and carries the teachers and a secure-aggregation round's secrets from one
     secagg            ConfigRecord  this round's private keys and self seed ("round", "mask-private",
                                     "share-private", "self-seed"); never leaves the node
     policy-queries    ConfigRecord  soft-label queries taken this round, for the site policy ("run", "round", "count")
+    noised-counts     ConfigRecord  the class counts this run released noised (site policy counts = "noised"):
+                                    released once per run, then reused ("run", "counts")
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ PATE_KEY = "pate-teachers"  # one record per sub-teacher: f"{PATE_KEY}-{k}"
 PATE_META_KEY = "pate-meta"
 SECAGG_KEY = "secagg"
 QUERIES_KEY = "policy-queries"
+NOISED_COUNTS_KEY = "noised-counts"
 
 Weights = dict[str, torch.Tensor] | OrderedDict[str, torch.Tensor]  # a torch state dict
 
@@ -207,6 +210,19 @@ def queries_taken(state: RecordDict, run_id: int, round_: int) -> int:
 
 def keep_queries_taken(state: RecordDict, run_id: int, round_: int, count: int) -> None:
     state[QUERIES_KEY] = ConfigRecord({"run": str(run_id), "round": round_, "count": count})
+
+
+def released_noised_counts(state: RecordDict, run_id: int) -> np.ndarray | None:
+    """The noised class counts this node released in run `run_id`, or None when it released none yet."""
+    record = state.get(NOISED_COUNTS_KEY)
+    if not isinstance(record, ConfigRecord) or record.get("run") != str(run_id):
+        return None
+    counts = record.get("counts")
+    return np.asarray(counts, dtype=np.int64) if isinstance(counts, list) else None
+
+
+def keep_noised_counts(state: RecordDict, run_id: int, counts: np.ndarray) -> None:
+    state[NOISED_COUNTS_KEY] = ConfigRecord({"run": str(run_id), "counts": [int(c) for c in counts]})
 
 
 # --- helpers -----------------------------------------------------------------------------------------------

@@ -26,7 +26,14 @@ from flwr.app import RecordDict
 from flwr.common.logger import log
 from torch import nn
 
-from client.node_state import keep_pate_rounds, keep_pate_teacher, pate_rounds, pate_teacher_weights
+from client.node_state import (
+    keep_noised_counts,
+    keep_pate_rounds,
+    keep_pate_teacher,
+    pate_rounds,
+    pate_teacher_weights,
+    released_noised_counts,
+)
 from client.release import simulated_institution, with_site_toml
 from client.site import Site
 from common.config import RunConfig
@@ -76,19 +83,55 @@ def statement(mechanism: str, parameters: dict[str, Any], before: float, after: 
             "epsilon_total": after, "delta": delta, "accountant": f"dp-accounting {ACCOUNTANT}"}
 
 
+def count_event(noise: float) -> dict[str, Any]:
+    """The privacy event of one release of noised counts (the class histogram; L2 sensitivity 1)."""
+    return {"mechanism": "gaussian", "noise_multiplier": float(noise), "releases": 1}
+
+
+def noised_counts(state: RecordDict, run_id: int, round_: int, histogram: np.ndarray, noise: float,
+                  policy: Policy | None) -> tuple[np.ndarray, float | None]:
+    """The class counts as site policy `counts = "noised"` releases them: the histogram plus N(0, noise^2) per
+    class (OS entropy), rounded and clipped at 0 (post-processing), released once per run and then reused.
+    Under a mechanism (`policy` given) the release is checked, made and recorded under the ledger's lock;
+    without one (privacy "none") it is noised but not accounted. Returns the counts and, when this call
+    released them under a mechanism, the epsilon spent before (else None)."""
+    kept = released_noised_counts(state, run_id)
+    if kept is not None and kept.shape == histogram.shape:
+        return kept, None
+    before = None
+    if policy is None:
+        counts = _noised(histogram, noise)
+    else:
+        what = f"round {round_}: class counts with Gaussian noise (std {noise:g})"
+        with _ledger_path_logged(policy), policy.ledger().reserve([count_event(noise)], what, str(run_id), round_) as spend:
+            counts = _noised(histogram, noise)
+        before = spend.before
+    keep_noised_counts(state, run_id, counts)
+    return counts, before
+
+
+def _noised(histogram: np.ndarray, noise: float) -> np.ndarray:
+    noisy = histogram + os_entropy_rng().normal(0.0, noise, size=histogram.shape)
+    counts = np.maximum(np.rint(noisy), 0).astype(np.int64)
+    if counts.sum() == 0:  # num-examples must be >= 1: the likeliest class gets one (post-processing)
+        counts[int(np.argmax(noisy))] = 1
+    return counts
+
+
 def dpsgd_round(teacher: nn.Module, cfg: RunConfig, site: Site, policy: Policy, run_id: int, round_: int,
-                rounds_trained: int, again: bool = False) -> tuple[float, dict[str, Any]]:
+                rounds_trained: int, again: bool = False, also: tuple[dict[str, Any], ...] = ()) -> tuple[float, dict[str, Any]]:
     """Mechanism 1: one round of DP-SGD on the private data, within the budget; returns (loss, statement).
 
     The noise multiplier is `dp-noise-multiplier`, or (when 0) the one that spends exactly the budget
-    over the run's planned rounds. When the budget cannot pay for another round the teacher stops
-    training: what it releases after that is post-processing of DP weights and costs nothing. With
+    over the run's planned rounds and the run's other releases `also` (noised counts). When the budget
+    cannot pay for another round the teacher stops training: what it releases after that is
+    post-processing of DP weights and costs nothing. With
     `again` (a resumed run asks for a round this teacher already trained for) nothing is trained or
     spent either: the statement says `reused`.
     """
     n = len(site.private)
     per_round = planned_event(n, cfg.teacher_batch_size, cfg.local_epochs, 1.0)
-    z = cfg.dp_noise_multiplier or _calibrated_z(policy, per_round, cfg.num_server_rounds)
+    z = cfg.dp_noise_multiplier or _calibrated_z(policy, per_round, cfg.num_server_rounds, also)
     event = {**per_round, "noise_multiplier": z}
     parameters = {"noise_multiplier": z, "max_grad_norm": cfg.dp_max_grad_norm, "sample_rate": event["sample_rate"],
                   "steps_per_round": event["steps"], "budget": _budget(policy)}
@@ -125,19 +168,20 @@ def _budget(policy: Policy) -> float | None:
     return None if math.isinf(policy.max_epsilon) else policy.max_epsilon
 
 
-def _calibrated_z(policy: Policy, per_round: dict[str, Any], rounds: int) -> float:
+def _calibrated_z(policy: Policy, per_round: dict[str, Any], rounds: int, also: tuple[dict[str, Any], ...]) -> float:
     if math.isinf(policy.max_epsilon):
         raise ConfigError("dp-noise-multiplier = 0 asks to calibrate the noise to this institution's budget, "
                           "but it has none: set max-epsilon in its node config, or set dp-noise-multiplier")
-    return calibrate_dpsgd(policy.max_epsilon, policy.delta, per_round["sample_rate"], per_round["steps"] * rounds)
+    return calibrate_dpsgd(policy.max_epsilon, policy.delta, per_round["sample_rate"], per_round["steps"] * rounds,
+                           also=also)
 
 
 def pate_round(state: RecordDict, cfg: RunConfig, site: Site, policy: Policy, sample_ids: np.ndarray,
-               run_id: int, round_: int) -> tuple[np.ndarray, float, float, int, dict[str, Any]]:
+               run_id: int, round_: int, also: tuple[dict[str, Any], ...] = ()) -> tuple[np.ndarray, float, float, int, dict[str, Any]]:
     """Mechanism 2: PATE inside the institution. Sub-teachers on disjoint shards train a round, vote on
     the queried public samples, and the institution releases GNMax-noised vote histograms as soft labels.
     Returns (soft labels, loss, ensemble test accuracy, parameters of all sub-teachers, statement)."""
-    sigma = cfg.pate_sigma or _calibrated_sigma(policy, len(sample_ids), cfg.num_server_rounds)
+    sigma = cfg.pate_sigma or _calibrated_sigma(policy, len(sample_ids), cfg.num_server_rounds, also)
     event = gnmax_event(sigma, len(sample_ids))
     what = f"round {round_}: {len(sample_ids)} PATE answers"
     with _ledger_path_logged(policy), policy.ledger().reserve([event], what, str(run_id), round_) as spend:
@@ -153,11 +197,11 @@ def pate_round(state: RecordDict, cfg: RunConfig, site: Site, policy: Policy, sa
         statement("pate-gnmax", parameters, before, after, policy.delta)
 
 
-def _calibrated_sigma(policy: Policy, queries: int, rounds: int) -> float:
+def _calibrated_sigma(policy: Policy, queries: int, rounds: int, also: tuple[dict[str, Any], ...]) -> float:
     if math.isinf(policy.max_epsilon):
         raise ConfigError("pate-sigma = 0 asks to calibrate the noise to this institution's budget, but it has "
                           "none: set max-epsilon in its node config, or set pate-sigma")
-    return calibrate_gnmax(policy.max_epsilon, policy.delta, queries * rounds)
+    return calibrate_gnmax(policy.max_epsilon, policy.delta, queries * rounds, also=also)
 
 
 def _pate_teachers(state: RecordDict, cfg: RunConfig, site: Site) -> tuple[list[nn.Module], list[float]]:

@@ -10,11 +10,18 @@ coordinator, which records it in its ledger (check `site-policy`).
     key                    default                       what
     mechanisms             every one                     privacy values this node runs ("none", "dp-sgd", "pate")
     max-epsilon, delta     node config / site.toml       the budget; the smaller of this and the node config's wins
-    counts                 exact; "rounded" under DP      how num-examples leaves: exact, rounded (up, to a
-                                                         multiple of count-multiple) or withheld (sent as 1)
+    counts                 exact; "rounded" under DP      how num-examples (and class counts) leave: exact, rounded
+                                                         (up, to a multiple of count-multiple), noised (Gaussian
+                                                         noise of std count-noise, once per run, accounted in
+                                                         the budget) or withheld (sent as 1)
     count-multiple         100                           the rounding of `counts = "rounded"`
-    class-counts           true; false under DP          whether per-class counts may leave (always exact)
+    count-noise            10                            the noise std of `counts = "noised"` (L2 sensitivity 1)
+    class-counts           true; false under DP unless    whether per-class counts may leave (exact, or noised
+                           counts = "noised"              with `counts = "noised"`)
     training-loss          true; false under DP          whether the loss on private batches leaves (else NaN)
+    teacher-accuracy       true; false under PATE        whether the teacher's accuracy on the public test set
+                                                         leaves (else -1); under DP-SGD it is post-processing
+                                                         of the DP teacher, under PATE the sub-teachers are not DP
     digest                 true                          whether FedMD digest instructions are followed
     max-digest-epochs      no limit                      most epochs of a digest step (public data)
     max-revisit-epochs     no limit; 0 under DP          most epochs of a revisit (private data, no DP)
@@ -36,7 +43,7 @@ from common.errors import ConfigError, PolicyViolation
 
 POLICY_FILE = "site-policy.toml"
 MECHANISMS = ("none", "dp-sgd", "pate")
-COUNT_MODES = ("exact", "rounded", "withheld")
+COUNT_MODES = ("exact", "rounded", "noised", "withheld")
 WITHHELD_COUNT = 1  # what num-examples says when counts are withheld: the same for every institution
 
 
@@ -49,8 +56,10 @@ class SitePolicy:
     delta: float | None = None
     counts: str | None = None
     count_multiple: int = 100
+    count_noise: float = 10.0
     class_counts: bool | None = None
     training_loss: bool | None = None
+    teacher_accuracy: bool | None = None
     digest: bool = True
     max_digest_epochs: int | None = None
     max_revisit_epochs: int | None = None
@@ -142,8 +151,11 @@ class SitePolicy:
         return "exact" if privacy == "none" else "rounded"
 
     def released_count(self, n: int, privacy: str) -> int:
-        """num-examples as it leaves: exact, rounded up to a multiple of count-multiple, or withheld."""
+        """num-examples as it leaves: exact, rounded up to a multiple of count-multiple, or withheld
+        (`counts = "noised"` is a release of the mechanism: client.privacy.noised_counts)."""
         mode = self.count_mode(privacy)
+        if mode == "noised":
+            raise ValueError("counts = \"noised\" are released by client.privacy.noised_counts, which accounts them")
         if mode == "exact":
             return n
         if mode == "withheld":
@@ -151,21 +163,31 @@ class SitePolicy:
         return max(1, math.ceil(n / self.count_multiple)) * self.count_multiple
 
     def allows_class_counts(self, privacy: str) -> bool:
-        return self.class_counts if self.class_counts is not None else privacy == "none"
+        if self.class_counts is not None:
+            return self.class_counts
+        return privacy == "none" or self.count_mode(privacy) == "noised"
 
     def sends_training_loss(self, privacy: str) -> bool:
         return self.training_loss if self.training_loss is not None else privacy == "none"
 
+    def sends_teacher_accuracy(self, privacy: str) -> bool:
+        return self.teacher_accuracy if self.teacher_accuracy is not None else privacy != "pate"
+
     def releases(self, privacy: str, *, class_counts: bool, teacher_accuracy: bool) -> dict[str, str]:
         """Value by value, what a soft-label reply carries besides the mechanism's output (for the signed
-        privacy statement). With class counts, num-examples is their sum: exact."""
-        count = "exact" if class_counts else self.count_mode(privacy)
+        privacy statement). With class counts, num-examples is their sum."""
+        noised = self.count_mode(privacy) == "noised"
+        count = "noised" if noised else "exact" if class_counts else self.count_mode(privacy)
+        accounted = "accounted in epsilon" if privacy != "none" else "not accounted: no mechanism"
+        noised_text = f"Gaussian noise of std {self.count_noise:g}, released once per run, {accounted}"
         return {
             "num-examples": {"exact": "exact", "withheld": f"withheld (sent as {WITHHELD_COUNT})",
-                             "rounded": f"rounded up to a multiple of {self.count_multiple}"}[count],
-            "class-counts": "exact" if class_counts else "withheld",
+                             "rounded": f"rounded up to a multiple of {self.count_multiple}",
+                             "noised": f"sum of the noised class counts ({noised_text})"}[count],
+            "class-counts": ("noised: " + noised_text if noised else "exact") if class_counts else "withheld",
             "train-loss": "exact" if self.sends_training_loss(privacy) else "withheld (sent as NaN)",
-            "teacher-accuracy": "on the public test set" if teacher_accuracy else "withheld (sent as -1)",
+            "teacher-accuracy": _accuracy_release(privacy) if teacher_accuracy and self.sends_teacher_accuracy(privacy)
+            else "withheld (sent as -1)",
             "teacher-params": "public (the model's size)", "teacher-rounds": "public (rounds answered)",
         }
 
@@ -176,6 +198,12 @@ class SitePolicy:
             value = default
         suffix = "" if key in self.written else " (default)"
         return f"site-policy: {key} = {_toml(value)}{suffix}"
+
+
+def _accuracy_release(privacy: str) -> str:
+    where = "on the public test set"
+    return {"none": where, "dp-sgd": where + " (post-processing of the DP-SGD teacher)"}.get(
+        privacy, where + " (not covered by the mechanism: allowed by site-policy teacher-accuracy = true)")
 
 
 def _toml(value: object) -> str:
@@ -220,6 +248,12 @@ def _epsilon(value: Any) -> tuple[Any, str | None]:
     return None, "must be a finite number > 0"
 
 
+def _noise(value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.1 <= value < math.inf:
+        return float(value), None
+    return None, "must be a finite number >= 0.1 (the std of the noise on each count)"
+
+
 def _delta(value: Any) -> tuple[Any, str | None]:
     if isinstance(value, float) and 0 < value < 1:
         return value, None
@@ -228,7 +262,8 @@ def _delta(value: Any) -> tuple[Any, str | None]:
 
 _PARSERS: dict[str, Any] = {
     "mechanisms": _mechanisms, "max-epsilon": _epsilon, "delta": _delta, "counts": _choice(COUNT_MODES),
-    "count-multiple": _at_least(1), "class-counts": _flag, "training-loss": _flag, "digest": _flag,
+    "count-multiple": _at_least(1), "count-noise": _noise, "class-counts": _flag, "training-loss": _flag,
+    "teacher-accuracy": _flag, "digest": _flag,
     "max-digest-epochs": _at_least(0), "max-revisit-epochs": _at_least(0), "max-queries-per-round": _at_least(1),
     "max-samples-per-query": _at_least(1), "min-secagg-threshold": _at_least(2),
 }

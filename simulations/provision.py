@@ -91,8 +91,9 @@ def check_class_counts(cfg: RunConfig, site: dict[str, Any] | None, *, privacy: 
     raise ConfigError(
         f"aggregation {json.dumps(cfg.aggregation)} needs per-class counts, which the site policy of "
         f"{', '.join(refusing)} refuses under privacy {json.dumps(privacy)} (class-counts = false under privacy, "
-        "unless the policy says otherwise): add --site class-counts=true (the counts then leave exact, outside the "
-        "accounted mechanism, and each signed privacy statement lists them as released), or use aggregation "
+        "unless the policy says otherwise): add --site counts=noised (the counts then leave with Gaussian noise, once "
+        "per run, accounted in each institution's budget), or --site class-counts=true (they leave exact, outside "
+        "the accounted mechanism, and each signed privacy statement lists them as released), or use aggregation "
         "\"mean\" or \"weighted\"")
 
 

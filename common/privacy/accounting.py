@@ -17,6 +17,12 @@ in an institution's ledger and put into signed audit records:
         Private Learning with PATE", data-independent analysis);
         dp-accounting event SelfComposedDpEvent(GaussianDpEvent(s / d), m).
 
+    {"mechanism": "gaussian", "noise_multiplier": z, "releases": k}
+        k releases of counts of the private records (num-examples, or the per-class histogram) plus
+        N(0, z^2) noise per count. Adding or removing one record changes one count by 1, so the L2
+        sensitivity is 1 and each release is a Gaussian mechanism with noise multiplier z;
+        dp-accounting event SelfComposedDpEvent(GaussianDpEvent(z), k).
+
 All events are composed with dp-accounting's Renyi-DP accountant (Mironov 2017) under the
 add-or-remove-one neighbouring relation, and converted to epsilon at the caller's delta. No RDP formula
 is written here by hand.
@@ -51,7 +57,9 @@ ORDERS: tuple[float, ...] = tuple(
 _FIELDS: dict[str, tuple[str, ...]] = {
     "dp-sgd": ("mechanism", "noise_multiplier", "sample_rate", "steps"),
     "gnmax": ("mechanism", "sigma", "l2_sensitivity", "queries"),
+    "gaussian": ("mechanism", "noise_multiplier", "releases"),
 }
+_REPEATS = {"dp-sgd": "steps", "gnmax": "queries", "gaussian": "releases"}  # the field that counts applications
 
 _MAX_NOISE = 1e6
 _MIN_NOISE = 1e-3
@@ -84,6 +92,12 @@ def check_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
             "sample_rate": _rate(entry, "sample_rate"),
             "steps": _count(entry, "steps"),
         }
+    if mechanism == "gaussian":
+        return {
+            "mechanism": "gaussian",
+            "noise_multiplier": _positive(entry, "noise_multiplier"),
+            "releases": _count(entry, "releases"),
+        }
     return {
         "mechanism": "gnmax",
         "sigma": _positive(entry, "sigma"),
@@ -100,6 +114,8 @@ def dp_event(entry: Mapping[str, Any]) -> dp_accounting.DpEvent:
             clean["sample_rate"], dp_accounting.GaussianDpEvent(clean["noise_multiplier"])
         )
         return dp_accounting.SelfComposedDpEvent(step, clean["steps"])
+    if clean["mechanism"] == "gaussian":
+        return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(clean["noise_multiplier"]), clean["releases"])
     query = dp_accounting.GaussianDpEvent(clean["sigma"] / clean["l2_sensitivity"])
     return dp_accounting.SelfComposedDpEvent(query, clean["queries"])
 
@@ -142,7 +158,7 @@ def _merged(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     merged: dict[tuple[Any, ...], dict[str, Any]] = {}
     for entry in history:
         clean = check_entry(entry)
-        count = "steps" if clean["mechanism"] == "dp-sgd" else "queries"
+        count = _REPEATS[clean["mechanism"]]
         key = tuple((field, value) for field, value in clean.items() if field != count)
         if key in merged:
             merged[key][count] += clean[count]
@@ -151,38 +167,45 @@ def _merged(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return list(merged.values())
 
 
-def calibrate_dpsgd(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+def calibrate_dpsgd(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, also: Sequence[Mapping[str, Any]] = ()
+) -> float:
     """Smallest DP-SGD noise multiplier (to relative 1e-4, rounded up) whose epsilon is <= target.
 
-    The returned multiplier z satisfies epsilon([dp-sgd z, q, steps], delta) <= target_epsilon.
+    The returned multiplier z satisfies epsilon([dp-sgd z, q, steps] + also, delta) <= target_epsilon:
+    `also` are the other releases the budget must pay for (noised counts).
     """
     _check_target(target_epsilon)
+    others = [check_entry(e) for e in also]
 
     def spent(noise: float) -> float:
         entry = {"mechanism": "dp-sgd", "noise_multiplier": noise, "sample_rate": sample_rate, "steps": steps}
-        return epsilon([entry], delta)
+        return epsilon([entry, *others], delta)
 
     check_delta(delta)
     check_entry({"mechanism": "dp-sgd", "noise_multiplier": 1.0, "sample_rate": sample_rate, "steps": steps})
-    return _smallest_noise(spent, target_epsilon, f"DP-SGD (sample-rate {sample_rate}, {steps} steps, delta {delta})")
+    what = f"DP-SGD (sample-rate {sample_rate}, {steps} steps, delta {delta}{_with(others, delta)})"
+    return _smallest_noise(spent, target_epsilon, what)
 
 
 def calibrate_gnmax(
-    target_epsilon: float, delta: float, queries: int, l2_sensitivity: float = math.sqrt(2)
+    target_epsilon: float, delta: float, queries: int, l2_sensitivity: float = math.sqrt(2),
+    also: Sequence[Mapping[str, Any]] = (),
 ) -> float:
     """Smallest GNMax noise std sigma (to relative 1e-4, rounded up) whose epsilon is <= target.
 
-    The returned sigma satisfies epsilon([gnmax sigma, l2_sensitivity, queries], delta) <= target_epsilon.
+    The returned sigma satisfies epsilon([gnmax sigma, l2_sensitivity, queries] + also, delta) <= target_epsilon.
     """
     _check_target(target_epsilon)
+    others = [check_entry(e) for e in also]
 
     def spent(sigma: float) -> float:
         entry = {"mechanism": "gnmax", "sigma": sigma, "l2_sensitivity": l2_sensitivity, "queries": queries}
-        return epsilon([entry], delta)
+        return epsilon([entry, *others], delta)
 
     check_delta(delta)
     check_entry({"mechanism": "gnmax", "sigma": 1.0, "l2_sensitivity": l2_sensitivity, "queries": queries})
-    what = f"GNMax ({queries} queries, L2 sensitivity {l2_sensitivity}, delta {delta})"
+    what = f"GNMax ({queries} queries, L2 sensitivity {l2_sensitivity}, delta {delta}{_with(others, delta)})"
     return _smallest_noise(spent, target_epsilon, what, start=float(l2_sensitivity))
 
 
@@ -213,6 +236,11 @@ def _smallest_noise(spent: Callable[[float], float], target: float, what: str, s
         else:
             low = middle
     return high
+
+
+def _with(others: list[dict[str, Any]], delta: float) -> str:
+    """What else the budget pays for, as a calibration error names it."""
+    return f", plus noised counts costing epsilon {epsilon(others, delta):.3g} alone" if others else ""
 
 
 def _check_target(target: float) -> None:

@@ -208,3 +208,50 @@ def test_a_secure_aggregation_threshold_below_the_policy_is_refused_before_any_s
     with pytest.raises(PolicyViolation, match=r"^site-policy: min-secagg-threshold = 3 refuses a secure-aggregation "
                                               r"threshold of 2"):
         client_app.secagg_shares(message, context)
+
+
+def ledger_events(cfg: RunConfig, institution: str) -> list[dict[str, Any]]:
+    path = Path(cfg.sites_dir) / institution / "privacy-ledger.json"
+    return [entry["event"] for entry in json.loads(path.read_text())["entries"]]
+
+
+def test_under_dp_noised_counts_leave_once_per_run_accounted_and_stated(tmp_path: Path) -> None:
+    # Prepare: institution-0 releases its counts noised; the rule asks for class counts every round
+    grid, cfg, trail = federation(tmp_path, 'counts = "noised"\ncount-noise = 5.0\n', privacy="dp-sgd")
+
+    # Execute
+    first = soft_label_round(grid, cfg, trail, query_for(cfg, round_=1, want_class_counts=True), [11])
+    second = soft_label_round(grid, cfg, trail, query_for(cfg, round_=2, want_class_counts=True), [11])
+
+    # Assert: counts that add up, the same both rounds (released once), one Gaussian event in the ledger
+    one, two = first.accepted[11], second.accepted[11]
+    assert one.class_counts is not None and two.class_counts is not None
+    assert int(one.class_counts.sum()) == one.num_examples and (one.class_counts >= 0).all()
+    assert np.array_equal(one.class_counts, two.class_counts) and one.num_examples == two.num_examples
+    assert one.class_counts.shape == (10,)
+    events = ledger_events(cfg, "institution-0")
+    assert [e["mechanism"] for e in events] == ["gaussian", "dp-sgd", "dp-sgd"]
+    assert events[0] == {"mechanism": "gaussian", "noise_multiplier": 5.0, "releases": 1}
+    statements = [json.loads(r.attestations[11].statement)["privacy"] for r in (first, second)]
+    assert statements[0]["released"]["class-counts"].startswith("noised: Gaussian noise of std 5")
+    assert statements[0]["released"]["num-examples"].startswith("sum of the noised class counts")
+    assert statements[0]["parameters"]["count_noise"] == 5.0
+    # the first release paid for the counts too: its epsilon is the whole total; the second only its round
+    assert statements[0]["epsilon"] == pytest.approx(statements[0]["epsilon_total"])
+    assert statements[1]["epsilon"] == pytest.approx(statements[1]["epsilon_total"] - statements[0]["epsilon_total"])
+
+
+def test_noised_counts_and_calibrated_dp_sgd_spend_exactly_the_budget_together(tmp_path: Path) -> None:
+    # Prepare: noise calibrated to institution-0's budget of 2, over the run's 2 rounds and its count release
+    grid, cfg, trail = federation(tmp_path, 'counts = "noised"\nmax-epsilon = 2.0\n', privacy="dp-sgd",
+                                  **{"dp-noise-multiplier": 0.0})
+
+    # Execute
+    for round_ in (1, 2):
+        replies = soft_label_round(grid, cfg, trail, query_for(cfg, round_=round_, want_class_counts=True), [11])
+        assert sorted(replies.accepted) == [11]
+
+    # Assert
+    total = json.loads(replies.attestations[11].statement)["privacy"]["epsilon_total"]
+    assert 1.95 < total <= 2.0
+    assert [e["mechanism"] for e in ledger_events(cfg, "institution-0")] == ["gaussian", "dp-sgd", "dp-sgd"]

@@ -42,7 +42,7 @@ def test_a_full_policy_file_is_parsed_into_typed_fields() -> None:
     ("max-epsilon = 0", "max-epsilon must be a finite number > 0, got 0"),
     ("max-epsilon = inf", "max-epsilon must be a finite number > 0, got inf"),
     ("delta = 1", "delta must be a float in \\(0, 1\\), got 1"),
-    ('counts = "approx"', r"counts must be one of \['exact', 'rounded', 'withheld'\], got 'approx'"),
+    ('counts = "approx"', r"counts must be one of \['exact', 'rounded', 'noised', 'withheld'\], got 'approx'"),
     ("count-multiple = 0", "count-multiple must be an integer >= 1, got 0"),
     ('class-counts = "yes"', "class-counts must be true or false, got 'yes'"),
     ("max-queries-per-round = 0", "max-queries-per-round must be an integer >= 1, got 0"),
@@ -93,6 +93,33 @@ def test_under_privacy_the_defaults_round_counts_and_withhold_losses_and_class_c
                         "teacher-params": "public (the model's size)", "teacher-rounds": "public (rounds answered)"}
     assert SitePolicy(counts="withheld").released_count(1234, "dp-sgd") == 1
     assert SitePolicy(counts="exact", count_multiple=7).released_count(1234, "dp-sgd") == 1234
+
+
+def test_noised_counts_allow_class_counts_under_privacy_and_are_stated_as_accounted() -> None:
+    # Prepare
+    policy = SitePolicy.from_toml('counts = "noised"\ncount-noise = 20\n')
+
+    # Execute
+    released = policy.releases("dp-sgd", class_counts=True, teacher_accuracy=True)
+
+    # Assert
+    assert policy.allows_class_counts("dp-sgd") and policy.allows_class_counts("pate") and policy.count_noise == 20.0
+    assert released["class-counts"] == "noised: Gaussian noise of std 20, released once per run, accounted in epsilon"
+    assert released["num-examples"].startswith("sum of the noised class counts")
+    assert released["teacher-accuracy"] == "on the public test set (post-processing of the DP-SGD teacher)"
+    assert "not accounted" in policy.releases("none", class_counts=False, teacher_accuracy=False)["num-examples"]
+    assert not SitePolicy.from_toml('counts = "noised"\nclass-counts = false\n').allows_class_counts("dp-sgd")
+    with pytest.raises(ValueError, match="noised_counts"):
+        policy.released_count(10, "dp-sgd")  # a noised count is the mechanism's release, never computed here
+
+
+def test_under_pate_the_teacher_accuracy_is_withheld_unless_the_policy_sends_it() -> None:
+    assert not SitePolicy().sends_teacher_accuracy("pate") and SitePolicy().sends_teacher_accuracy("dp-sgd")
+    assert SitePolicy().releases("pate", class_counts=False, teacher_accuracy=True)["teacher-accuracy"] == \
+        "withheld (sent as -1)"
+    allowed = SitePolicy.from_toml("teacher-accuracy = true\n")
+    assert "not covered by the mechanism" in allowed.releases("pate", class_counts=False, teacher_accuracy=True)[
+        "teacher-accuracy"]
 
 
 @pytest.mark.parametrize(("policy", "privacy", "budget", "line"), [

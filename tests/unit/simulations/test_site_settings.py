@@ -38,7 +38,7 @@ def test_policy_keys_parse_to_their_toml_types() -> None:
 
 @pytest.mark.parametrize(("item", "message"), [
     ("class-counts=yes", r"--site 'class-counts=yes': class-counts must be true or false, got 'yes'; fix the value"),
-    ("counts=approx", r"counts must be one of \['exact', 'rounded', 'withheld'\], got 'approx'"),
+    ("counts=approx", r"counts must be one of \['exact', 'rounded', 'noised', 'withheld'\], got 'approx'"),
     ("count-multiple=0", r"count-multiple must be an integer >= 1, got 0"),
     ("mechanisms=dp-sgd,magic", r"mechanisms must be a non-empty list"),
     ("class_counts=true", r"known institution settings are mechanisms, max-epsilon, delta, counts"),
@@ -99,8 +99,9 @@ def test_a_dp_run_needing_class_counts_the_policies_withhold_fails_before_it_sta
     # Execute / Assert
     with pytest.raises(ConfigError, match=r'aggregation "balanced-expertise" needs per-class counts, which the site '
                                           r"policy of institution-0, institution-1, institution-2 refuses under privacy "
-                                          r'"dp-sgd" .*add --site class-counts=true'):
+                                          r'"dp-sgd" .*add --site counts=noised .*or --site class-counts=true'):
         preflight_sites(cfg, parse_site(["max-epsilon=4"]))
+    preflight_sites(cfg, parse_site(["max-epsilon=4", "counts=noised"]))  # noised and accounted: allowed
 
 
 def test_class_counts_pass_when_enough_institutions_release_them(run_config_mapping: dict, tmp_path: Path) -> None:
