@@ -19,6 +19,7 @@ from client.answer import answer_query
 from client.enforce import admit_query, admit_run, site_policy
 from client.fedavg import fedavg_train
 from client.release import load_identity, released_statement, sign_and_log
+from client.scrub import local_detail_kept
 from client.secure import masked_vector, round_keys, share_bundles, unmask_shares
 from client.site import Site, load_site
 from client.teacher import attach_store, digest_round, restore_teacher, save_teacher, teacher_store
@@ -42,6 +43,7 @@ app = ClientApp()
 
 
 @app.query("soft_labels")
+@local_detail_kept
 def soft_labels(msg: Message, context: Context) -> Message:
     """Train the teacher one more round, then answer with softmax(teacher(public) / T) (or PATE's noisy
     votes) — masked, under secure aggregation."""
@@ -71,6 +73,7 @@ def soft_labels(msg: Message, context: Context) -> Message:
 
 
 @app.query("secagg_setup")
+@local_detail_kept
 def secagg_setup(msg: Message, context: Context) -> Message:
     """Secure aggregation, step 1: this round's public keys."""
     cfg, node, site = _setup(context)
@@ -79,6 +82,7 @@ def secagg_setup(msg: Message, context: Context) -> Message:
 
 
 @app.query("secagg_shares")
+@local_detail_kept
 def secagg_shares(msg: Message, context: Context) -> Message:
     """Secure aggregation, step 2: sealed shares of this round's secrets, one bundle per institution."""
     cfg, node, site = _setup(context)
@@ -89,6 +93,7 @@ def secagg_shares(msg: Message, context: Context) -> Message:
 
 
 @app.query("secagg_unmask")
+@local_detail_kept
 def secagg_unmask(msg: Message, context: Context) -> Message:
     """Secure aggregation, step 4: the shares that open the sum (never both secrets of one institution)."""
     cfg, node, site = _setup(context)
@@ -117,6 +122,7 @@ def _reply(
 
 
 @app.train("digest")
+@local_detail_kept
 def digest(msg: Message, context: Context) -> Message:
     """FedMD: the teacher learns toward the server's consensus on the public set, then revisits its data."""
     cfg, node, site = _setup(context)
@@ -132,6 +138,7 @@ def digest(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@local_detail_kept
 def fedavg(msg: Message, context: Context) -> Message:
     """The FedAvg baseline (method = "fedavg"): train the global student weights on private data; the trained
     weights leave signed and logged, like every other release."""

@@ -11,6 +11,7 @@ from common.config import RunConfig
 from server.results.schema import PrivacySummary
 
 PRIVATE_PHASES = ("soft-labels",)
+REFUSAL_CHECKS = ("privacy-budget", "site-policy")
 
 
 def privacy_section(cfg: RunConfig, entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -18,7 +19,8 @@ def privacy_section(cfg: RunConfig, entries: list[dict[str, Any]]) -> dict[str, 
     `PrivacySummary` (server/results/schema.py), as results.json holds it.
 
     Figures come from the institutions' signed attestations, so they are the institutions' own
-    accounting; refusals (PrivacyBudgetExceeded) come from the rejections the ledger recorded. Releases
+    accounting; refusals (PrivacyBudgetExceeded, check `privacy-budget`, and the site policies'
+    PolicyViolation, check `site-policy`) come from the rejections the ledger recorded. Releases
     of a round abandoned when the server stopped (a resumed run, `run-resumed`) are listed apart: they
     left the institutions and their spend is in every later `epsilon_total`, but the round was run again.
     """
@@ -32,8 +34,9 @@ def privacy_section(cfg: RunConfig, entries: list[dict[str, Any]]) -> dict[str, 
     refusals = []
     for entry in kept:
         body = entry["body"]
-        if entry["kind"] == kinds.REPLY_REJECTED and body.get("check") == "privacy-budget":
-            refusals.append({"round": body.get("round"), "node_id": body.get("node_id"),
+        if entry["kind"] == kinds.REPLY_REJECTED and body.get("check") in REFUSAL_CHECKS:
+            refusals.append({"round": body.get("round"), "phase": body.get("phase"), "check": body.get("check"),
+                             "node_id": body.get("node_id"),
                              "institution_id": body.get("institution_id") or names.get(body.get("node_id")),
                              "reason": body.get("reason")})
         if entry["kind"] != kinds.REPLY_ACCEPTED or body.get("phase") not in PRIVATE_PHASES:

@@ -84,10 +84,19 @@ def _rounds(rounds: list[RoundRow]) -> list[str]:
 
 def _privacy(p: PrivacySummary) -> list[str]:
     lines = ["## Privacy", "", f"Mechanism {p.mechanism}, delta {p.delta}, secure aggregation "
-             f"{'on' if p.secure_aggregation else 'off'}; {len(p.refusals)} budget refusal(s).", ""]
+             f"{'on' if p.secure_aggregation else 'off'}; {_refusals(p.refusals)}.", ""]
     if p.epsilon_final:
         lines += _table(("institution", "epsilon spent"), [(name, _num(value)) for name, value in sorted(p.epsilon_final.items())])
+    if p.refusals:
+        lines += ["", *_table(("round", "institution", "check", "reason"), [
+            (r.get("round"), r.get("institution_id") or r.get("node_id"), r.get("check", "privacy-budget"),
+             str(r.get("reason", "")).replace("|", "/")) for r in p.refusals])]
     return lines
+
+
+def _refusals(refusals: list[dict[str, Any]]) -> str:
+    budget = sum(r.get("check", "privacy-budget") == "privacy-budget" for r in refusals)
+    return f"{budget} budget refusal(s), {len(refusals) - budget} site-policy refusal(s)"
 
 
 def _audit(a: AuditSummary) -> list[str]:

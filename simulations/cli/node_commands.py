@@ -15,7 +15,13 @@ from rich.markup import escape
 from common.errors import FedstillError
 from simulations.cli.console import console, fail
 from simulations.deploy.approved_apps import ApprovedApps, app_fab, fab_hash
-from simulations.deploy.node_check import check_auth_key, check_node_config, check_superlink, parse_node_config
+from simulations.deploy.node_check import (
+    check_auth_key,
+    check_node_config,
+    check_site_policy,
+    check_superlink,
+    parse_node_config,
+)
 
 
 def supernode(
@@ -36,13 +42,13 @@ def supernode(
         check_auth_key(auth_key)
         approved = ApprovedApps.load(approved_apps)
         config = parse_node_config(node_config)
-        check_node_config(config)
+        policy = check_site_policy(check_node_config(config))
         check_superlink(superlink, root_certificates)
     except FedstillError as error:
         fail(error)
     console.print(f"checks passed: {escape(superlink)} presents a certificate from {escape(str(root_certificates))}; "
                   f"node key and node config ({', '.join(sorted(config)) or 'empty'}) readable; "
-                  f"{len(approved.sha256)} approved app bundle(s)")
+                  f"{len(approved.sha256)} approved app bundle(s); {escape(policy)}")
     if check_only:
         return
     binary = Path(sys.executable).parent / "flower-supernode"

@@ -5,7 +5,8 @@ an institution's operator needs to hear instead which of its files is wrong. `ch
 the same TLS handshake the SuperNode will make (the CA it was given, the host name it dials) and
 explains why it failed; `check_auth_key` reads the node-authentication key the way Flower does;
 `check_node_config` parses the node config as the ClientApp will (common.node_config.NodeConfig)
-and checks that the files it names are there.
+and checks that the files it names are there; `check_site_policy` reads the institution's site policy
+where its node will (a policy that does not parse would refuse every message of every run).
 """
 
 from __future__ import annotations
@@ -129,3 +130,15 @@ def check_node_config(config: Mapping[str, UserConfigValue]) -> NodeConfig:
 
         detect_format(Path(node.data_path).expanduser())  # a known layout (the run checks labels and sizes)
     return node
+
+
+def check_site_policy(node: NodeConfig) -> str:
+    """Read the site policy this node will enforce, as the ClientApp will (client.enforce.site_policy); a
+    ConfigError names a bad key or value. Returns one line saying what the policy sets."""
+    from client.enforce import site_policy
+    from common.config import RunConfig, default_run_config
+
+    policy = site_policy(RunConfig.from_run_config(default_run_config()), node)
+    if not policy.written:
+        return "no site policy (the defaults of docs/deployment.md, \"Site policy\")"
+    return "site policy " + "; ".join(policy.line(key).removeprefix("site-policy: ") for key in sorted(policy.written))

@@ -25,6 +25,7 @@ from common.secagg.protocol import RosterEntry
 from common.tasks.registry import load_split
 from common.tasks.samples import public_fingerprint
 from server.audit_trail import AuditTrail
+from server.results.privacy import privacy_section
 from server.rounds import digest_round, make_query, require_quorum, soft_label_round
 from simulations.provision import provision_sites
 
@@ -113,6 +114,8 @@ def test_privacy_none_is_refused_by_a_node_with_a_budget_and_the_round_goes_on(
     require_quorum(replies, cfg, 1)
     assert rejection(trail, 11)["check"] == "site-policy" and line in rejection(trail, 11)["reason"]
     assert str(tmp_path) not in rejection(trail, 11)["reason"]  # no local path reaches the server
+    (refusal,) = privacy_section(cfg, trail.ledger.entries())["refusals"]  # results.json lists it
+    assert refusal["check"] == "site-policy" and refusal["round"] == 1 and line in refusal["reason"]
 
 
 def test_class_counts_under_dp_are_refused_before_training(tmp_path: Path) -> None:
@@ -255,3 +258,18 @@ def test_noised_counts_and_calibrated_dp_sgd_spend_exactly_the_budget_together(t
     total = json.loads(replies.attestations[11].statement)["privacy"]["epsilon_total"]
     assert 1.95 < total <= 2.0
     assert [e["mechanism"] for e in ledger_events(cfg, "institution-0")] == ["gaussian", "dp-sgd", "dp-sgd"]
+
+
+def test_an_error_on_the_node_reaches_the_coordinator_without_local_paths(tmp_path: Path) -> None:
+    # Prepare: institution-0's signing key is gone (its error names the file on the node)
+    grid, cfg, trail = federation(tmp_path)
+    for key in (Path(cfg.sites_dir) / "institution-0").glob("*.key"):
+        key.unlink()
+
+    # Execute
+    replies = soft_label_round(grid, cfg, trail, query_for(cfg), list(NODES))
+
+    # Assert: the other institution answers; the error names the problem, not where it lives
+    assert sorted(replies.accepted) == [12] and replies.checks == {11: "node-error"}
+    assert str(tmp_path) not in replies.rejected[11] and "<path on the node>" in replies.rejected[11]
+    assert str(tmp_path) not in rejection(trail, 11)["reason"]

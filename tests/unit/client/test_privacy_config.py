@@ -107,7 +107,8 @@ def test_the_privacy_section_reads_what_institutions_signed(run_config_mapping: 
     assert section["mechanism"] == "dp-sgd" and section["delta"] == [1e-5]
     assert section["epsilon_final"] == {"hospital-a": 2.0, "bank-b": 1.5} and section["epsilon_max"] == 2.0
     assert [sorted(r["institutions"]) for r in section["epsilon_per_round"]] == [["bank-b", "hospital-a"], ["hospital-a"]]
-    assert section["refusals"] == [{"round": 2, "node_id": "12", "institution_id": "bank-b",
+    assert section["refusals"] == [{"round": 2, "phase": "soft-labels", "check": "privacy-budget", "node_id": "12",
+                                    "institution_id": "bank-b",
                                     "reason": "node error: PrivacyBudgetExceeded: ..."}]
 
 

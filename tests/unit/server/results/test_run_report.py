@@ -47,6 +47,24 @@ def test_report_shows_headline_rounds_and_every_section(tmp_path: Path) -> None:
     assert "| 2 | 3 | 0.7000 | 0.8000 | 3 | 1 | 1,200 | 2.5 |" in page
     assert "| institution-0 | 3.9900 |" in page and "12 entries, head ab12" in page
     assert "## Evaluation" not in page  # only once `fedstill evaluate` has run
+    assert "0 budget refusal(s), 0 site-policy refusal(s)" in page
+
+
+def test_report_lists_each_refusal_with_its_check(tmp_path: Path) -> None:
+    # Prepare
+    refusals = [{"round": 1, "check": "site-policy", "node_id": "11", "institution_id": "institution-0",
+                 "reason": 'PolicyViolation: site-policy: mechanisms = ["dp-sgd"] refuses privacy "none"'},
+                {"round": 2, "check": "privacy-budget", "node_id": "12", "institution_id": None, "reason": "budget"}]
+    privacy = {**PRIVACY, "refusals": refusals}
+
+    # Execute
+    page = render({"status": "completed", "scenario": SCENARIO, "rounds": ROUNDS, "final": FINAL, "privacy": privacy},
+                  tmp_path)
+
+    # Assert
+    assert "1 budget refusal(s), 1 site-policy refusal(s)" in page
+    assert '| 1 | institution-0 | site-policy | PolicyViolation: site-policy: mechanisms = ["dp-sgd"] refuses' in page
+    assert "| 2 | 12 | privacy-budget | budget |" in page
 
 
 def test_a_fedavg_run_has_no_teacher_figures(tmp_path: Path) -> None:

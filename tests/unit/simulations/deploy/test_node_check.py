@@ -20,6 +20,7 @@ from simulations.deploy.node_check import (
     check_auth_key,
     check_ca_file,
     check_node_config,
+    check_site_policy,
     check_superlink,
     parse_node_config,
     split_address,
@@ -187,3 +188,19 @@ def test_the_node_check_parses_the_node_config_as_the_clientapp_does(tmp_path: P
     with pytest.raises(ConfigError, match=r"delta must be a float in \(0, 1\), got 2.0"):
         check_node_config({"delta": 2.0})
     assert check_node_config(good) == NodeConfig.from_node_config(good)
+
+
+def test_the_node_check_reads_the_site_policy_where_the_node_will(tmp_path: Path) -> None:
+    # Prepare: the policy lives next to the release log (the institution's own folder)
+    (tmp_path / "k.key").write_text("x")
+    node = check_node_config({"institution-id": "a", "signing-key": str(tmp_path / "k.key")})
+
+    # Execute / Assert: no file is the defaults; a file is summarised; a bad file stops the node before it starts
+    assert check_site_policy(node).startswith("no site policy")
+    (tmp_path / "site-policy.toml").write_text('mechanisms = ["dp-sgd"]\nmax-epsilon = 4.0\n')
+    assert check_site_policy(node) == 'site policy max-epsilon = 4; mechanisms = ["dp-sgd"]'
+    (tmp_path / "site-policy.toml").write_text('counts = "approx"\n')
+    with pytest.raises(ConfigError, match=r"site-policy: counts must be one of .* got 'approx'; fix site-policy.toml"):
+        check_site_policy(node)
+    with pytest.raises(ConfigError, match="node config site-policy names no readable file"):
+        check_site_policy(check_node_config({"site-policy": str(tmp_path / "none.toml")}))
