@@ -180,9 +180,10 @@ def verify_ledger(
 
 def _check_semantics(chain: Chain, keys: dict[str, str] | None) -> set[str]:
     """Attestations of accepted replies (against the query of their round and its phase), round order, replies of
-    the run's method, and a closing entry."""
+    the run's method, aggregations of accepted replies only, and a closing entry."""
     run_ids = {e["body"].get("run_id") for _, e in chain.entries if e["kind"] == kinds.RUN_STARTED}
     open_round, open_query, resumed_after, method = None, None, None, None
+    accepted: dict[tuple[Any, Any], set[str]] = {}  # (round, phase) -> nodes whose reply was accepted since it opened
     for index, (number, entry) in enumerate(chain.entries):
         body, kind = entry["body"], entry["kind"]
         if kind == kinds.RUN_RESUMED:
@@ -196,6 +197,7 @@ def _check_semantics(chain: Chain, keys: dict[str, str] | None) -> set[str]:
             method = body.get("method")
         if kind in (kinds.ROUND_OPENED, kinds.DIGEST_OPENED, kinds.EXCHANGE_OPENED):
             open_round, open_query = body.get("round"), body.get("query_sha256")
+            accepted[(body.get("round"), _opened_phase(entry))] = set()
         elif kind in (kinds.REPLY_ACCEPTED, kinds.REPLY_REJECTED, kinds.AGGREGATED) and body.get("round") != open_round:
             chain.problem(number, entry, "round order", f"about round {body.get('round')}, but the open round is {open_round}")
         if kind in (kinds.REPLY_ACCEPTED, kinds.REPLY_REJECTED) and (method == "fedavg") != (body.get("phase") == kinds.FEDAVG_PHASE):
@@ -203,11 +205,34 @@ def _check_semantics(chain: Chain, keys: dict[str, str] | None) -> set[str]:
                                                   f"a FedAvg run exchanges weights only, other runs never do")
         if kind == kinds.REPLY_ACCEPTED:
             _check_accepted(chain, number, entry, keys, run_ids, open_query)
+            accepted.setdefault((body.get("round"), body.get("phase")), set()).add(str(body.get("node_id")))
+        if kind == kinds.AGGREGATED:
+            _check_aggregated(chain, number, entry, accepted)
     if chain.entries and chain.entries[-1][1]["kind"] not in kinds.CLOSING:
         number, last = chain.entries[-1]
         chain.problem(number, last, "closing entry",
                       f"the ledger ends without {' or '.join(kinds.CLOSING)}: it was truncated, or the run has not ended")
     return {r for r in run_ids if isinstance(r, str)}
+
+
+def _opened_phase(entry: dict[str, Any]) -> Any:
+    """The phase of the replies an opening entry asks for."""
+    return {kinds.ROUND_OPENED: "soft-labels", kinds.DIGEST_OPENED: "digest"}.get(entry["kind"], entry["body"].get("phase"))
+
+
+def _check_aggregated(chain: Chain, number: int, entry: dict[str, Any], accepted: dict[tuple[Any, Any], set[str]]) -> None:
+    """An aggregation names only nodes whose reply of its phase was accepted in its round (the soft labels, or
+    under FedAvg the trained weights): the record proves the coordinator used only verified releases."""
+    body = entry["body"]
+    phase = kinds.FEDAVG_PHASE if body.get("rule") == kinds.FEDAVG_PHASE else "soft-labels"
+    nodes = body.get("nodes")
+    if not isinstance(nodes, list):
+        chain.problem(number, entry, "aggregated", "names no list of nodes")
+        return
+    unverified = sorted({str(n) for n in nodes} - accepted.get((body.get("round"), phase), set()))
+    if unverified:
+        chain.problem(number, entry, "aggregated", f"round {body.get('round')} aggregates node(s) {unverified} without an "
+                                                   f"accepted {phase} reply in that round")
 
 
 def _check_resume(chain: Chain, index: int) -> None:

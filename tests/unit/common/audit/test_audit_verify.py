@@ -670,3 +670,20 @@ def test_read_chain_reports_a_missing_file(tmp_path: Path) -> None:
 
     # Assert
     assert [(f.check, f.message) for f in chain.problems] == [("file", "not found")]
+
+
+def test_an_aggregation_naming_a_node_without_an_accepted_reply_is_found(run: AuditedRun) -> None:
+    # Prepare: the coordinator (its own key) drops node 102's accepted reply of round 2 but still aggregates it
+    entries = entries_of(run.ledger)
+    del entries[10 - 1]
+    for seq, entry in enumerate(entries):
+        entry["seq"] = seq
+    write_lines(run.ledger, forge(entries, run.coordinator, start=10 - 1))
+
+    # Execute
+    result = verify(run, logs=False)
+
+    # Assert: the aggregation (now line 10) is named; so is the results.json count
+    problem = found(result, "aggregated", 10)
+    assert "round 2 aggregates node(s) ['102'] without an accepted soft-labels reply in that round" in problem.message
+    assert {f.check for f in result.problems} == {"aggregated", "results"}
