@@ -31,10 +31,19 @@ Coordinator ledger (`<run folder>/ledger.jsonl`, signer "coordinator"):
                         were about (`abandoned_rounds`) were abandoned and are run again after this entry.
                         checkpoint_round 0: the stopped run completed no round; checkpoint_seq is its run-started
     ledger-recovered    {torn_bytes, torn_sha256, set_aside}
+    tree-head           {ledger, size, root, key, sig}   the coordinator's signed Merkle tree head of the first
+                        `size` entries (common.audit.witness), sent to every institution to witness
+    cosigned            {ledger, size, root, institution_id, key, sig, node_id}   an institution's cosignature
+                        of that head, after checking it extends what it cosigned before
 
 Institution release log (`release-log.jsonl`, signer = the institution id):
     ledger-opened       {signer, key, institution_id}
     release             {run_id, round, node_id, attestation}
+    cosigned            {ledger, size, root, coordinator_key, sig}   a coordinator's tree head this institution
+                        checked and cosigned (sig: its cosignature)
+    receipt             {ledger, size, root, seq, entry, proof}   a ledger entry accepting one of its replies,
+                        with its inclusion proof in the cosigned head of that size
+    witness-refused     {ledger, size, reason}   a tree head it refused (rollback, fork, bad signature or receipt)
 
 Run and node ids are decimal strings (64-bit ids do not fit RFC 8785 numbers).
 `attestation` is {"statement": <canonical JSON text>, "signature": <base64>} (common.audit.attestation),
@@ -62,6 +71,11 @@ RUN_RESUMED = "run-resumed"
 RELEASE = "release"
 WEIGHT_CLIPPED = "weight-clipped"
 SUM_REFUSED = "sum-refused"
+TREE_HEAD = "tree-head"
+COSIGNED = "cosigned"
+RECEIPT = "receipt"
+WITNESS_REFUSED = "witness-refused"
+WITNESS_PHASE = "witness"  # the exchange after the closing entry: institutions cosign the final tree head
 FEDAVG_PHASE = "fedavg"  # the FedAvg baseline's exchange: global weights down, trained weights up
 FEDAVG_PAYLOAD = "fedavg-weights"  # the payload kind a FedAvg reply's attestation states
 CLOSING = (RUN_FINISHED, RUN_FAILED)
