@@ -23,10 +23,17 @@ from client.scrub import local_detail_kept
 from client.secure import masked_vector, round_keys, share_bundles, unmask_shares
 from client.site import Site, load_site
 from client.teacher import attach_store, digest_round, restore_teacher, save_teacher, teacher_store
+from client.witness import pinned_key, witness, witness_first
 from common.audit import kinds
 from common.config import RunConfig
 from common.errors import FingerprintMismatch, MessageFormatError
 from common.messages import (
+    DIGEST_TYPE,
+    SETUP_TYPE,
+    SHARES_TYPE,
+    SOFT_LABELS_TYPE,
+    UNMASK_TYPE,
+    WITNESS_TYPE,
     DigestInstruction,
     DigestReply,
     MaskedReply,
@@ -36,6 +43,9 @@ from common.messages import (
     SoftLabelQuery,
     SoftLabelReply,
     TrainInstruction,
+    WitnessCall,
+    attach_cosignature,
+    read_witness_request,
 )
 from common.node_config import NodeConfig
 
@@ -44,6 +54,7 @@ app = ClientApp()
 
 @app.query("soft_labels")
 @local_detail_kept
+@witness_first
 def soft_labels(msg: Message, context: Context) -> Message:
     """Train the teacher one more round, then answer with softmax(teacher(public) / T) (or PATE's noisy
     votes) — masked, under secure aggregation."""
@@ -74,6 +85,7 @@ def soft_labels(msg: Message, context: Context) -> Message:
 
 @app.query("secagg_setup")
 @local_detail_kept
+@witness_first
 def secagg_setup(msg: Message, context: Context) -> Message:
     """Secure aggregation, step 1: this round's public keys."""
     cfg, node, site = _setup(context)
@@ -83,6 +95,7 @@ def secagg_setup(msg: Message, context: Context) -> Message:
 
 @app.query("secagg_shares")
 @local_detail_kept
+@witness_first
 def secagg_shares(msg: Message, context: Context) -> Message:
     """Secure aggregation, step 2: sealed shares of this round's secrets, one bundle per institution."""
     cfg, node, site = _setup(context)
@@ -94,6 +107,7 @@ def secagg_shares(msg: Message, context: Context) -> Message:
 
 @app.query("secagg_unmask")
 @local_detail_kept
+@witness_first
 def secagg_unmask(msg: Message, context: Context) -> Message:
     """Secure aggregation, step 4: the shares that open the sum (never both secrets of one institution)."""
     cfg, node, site = _setup(context)
@@ -113,16 +127,31 @@ def _reply(
     record: RecordDict, msg: Message, context: Context, cfg: RunConfig, node: NodeConfig, site: Site, round_: int,
     **release: Any,
 ) -> Message:
-    """Sign and log what leaves the node (when it has an identity), then send it."""
+    """Cosign the ledger head the query asked to witness, sign and log what leaves the node (when it has an
+    identity), then send it."""
     identity = load_identity(cfg, node)
+    request = read_witness_request(msg.content)
     if identity is not None:
+        if request is not None:
+            record = attach_cosignature(record, witness(request, identity, pinned_key(node)))
         record = sign_and_log(identity, record, msg.content, run_id=context.run_id, round_=round_,
                               node_id=context.node_id, fingerprint=site.fingerprint, **release)
     return Message(record, reply_to=msg)
 
 
+@app.query("witness")
+@local_detail_kept
+@witness_first
+def witness_head(msg: Message, context: Context) -> Message:
+    """After the run's closing entry: cosign the ledger's final head (the reply carries nothing else)."""
+    cfg, node, site = _setup(context)
+    call = WitnessCall.from_record(msg.content)
+    return _reply(RecordDict(), msg, context, cfg, node, site, call.round, kind=kinds.WITNESS_PHASE)
+
+
 @app.train("digest")
 @local_detail_kept
+@witness_first
 def digest(msg: Message, context: Context) -> Message:
     """FedMD: the teacher learns toward the server's consensus on the public set, then revisits its data."""
     cfg, node, site = _setup(context)
@@ -139,6 +168,7 @@ def digest(msg: Message, context: Context) -> Message:
 
 @app.train()
 @local_detail_kept
+@witness_first
 def fedavg(msg: Message, context: Context) -> Message:
     """The FedAvg baseline (method = "fedavg"): train the global student weights on private data; the trained
     weights leave signed and logged, like every other release."""
@@ -148,6 +178,12 @@ def fedavg(msg: Message, context: Context) -> Message:
     instruction = TrainInstruction.from_record(msg.content)
     record = fedavg_train(instruction, cfg, site)
     return _reply(record, msg, context, cfg, node, site, instruction.server_round, kind=kinds.FEDAVG_PAYLOAD)
+
+
+HANDLERS = {  # each message type this app answers -> its handler, as Flower dispatches them (tests drive them so)
+    SOFT_LABELS_TYPE: soft_labels, SETUP_TYPE: secagg_setup, SHARES_TYPE: secagg_shares, UNMASK_TYPE: secagg_unmask,
+    WITNESS_TYPE: witness_head, DIGEST_TYPE: digest, "train": fedavg,
+}
 
 
 def _setup(context: Context) -> tuple[RunConfig, NodeConfig, Site]:

@@ -23,7 +23,7 @@ from common.audit.keys import Signer, load_signer, private_key_path
 from common.audit.ledger import Ledger
 from common.config import RunConfig
 from common.errors import ConfigError
-from common.messages import attach_attestation, payload_description, record_digest
+from common.messages import QUERY_DIGEST_EXCLUDES, attach_attestation, payload_description, record_digest
 from common.node_config import NodeConfig
 
 RELEASE_LOG = "release-log.jsonl"
@@ -32,6 +32,7 @@ SOFT_LABEL_CATEGORIES = ["soft labels on public transfer samples", "training sum
 COUNTS_CATEGORY = "per-class counts of private data"
 ACCURACY_CATEGORY = "teacher accuracy on the benchmark test set"
 DIGEST_CATEGORY = "training summary (FedMD digest and revisit losses)"
+WITNESS_CATEGORY = "a cosignature of the coordinator's ledger head (no data)"
 FEDAVG_CATEGORIES = ["model weights trained on private data (FedAvg baseline)", "training summary (num-examples, loss)"]
 
 
@@ -110,10 +111,12 @@ def sign_and_log(
     message (a key of SECAGG_RELEASES) or a FedAvg reply (`kinds.FEDAVG_PAYLOAD`: trained weights).
     """
     payload_sha256, payload_bytes = record_digest(reply)
-    query_sha256, _ = record_digest(query)
+    query_sha256, _ = record_digest(query, exclude=QUERY_DIGEST_EXCLUDES)  # its witness request is not the query
     payload: dict[str, Any]
     if kind == kinds.FEDAVG_PAYLOAD:  # full weights leave: each array's name, dtype and shape are stated
         payload, categories = {**payload_description(reply, "arrays"), "kind": kind}, FEDAVG_CATEGORIES
+    elif kind == kinds.WITNESS_PHASE:
+        payload, categories = {"kind": kind, "codec": None, "arrays": {}}, [WITNESS_CATEGORY]
     elif kind is not None:
         payload, categories = {"kind": kind, "codec": None, "arrays": {}}, SECAGG_RELEASES[kind]
     elif digest:

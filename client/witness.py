@@ -11,34 +11,84 @@ too (`witness-refused`) and the query gets a `WitnessError` reply, which the coo
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from client.release import Identity
+from flwr.app import Context, Message
+
+from client.release import Identity, load_identity
 from common.audit import kinds
 from common.audit.attestation import Attestation, read_statement
 from common.audit.ledger import Ledger
 from common.audit.witness import Cosignature, TreeHead, WitnessError, WitnessRequest, check_request
-from common.errors import AuditError
+from common.config import RunConfig
+from common.errors import AuditError, ConfigError
+from common.messages import read_witness_request
+from common.node_config import NodeConfig
+
+Handler = Callable[[Message, Context], Message]
 
 
-def witness(request: WitnessRequest, identity: Identity, pinned_key: str | None = None) -> Cosignature:
-    """Check `request` against this institution's release log, then cosign it and log head and receipts."""
-    log = Ledger.open(identity.release_log, identity.signer, {"institution_id": identity.signer.name})
+def witness_first(handler: Handler) -> Handler:
+    """Wrap a ClientApp handler: a witness request the query carries is checked before any work (a refused head
+    costs no training and no privacy); the reply cosigns it (client_app._reply)."""
+
+    @functools.wraps(handler)
+    def run(message: Message, context: Context) -> Message:
+        request = read_witness_request(message.content)
+        if request is not None:
+            node = NodeConfig.from_node_config(context.node_config)
+            identity = load_identity(RunConfig.from_run_config(context.run_config), node)
+            if identity is not None:
+                precheck(request, identity, pinned_key(node))
+        return handler(message, context)
+
+    return run
+
+
+def pinned_key(node: NodeConfig) -> str | None:
+    """The coordinator key node config `coordinator-key` pins: its text, or the .pub file it names."""
+    value = node.coordinator_key
+    if value is None or value.startswith("ed25519:"):
+        return value
+    try:
+        return Path(value).expanduser().read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        raise ConfigError("node config coordinator-key names no readable public key file on this node; give the "
+                          "coordinator's coordinator.pub (or its ed25519:... text)") from None
+
+
+def precheck(request: WitnessRequest, identity: Identity, pinned: str | None = None) -> None:
+    """Check `request` against this institution's release log; a refusal is kept in the log and raised."""
+    log = _log(identity)
     head = request.head.head
     last, first_key = last_cosigned(log, head.ledger)
     try:
-        check_request(request, last, pinned_key or first_key)
+        check_request(request, last, pinned or first_key)
         for receipt in request.receipts:
             _check_own(receipt.entry, identity.signer.name)
     except WitnessError as error:
         log.append(kinds.WITNESS_REFUSED, {"ledger": head.ledger, "size": head.size, "reason": str(error)})
         raise
+
+
+def witness(request: WitnessRequest, identity: Identity, pinned: str | None = None) -> Cosignature:
+    """Check `request` (precheck), then cosign its head and keep head and receipts in the release log."""
+    precheck(request, identity, pinned)
+    log = _log(identity)
+    head = request.head.head
     cosignature = Cosignature.sign(head, identity.signer)
     log.append(kinds.COSIGNED, {**head.as_dict(), "coordinator_key": request.head.key, "coordinator_sig": request.head.sig,
                                 "sig": cosignature.sig})
     for receipt in request.receipts:
         log.append(kinds.RECEIPT, {**head.as_dict(), **receipt.as_dict()})
     return cosignature
+
+
+def _log(identity: Identity) -> Ledger:
+    return Ledger.open(identity.release_log, identity.signer, {"institution_id": identity.signer.name})
 
 
 def last_cosigned(log: Ledger, ledger_id: str) -> tuple[TreeHead | None, str | None]:

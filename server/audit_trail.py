@@ -29,6 +29,7 @@ from common.errors import AuditError, ConfigError, FedstillError
 from common.messages import DigestInstruction, SoftLabelQuery, read_attestation, record_digest, weights_digest
 from server.exchange import Exchange
 from server.results.schema import AuditSummary
+from server.witness import Witnessing
 
 LEDGER = "ledger.jsonl"
 
@@ -44,6 +45,7 @@ class AuditTrail:
     rejections: int = 0
     earlier_institutions: dict[str, str] = field(default_factory=dict)  # node id -> institution, before a resume
     max_examples: dict[str, int] = field(default_factory=dict)  # institution -> agreed largest size ([max-examples])
+    witnessing: Witnessing | None = None  # with an allow-list: the institutions witness the ledger (server.witness)
 
     @classmethod
     def open(cls, cfg: RunConfig, run_dir: Path, run_id: int) -> AuditTrail:
@@ -55,6 +57,7 @@ class AuditTrail:
         ledger = Ledger.open(path, signer, {"run_name": run_dir.name, "allow_list": allow_list})
         trail = cls(ledger, str(run_id), allow_list)
         trail.max_examples = load_max_examples(cfg.allow_list, allow_list) if allow_list else {}
+        trail.witnessing = Witnessing.of(ledger, allow_list, trail.bindings) if allow_list else None
         if existed:
             ledger.append(RESUMED, {"run_id": str(run_id)})
         config = cfg.to_dict()

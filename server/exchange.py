@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from logging import WARNING
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from flwr.app import Message, RecordDict
 from flwr.common.logger import log
@@ -19,7 +19,8 @@ from flwr.serverapp import Grid
 
 from common.audit.attestation import Attestation
 from common.errors import AuditError, FedstillError
-from common.messages import read_attestation, record_digest, record_nbytes
+from common.messages import read_attestation, read_cosignature, record_digest, record_nbytes, with_witness_request
+from server.witness import Witnessing
 
 R = TypeVar("R")
 Check = Callable[[int, RecordDict], "Attestation | None"]  # the audit trail's attestation check; AuditError if bad
@@ -65,14 +66,24 @@ def ask(records: Mapping[int, RecordDict], message_type: str, group_id: str) -> 
 
 def exchange(
     grid: Grid, messages: list[Message], timeout: float, parse: Callable[[RecordDict], R], check: Check | None,
-    phase: Phase, round_: int,
+    phase: Phase, round_: int, witness: Witnessing | None = None,
 ) -> Exchange[R]:
     """Send `messages`, collect the replies within `timeout` and judge each: node error, then attestation
-    (`check`; None: no attestation is asked of this exchange), then schema (`parse`)."""
+    (`check`; None: no attestation is asked of this exchange), then schema (`parse`), then, when the ledger is
+    witnessed (`witness`), the cosignature of the tree head each message carried (check `witness`)."""
+    if witness is not None and messages:
+        requests = witness.requests([m.metadata.dst_node_id for m in messages])
+        messages = [_with_request(m, requests[m.metadata.dst_node_id]) for m in messages]
     result: Exchange[R] = Exchange(downlink_bytes=sum(record_nbytes(m.content) for m in messages))
     for node, reply in collect(grid, messages, timeout) if messages else []:
         result.replies[node] = reply
         _judge(result, node, reply, parse, check, phase)
+        if witness is not None and node in result.accepted:
+            attestation = result.attestations.get(node)
+            problem = witness.record(node, _signer(attestation), read_cosignature(reply.content))
+            if problem is not None:
+                del result.accepted[node]
+                result.reject(node, f"witness: {problem}", "witness")
     for node in [m.metadata.dst_node_id for m in messages]:
         if node not in result.accepted and node not in result.rejected:
             result.reject(node, phase.silent.format(timeout=timeout), "timeout")
@@ -102,6 +113,21 @@ def _judge(result: Exchange[R], node: int, reply: Message, parse: Callable[[Reco
         result.reject(node, phase.malformed.format(error=f"{type(problem).__name__}: {problem}"), "format")
     except Exception as problem:  # noqa: BLE001 - no reply, however malformed, may crash the server
         result.reject(node, phase.unreadable.format(error=f"{type(problem).__name__}: {problem}"), "format")
+
+
+def _with_request(message: Message, request: Any) -> Message:
+    return Message(content=with_witness_request(message.content, request), dst_node_id=message.metadata.dst_node_id,
+                   message_type=message.metadata.message_type, group_id=message.metadata.group_id, ttl=message.metadata.ttl)
+
+
+def _signer(attestation: Attestation | None) -> str | None:
+    if attestation is None:
+        return None
+    try:
+        name = attestation.fields.get("institution_id")
+    except ValueError:
+        return None
+    return name if isinstance(name, str) else None
 
 
 def collect(grid: Grid, messages: list[Message], timeout: float) -> list[tuple[int, Message]]:

@@ -37,6 +37,7 @@ from server.results.figures import final_figures, run_title, split_metrics, stud
 from server.results.run_folder import STUDENT, RunFolder
 from server.results.schema import RoundRow
 from server.resume import Checkpointer
+from server.rounds import witness_end
 
 if TYPE_CHECKING:
     from flwr.supercore.run import Run
@@ -105,7 +106,7 @@ class JudgedGrid(Grid):
         trail.exchange_opened(FEDAVG.name, round_, {m.metadata.dst_node_id: m.content for m in messages})
         check = partial(trail.check_exchange, round_, self.strategy.fingerprint)
         judged = exchange(self.grid, messages, math.inf if timeout is None else timeout, TrainReply.from_record, check,
-                          FEDAVG, round_)
+                          FEDAVG, round_, trail.witnessing)
         trail.record_replies(round_, judged, FEDAVG.name)
         self.strategy.exchanges[round_] = judged
         return [reply for node, reply in judged.replies.items() if node in judged.accepted]
@@ -177,5 +178,7 @@ def run_fedavg(
                        num_rounds=cfg.num_server_rounds - done, timeout=cfg.round_timeout, evaluate_fn=evaluate)
     if len(run.rounds) < cfg.num_server_rounds:
         raise QuorumError(f"FedAvg finished only {len(run.rounds)} of {cfg.num_server_rounds} rounds; see the log")
-    run.sections["audit"] = trail.finished(cfg.num_server_rounds, run.path / STUDENT)
+    trail.finished(cfg.num_server_rounds, run.path / STUDENT)
+    witness_end(grid, cfg, trail, strategy.fingerprint, cfg.num_server_rounds)
+    run.sections["audit"] = trail.summary()
     run.finish(final_figures(run.rounds, count_parameters(model), run_title(cfg)))

@@ -15,11 +15,24 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common.aggregation import NEEDS_CLASS_COUNTS
+from common.audit import kinds
 from common.config import RunConfig, temperature_at
 from common.errors import QuorumError
-from common.messages import DIGEST_TYPE, SOFT_LABELS_TYPE, DigestInstruction, DigestReply, MaskedReply, SoftLabelQuery, SoftLabelReply
+from common.messages import (
+    DIGEST_TYPE,
+    SOFT_LABELS_TYPE,
+    WITNESS_TYPE,
+    DigestInstruction,
+    DigestReply,
+    MaskedReply,
+    SoftLabelQuery,
+    SoftLabelReply,
+    WitnessCall,
+    read_cosignature,
+)
 from server.audit_trail import AuditTrail
 from server.exchange import Check, Exchange, Phase, ask, exchange
+from server.witness import Witnessing
 
 WAIT_POLL_S = 1.0
 SOFT_LABELS = Phase("soft-labels")
@@ -51,19 +64,20 @@ def soft_label_round(grid: Grid, cfg: RunConfig, trail: AuditTrail, query: SoftL
                      nodes: list[int]) -> Exchange[SoftLabelReply]:
     """Open the round in the ledger, query every node, record each verdict."""
     trail.round_opened(query, query.to_record(), nodes)
-    replies = query_soft_labels(grid, nodes, query, cfg.round_timeout, partial(trail.check_reply, query))
+    replies = query_soft_labels(grid, nodes, query, cfg.round_timeout, partial(trail.check_reply, query), trail.witnessing)
     trail.record_replies(query.round, replies)
     return replies
 
 
 def query_soft_labels(
-    grid: Grid, nodes: list[int], query: SoftLabelQuery, timeout: float, check: Check | None = None
+    grid: Grid, nodes: list[int], query: SoftLabelQuery, timeout: float, check: Check | None = None,
+    witness: Witnessing | None = None,
 ) -> Exchange[SoftLabelReply]:
     """Send `query` to every node and keep the replies that pass `check` (the audit trail's attestation
-    check) and validation."""
+    check), validation and, with `witness`, the witnessing of the ledger."""
     messages = ask({node: query.to_record() for node in nodes}, SOFT_LABELS_TYPE, str(query.round))
     return exchange(grid, messages, timeout, partial(SoftLabelReply.from_record, query=query), check, SOFT_LABELS,
-                    query.round)
+                    query.round, witness)
 
 
 def require_quorum(replies: Exchange[Any], cfg: RunConfig, round_: int) -> None:
@@ -99,14 +113,35 @@ def digest_round(grid: Grid, cfg: RunConfig, trail: AuditTrail, instruction: Dig
                  nodes: list[int]) -> Exchange[DigestReply]:
     """FedMD: open the digest step in the ledger, send the consensus down, record each verdict."""
     trail.digest_opened(instruction, instruction.to_record(), nodes)
-    outcome = send_digest(grid, nodes, instruction, cfg.round_timeout, partial(trail.check_digest_reply, instruction))
+    outcome = send_digest(grid, nodes, instruction, cfg.round_timeout, partial(trail.check_digest_reply, instruction),
+                          trail.witnessing)
     trail.record_replies(instruction.round, outcome, phase=DIGEST.name)
     return outcome
 
 
 def send_digest(
-    grid: Grid, nodes: list[int], instruction: DigestInstruction, timeout: float, check: Check | None = None
+    grid: Grid, nodes: list[int], instruction: DigestInstruction, timeout: float, check: Check | None = None,
+    witness: Witnessing | None = None,
 ) -> Exchange[DigestReply]:
     """FedMD: send the consensus down; check each answer (attestation first, then its schema)."""
     messages = ask({node: instruction.to_record() for node in nodes}, DIGEST_TYPE, f"{instruction.round}-digest")
-    return exchange(grid, messages, timeout, DigestReply.from_record, check, DIGEST, instruction.round)
+    return exchange(grid, messages, timeout, DigestReply.from_record, check, DIGEST, instruction.round, witness)
+
+
+WITNESS = Phase(kinds.WITNESS_PHASE)
+
+
+def witness_end(grid: Grid, cfg: RunConfig, trail: AuditTrail, fingerprint: str, round_: int) -> Exchange[Any] | None:
+    """After the closing entry: every node still connected that answered in this run cosigns the ledger's final
+    tree head (its request rides in `query.witness`; the cosignatures follow the closing entry). None when the
+    run has no allow-list, so no witnessing."""
+    if trail.witnessing is None:
+        return None
+    nodes = sorted(set(trail.bindings) & set(grid.get_node_ids()))
+    record = WitnessCall(round_).to_record()
+    trail.exchange_opened(WITNESS.name, round_, {node: record for node in nodes})
+    outcome = exchange(grid, ask({node: record for node in nodes}, WITNESS_TYPE, f"{round_}-witness"), cfg.round_timeout,
+                       read_cosignature, partial(trail.check_exchange, round_, fingerprint), WITNESS, round_, trail.witnessing)
+    trail.record_replies(round_, outcome, phase=WITNESS.name)
+    log(INFO, "the final tree head of the ledger was cosigned by %d of %d institution(s)", len(outcome.accepted), len(nodes))
+    return outcome

@@ -31,7 +31,7 @@ from server.results.figures import final_figures, round_row, run_title, student_
 from server.results.privacy import privacy_section
 from server.results.run_folder import STUDENT, RunFolder
 from server.resume import Checkpointer, plan_start
-from server.rounds import SoftLabels, digest_round, make_query, require_quorum, soft_label_round, wait_for_nodes
+from server.rounds import SoftLabels, digest_round, make_query, require_quorum, soft_label_round, wait_for_nodes, witness_end
 from server.secure_rounds import secure_soft_labels
 
 app = ServerApp()
@@ -47,7 +47,7 @@ def main(grid: Grid, context: Context) -> None:
     if start.note:
         log(INFO, "%s", start.note)
     run = RunFolder.create(cfg)
-    trail = None
+    trail, split = None, None
     try:
         trail = AuditTrail.open(cfg, run.path, context.run_id)
         keeper = Checkpointer.start(cfg, run, trail, start)
@@ -61,10 +61,21 @@ def main(grid: Grid, context: Context) -> None:
         keeper.finished()
     except BaseException as error:
         if trail is not None:
-            run.sections["audit"] = trail.failed(error)
+            trail.failed(error)
+            if isinstance(error, Exception) and split is not None:
+                _witness_after_failure(grid, cfg, trail, public_fingerprint(split.public))
+            run.sections["audit"] = trail.summary()
             run.sections["privacy"] = privacy_section(cfg, trail.ledger.entries())
         run.fail(error)
         raise
+
+
+def _witness_after_failure(grid: Grid, cfg: RunConfig, trail: AuditTrail, fingerprint: str) -> None:
+    """A failed run's record is witnessed too, as far as the institutions still answer."""
+    try:
+        witness_end(grid, cfg, trail, fingerprint, cfg.num_server_rounds)
+    except Exception as problem:  # noqa: BLE001 - the run's own error is the one to report
+        log(WARNING, "the failed run's final tree head could not be witnessed: %s", problem)
 
 
 def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: FederatedSplit, trail: AuditTrail,
@@ -98,7 +109,9 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
         keeper.save(round_, entry, student.model.state_dict(), student.optimizer_states())
         log(INFO, "round %d: student accuracy %.4f, %d replies", round_, row.student_accuracy, len(replies.accepted))
 
-    run.sections["audit"] = trail.finished(cfg.num_server_rounds, run.path / STUDENT)
+    trail.finished(cfg.num_server_rounds, run.path / STUDENT)
+    witness_end(grid, cfg, trail, fingerprint, cfg.num_server_rounds)
+    run.sections["audit"] = trail.summary()
     run.sections["privacy"] = privacy_section(cfg, trail.ledger.entries())
     run.finish(final_figures(run.rounds, student.params, run_title(cfg)))
 

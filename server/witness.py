@@ -31,13 +31,15 @@ class Witnessing:
 
     ledger: Ledger
     allow_list: Mapping[str, str]
+    bindings: Mapping[int, str] = field(default_factory=dict)  # node -> the institution it answered as so far
     heads: list[TreeHead] = field(default_factory=list)  # recorded, oldest first
     cosigned: dict[str, int] = field(default_factory=dict)  # institution -> largest size it cosigned
 
     @classmethod
-    def of(cls, ledger: Ledger, allow_list: Mapping[str, str]) -> Witnessing:
-        """Pick up the heads and cosignatures already in the ledger (a restarted or resumed run)."""
-        witnessing = cls(ledger, allow_list)
+    def of(cls, ledger: Ledger, allow_list: Mapping[str, str], bindings: Mapping[int, str] | None = None) -> Witnessing:
+        """Pick up the heads and cosignatures already in the ledger (a restarted or resumed run); `bindings`: the
+        audit trail's node -> institution map, which it keeps up to date."""
+        witnessing = cls(ledger, allow_list, {} if bindings is None else bindings)
         for entry in ledger.entries():
             body = entry["body"]
             if entry["kind"] == kinds.TREE_HEAD:
@@ -47,9 +49,9 @@ class Witnessing:
                 witnessing.cosigned[name] = max(witnessing.cosigned.get(name, 0), int(body.get("size", 0)))
         return witnessing
 
-    def requests(self, nodes: list[int], institutions: Mapping[int, str]) -> dict[int, WitnessRequest]:
-        """Sign the ledger's current head, record it, and make each node's witness request (`institutions`: the
-        institution each node answered as so far; a node not known yet gets proofs from every recent head)."""
+    def requests(self, nodes: list[int]) -> dict[int, WitnessRequest]:
+        """Sign the ledger's current head, record it, and make each node's witness request (a node whose
+        institution is not known yet gets proofs from every recent head)."""
         lines = self.ledger.path.read_bytes().splitlines()
         leaves = [leaf_hash(line) for line in lines]
         signer: Signer = self.ledger.signer
@@ -60,7 +62,7 @@ class Witnessing:
         accepted = _accepted_by_node(lines)
         requests = {}
         for node in nodes:
-            institution = institutions.get(node)
+            institution = self.bindings.get(node)
             since = self.cosigned.get(institution, 0) if institution else 0
             sizes = [h.size for h in self.heads[:-1] if h.size >= since][-PROOFS_KEPT:] if institution else \
                 [h.size for h in self.heads[:-1]][-PROOFS_KEPT:]

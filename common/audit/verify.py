@@ -16,49 +16,12 @@ from typing import Any
 from common.audit import kinds
 from common.audit.attestation import Attestation, check_attestation, read_statement
 from common.audit.canonical import canonical
+from common.audit.chain import Chain as Chain  # re-exported: readers of a verification use both
+from common.audit.chain import Finding as Finding
 from common.audit.keys import key_id, verify_signature
 from common.audit.ledger import CORE_FIELDS, ENTRY_FIELDS, GENESIS_PREV, OPENED, entry_hash
+from common.audit.verify_witness import Tree, after_closing, check_ledger_witnessing, check_log_witnessing
 from common.errors import AuditError, ConfigError
-
-
-@dataclass(frozen=True)
-class Finding:
-    log: str
-    line: int | None
-    seq: int | None
-    kind: str | None
-    check: str
-    message: str
-
-    def __str__(self) -> str:
-        where = self.log if self.line is None else f"{self.log} line {self.line}"
-        if self.seq is not None or self.kind:
-            where += f" (entry {self.seq if self.seq is not None else '?'}, {self.kind or '?'})"
-        return f"{where}: {self.check}: {self.message}"
-
-
-@dataclass
-class Chain:
-    """The entries of one log that parsed, with their line numbers, and what was wrong with the log."""
-
-    path: Path
-    entries: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
-    problems: list[Finding] = field(default_factory=list)
-
-    @property
-    def genesis(self) -> dict[str, Any] | None:
-        return self.entries[0][1] if self.entries and self.entries[0][1].get("kind") == OPENED else None
-
-    def problem(self, line: int | None, entry: dict[str, Any] | None, check: str, message: str) -> None:
-        entry = entry or {}
-        seq = entry.get("seq") if isinstance(entry.get("seq"), int) else None
-        kind = entry.get("kind") if isinstance(entry.get("kind"), str) else None
-        self.problems.append(Finding(self.label, line, seq, kind, check, message))
-
-    @property
-    def label(self) -> str:
-        """The file as findings name it: its folder and name (every release log is `release-log.jsonl`)."""
-        return f"{self.path.parent.name}/{self.path.name}" if self.path.parent.name else self.path.name
 
 
 @dataclass
@@ -150,9 +113,10 @@ def _parse(chain: Chain, number: int, raw: bytes) -> dict[str, Any] | None:
 
 def verify_ledger(
     ledger: Path | str, *, coordinator_key: str | None = None, allow_list: dict[str, str] | None = None,
-    client_logs: Iterable[Path | str] = (),
+    client_logs: Iterable[Path | str] = (), quorum: int | None = None,
 ) -> Verification:
-    """Verify a coordinator ledger, then each institution's release log against it."""
+    """Verify a coordinator ledger, then each institution's release log against it. `quorum`: cosignatures the
+    final tree head needs (default: every institution present at the end of the run; 0: none)."""
     result = Verification()
     client_logs = list(client_logs)
     missing = [str(p) for p in (ledger, *client_logs) if not Path(p).is_file()]
@@ -171,10 +135,12 @@ def verify_ledger(
         chain.problem(1, genesis, "allow-list", f"the ledger's allow-list differs from the one given, for {sorted(changed)}")
     keys = allow_list if allow_list is not None else recorded
     run_ids = _check_semantics(chain, keys)
+    tree = Tree(chain.path.read_bytes().splitlines())
+    check_ledger_witnessing(chain, tree, keys, quorum, result.notes)
     result.problems += chain.problems
     _check_companions(chain, result)
     for log in client_logs:
-        _check_client_log(Path(log), keys, chain, run_ids, result)
+        _check_client_log(Path(log), keys, chain, run_ids, result, tree)
     return result
 
 
@@ -200,7 +166,8 @@ def _check_semantics(chain: Chain, keys: dict[str, str] | None) -> set[str]:
             accepted[(body.get("round"), _opened_phase(entry))] = set()
         elif kind in (kinds.REPLY_ACCEPTED, kinds.REPLY_REJECTED, kinds.AGGREGATED) and body.get("round") != open_round:
             chain.problem(number, entry, "round order", f"about round {body.get('round')}, but the open round is {open_round}")
-        if kind in (kinds.REPLY_ACCEPTED, kinds.REPLY_REJECTED) and (method == "fedavg") != (body.get("phase") == kinds.FEDAVG_PHASE):
+        if kind in (kinds.REPLY_ACCEPTED, kinds.REPLY_REJECTED) and body.get("phase") != kinds.WITNESS_PHASE \
+                and (method == "fedavg") != (body.get("phase") == kinds.FEDAVG_PHASE):
             chain.problem(number, entry, "phase", f"a reply of phase {body.get('phase')!r} in a run of method {method!r}: "
                                                   f"a FedAvg run exchanges weights only, other runs never do")
         if kind == kinds.REPLY_ACCEPTED:
@@ -208,8 +175,9 @@ def _check_semantics(chain: Chain, keys: dict[str, str] | None) -> set[str]:
             accepted.setdefault((body.get("round"), body.get("phase")), set()).add(str(body.get("node_id")))
         if kind == kinds.AGGREGATED:
             _check_aggregated(chain, number, entry, accepted)
-    if chain.entries and chain.entries[-1][1]["kind"] not in kinds.CLOSING:
-        number, last = chain.entries[-1]
+    ending = [(n, e) for n, e in chain.entries if not after_closing(e)]  # the final witnessing may follow the close
+    if ending and ending[-1][1]["kind"] not in kinds.CLOSING:
+        number, last = ending[-1]
         chain.problem(number, last, "closing entry",
                       f"the ledger ends without {' or '.join(kinds.CLOSING)}: it was truncated, or the run has not ended")
     return {r for r in run_ids if isinstance(r, str)}
@@ -329,7 +297,8 @@ def _check_companions(chain: Chain, result: Verification) -> None:
                                            f"{len(chain.entries)} ending {last['hash'][:16]}... (entries removed or added)"))
 
 
-def _check_client_log(path: Path, keys: dict[str, str] | None, ledger: Chain, run_ids: set[str], result: Verification) -> None:
+def _check_client_log(path: Path, keys: dict[str, str] | None, ledger: Chain, run_ids: set[str], result: Verification,
+                      tree: Tree) -> None:
     """One institution's release log: its own chain, signed by its allow-listed key, against the ledger.
 
     With no allow-list at all (a run without signature checks) the log's own key is used, and said so.
@@ -398,6 +367,7 @@ def _check_client_log(path: Path, keys: dict[str, str] | None, ledger: Chain, ru
             result.problems.append(Finding(ledger.label, line_of.get(entry["seq"]), entry["seq"], entry["kind"], "cross-check",
                                            f"the ledger holds a release by {institution!r} in round {fields.get('round')} "
                                            f"that its log does not"))
+    check_log_witnessing(ledger, chain, tree, institution)
     result.problems += chain.problems
 
 

@@ -3,7 +3,8 @@
 Each message is a dataclass with `to_record()` and a validating `from_record()` that raises
 `MessageFormatError` naming the field, the value found and what was expected. One module per family:
 `soft_labels` (query and reply), `digest` (FedMD), `secagg` (secure aggregation), `fedavg` (the FedAvg
-baseline's instruction and reply); `records` holds the checked record access, digests and attestation helpers they share.
+baseline's instruction and reply), `witness` (the ledger's witness requests and cosignatures); `records`
+holds the checked record access, digests and attestation helpers they share.
 This package only re-exports them.
 """
 
@@ -23,9 +24,25 @@ from common.messages.secagg import (
     SecAggUnmask,
 )
 from common.messages.soft_labels import SOFT_LABELS_TYPE, SoftLabelQuery, SoftLabelReply, validate_soft_labels
+from common.messages.witness import (
+    QUERY_DIGEST_EXCLUDES,
+    WITNESS_TYPE,
+    WitnessCall,
+    attach_cosignature,
+    read_cosignature,
+    read_witness_request,
+    with_witness_request,
+)
 
 __all__ = [
     "ATTESTATION",
+    "QUERY_DIGEST_EXCLUDES",
+    "WITNESS_TYPE",
+    "WitnessCall",
+    "attach_cosignature",
+    "read_cosignature",
+    "read_witness_request",
+    "with_witness_request",
     "DIGEST_TYPE",
     "SETUP_TYPE",
     "SHARES_TYPE",

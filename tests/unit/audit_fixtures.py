@@ -19,13 +19,17 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
 
 from client.release import RELEASE_LOG, Identity, sign_and_log
+from client.witness import witness
+from common.audit import kinds
 from common.audit.keys import Signer, load_signer, private_key_path, write_allow_list, write_key_pair
 from common.audit.kinds import COORDINATOR
+from common.audit.ledger import Ledger
 from common.config import RunConfig, default_run_config
-from common.messages import SoftLabelQuery, SoftLabelReply
+from common.messages import SoftLabelQuery, SoftLabelReply, attach_cosignature, read_witness_request
 from server.audit_trail import LEDGER, AuditTrail
 from server.exchange import Exchange
-from server.rounds import query_soft_labels
+from server.rounds import query_soft_labels, witness_end
+from server.witness import Witnessing
 
 from grid import Answer, MemoryGrid, server_task
 
@@ -180,5 +184,48 @@ def audited_run(root: Path, mapping: Mapping[str, Any] | None = None, *, rounds:
         trail.aggregated(round_, "mean", sorted(replies.accepted), probs, NUM_SAMPLES)
         run.student.write_bytes(f"student weights after round {round_}".encode())
         trail.checkpoint(round_, run.student, 0.5)
-    run.results.write_text(json.dumps({"audit": trail.finished(rounds, run.student)}), encoding="utf-8")
+    trail.finished(rounds, run.student)
+    witness_final(trail, identities, rounds, run_id=run_id)
+    run.results.write_text(json.dumps({"audit": trail.summary()}), encoding="utf-8")
     return run
+
+
+def cosigned(identity: Identity, message: Message, record: RecordDict) -> RecordDict:
+    """`record` with the cosignature of the tree head `message` asks to witness, as the ClientApp adds it
+    (`record` unchanged when the message asks none)."""
+    request = read_witness_request(message.content)
+    return record if request is None else attach_cosignature(record, witness(request, identity))
+
+
+def witness_ledger_end(ledger: Ledger, identities: Mapping[int, Identity], desk: Witnessing | None = None) -> None:
+    """The closing witnessing of a hand-made ledger, without the exchange around it: each institution checks the
+    final tree head against its release log and cosigns it; the coordinator records the cosignatures."""
+    allow_list = {identity.signer.name: identity.signer.public for identity in identities.values()}
+    desk = desk or Witnessing.of(ledger, allow_list, {node: identity.signer.name for node, identity in identities.items()})
+    requests = desk.requests(list(identities))
+    for node, identity in identities.items():
+        problem = desk.record(node, identity.signer.name, witness(requests[node], identity).as_dict())
+        assert problem is None, problem
+
+
+def witness_trail_end(trail: AuditTrail, sites: Mapping[str, Identity]) -> None:
+    """The closing witnessing of a run recorded by `trail` (its own witnessing desk), without the exchange around
+    it: every node that answered, as the institution it answered as (`sites`: institution -> identity)."""
+    assert trail.witnessing is not None, "a run with an allow-list is witnessed"
+    witness_ledger_end(trail.ledger, {node: sites[name] for node, name in trail.bindings.items()}, trail.witnessing)
+
+
+def witness_final(trail: AuditTrail, identities: Mapping[int, Identity], round_: int, *, run_id: int = RUN_ID) -> None:
+    """The server's closing witness exchange, each institution answering as its ClientApp does: it checks the
+    final tree head against its release log, cosigns it, and signs and logs the reply."""
+    def answer(message: Message) -> Answer:
+        node = message.metadata.dst_node_id
+        request = read_witness_request(message.content)
+        assert request is not None
+        cosigned = attach_cosignature(RecordDict(), witness(request, identities[node]))
+        return sign_and_log(identities[node], cosigned, message.content, run_id=run_id, round_=round_, node_id=node,
+                            fingerprint=FINGERPRINT, kind=kinds.WITNESS_PHASE)
+
+    grid = MemoryGrid(answer, nodes=list(identities))
+    with server_task():
+        witness_end(grid, run_config(None, "unused"), trail, FINGERPRINT, round_)

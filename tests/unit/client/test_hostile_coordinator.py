@@ -20,7 +20,7 @@ from client.node_state import teacher_meta
 from common.audit import kinds
 from common.config import RunConfig, default_run_config
 from common.errors import PolicyViolation
-from common.messages import DIGEST_TYPE, SHARES_TYPE, SOFT_LABELS_TYPE, DigestInstruction, SecAggRoster, SoftLabelQuery
+from common.messages import SHARES_TYPE, DigestInstruction, SecAggRoster, SoftLabelQuery
 from common.secagg.protocol import RosterEntry
 from common.tasks.registry import load_split
 from common.tasks.samples import public_fingerprint
@@ -52,11 +52,10 @@ class Federation(MemoryGrid):
         self.states = {node: RecordDict() for node in NODES}
 
     def answer(self, message: Message) -> Message:
-        handlers = {SOFT_LABELS_TYPE: client_app.soft_labels, DIGEST_TYPE: client_app.digest}
         node = message.metadata.dst_node_id
         context = Context(RUN_ID, node, {"partition-id": NODES.index(node), "num-partitions": len(NODES)},
                           self.states[node], self.mapping)
-        return handlers[message.metadata.message_type](message, context)
+        return client_app.HANDLERS[message.metadata.message_type](message, context)
 
 
 def federation(tmp_path: Path, policy: str | None = None, site: dict[str, Any] | None = None,

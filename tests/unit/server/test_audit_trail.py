@@ -44,6 +44,7 @@ from audit_fixtures import (
     make_reply,
     run_config,
     signed_reply,
+    witness_trail_end,
     write_allow_list_for,
 )
 from grid import MemoryGrid
@@ -94,7 +95,9 @@ def finish(coordinator: Coordinator, round_: int = 1) -> dict[str, Any]:
     student = coordinator.folder / "student.safetensors"
     student.write_bytes(b"student weights")
     coordinator.trail.checkpoint(round_, student, 0.75)
-    summary = coordinator.trail.finished(round_, student)
+    coordinator.trail.finished(round_, student)
+    witness_trail_end(coordinator.trail, coordinator.sites)
+    summary = coordinator.trail.summary()
     (coordinator.folder / "results.json").write_text(json.dumps({"audit": summary}), encoding="utf-8")
     return summary
 
@@ -423,6 +426,7 @@ def test_a_failed_run_closes_the_ledger(coordinator: Coordinator) -> None:
     assert last["kind"] == kinds.RUN_FAILED
     assert last["body"] == {"status": "failed", "error": "RuntimeError: out of memory"}
     assert summary["ledger_head"] == last["hash"]
+    witness_trail_end(coordinator.trail, coordinator.sites)  # a failed run's record is witnessed too
     assert coordinator.verify(coordinator.sites["hospital-a"].release_log).ok
 
 

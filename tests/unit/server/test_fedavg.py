@@ -20,7 +20,7 @@ from common.messages import TrainInstruction, TrainReply
 from server.audit_trail import LEDGER, AuditTrail
 from server.fedavg import JudgedGrid, MeasuredFedAvg
 
-from audit_fixtures import FINGERPRINT, RUN_ID, make_identity, run_config, write_allow_list_for
+from audit_fixtures import FINGERPRINT, RUN_ID, cosigned, make_identity, run_config, witness_ledger_end, write_allow_list_for
 from grid import Answer, MemoryGrid
 
 NODES = (1, 2, 3)
@@ -39,7 +39,8 @@ def trained(node: int) -> RecordDict:
 def signed(identity: Identity, message: Message, node: int, record: RecordDict | None = None, round_: int | None = None) -> RecordDict:
     """`record` (default: the node's honest reply) signed and logged by `identity`, as the ClientApp's fedavg handler does."""
     instruction = TrainInstruction.from_record(message.content)
-    return sign_and_log(identity, trained(node) if record is None else record, message.content, run_id=RUN_ID,
+    reply = cosigned(identity, message, trained(node) if record is None else record)
+    return sign_and_log(identity, reply, message.content, run_id=RUN_ID,
                         round_=instruction.server_round if round_ is None else round_, node_id=node, fingerprint=FINGERPRINT,
                         kind=kinds.FEDAVG_PAYLOAD)
 
@@ -78,6 +79,8 @@ class Audited:
         student.write_bytes(b"student weights")
         self.trail.checkpoint(1, student, 0.5)
         self.trail.finished(1, student)
+        answered = {node: site for node, site in self.sites.items() if node in self.trail.bindings}
+        witness_ledger_end(self.trail.ledger, answered, self.trail.witnessing)
         key = (self.folder / "coordinator.pub").read_text(encoding="ascii").strip()
         return verify_ledger(self.folder / LEDGER, coordinator_key=key, allow_list=self.allow_list,
                              client_logs=[site.release_log for site in self.sites.values() if site.release_log.exists()])
@@ -123,7 +126,8 @@ def test_each_reply_and_the_average_are_in_the_ledger_which_verifies_with_the_re
            ("fedavg", ["1", "2", "3"], ["institution-1", "institution-2", "institution-3"])
     assert len(aggregated["weights_sha256"]) == 64
     assert check.ok, [str(p) for p in check.problems]
-    assert sum(count for name, count in check.checked.items() if name.endswith("release-log.jsonl")) == 3 * 2  # opened + release
+    # opened, the round's head cosigned, release, then the closing witness: cosigned, receipt
+    assert sum(count for name, count in check.checked.items() if name.endswith("release-log.jsonl")) == 3 * 5
 
 
 def test_unsigned_tampered_and_misdated_replies_are_rejected_before_averaging_and_recorded(audited: Audited) -> None:

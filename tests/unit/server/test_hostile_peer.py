@@ -25,8 +25,9 @@ from client import client_app
 from client.release import RELEASE_LOG, Identity, sign_and_log, simulated_institution, site_folder
 from common.audit import kinds
 from common.audit.keys import load_signer, private_key_path
+from common.audit.witness import Cosignature
 from common.config import default_run_config
-from common.messages import SOFT_LABELS_TYPE, SoftLabelQuery, SoftLabelReply
+from common.messages import SOFT_LABELS_TYPE, WITNESS_TYPE, SoftLabelQuery, SoftLabelReply, attach_cosignature, read_cosignature
 from server import server_app
 from simulations.provision import provision_sites
 
@@ -51,10 +52,12 @@ class Federation(MemoryGrid):
         self.declared: dict[int, int] = {}
 
     def answer(self, message: Message) -> Message:
-        assert message.metadata.message_type == SOFT_LABELS_TYPE
         node = message.metadata.dst_node_id
         context = Context(1, node, {"partition-id": NODES.index(node), "num-partitions": len(NODES)},
                           self.states[node], self.mapping)
+        if message.metadata.message_type == WITNESS_TYPE:  # the closing witness exchange
+            return client_app.witness_head(message, context)
+        assert message.metadata.message_type == SOFT_LABELS_TYPE
         reply = client_app.soft_labels(message, context)
         self.declared[node] = SoftLabelReply.from_record(reply.content, SoftLabelQuery.from_record(message.content)).num_examples
         return self.inflate(message, reply, node) if self.lie and node == LIAR else reply
@@ -70,7 +73,11 @@ class Federation(MemoryGrid):
             lying = dataclasses.replace(honest, num_examples=int(counts.sum()), class_counts=counts)
         name, folder = simulated_institution(NODES.index(node)), site_folder(self.mapping["sites-dir"], NODES.index(node))
         identity = Identity(load_signer(private_key_path(folder, name), name), folder / RELEASE_LOG)
-        record = sign_and_log(identity, lying.to_record(), message.content, run_id=1, round_=query.round, node_id=node,
+        lying_record = lying.to_record()
+        cosigned = read_cosignature(reply.content)  # the liar witnesses the ledger like everyone else
+        if cosigned is not None:
+            lying_record = attach_cosignature(lying_record, Cosignature.from_dict(cosigned, "cosignature"))
+        record = sign_and_log(identity, lying_record, message.content, run_id=1, round_=query.round, node_id=node,
                               fingerprint=honest.fingerprint, with_counts=query.want_class_counts,
                               with_accuracy=query.evaluate_teacher)
         return Message(record, reply_to=message)

@@ -14,7 +14,18 @@ from common.audit.verify import abandoned_entries, verify_ledger
 from server.audit_trail import AuditTrail
 from server.results.privacy import privacy_section
 
-from audit_fixtures import NUM_SAMPLES, RUN_ID, AuditedRun, judge, make_identity, make_query, run_config, signed_reply, write_allow_list_for
+from audit_fixtures import (
+    NUM_SAMPLES,
+    RUN_ID,
+    AuditedRun,
+    judge,
+    make_identity,
+    make_query,
+    run_config,
+    signed_reply,
+    witness_ledger_end,
+    write_allow_list_for,
+)
 
 NEW_RUN_ID = RUN_ID - 1000
 NODES = (101, 102)
@@ -54,7 +65,9 @@ def resumed_run(root: Path, *, checkpoint_hash: str | None = None) -> AuditedRun
     trail.resumed(1, {**audit, "hash": checkpoint_hash or audit["hash"]}, [str(RUN_ID)])
     for round_ in (2, 3):
         play_round(trail, run, round_, NEW_RUN_ID)
-    run.results.write_text(json.dumps({"audit": trail.finished(3, run.student)}), encoding="utf-8")
+    trail.finished(3, run.student)
+    witness_ledger_end(trail.ledger, identities, trail.witnessing)
+    run.results.write_text(json.dumps({"audit": trail.summary()}), encoding="utf-8")
     return run
 
 

@@ -18,7 +18,7 @@ from client import client_app
 from common.audit import kinds
 from common.audit.verify import verify_ledger
 from common.config import default_run_config
-from common.messages import DIGEST_TYPE, SOFT_LABELS_TYPE
+from common.messages import SOFT_LABELS_TYPE
 from server import server_app
 from simulations.provision import provision_sites
 
@@ -63,11 +63,10 @@ class Federation(MemoryGrid):
         round_ = int(message.content["config"]["server-round"]) if kind == "train" else int(message.metadata.group_id.split("-")[0])
         if self.kill_at == (kind, round_):
             raise Killed(f"killed before {kind} of round {round_}")
-        handlers = {SOFT_LABELS_TYPE: client_app.soft_labels, DIGEST_TYPE: client_app.digest, "train": client_app.fedavg}
         node = message.metadata.dst_node_id
         context = Context(self.run_id, node, {"partition-id": NODES.index(node), "num-partitions": len(NODES)},
                           self.states[node], self.mapping)
-        return handlers[kind](message, context)
+        return client_app.HANDLERS[kind](message, context)
 
 
 def settings(tmp_path: Path, name: str, **changes: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from client.release import Identity
 from common.audit import kinds
 from common.audit.attestation import attest
 from common.audit.keys import Signer
@@ -18,6 +19,8 @@ from common.audit.ledger import Ledger
 from common.audit.report import BYTES_PLOT, EPSILON_PLOT, JSON_FILE, MARKDOWN_FILE, build_report, write_report
 from common.errors import ConfigError
 from simulations.cli.main import app
+
+from audit_fixtures import witness_ledger_end
 
 INSTITUTIONS = ("inst-a", "inst-b")
 NODES = {"inst-a": "11", "inst-b": "22"}
@@ -86,6 +89,7 @@ def fabricate_run(
         ledger.append(kinds.CHECKPOINT, {"round": round_, "file": "student.safetensors", "sha256": f"{round_}" * 64,
                                          "student_accuracy": 0.5})
     ledger.append(kinds.RUN_FINISHED, {"status": "completed", "rounds": 2, "student_sha256": "2" * 64})
+    witness_ledger_end(ledger, {int(NODES[name]): Identity(signers[name], logs[name].path) for name in INSTITUTIONS})
     return folder / "ledger.jsonl"
 
 

@@ -8,7 +8,15 @@ its own copy. Ledger lines of that run:
      3 round-opened r1      7 student-checkpoint r1    11 aggregated r2
      4 reply-accepted r1 (101)  8 round-opened r2      12 student-checkpoint r2
 
-Each institution's release log: 1 ledger-opened, 2 release r1, 3 release r2.
+then the closing witness exchange: 14 exchange-opened (witness), 15 tree-head (size 14), 16-17 cosigned
+(101, 102), 18-19 reply-accepted (witness).
+
+Each institution's release log: 1 ledger-opened, 2 release r1, 3 release r2, then 4 cosigned (size 14),
+5-6 receipt r1, r2, 7 release (witness).
+
+Tampering with an entry also changes its Merkle leaf: the tree head no longer matches, and the institutions'
+cosigned heads show another history (checks in WITNESS_CHECKS). Those findings come with every rewrite; the tests
+name the one that points at the tampered entry.
 """
 
 from __future__ import annotations
@@ -31,8 +39,9 @@ from common.audit.verify import Finding, Verification, read_chain, verify_ledger
 
 from audit_fixtures import FINGERPRINT, RUN_ID, AuditedRun, audited_run, make_identity, make_query, signed_reply
 
-LEDGER_LINES = 13
-ACCEPTED_R1, CHECKPOINT_R1, ACCEPTED_R2, CLOSING = 4, 7, 9, 13
+LEDGER_LINES, LOG_LINES = 19, 7
+ACCEPTED_R1, CHECKPOINT_R1, ACCEPTED_R2, CLOSING, TREE_HEAD = 4, 7, 9, 13, 15
+WITNESS_CHECKS = {"tree head", "cosignature", "witness", "fork", "truncation", "receipt"}
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
@@ -112,8 +121,9 @@ def test_the_untouched_run_verifies(run: AuditedRun) -> None:
 
     # Assert
     assert result.ok, "\n".join(map(str, result.problems))
-    assert result.notes == []
-    assert result.checked == {"ledger.jsonl": LEDGER_LINES, **{str(log): 3 for log in run.client_logs}}
+    assert result.notes == ["final tree head (size 14, root " + json.loads(run.lines()[TREE_HEAD - 1])["body"]["root"][:16]
+                            + "...) cosigned by ['institution-0', 'institution-1']"]
+    assert result.checked == {"ledger.jsonl": LEDGER_LINES, **{str(log): LOG_LINES for log in run.client_logs}}
 
 
 def test_without_a_pinned_key_the_run_verifies_with_a_note_saying_so(run: AuditedRun) -> None:
@@ -293,9 +303,14 @@ def test_a_ledger_cut_at_a_line_boundary_is_found_without_results_json(run: Audi
 
     # Execute
     result = verify(run)
+    alone = verify(run, logs=False)
 
-    # Assert
-    found(result, "closing entry", LEDGER_LINES - 1)
+    # Assert: the institution holds the receipt of the witness reply cut off; cut before run-finished, the ledger
+    # alone shows it
+    found(result, "cross-check", LOG_LINES, log="institution-1/release-log.jsonl")
+    run.ledger.write_bytes(b"".join(run.lines()[:CLOSING - 1]))
+    found(verify(run, logs=False), "closing entry", CLOSING - 1)
+    assert alone.ok  # the final head covers the closing entry, and both cosigned it: only the logs know more
 
 
 def test_a_ledger_cut_mid_line_is_found_as_truncation(run: AuditedRun) -> None:
@@ -321,9 +336,11 @@ def test_a_resumed_ledger_cut_after_its_first_closing_entry_is_found_by_results_
     # Execute
     result = verify(first)
 
-    # Assert: it ends on a closing entry, but results.json and the institutions' logs know better
-    assert {f.check for f in result.problems} == {"results", "cross-check"}
-    assert [f.line for f in result.problems if f.check == "results"] == [8]
+    # Assert: it ends on a closing entry, its final head cosigned, but results.json and the institutions' logs
+    # (the heads they cosigned later, their releases) know better
+    assert {f.check for f in result.problems} == {"results", "cross-check", "truncation", "receipt"}
+    assert [f.line for f in result.problems if f.check == "results"] == [14]
+    assert len(closed_once.splitlines()) == 14
 
 
 # ------------------------------------------------------------------------------------------- signatures
@@ -339,7 +356,8 @@ def test_a_signature_taken_from_another_entry_is_found(run: AuditedRun) -> None:
 
     # Assert
     assert "bad signature" in found(result, "signature", CHECKPOINT_R1).message
-    assert {f.line for f in result.problems} == {CHECKPOINT_R1}
+    assert {f.line for f in result.problems if f.check not in WITNESS_CHECKS} == {CHECKPOINT_R1}
+    found(result, "fork", 4, log="institution-0/release-log.jsonl")
 
 
 @settings(max_examples=30, deadline=None)
@@ -356,7 +374,7 @@ def test_a_garbage_signature_is_found(recorded: AuditedRun, scratch: Path, garba
     result = verify_ledger(scratch, coordinator_key=recorded.coordinator_key, allow_list=recorded.allow_list)
 
     # Assert
-    assert {(f.line, f.check) for f in result.problems} == {(CHECKPOINT_R1, "signature")}
+    assert {(f.line, f.check) for f in result.problems if f.check not in WITNESS_CHECKS} == {(CHECKPOINT_R1, "signature")}
 
 
 def test_a_modified_entry_re_signed_with_another_key_is_found(run: AuditedRun) -> None:
@@ -371,7 +389,7 @@ def test_a_modified_entry_re_signed_with_another_key_is_found(run: AuditedRun) -
 
     # Assert
     assert f"signed by key {intruder.key_id}" in found(result, "signer", CHECKPOINT_R1).message
-    assert all(f.check in ("signer", "results") for f in result.problems)
+    assert all(f.check in ("signer", "results", *WITNESS_CHECKS) for f in result.problems)
 
 
 def test_a_modified_entry_with_its_hash_recomputed_but_not_re_signed_is_found(run: AuditedRun) -> None:
@@ -582,7 +600,7 @@ def test_a_release_missing_from_the_ledger_fails_the_cross_check(run: AuditedRun
     result = verify(run)
 
     # Assert
-    finding = found(result, "cross-check", 4, log="release-log.jsonl")
+    finding = found(result, "cross-check", LOG_LINES + 1, log="release-log.jsonl")
     assert "is not in the ledger, or was changed there" in finding.message
     assert len(result.problems) == 1
 
@@ -624,7 +642,8 @@ def test_a_byte_changed_in_a_release_log_is_found(run: AuditedRun) -> None:
 
 
 def test_an_accepted_reply_missing_from_the_institutions_log_fails_the_cross_check(run: AuditedRun) -> None:
-    # Prepare: institution-1's log loses its round-2 release (re-chained, so the log itself is consistent)
+    # Prepare: institution-1's log loses its round-2 release and what followed (re-chained, so the log itself is
+    # consistent)
     identity = run.identities[102]
     entries = entries_of(identity.release_log)[:2]
     write_lines(identity.release_log, forge(entries, identity.signer))
@@ -633,9 +652,10 @@ def test_an_accepted_reply_missing_from_the_institutions_log_fails_the_cross_che
     result = verify(run)
 
     # Assert
-    [finding] = result.problems
+    finding, witness_reply = result.problems
     assert (finding.log.split("/")[-1], finding.check, finding.seq) == ("ledger.jsonl", "cross-check", ACCEPTED_R2)
     assert "'institution-1' in round 2 that its log does not" in finding.message
+    assert witness_reply.check == "cross-check" and witness_reply.seq == LEDGER_LINES - 1
 
 
 def test_a_release_log_re_signed_with_a_key_off_the_allow_list_is_found(run: AuditedRun) -> None:
@@ -686,4 +706,4 @@ def test_an_aggregation_naming_a_node_without_an_accepted_reply_is_found(run: Au
     # Assert: the aggregation (now line 10) is named; so is the results.json count
     problem = found(result, "aggregated", 10)
     assert "round 2 aggregates node(s) ['102'] without an accepted soft-labels reply in that round" in problem.message
-    assert {f.check for f in result.problems} == {"aggregated", "results"}
+    assert {f.check for f in result.problems} - WITNESS_CHECKS == {"aggregated", "results"}

@@ -20,7 +20,7 @@ from common.messages import TrainInstruction, TrainReply, read_attestation, reco
 from server.audit_trail import LEDGER, AuditTrail
 from server.exchange import Exchange
 
-from audit_fixtures import FINGERPRINT, RUN_ID, make_identity, run_config, write_allow_list_for
+from audit_fixtures import FINGERPRINT, RUN_ID, make_identity, run_config, witness_ledger_end, write_allow_list_for
 
 NODES = (101, 102)
 
@@ -52,6 +52,7 @@ def record_run(root: Path, *, method: str = "fedavg", phase: str = kinds.FEDAVG_
     student.write_bytes(b"averaged weights")
     trail.checkpoint(1, student, 0.5)
     trail.finished(1, student)
+    witness_ledger_end(trail.ledger, sites, trail.witnessing)
     return folder
 
 
@@ -72,7 +73,8 @@ def test_an_honest_fedavg_ledger_verifies_with_the_release_logs(tmp_path: Path) 
 
     # Assert
     assert check.ok, problems(check)
-    assert sum(n for name, n in check.checked.items() if name.endswith("release-log.jsonl")) == 2 * 2
+    assert sum(n for name, n in check.checked.items() if name.endswith("release-log.jsonl")) == 2 * 4  # opened, release,
+    # then the closing witness: cosigned, receipt
 
 
 def test_fedavg_weights_filed_as_soft_labels_are_caught(tmp_path: Path) -> None:
