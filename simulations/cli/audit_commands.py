@@ -54,18 +54,33 @@ def keygen(
 
 @audit_app.command()
 def verify(
-    ledger: Path = typer.Argument(..., help="The coordinator's ledger.jsonl (in the run folder)."),
+    ledger: Path = typer.Argument(..., help="The coordinator's ledger.jsonl (in the run folder), or an audit bundle."),
     client_log: list[Path] = typer.Option([], "--client-log", "-c", help="An institution's release-log.jsonl to cross-check (repeatable)."),
     coordinator_key: Path = typer.Option(None, help="The coordinator's public key file (.pub) you trust; pins the ledger's signer."),
     allow_list: Path = typer.Option(None, help="The allow-list of institution keys you trust (default: the one the ledger recorded)."),
+    quorum: int = typer.Option(None, min=0, help="Cosignatures the final tree head needs (default: every institution "
+                                                 "present at the end of the run; 0 accepts an unwitnessed record)."),
 ) -> None:
-    """Check every signature, hash link and sequence number, and cross-check institutions' release logs."""
+    """Check every signature, hash link and sequence number, the institutions' cosignatures of the ledger, and
+    cross-check their release logs (heads cosigned, receipts, releases)."""
+    import tempfile
+
+    from common.audit.bundle import is_bundle, unpack
     from common.audit.verify import verify_ledger
 
     try:
         pinned = _read_public(coordinator_key) if coordinator_key else None
         keys = load_allow_list(allow_list) if allow_list else None
-        result = verify_ledger(ledger, coordinator_key=pinned, allow_list=keys, client_logs=client_log)
+        with tempfile.TemporaryDirectory() as scratch:
+            if is_bundle(ledger):
+                unpacked = unpack(ledger, Path(scratch))
+                console.print(f"audit bundle {escape(str(ledger))}: {len(unpacked.release_logs)} release log(s)", soft_wrap=True)
+                if pinned is None and unpacked.coordinator_key:
+                    console.print("[yellow]note[/]: coordinator key taken from the bundle; pass --coordinator-key with "
+                                  "a copy you trust", soft_wrap=True)
+                ledger, client_log = unpacked.ledger, [*unpacked.release_logs, *client_log]
+                pinned, keys = pinned or unpacked.coordinator_key, keys if keys is not None else unpacked.allow_list
+            result = verify_ledger(ledger, coordinator_key=pinned, allow_list=keys, client_logs=client_log, quorum=quorum)
     except FedstillError as error:
         fail(error)
     for name, count in result.checked.items():
@@ -79,6 +94,25 @@ def verify(
         raise typer.Exit(code=1)
     console.print("[green]OK[/]: every signature, hash link and sequence number holds"
                   + (f"; {len(client_log)} release log(s) match the ledger" if client_log else ""))
+
+
+@audit_app.command()
+def bundle(
+    run_dir: Path = typer.Argument(..., help="The run folder (it holds ledger.jsonl and results.json)."),
+    client_log: list[Path] = typer.Option([], "--client-log", "-c", help="An institution's release-log.jsonl to include (repeatable)."),
+    out: Path = typer.Option(None, "--out", "-o", help="The bundle file (default: RUN_DIR/audit-bundle.json)."),
+) -> None:
+    """Write one file with the run's ledger, results, allow-list, coordinator key and the release logs given:
+    `fedstill audit verify BUNDLE` checks it anywhere, with no network and nothing from the coordinator's machine."""
+    from common.audit.bundle import write_bundle
+
+    target = out if out is not None else run_dir / "audit-bundle.json"
+    try:
+        written = write_bundle(run_dir, client_log, target)
+    except FedstillError as error:
+        fail(error)
+    console.print(f"wrote {escape(str(target))}: ledger of {written['ledger'].count(chr(10))} entries, "
+                  f"{len(written['release_logs'])} release log(s)", soft_wrap=True)
 
 
 @audit_app.command()
