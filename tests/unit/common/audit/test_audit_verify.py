@@ -707,3 +707,71 @@ def test_an_aggregation_naming_a_node_without_an_accepted_reply_is_found(run: Au
     problem = found(result, "aggregated", 10)
     assert "round 2 aggregates node(s) ['102'] without an accepted soft-labels reply in that round" in problem.message
     assert {f.check for f in result.problems} - WITNESS_CHECKS == {"aggregated", "results"}
+
+
+# ------------------------------------------------------------------------------------------- witnessing
+
+def test_a_dropped_cosignature_is_found(run: AuditedRun) -> None:
+    # Prepare: the coordinator removes institution-1's cosignature of the final head and re-chains with its own key
+    entries = [e for e in entries_of(run.ledger) if not (e["kind"] == kinds.COSIGNED
+                                                          and e["body"]["institution_id"] == "institution-1")]
+    for seq, entry in enumerate(entries):
+        entry["seq"] = seq
+    write_lines(run.ledger, forge(entries, run.coordinator, start=TREE_HEAD + 1))
+
+    # Execute
+    result = verify(run, logs=False)
+
+    # Assert
+    assert "the final tree head (size 14) lacks the cosignature of ['institution-1']" in found(result, "witness", None).message
+    assert verify(run, logs=False, quorum=1).problems == [f for f in result.problems if f.check == "results"]
+
+
+def test_an_accepted_reply_left_out_is_proved_by_its_receipt(run: AuditedRun) -> None:
+    # Prepare: the coordinator drops institution-0's round-1 reply and rewrites the rest with its own key, tree heads
+    # and cosignatures included (it cannot make the institutions cosign the new history)
+    entries = entries_of(run.ledger)[:CLOSING]
+    del entries[ACCEPTED_R1 - 1]
+    for seq, entry in enumerate(entries):
+        entry["seq"] = seq
+    write_lines(run.ledger, forge(entries, run.coordinator, start=ACCEPTED_R1 - 1))
+
+    # Execute
+    result = verify(run)
+
+    # Assert: the institution's receipt for the entry proves it was accepted
+    receipt = found(result, "receipt", 5, log="institution-0/release-log.jsonl")
+    assert "holds a receipt for entry 3 (its accepted reply of round 1)" in receipt.message
+    found(result, "truncation", 4, log="institution-0/release-log.jsonl")
+
+
+def test_a_history_forked_for_one_institution_is_found_from_its_log(run: AuditedRun, tmp_path: Path) -> None:
+    # Prepare: institution-1 was shown (and cosigned) a head of a rewritten ledger: its log holds another root
+    identity = run.identities[102]
+    entries = entries_of(identity.release_log)
+    cosigned = next(e for e in entries if e["kind"] == kinds.COSIGNED)
+    cosigned["body"]["root"] = "ab" * 32
+    write_lines(identity.release_log, forge(entries, identity.signer, start=entries.index(cosigned)))
+
+    # Execute
+    result = verify(run)
+
+    # Assert
+    assert "'institution-1' cosigned another history: at 14 entries" in \
+        found(result, "fork", 4, log="institution-1/release-log.jsonl").message
+
+
+def test_a_ledger_re_signed_under_another_key_is_found_from_the_logs_without_a_pinned_key(run: AuditedRun) -> None:
+    # Prepare: the whole ledger re-signed under a fresh key, its genesis naming it
+    intruder = Signer.generate(kinds.COORDINATOR)
+    entries = entries_of(run.ledger)[:CLOSING]
+    entries[0]["body"]["key"] = intruder.public
+    write_lines(run.ledger, forge(entries, intruder))
+
+    # Execute
+    result = verify(run, pinned=False)
+
+    # Assert: the institutions cosigned heads of another key; the end is not witnessed
+    assert "cosigned heads signed by another coordinator key" in \
+        found(result, "witness", 4, log="institution-0/release-log.jsonl").message
+    found(result, "witness", CLOSING)
