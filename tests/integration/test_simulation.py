@@ -72,8 +72,10 @@ def test_fedavg_weights_leave_signed_and_the_ledger_verifies_with_the_release_lo
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "completed" and [r["clients_replied"] for r in results["rounds"]] == [3, 3]
     entries = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
-    accepted = [e["body"] for e in entries if e["kind"] == "reply-accepted"]
+    accepted = [e["body"] for e in entries if e["kind"] == "reply-accepted" and e["body"]["phase"] != "witness"]
     assert len(accepted) == 6 and all(b["phase"] == "fedavg" and b["attestation"] for b in accepted)
+    witnessed = [e["body"]["institution_id"] for e in entries if e["kind"] == "cosigned"]
+    assert sorted(witnessed[-3:]) == ["institution-0", "institution-1", "institution-2"]  # the final head, by all
     assert [e["body"]["rule"] for e in entries if e["kind"] == "aggregated"] == ["fedavg", "fedavg"]
     logs = sorted(str(p) for p in (run / "sites").glob("*/release-log.jsonl"))
     assert len(logs) == 3
