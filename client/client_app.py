@@ -19,7 +19,16 @@ from client.answer import answer_query
 from client.enforce import admit_query, admit_run, site_policy
 from client.fedavg import fedavg_train
 from client.release import load_identity, released_statement, sign_and_log
-from client.secure import masked_vector, round_keys, share_bundles, unmask_shares
+from client.secure import (
+    admit_secure_query,
+    masked_vector,
+    node_credentials,
+    open_inbox,
+    round_keys,
+    share_bundles,
+    sign_survivors,
+    unmask_shares,
+)
 from client.site import Site, load_site
 from client.teacher import attach_store, digest_round, restore_teacher, save_teacher, teacher_store
 from common.audit import kinds
@@ -29,6 +38,8 @@ from common.messages import (
     DigestInstruction,
     DigestReply,
     MaskedReply,
+    SecAggConsistency,
+    SecAggInbox,
     SecAggRoster,
     SecAggSetup,
     SecAggUnmask,
@@ -49,8 +60,9 @@ def soft_labels(msg: Message, context: Context) -> Message:
     query = SoftLabelQuery.from_record(msg.content)
     check_query(query, site.fingerprint, site.private.num_classes, len(site.public))
     shared = SecAggRoster.from_record(msg.content)
+    admit_secure_query(context.state, context.run_id, context.node_id, query.round, shared, cfg.secure_aggregation)
     policy = site_policy(cfg, node)
-    admit_query(context.state, context.run_id, cfg, policy, query, shared)
+    admit_query(context.state, context.run_id, cfg, policy, query)
     answer = answer_query(context, cfg, node, site, query, policy)
     probs, figures = answer.probs, answer.figures
     released = policy.releases(cfg.privacy, class_counts=query.want_class_counts, teacher_accuracy=query.evaluate_teacher)
@@ -58,7 +70,7 @@ def soft_labels(msg: Message, context: Context) -> Message:
     count = len(site.private) if query.want_class_counts else policy.released_count(len(site.private), cfg.privacy)
     if shared is not None:
         weight = float(count) if shared.weighted else 1.0
-        masked = masked_vector(context.state, context.node_id, context.run_id, shared, probs, weight)
+        masked = masked_vector(context.state, context.run_id, context.node_id, shared, probs, weight)
         record = MaskedReply(round=query.round, fingerprint=site.fingerprint, masked=masked, **figures).to_record()
         return _reply(record, msg, context, cfg, node, site, query.round, kind="secagg-masked", privacy=privacy)
     reply = SoftLabelReply(
@@ -72,28 +84,48 @@ def soft_labels(msg: Message, context: Context) -> Message:
 
 @app.query("secagg_setup")
 def secagg_setup(msg: Message, context: Context) -> Message:
-    """Secure aggregation, step 1: this round's public keys."""
+    """Secure aggregation, step 1: this round's public keys, signed."""
     cfg, node, site = _setup(context)
     setup = SecAggSetup.from_record(msg.content)
-    return _reply(round_keys(context.state, setup.round).to_record(), msg, context, cfg, node, site, setup.round, kind="secagg-keys")
+    keys = round_keys(context.state, context.run_id, context.node_id, node_credentials(cfg, node), setup.round)
+    return _reply(keys.to_record(), msg, context, cfg, node, site, setup.round, kind="secagg-keys")
 
 
 @app.query("secagg_shares")
 def secagg_shares(msg: Message, context: Context) -> Message:
-    """Secure aggregation, step 2: sealed shares of this round's secrets, one bundle per institution."""
+    """Secure aggregation, step 2: check and pin the roster, then sealed, signed shares of this round's secrets."""
     cfg, node, site = _setup(context)
     request = _roster(msg)
-    site_policy(cfg, node).check_threshold(request.threshold)  # before any share of this node's secrets leaves
-    bundles = share_bundles(context.state, context.node_id, context.run_id, request)
+    site_policy(cfg, node).check_threshold(request.threshold, len(request.roster))  # before any share leaves
+    bundles = share_bundles(context.state, context.run_id, context.node_id, node_credentials(cfg, node), request)
     return _reply(bundles.to_record(), msg, context, cfg, node, site, request.round, kind="secagg-bundles")
+
+
+@app.query("secagg_inbox")
+def secagg_inbox(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 3: open the bundles sealed for this node; name the senders whose bundles do not open."""
+    cfg, node, site = _setup(context)
+    request = SecAggInbox.from_record(msg.content)
+    complaints = open_inbox(context.state, context.run_id, context.node_id, node_credentials(cfg, node), request)
+    return _reply(complaints.to_record(), msg, context, cfg, node, site, request.round, kind="secagg-complaints")
+
+
+@app.query("secagg_consistency")
+def secagg_consistency(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 5: sign the survivor set, once per round."""
+    cfg, node, site = _setup(context)
+    request = SecAggConsistency.from_record(msg.content)
+    signature = sign_survivors(context.state, context.run_id, context.node_id, node_credentials(cfg, node), request)
+    return _reply(signature.to_record(), msg, context, cfg, node, site, request.round, kind="secagg-signature")
 
 
 @app.query("secagg_unmask")
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    """Secure aggregation, step 4: the shares that open the sum (never both secrets of one institution)."""
+    """Secure aggregation, step 6: the shares that open the sum (never both secrets of one institution), once a
+    threshold of survivors signed the survivor set this node signed."""
     cfg, node, site = _setup(context)
     request = SecAggUnmask.from_record(msg.content)
-    shares = unmask_shares(context.state, context.node_id, context.run_id, request, _roster(msg))
+    shares = unmask_shares(context.state, context.run_id, context.node_id, node_credentials(cfg, node), request)
     return _reply(shares.to_record(), msg, context, cfg, node, site, request.round, kind="secagg-shares")
 
 

@@ -36,6 +36,8 @@ class NodeConfig:
     delta: float | None = None
     state_dir: str | None = None  # where its teacher is kept across restarts (client.teacher)
     site_policy: str | None = None  # its site policy file (common.site_policy); default: site-policy.toml in its folder
+    allow_list: str | None = None  # its own copy of the consortium's allow-list (secure aggregation checks its peers'
+    #                                signed keys against it); default: allow-list.toml in its folder
 
     @classmethod
     def from_node_config(cls, raw: Mapping[str, UserConfigValue]) -> NodeConfig:
@@ -154,4 +156,5 @@ _PARSERS: dict[str, Parser] = {
     "delta": _delta,
     "state-dir": _folder("for example --node-config 'state-dir=\"/var/lib/fedstill/hospital-a\"'"),
     "site-policy": _file("site-policy.toml"),
+    "allow-list": _file("allow-list.toml"),
 }

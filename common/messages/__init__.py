@@ -2,7 +2,7 @@
 
 Each message is a dataclass with `to_record()` and a validating `from_record()` that raises
 `MessageFormatError` naming the field, the value found and what was expected. One module per family:
-`soft_labels` (query and reply), `digest` (FedMD), `secagg` (secure aggregation), `fedavg` (the FedAvg
+`soft_labels` (query and reply), `digest` (FedMD), `secagg` and `secagg_unmask` (secure aggregation), `fedavg` (the FedAvg
 baseline's instruction and reply); `records` holds the checked record access, digests and attestation helpers they share.
 This package only re-exports them.
 """
@@ -11,22 +11,32 @@ from common.messages.digest import DIGEST_TYPE, DigestInstruction, DigestReply
 from common.messages.fedavg import TrainInstruction, TrainReply, weights_digest
 from common.messages.records import ATTESTATION, attach_attestation, payload_description, read_attestation, record_digest, record_nbytes
 from common.messages.secagg import (
+    INBOX_TYPE,
     SETUP_TYPE,
     SHARES_TYPE,
-    UNMASK_TYPE,
-    MaskedReply,
     SecAggBundles,
+    SecAggComplaints,
+    SecAggInbox,
     SecAggKeys,
     SecAggRoster,
     SecAggSetup,
+)
+from common.messages.secagg_unmask import (
+    CONSISTENCY_TYPE,
+    UNMASK_TYPE,
+    MaskedReply,
+    SecAggConsistency,
     SecAggShares,
+    SecAggSignature,
     SecAggUnmask,
 )
 from common.messages.soft_labels import SOFT_LABELS_TYPE, SoftLabelQuery, SoftLabelReply, validate_soft_labels
 
 __all__ = [
     "ATTESTATION",
+    "CONSISTENCY_TYPE",
     "DIGEST_TYPE",
+    "INBOX_TYPE",
     "SETUP_TYPE",
     "SHARES_TYPE",
     "SOFT_LABELS_TYPE",
@@ -35,10 +45,14 @@ __all__ = [
     "DigestReply",
     "MaskedReply",
     "SecAggBundles",
+    "SecAggComplaints",
+    "SecAggConsistency",
+    "SecAggInbox",
     "SecAggKeys",
     "SecAggRoster",
     "SecAggSetup",
     "SecAggShares",
+    "SecAggSignature",
     "SecAggUnmask",
     "SoftLabelQuery",
     "SoftLabelReply",
