@@ -20,7 +20,16 @@ from client.enforce import admit_query, admit_run, site_policy
 from client.fedavg import fedavg_train
 from client.release import load_identity, released_statement, sign_and_log
 from client.scrub import local_detail_kept
-from client.secure import masked_vector, round_keys, share_bundles, unmask_shares
+from client.secure import (
+    admit_secure_query,
+    masked_vector,
+    node_credentials,
+    open_inbox,
+    round_keys,
+    share_bundles,
+    sign_survivors,
+    unmask_shares,
+)
 from client.site import Site, load_site
 from client.teacher import attach_store, digest_round, restore_teacher, save_teacher, teacher_store
 from client.witness import pinned_key, witness, witness_first
@@ -28,7 +37,9 @@ from common.audit import kinds
 from common.config import RunConfig
 from common.errors import FingerprintMismatch, MessageFormatError
 from common.messages import (
+    CONSISTENCY_TYPE,
     DIGEST_TYPE,
+    INBOX_TYPE,
     SETUP_TYPE,
     SHARES_TYPE,
     SOFT_LABELS_TYPE,
@@ -37,6 +48,8 @@ from common.messages import (
     DigestInstruction,
     DigestReply,
     MaskedReply,
+    SecAggConsistency,
+    SecAggInbox,
     SecAggRoster,
     SecAggSetup,
     SecAggUnmask,
@@ -62,8 +75,9 @@ def soft_labels(msg: Message, context: Context) -> Message:
     query = SoftLabelQuery.from_record(msg.content)
     check_query(query, site.fingerprint, site.private.num_classes, len(site.public))
     shared = SecAggRoster.from_record(msg.content)
+    admit_secure_query(context.state, context.run_id, context.node_id, query.round, shared, cfg.secure_aggregation)
     policy = site_policy(cfg, node)
-    admit_query(context.state, context.run_id, cfg, policy, query, shared)
+    admit_query(context.state, context.run_id, cfg, policy, query)
     answer = answer_query(context, cfg, node, site, query, policy)
     probs, figures = answer.probs, answer.figures
     released = policy.releases(cfg.privacy, class_counts=query.want_class_counts, teacher_accuracy=query.evaluate_teacher)
@@ -71,7 +85,7 @@ def soft_labels(msg: Message, context: Context) -> Message:
     count = answer.num_examples
     if shared is not None:
         weight = float(count) if shared.weighted else 1.0
-        masked = masked_vector(context.state, context.node_id, context.run_id, shared, probs, weight)
+        masked = masked_vector(context.state, context.run_id, context.node_id, shared, probs, weight)
         record = MaskedReply(round=query.round, fingerprint=site.fingerprint, masked=masked, **figures).to_record()
         return _reply(record, msg, context, cfg, node, site, query.round, kind="secagg-masked", privacy=privacy)
     reply = SoftLabelReply(
@@ -87,32 +101,56 @@ def soft_labels(msg: Message, context: Context) -> Message:
 @local_detail_kept
 @witness_first
 def secagg_setup(msg: Message, context: Context) -> Message:
-    """Secure aggregation, step 1: this round's public keys."""
+    """Secure aggregation, step 1: this round's public keys, signed."""
     cfg, node, site = _setup(context)
     setup = SecAggSetup.from_record(msg.content)
-    return _reply(round_keys(context.state, setup.round).to_record(), msg, context, cfg, node, site, setup.round, kind="secagg-keys")
+    keys = round_keys(context.state, context.run_id, context.node_id, node_credentials(cfg, node), setup.round)
+    return _reply(keys.to_record(), msg, context, cfg, node, site, setup.round, kind="secagg-keys")
 
 
 @app.query("secagg_shares")
 @local_detail_kept
 @witness_first
 def secagg_shares(msg: Message, context: Context) -> Message:
-    """Secure aggregation, step 2: sealed shares of this round's secrets, one bundle per institution."""
+    """Secure aggregation, step 2: check and pin the roster, then sealed, signed shares of this round's secrets."""
     cfg, node, site = _setup(context)
     request = _roster(msg)
-    site_policy(cfg, node).check_threshold(request.threshold)  # before any share of this node's secrets leaves
-    bundles = share_bundles(context.state, context.node_id, context.run_id, request)
+    site_policy(cfg, node).check_threshold(request.threshold, len(request.roster))  # before any share leaves
+    bundles = share_bundles(context.state, context.run_id, context.node_id, node_credentials(cfg, node), request)
     return _reply(bundles.to_record(), msg, context, cfg, node, site, request.round, kind="secagg-bundles")
+
+
+@app.query("secagg_inbox")
+@local_detail_kept
+@witness_first
+def secagg_inbox(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 3: open the bundles sealed for this node; name the senders whose bundles do not open."""
+    cfg, node, site = _setup(context)
+    request = SecAggInbox.from_record(msg.content)
+    complaints = open_inbox(context.state, context.run_id, context.node_id, node_credentials(cfg, node), request)
+    return _reply(complaints.to_record(), msg, context, cfg, node, site, request.round, kind="secagg-complaints")
+
+
+@app.query("secagg_consistency")
+@local_detail_kept
+@witness_first
+def secagg_consistency(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 5: sign the survivor set, once per round."""
+    cfg, node, site = _setup(context)
+    request = SecAggConsistency.from_record(msg.content)
+    signature = sign_survivors(context.state, context.run_id, context.node_id, node_credentials(cfg, node), request)
+    return _reply(signature.to_record(), msg, context, cfg, node, site, request.round, kind="secagg-signature")
 
 
 @app.query("secagg_unmask")
 @local_detail_kept
 @witness_first
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    """Secure aggregation, step 4: the shares that open the sum (never both secrets of one institution)."""
+    """Secure aggregation, step 6: the shares that open the sum (never both secrets of one institution), once a
+    threshold of survivors signed the survivor set this node signed."""
     cfg, node, site = _setup(context)
     request = SecAggUnmask.from_record(msg.content)
-    shares = unmask_shares(context.state, context.node_id, context.run_id, request, _roster(msg))
+    shares = unmask_shares(context.state, context.run_id, context.node_id, node_credentials(cfg, node), request)
     return _reply(shares.to_record(), msg, context, cfg, node, site, request.round, kind="secagg-shares")
 
 
@@ -181,8 +219,9 @@ def fedavg(msg: Message, context: Context) -> Message:
 
 
 HANDLERS = {  # each message type this app answers -> its handler, as Flower dispatches them (tests drive them so)
-    SOFT_LABELS_TYPE: soft_labels, SETUP_TYPE: secagg_setup, SHARES_TYPE: secagg_shares, UNMASK_TYPE: secagg_unmask,
-    WITNESS_TYPE: witness_head, DIGEST_TYPE: digest, "train": fedavg,
+    SOFT_LABELS_TYPE: soft_labels, SETUP_TYPE: secagg_setup, SHARES_TYPE: secagg_shares, INBOX_TYPE: secagg_inbox,
+    CONSISTENCY_TYPE: secagg_consistency, UNMASK_TYPE: secagg_unmask, WITNESS_TYPE: witness_head, DIGEST_TYPE: digest,
+    "train": fedavg,
 }
 
 

@@ -19,7 +19,7 @@ from client.node_state import keep_queries_taken, queries_taken
 from client.release import site_home, with_site_toml
 from common.config import RunConfig
 from common.errors import ConfigError
-from common.messages import SecAggRoster, SoftLabelQuery
+from common.messages import SoftLabelQuery
 from common.node_config import NodeConfig
 from common.site_policy import POLICY_FILE, SitePolicy
 
@@ -50,14 +50,12 @@ def admit_run(cfg: RunConfig, node: NodeConfig) -> SitePolicy:
     return policy
 
 
-def admit_query(state: RecordDict, run_id: int, cfg: RunConfig, policy: SitePolicy, query: SoftLabelQuery,
-                roster: SecAggRoster | None) -> None:
-    """Refuse a soft-label query outside the policy (samples, queries this round, class counts, threshold);
-    an admitted query counts toward this round's queries."""
+def admit_query(state: RecordDict, run_id: int, cfg: RunConfig, policy: SitePolicy, query: SoftLabelQuery) -> None:
+    """Refuse a soft-label query outside the policy (samples, queries this round, class counts); an admitted query
+    counts toward this round's queries. Under secure aggregation the threshold was held against the policy when
+    the node gave its shares, and pinned (client.secure)."""
     taken = queries_taken(state, run_id, query.round)
     policy.check_query(len(query.sample_ids), taken, query.want_class_counts, cfg.privacy)
-    if roster is not None:
-        policy.check_threshold(roster.threshold)
     keep_queries_taken(state, run_id, query.round, taken + 1)
 
 

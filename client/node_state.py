@@ -14,7 +14,11 @@ disk, and carries the teachers and a secure-aggregation round's secrets from one
     pate-teachers-<k> ArrayRecord   PATE sub-teacher k's weights
     pate-meta         ConfigRecord  the sub-teachers' model and rounds trained ("model", "rounds")
     secagg            ConfigRecord  this round's private keys and self seed ("round", "mask-private",
-                                    "share-private", "self-seed"); never leaves the node
+                                    "share-private", "self-seed"), and what the node pinned: the roster
+                                    ("roster-*", "threshold", "weighted"), the shares it opened ("opened-*"),
+                                    the set it masked with ("shared") and the survivors it signed ("survivors");
+                                    never leaves the node
+    secagg-answered   ConfigRecord  the last round this node sent masked soft labels in ("run", "round")
     policy-queries    ConfigRecord  soft-label queries taken this round, for the site policy ("run", "round", "count")
     noised-counts     ConfigRecord  the class counts this run released noised (site policy counts = "noised"):
                                     released once per run, then reused ("run", "counts")
@@ -29,6 +33,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from common.secagg.protocol import SHARE_BYTES, Roster, RosterEntry
+
 PARTITION_KEY = "partition"
 PARTITION_META_KEY = "partition-meta"
 OWN_DATA_KEY = "own-data"
@@ -39,6 +45,7 @@ STORE_KEY = "teacher-store"
 PATE_KEY = "pate-teachers"  # one record per sub-teacher: f"{PATE_KEY}-{k}"
 PATE_META_KEY = "pate-meta"
 SECAGG_KEY = "secagg"
+ANSWERED_KEY = "secagg-answered"
 QUERIES_KEY = "policy-queries"
 NOISED_COUNTS_KEY = "noised-counts"
 
@@ -158,42 +165,97 @@ def keep_pate_rounds(state: RecordDict, model: str, rounds: int) -> None:
     state[PATE_META_KEY] = ConfigRecord({"model": model, "rounds": rounds})
 
 
-# --- a secure-aggregation round's secrets ------------------------------------------------------------------
+# --- a secure-aggregation round: secrets and what the node pinned ------------------------------------------
 
 
 @dataclass(frozen=True)
-class SecAggSecrets:
-    """This node's private keys for one secure-aggregation round, and its self seed once it drew one."""
+class SecAggRound:
+    """This node's secure-aggregation round as it stands: its private keys, then what it drew or pinned at each
+    step, so that a later message cannot change what an earlier one fixed (client/secure.py)."""
 
     round: int
     mask_private: bytes
     share_private: bytes
-    self_seed: bytes | None
+    self_seed: bytes | None = None  # step 2
+    roster: Roster | None = None  # step 2: the signed roster it gave shares to, with the threshold and weighting
+    threshold: int = 0
+    weighted: bool = False
+    opened: dict[int, tuple[int, int]] | None = None  # step 3: source -> (b-share, c-share) of the bundles that opened
+    shared: tuple[int, ...] | None = None  # step 4: the set U it masked with
+    survivors: tuple[int, ...] | None = None  # step 5: the survivor set S it signed
 
 
-def secagg_secrets(state: RecordDict) -> SecAggSecrets | None:
+def secagg_round(state: RecordDict) -> SecAggRound | None:
     record = state.get(SECAGG_KEY)
     if not isinstance(record, ConfigRecord):
         return None
     round_, mask, share, seed = (record.get(k) for k in ("round", "mask-private", "share-private", "self-seed"))
     if not isinstance(round_, int) or not isinstance(mask, bytes) or not isinstance(share, bytes):
         return None
-    return SecAggSecrets(round_, mask, share, seed if isinstance(seed, bytes) else None)
+    roster = None
+    if "roster-nodes" in record:
+        columns = [_list(record, f"roster-{k}") for k in ("nodes", "mask-keys", "share-keys", "institutions", "signatures")]
+        roster = {int(node): RosterEntry(i, m, s, name, signature)
+                  for i, (node, m, s, name, signature) in enumerate(zip(*columns, strict=True), start=1)}
+    opened = None
+    if "opened-sources" in record:
+        columns = [_list(record, f"opened-{k}") for k in ("sources", "b", "c")]
+        opened = {int(source): (int.from_bytes(b, "big"), int.from_bytes(c, "big")) for source, b, c in zip(*columns, strict=True)}
+    threshold, weighted = record.get("threshold", 0), record.get("weighted", False)
+    return SecAggRound(round_, mask, share, seed if isinstance(seed, bytes) else None, roster,
+                       threshold if isinstance(threshold, int) else 0, weighted is True, opened,
+                       _nodes(record, "shared"), _nodes(record, "survivors"))
 
 
-def keep_secagg_keys(state: RecordDict, round_: int, mask_private: bytes, share_private: bytes) -> None:
-    state[SECAGG_KEY] = ConfigRecord({"round": round_, "mask-private": mask_private, "share-private": share_private})
-
-
-def keep_self_seed(state: RecordDict, seed: bytes) -> None:
-    record = state.get(SECAGG_KEY)
-    if not isinstance(record, ConfigRecord):
-        raise KeyError(f"node state holds no {SECAGG_KEY!r} keys to add a self seed to")
-    record["self-seed"] = seed
+def keep_secagg_round(state: RecordDict, kept: SecAggRound) -> None:
+    record = ConfigRecord({"round": kept.round, "mask-private": kept.mask_private, "share-private": kept.share_private,
+                           "threshold": kept.threshold, "weighted": kept.weighted})
+    if kept.self_seed is not None:
+        record["self-seed"] = kept.self_seed
+    if kept.roster is not None:
+        nodes = sorted(kept.roster)
+        record["roster-nodes"] = [str(n) for n in nodes]
+        record["roster-mask-keys"] = [kept.roster[n].mask_key for n in nodes]
+        record["roster-share-keys"] = [kept.roster[n].share_key for n in nodes]
+        record["roster-institutions"] = [kept.roster[n].institution for n in nodes]
+        record["roster-signatures"] = [kept.roster[n].signature for n in nodes]
+    if kept.opened is not None:
+        sources = sorted(kept.opened)
+        record["opened-sources"] = [str(n) for n in sources]
+        record["opened-b"] = [kept.opened[n][0].to_bytes(SHARE_BYTES, "big") for n in sources]
+        record["opened-c"] = [kept.opened[n][1].to_bytes(SHARE_BYTES, "big") for n in sources]
+    for key, members in (("shared", kept.shared), ("survivors", kept.survivors)):
+        if members is not None:
+            record[key] = [str(n) for n in members]
+    state[SECAGG_KEY] = record
 
 
 def forget_secagg(state: RecordDict) -> None:
-    del state[SECAGG_KEY]
+    """Delete the round's secrets and shares (once its shares were given); `secagg_answered` stays."""
+    if SECAGG_KEY in state:
+        del state[SECAGG_KEY]
+
+
+def secagg_answered(state: RecordDict, run_id: int) -> int:
+    """The last round of run `run_id` in which this node sent masked soft labels (0: none)."""
+    record = state.get(ANSWERED_KEY)
+    if not isinstance(record, ConfigRecord) or record.get("run") != str(run_id):
+        return 0
+    round_ = record.get("round")
+    return round_ if isinstance(round_, int) else 0
+
+
+def keep_secagg_answered(state: RecordDict, run_id: int, round_: int) -> None:
+    state[ANSWERED_KEY] = ConfigRecord({"run": str(run_id), "round": round_})
+
+
+def _list(record: ConfigRecord, key: str) -> list:
+    value = record.get(key)
+    return value if isinstance(value, list) else []
+
+
+def _nodes(record: ConfigRecord, key: str) -> tuple[int, ...] | None:
+    return tuple(int(n) for n in _list(record, key)) if key in record else None
 
 
 # --- the site policy's count of queries ------------------------------------------------------------------

@@ -19,7 +19,7 @@ from flwr.common.logger import log
 
 from common.audit import kinds
 from common.audit.attestation import attest
-from common.audit.keys import Signer, load_signer, private_key_path
+from common.audit.keys import Signer, load_allow_list, load_signer, private_key_path
 from common.audit.ledger import Ledger
 from common.config import RunConfig
 from common.errors import ConfigError
@@ -28,6 +28,7 @@ from common.node_config import NodeConfig
 
 RELEASE_LOG = "release-log.jsonl"
 SITE_CONFIG = "site.toml"  # a simulated institution's own settings (its privacy budget)
+PEERS_FILE = "allow-list.toml"  # the institution's own copy of the consortium's allow-list
 SOFT_LABEL_CATEGORIES = ["soft labels on public transfer samples", "training summary (num-examples, loss, teacher size)"]
 COUNTS_CATEGORY = "per-class counts of private data"
 ACCURACY_CATEGORY = "teacher accuracy on the benchmark test set"
@@ -75,6 +76,22 @@ def site_home(cfg: RunConfig, node: NodeConfig) -> Path | None:
     return None
 
 
+def load_peers(cfg: RunConfig, node: NodeConfig) -> dict[str, str] | None:
+    """The institution's own copy of the consortium's allow-list (institution -> Ed25519 key): node config
+    `allow-list`, else `allow-list.toml` in its own folder; None when it keeps none. Never the coordinator's
+    run-config allow-list: a coordinator that could name the keys a node trusts could add its own."""
+    home = site_home(cfg, node)
+    path = Path(node.allow_list).expanduser() if node.allow_list else (home / PEERS_FILE if home else None)
+    if path is None or not (node.allow_list or path.is_file()):
+        return None
+    try:
+        return load_allow_list(path)
+    except ConfigError as error:
+        log(WARNING, "%s", error)  # the path stays on the node
+        raise ConfigError(f"this node's own allow-list (node config allow-list, or {PEERS_FILE} in its folder) cannot "
+                          "be read or is not a valid allow-list; fix it (see the node's log)") from None
+
+
 COUNT_REVEALING = ("sample_rate", "steps_per_round")  # DP-SGD's parameters that give away num-examples (batch / n)
 
 
@@ -93,8 +110,10 @@ def released_statement(privacy: dict[str, Any] | None, released: dict[str, str])
 SECAGG_RELEASES = {
     "secagg-keys": ["ephemeral public keys for secure aggregation"],
     "secagg-bundles": ["encrypted secret shares for secure aggregation, readable only by their addressee"],
+    "secagg-complaints": ["the peers whose share bundles did not open for this institution"],
     "secagg-masked": ["masked soft labels on public transfer samples (unreadable alone: secure aggregation)",
                       "training summary (loss, teacher size)"],
+    "secagg-signature": ["a signature of the survivor set of a secure-aggregation round"],
     "secagg-shares": ["secret shares that open the sum of the institutions' soft labels"],
 }
 

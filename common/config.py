@@ -18,6 +18,7 @@ from common.aggregation import NEEDS_INDIVIDUAL_ROWS, RULES
 from common.codecs import CODECS
 from common.errors import ConfigError
 from common.models.registry import MODELS, models_for, unknown_model
+from common.secagg.protocol import majority_threshold
 from common.tasks.registry import DATASETS as DATASET_SPECS
 from common.tasks.registry import dataset_task, natural_datasets
 
@@ -245,9 +246,11 @@ def _check_privacy(cfg: RunConfig) -> list[str]:
 def _check_secure_aggregation(cfg: RunConfig) -> list[str]:
     """Secure aggregation shows the server only a sum: rules that need each institution's rows cannot run."""
     problems = []
-    if cfg.secagg_threshold != 0 and not 2 <= cfg.secagg_threshold <= cfg.num_clients:
-        problems.append(f"secagg-threshold must be 0 (a majority of each round's institutions) or in "
-                        f"[2, num-clients={cfg.num_clients}], got {cfg.secagg_threshold}")
+    least = majority_threshold(cfg.num_clients)
+    if cfg.secagg_threshold != 0 and not least <= cfg.secagg_threshold <= cfg.num_clients:
+        problems.append(f"secagg-threshold must be 0 (a majority of each round's institutions, at least 3) or in "
+                        f"[{least}, num-clients={cfg.num_clients}] (more than half of the institutions: every node refuses "
+                        f"less), got {cfg.secagg_threshold}")
     if not cfg.secure_aggregation:
         return problems
     if cfg.aggregation in NEEDS_INDIVIDUAL_ROWS:

@@ -38,6 +38,8 @@ class NodeConfig:
     site_policy: str | None = None  # its site policy file (common.site_policy); default: site-policy.toml in its folder
     coordinator_key: str | None = None  # the coordinator's public key (coordinator.pub, or its "ed25519:..." text) it
     #                                     pins for the heads it witnesses (client.witness); default: the first it sees
+    allow_list: str | None = None  # its own copy of the consortium's allow-list (secure aggregation checks its peers'
+    #                                signed keys against it); default: allow-list.toml in its folder
 
     @classmethod
     def from_node_config(cls, raw: Mapping[str, UserConfigValue]) -> NodeConfig:
@@ -157,4 +159,5 @@ _PARSERS: dict[str, Parser] = {
     "state-dir": _folder("for example --node-config 'state-dir=\"/var/lib/fedstill/hospital-a\"'"),
     "site-policy": _file("site-policy.toml"),
     "coordinator-key": _file("coordinator.pub"),
+    "allow-list": _file("allow-list.toml"),
 }

@@ -27,7 +27,8 @@ coordinator, which records it in its ledger (check `site-policy`).
     max-revisit-epochs     no limit; 0 under DP          most epochs of a revisit (private data, no DP)
     max-queries-per-round  no limit                      most soft-label queries answered per run and round
     max-samples-per-query  no limit                      most public samples labelled per query
-    min-secagg-threshold   none (the protocol's 2)       the least secure-aggregation threshold accepted
+    min-secagg-threshold   more than half the roster, >= 3  the least secure-aggregation threshold accepted; a
+                                                         value only raises the floor, never below a majority
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.errors import ConfigError, PolicyViolation
+from common.secagg.protocol import MIN_PARTIES, majority_threshold
 
 POLICY_FILE = "site-policy.toml"
 MECHANISMS = ("none", "dp-sgd", "pate")
@@ -137,11 +139,25 @@ class SitePolicy:
             raise PolicyViolation(f"{self.line('max-revisit-epochs')} refuses revisit-epochs {revisit_epochs}; "
                                   "send fewer revisit epochs")
 
-    def check_threshold(self, threshold: int) -> None:
-        """Refuse a secure-aggregation round whose threshold is below the policy's least."""
-        if self.min_secagg_threshold is not None and threshold < self.min_secagg_threshold:
-            raise PolicyViolation(f"{self.line('min-secagg-threshold')} refuses a secure-aggregation threshold of "
-                                  f"{threshold}; set secagg-threshold >= {self.min_secagg_threshold}")
+    def secagg_floor(self, parties: int) -> int:
+        """The least secure-aggregation threshold this node accepts for a roster of `parties`: the policy's value,
+        and never less than more than half of the roster, nor 3 (common.secagg.protocol.majority_threshold: the
+        consistency check needs a majority; with colluding peers, raise it)."""
+        return max(self.min_secagg_threshold or 0, majority_threshold(parties))
+
+    def check_threshold(self, threshold: int, parties: int) -> None:
+        """Refuse a secure-aggregation round of `parties` institutions whose threshold is below the floor."""
+        floor = self.secagg_floor(parties)
+        if threshold >= floor:
+            return
+        if floor == self.min_secagg_threshold:
+            line = self.line("min-secagg-threshold")
+        else:  # the majority rule sets the floor, whatever the policy says
+            written = f"{self.min_secagg_threshold}, raised to " if self.min_secagg_threshold is not None else ""
+            line = (f"site-policy: min-secagg-threshold = {written}{floor} (more than half of the {parties} institutions, "
+                    f"at least {MIN_PARTIES})")
+        raise PolicyViolation(f"{line} refuses a secure-aggregation threshold of {threshold} for {parties} institutions; "
+                              f"set secagg-threshold >= {floor}, or 0 (a majority)")
 
     # --- what a reply releases -------------------------------------------------------------------------
 
@@ -265,7 +281,7 @@ _PARSERS: dict[str, Any] = {
     "count-multiple": _at_least(1), "count-noise": _noise, "class-counts": _flag, "training-loss": _flag,
     "teacher-accuracy": _flag, "digest": _flag,
     "max-digest-epochs": _at_least(0), "max-revisit-epochs": _at_least(0), "max-queries-per-round": _at_least(1),
-    "max-samples-per-query": _at_least(1), "min-secagg-threshold": _at_least(2),
+    "max-samples-per-query": _at_least(1), "min-secagg-threshold": _at_least(MIN_PARTIES),
 }
 POLICY_KEYS: tuple[str, ...] = tuple(_PARSERS)
 

@@ -195,6 +195,14 @@ class AuditTrail:
         self.rejections += 1
         self.ledger.append(kinds.SUM_REFUSED, {"round": round_, "check": check, "reason": reason})
 
+    def secagg_dropped(self, round_: int, phase: str, node: int, check: str, reason: str) -> None:
+        """Secure aggregation: a node dropped for what a step showed of it beyond its own reply's checks (a dispute
+        over share bundles, shares off their polynomial); its replies stay recorded as they were judged."""
+        self.rejections += 1
+        self.ledger.append(kinds.SECAGG_DROPPED, {"round": round_, "phase": phase, "node_id": str(node),
+                                                  "institution_id": self.bindings.get(int(node)), "check": check,
+                                                  "reason": reason})
+
     def checkpoint(self, round_: int, student: Path, accuracy: float) -> dict[str, Any]:
         return self.ledger.append(kinds.CHECKPOINT, {"round": round_, "file": student.name, "sha256": _file_sha256(student),
                                                      "student_accuracy": float(accuracy)})

@@ -32,7 +32,7 @@ from server.results.privacy import privacy_section
 from server.results.run_folder import STUDENT, RunFolder
 from server.resume import Checkpointer, plan_start
 from server.rounds import SoftLabels, digest_round, make_query, require_quorum, soft_label_round, wait_for_nodes, witness_end
-from server.secure_rounds import secure_soft_labels
+from server.secure_rounds import check_secure_run, secure_soft_labels
 
 app = ServerApp()
 
@@ -40,6 +40,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_run_config(context.run_config)
+    check_secure_run(cfg)
     start = plan_start(cfg)  # refuses (ConfigError) before anything is written
     if start.done:
         log(WARNING, "%s", start.note)

@@ -3,8 +3,9 @@
 In a real federation each institution runs `fedstill keygen` and sends its public key to the
 coordinator, who lists it in the allow-list. A simulation does the same on one machine: one key pair
 per simulated institution in `<run folder>/sites/institution-<i>/`, with the institution's own
-`site.toml` (its privacy budget: max-epsilon, delta) and `site-policy.toml` (every other site-policy
-key: what its node releases), and `<run folder>/allow-list.toml`.
+`site.toml` (its privacy budget: max-epsilon, delta), `site-policy.toml` (every other site-policy
+key: what its node releases) and `allow-list.toml` (its own copy of the consortium's keys, against which
+it checks its peers under secure aggregation), and `<run folder>/allow-list.toml` (the coordinator's).
 
 `site` (from `--site`) is {key: value, "institutions": {name: {key: value}}}: settings of every
 institution, and of one by name; one institution's own value wins.
@@ -16,7 +17,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client.release import SITE_CONFIG, simulated_institution, site_folder
+from client.release import PEERS_FILE, SITE_CONFIG, simulated_institution, site_folder
 from common.aggregation import NEEDS_CLASS_COUNTS
 from common.audit.keys import Signer, write_allow_list, write_key_pair
 from common.errors import ConfigError
@@ -50,6 +51,8 @@ def provision_sites(run_dir: Path, num_clients: int, site: dict[str, Any] | None
         institutions[signer.name] = signer.public
     allow_list = Path(run_dir) / ALLOW_LIST
     write_allow_list(allow_list, institutions)
+    for partition_id in range(num_clients):  # each institution keeps its own copy, to check its peers' keys
+        write_allow_list(site_folder(sites, partition_id) / PEERS_FILE, institutions)
     return {"allow-list": str(allow_list), "sites-dir": str(sites)}
 
 

@@ -12,13 +12,18 @@ Coordinator ledger (`<run folder>/ledger.jsonl`, signer "coordinator"):
                         allow-list's max-examples; "weight-clip": weight-clip times the lower median)
     sum-refused         {round, check, reason}   secure aggregation: the opened sum failed a range check
                         (check "weight-range"); the round stops, no institution can be singled out
+    secagg-dropped      {round, phase, node_id, institution_id, check, reason}   secure aggregation: a node dropped
+                        for what a step showed beyond its own reply (check "secagg-dispute": in phase "secagg-inbox",
+                        one side of disputes over share bundles that did not open; "secagg-share": in phase
+                        "secagg-shares", it returned shares off their polynomials)
     aggregated          {round, rule, nodes, institutions, samples_kept, ensemble_sha256}
     digest-opened       {round, nodes, query_sha256, samples, digest_epochs, revisit_epochs}   FedMD only; its
                         replies follow as reply-accepted/-rejected with phase "digest"
     exchange-opened     {round, phase, nodes, query_sha256 (one digest, or node -> digest)}   secure
-                        aggregation: phases "secagg-keys", "secagg-bundles" (before round-opened) and
-                        "secagg-shares" (after the masked soft labels); the FedAvg baseline (method "fedavg"):
-                        phase "fedavg", one per round in place of round-opened. Replies follow with that phase
+                        aggregation: phases "secagg-keys", "secagg-bundles", "secagg-inbox" (before round-opened),
+                        "secagg-consistency" and "secagg-shares" (after the masked soft labels); the FedAvg baseline
+                        (method "fedavg"): phase "fedavg", one per round in place of round-opened. Replies follow
+                        with that phase
     aggregated (FedAvg) {round, rule: "fedavg", nodes, institutions, weights_sha256}   the averaged weights
     student-checkpoint  {round, file, sha256, student_accuracy}
     run-finished        {status: "completed", rounds, student_sha256}
@@ -52,7 +57,9 @@ or null for an unsigned reply (only when the coordinator runs without an allow-l
 exchange-opened: the reply's attestation states payload kind "fedavg-weights", the trained weights) or a
 secure-aggregation phase (to exchange-opened).
 Rejection checks: "node-error", "timeout", "format", "unsigned", "allow-list", "signature", "statement",
-"digest" (payload digest mismatch), "identity" (a node changed institution, or two nodes claim one).
+"digest" (payload digest mismatch), "identity" (a node changed institution, or two nodes claim one); under secure
+aggregation also "secagg-key" (a round key invalid, of small order, or not signed by its institution), "secagg-bundle"
+(a share bundle its sender did not sign), "secagg-signature" (a survivor set signed wrongly).
 """
 
 from __future__ import annotations
@@ -76,9 +83,10 @@ COSIGNED = "cosigned"
 RECEIPT = "receipt"
 WITNESS_REFUSED = "witness-refused"
 WITNESS_PHASE = "witness"  # the exchange after the closing entry: institutions cosign the final tree head
+SECAGG_DROPPED = "secagg-dropped"
 FEDAVG_PHASE = "fedavg"  # the FedAvg baseline's exchange: global weights down, trained weights up
 FEDAVG_PAYLOAD = "fedavg-weights"  # the payload kind a FedAvg reply's attestation states
 CLOSING = (RUN_FINISHED, RUN_FAILED)
 ROUND_WORK = (ROUND_OPENED, REPLY_ACCEPTED, REPLY_REJECTED, AGGREGATED, DIGEST_OPENED, EXCHANGE_OPENED, CHECKPOINT,
-              WEIGHT_CLIPPED, SUM_REFUSED)
+              WEIGHT_CLIPPED, SUM_REFUSED, SECAGG_DROPPED)
 COORDINATOR = "coordinator"

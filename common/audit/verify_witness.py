@@ -121,20 +121,24 @@ def _recorded_head(chain: Chain, tree: Tree, number: int, entry: dict[str, Any])
 
 
 def _present_at_end(chain: Chain) -> set[str]:
-    """Institutions with an accepted reply in the last round opened of the ledger's last run."""
+    """The institutions present at the end of the ledger's last run: those its last aggregation used, or, when the
+    run aggregated nothing, those with an accepted reply in its last round."""
     last_round: Any = None
     present: set[str] = set()
+    aggregated: set[str] | None = None
     for _, entry in chain.entries:
         kind, body = entry["kind"], entry["body"]
         if kind == kinds.RUN_STARTED:
-            last_round, present = None, set()
+            last_round, present, aggregated = None, set(), None
+        elif kind == kinds.AGGREGATED:
+            aggregated = {name for name in body.get("institutions") or [] if isinstance(name, str)}
         elif kind in (kinds.ROUND_OPENED, kinds.EXCHANGE_OPENED) and body.get("phase") != kinds.WITNESS_PHASE:
             if body.get("round") != last_round:
                 last_round, present = body.get("round"), set()
         elif kind == kinds.REPLY_ACCEPTED and body.get("round") == last_round and body.get("phase") != kinds.WITNESS_PHASE \
                 and isinstance(body.get("institution_id"), str):
             present.add(body["institution_id"])
-    return present
+    return aggregated if aggregated is not None else present
 
 
 def check_log_witnessing(chain: Chain, log: Chain, tree: Tree, institution: str | None) -> None:

@@ -2,9 +2,9 @@
 
 Each message is a dataclass with `to_record()` and a validating `from_record()` that raises
 `MessageFormatError` naming the field, the value found and what was expected. One module per family:
-`soft_labels` (query and reply), `digest` (FedMD), `secagg` (secure aggregation), `fedavg` (the FedAvg
-baseline's instruction and reply), `witness` (the ledger's witness requests and cosignatures); `records`
-holds the checked record access, digests and attestation helpers they share.
+`soft_labels` (query and reply), `digest` (FedMD), `secagg` and `secagg_unmask` (secure aggregation), `fedavg`
+(the FedAvg baseline's instruction and reply), `witness` (the ledger's witness requests and cosignatures);
+`records` holds the checked record access, digests and attestation helpers they share.
 This package only re-exports them.
 """
 
@@ -12,15 +12,23 @@ from common.messages.digest import DIGEST_TYPE, DigestInstruction, DigestReply
 from common.messages.fedavg import TrainInstruction, TrainReply, weights_digest
 from common.messages.records import ATTESTATION, attach_attestation, payload_description, read_attestation, record_digest, record_nbytes
 from common.messages.secagg import (
+    INBOX_TYPE,
     SETUP_TYPE,
     SHARES_TYPE,
-    UNMASK_TYPE,
-    MaskedReply,
     SecAggBundles,
+    SecAggComplaints,
+    SecAggInbox,
     SecAggKeys,
     SecAggRoster,
     SecAggSetup,
+)
+from common.messages.secagg_unmask import (
+    CONSISTENCY_TYPE,
+    UNMASK_TYPE,
+    MaskedReply,
+    SecAggConsistency,
     SecAggShares,
+    SecAggSignature,
     SecAggUnmask,
 )
 from common.messages.soft_labels import SOFT_LABELS_TYPE, SoftLabelQuery, SoftLabelReply, validate_soft_labels
@@ -36,6 +44,7 @@ from common.messages.witness import (
 
 __all__ = [
     "ATTESTATION",
+    "CONSISTENCY_TYPE",
     "QUERY_DIGEST_EXCLUDES",
     "WITNESS_TYPE",
     "WitnessCall",
@@ -44,6 +53,7 @@ __all__ = [
     "read_witness_request",
     "with_witness_request",
     "DIGEST_TYPE",
+    "INBOX_TYPE",
     "SETUP_TYPE",
     "SHARES_TYPE",
     "SOFT_LABELS_TYPE",
@@ -52,10 +62,14 @@ __all__ = [
     "DigestReply",
     "MaskedReply",
     "SecAggBundles",
+    "SecAggComplaints",
+    "SecAggConsistency",
+    "SecAggInbox",
     "SecAggKeys",
     "SecAggRoster",
     "SecAggSetup",
     "SecAggShares",
+    "SecAggSignature",
     "SecAggUnmask",
     "SoftLabelQuery",
     "SoftLabelReply",

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from common.errors import ConfigError
 
 SCALE_BITS = 24  # fixed-point resolution 2^-24 ~ 6e-8 per entry
+FIELD_25519 = 2**255 - 19  # X25519 public keys are u-coordinates below this, little-endian
 MAX_ABS = float(1 << 30)  # |x| bound per entry per client: sums of 2^9 clients stay below 2^63 / 2^24
 
 
@@ -65,3 +66,19 @@ def apply_masks(quantised: np.ndarray, me: int, self_seed: bytes, pair_seeds: di
     for peer, seed in pair_seeds.items():
         masked += pairwise_mask(me, peer, seed, length)
     return masked
+
+
+def public_key_problem(key: bytes) -> str:
+    """What is wrong with an X25519 public key ("" when nothing): not 32 bytes, not the canonical encoding of a
+    coordinate (two encodings of one key would pass a check for distinct keys), or a point of small order, with
+    which every shared secret is zero, so a peer sending one would make every mask and bundle key public.
+    RFC 7748 section 6.1: X25519 over a small-order point gives all zeros; OpenSSL refuses to return it."""
+    if len(key) != 32:
+        return f"a key of {len(key)} bytes, not 32"
+    if int.from_bytes(key, "little") >= FIELD_25519:
+        return "not a canonical X25519 encoding (a coordinate >= 2^255 - 19)"
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(key))
+    except ValueError:
+        return "a point of small order (every shared secret with it is zero)"
+    return ""

@@ -1,28 +1,35 @@
-"""The secure-aggregation protocol's steps, as pure functions: client setup, masked input, unmasking; server sum.
+"""The secure-aggregation protocol's steps, as pure functions: client keys, shares, masked input, unmasking; server sum.
 
-One round, over four exchanges (Bonawitz et al., 2017, for a semi-honest server):
+One round (Bonawitz et al., 2017, the variant that holds against an active server; the exchanges and what
+each party checks are in docs/privacy.md, the signatures in common/secagg/signatures.py):
 
-1. keys: each client makes two X25519 key pairs (mask keys c, share-encryption keys s) and sends
-   the public halves; the server publishes the roster (node -> index 1..n, public keys) and the
-   threshold t.
-2. shares: each client draws a self seed b and splits b and its mask private key c into n Shamir
-   shares (threshold t); share j goes to client j inside an AES-GCM bundle (key HKDF(X25519(s_i, S_j))),
-   relayed by the server, which cannot open it.
-3. masked input: each client that distributed shares sends y_i = x_i + PRG(b_i) + pairwise masks with
-   every other such client (common/secagg/masking.py).
-4. unmask: the server names the survivors U (whose y arrived) and the dropped D (who shared but sent
-   no y); each survivor opens the bundles addressed to it and returns the b-shares of U and the
-   c-shares of D, never both for one client. The server rebuilds each b_j (j in U) and c_d (d in D),
-   removes the self masks and the dropped clients' pairwise masks, and is left with sum_{i in U} x_i.
+1. keys: each client makes two X25519 key pairs (mask keys c, share-encryption keys s) and sends the
+   public halves, signed with its long-term identity; the server publishes the roster (node -> index 1..n,
+   public keys, signatures) and the threshold t, which every client checks and pins at step 2.
+2. shares: each client draws a self seed b and splits b and its mask private key c into n Shamir shares
+   (threshold t); share j goes to client j inside an AES-GCM bundle (key HKDF(X25519(s_i, S_j))), signed by
+   its sender and relayed by the server, which cannot open it; the server keeps a commitment to b.
+3. inbox: each client opens the bundles addressed to it now, before anyone masks, and names the senders
+   whose signed bundles do not open; the server drops one side of every such dispute.
+4. masked input: each client of the set U that the server names sends y_i = x_i + PRG(b_i) + pairwise masks
+   with every other member of U (common/secagg/masking.py), once per round.
+5. consistency: the survivors S (whose y arrived) each sign (U, S) as they were shown them.
+6. unmask: a client that sees at least t valid signatures on its own (U, S) returns the b-shares of S and the
+   c-shares of U - S, never both for one client. The server rebuilds each b_j (j in S) and c_d (d in U - S),
+   checking each against its commitment or public key, removes the self masks and the dropped clients'
+   pairwise masks, and is left with sum_{i in S} x_i.
 
 What the server holds of one client is y_i, uniformly random on its own, and shares it cannot open.
-The round survives any dropouts after step 2 as long as at least t clients answer step 4.
+The round survives any dropouts after step 4 as long as at least t clients answer step 6.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -31,11 +38,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from common.errors import AuditError, ConfigError
-from common.secagg.masking import apply_masks, derive_seed, pairwise_mask, prg, quantise
-from common.secagg.shamir import reconstruct, split
+from common.secagg.masking import apply_masks, derive_seed, pairwise_mask, prg, public_key_problem, quantise
+from common.secagg.shamir import PRIME, reconstruct_verified, split
 
 SHARE_BYTES = 66  # a share of GF(2^521 - 1)
-PAIR_INFO, SHARE_INFO = b"fedstill/secagg/pairwise/", b"fedstill/secagg/share/"
+PAIR_INFO, SHARE_INFO, SEED_INFO = b"fedstill/secagg/pairwise/", b"fedstill/secagg/share/", b"fedstill/secagg/seed/"
+MIN_PARTIES = 3  # with two, each learns the other's input from the sum
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,8 @@ class RosterEntry:
     index: int  # the client's Shamir point, 1..n
     mask_key: bytes  # X25519 public key for pairwise masks (32 bytes)
     share_key: bytes  # X25519 public key for encrypting shares (32 bytes)
+    institution: str = ""  # the allow-listed institution that signed these keys
+    signature: str = ""  # its Ed25519 signature of signatures.keys_statement(...), base64
 
 
 Roster = dict[int, RosterEntry]  # node id -> entry
@@ -63,12 +73,34 @@ class ClientSecrets:
         return _public(self.mask_private), _public(self.share_private)
 
 
-def make_roster(public_keys: dict[int, tuple[bytes, bytes]]) -> Roster:
-    """Server: index the clients that sent keys by sorted node id; refuse duplicated keys."""
+@dataclass
+class Opened:
+    """What the server opens: the survivors' sum, and who returned shares off their source's polynomial."""
+
+    total: np.ndarray  # uint64 fixed point
+    altered: dict[int, list[int]] = field(default_factory=dict)  # responder node -> sources of its altered shares
+
+
+def majority_threshold(parties: int) -> int:
+    """The least threshold any node accepts for a roster of `parties`: more than half of it, never below 3.
+
+    Why a majority: every node signs one survivor set per round and reveals shares only on seeing t signatures
+    on the set it signed; two different sets would need 2t > n signers, so all nodes that reveal agree on the
+    survivors and no node's b and c both open. Peers colluding with the server can sign twice: against c of
+    them the threshold must exceed (n + c) / 2, which an institution's site policy can demand."""
+    return max(MIN_PARTIES, parties // 2 + 1)
+
+
+def make_roster(public_keys: Mapping[int, tuple[bytes, bytes]], signed: Mapping[int, tuple[str, str]] | None = None) -> Roster:
+    """Server: index the clients that sent keys by sorted node id, with who signed each pair (`signed`: node ->
+    institution, signature); refuse invalid, small-order or duplicated keys."""
     keys = [k for pair in public_keys.values() for k in pair]
-    if len(set(keys)) != len(keys) or any(len(k) != 32 for k in keys):
-        raise AuditError("secure aggregation: public keys must be distinct 32-byte X25519 keys", "secagg")
-    return {node: RosterEntry(i, *public_keys[node]) for i, node in enumerate(sorted(public_keys), start=1)}
+    if len(set(keys)) != len(keys) or any(public_key_problem(k) for k in keys):
+        raise AuditError("secure aggregation: public keys must be distinct valid X25519 keys (32 bytes, canonical, "
+                         "not of small order)", "secagg-key")
+    signed = signed or {}
+    return {node: RosterEntry(i, *public_keys[node], *signed.get(node, ("", "")))
+            for i, node in enumerate(sorted(public_keys), start=1)}
 
 
 def client_share_bundles(
@@ -88,10 +120,33 @@ def client_share_bundles(
     return self_seed, bundles
 
 
+def seed_commitment(self_seed: bytes, context: bytes) -> bytes:
+    """What the server keeps of a self seed to recognise it when rebuilt: sha256 of it, bound to the round.
+    The seed is 32 random bytes, so the commitment says nothing of it."""
+    return hashlib.sha256(SEED_INFO + context + self_seed).digest()
+
+
+def client_open_bundles(
+    node: int, secrets: ClientSecrets, roster: Roster, bundles: Mapping[int, bytes], context: bytes
+) -> tuple[dict[int, tuple[int, int]], list[int]]:
+    """Step 3: open every bundle addressed to this client: source -> (b-share, c-share), and the sources whose
+    bundle does not decrypt or holds no shares."""
+    me = _member(roster, node)
+    opened, failed = {}, []
+    for source, bundle in sorted(bundles.items()):
+        try:
+            shares = _open(secrets, _member(roster, source), me, context, bundle, source)
+        except AuditError:
+            failed.append(source)
+            continue
+        opened[source] = shares
+    return opened, failed
+
+
 def client_masked_input(
     node: int, secrets: ClientSecrets, shared: Roster, self_seed: bytes, vector: np.ndarray, context: bytes
 ) -> np.ndarray:
-    """Step 3: y = x + PRG(b) + pairwise masks with every client that distributed its shares (`shared`)."""
+    """Step 4: y = x + PRG(b) + pairwise masks with every client of `shared` (the set U)."""
     me = _member(shared, node)
     mask_key = X25519PrivateKey.from_private_bytes(secrets.mask_private)
     pair_seeds = {entry.index: derive_seed(mask_key, entry.mask_key, PAIR_INFO + context)
@@ -100,60 +155,75 @@ def client_masked_input(
 
 
 def client_unmask(
-    node: int, secrets: ClientSecrets, roster: Roster, threshold: int, bundles: dict[int, bytes],
-    survivors: set[int], dropped: set[int], context: bytes,
+    node: int, opened: Mapping[int, tuple[int, int]], shared: set[int], survivors: set[int], threshold: int,
 ) -> dict[int, tuple[str, int]]:
-    """Step 4: the b-share of every survivor and the c-share of every dropped client, from their bundles.
+    """Step 6: the b-share of every survivor and the c-share of every other member of U (`shared`).
 
-    Refuses (AuditError) a request that could unmask one client's input: a client both surviving and
-    dropped, clients outside the roster, or fewer survivors than the threshold.
+    Refuses (AuditError) a survivor set that could unmask one client's input: members outside U, this node
+    not surviving, or fewer survivors than the threshold. The dropped are U - survivors, as this node was
+    shown U, so one answer never holds both shares of one client.
     """
-    me = _member(roster, node)
-    if survivors & dropped or not (survivors | dropped) <= set(roster) or node not in survivors:
-        raise AuditError("secure aggregation: survivors and dropped must split the roster, this node surviving", "secagg")
+    if not survivors <= shared or node not in survivors:
+        raise AuditError("secure aggregation: the survivors must be members of the set this node masked with, "
+                         "this node among them", "secagg")
     if len(survivors) < threshold:
         raise AuditError(f"secure aggregation: {len(survivors)} survivors, the threshold is {threshold}", "secagg")
-    answer = {}
-    for source in sorted(survivors | dropped):
-        if source not in bundles:
-            raise AuditError(f"secure aggregation: no share bundle from node {source}", "secagg")
-        b_share, c_share = _open(secrets, roster[source], me, context, bundles[source], source)
-        answer[source] = ("b", b_share) if source in survivors else ("c", c_share)
-    return answer
+    missing = sorted(shared - set(opened))
+    if missing:
+        raise AuditError(f"secure aggregation: no opened share bundle from nodes {missing}", "secagg")
+    return {source: ("b", opened[source][0]) if source in survivors else ("c", opened[source][1])
+            for source in sorted(shared)}
 
 
 def server_sum(
     masked: dict[int, np.ndarray], answers: dict[int, dict[int, tuple[str, int]]], roster: Roster, threshold: int,
-    context: bytes,
-) -> np.ndarray:
-    """Step 4, server: sum_{i in survivors} x_i (uint64 fixed point) from the masked vectors and the shares.
+    context: bytes, commitments: Mapping[int, bytes],
+) -> Opened:
+    """Step 6, server: sum_{i in survivors} x_i (uint64 fixed point) from the masked vectors and the shares.
 
-    `roster` holds the clients that distributed shares (step 2); those of them without a masked
-    vector are the dropped, whose pairwise masks are removed with their rebuilt mask keys.
+    `roster` is U, the clients asked for masked vectors; those of them without one are the dropped, whose
+    pairwise masks are removed with their rebuilt mask keys. Each rebuilt secret is checked (a self seed
+    against its commitment, a mask key against its public key), so altered shares are skipped and named.
     """
     survivors = set(masked)
     dropped = set(roster) - survivors
     length = len(next(iter(masked.values())))
-    total = np.zeros(length, dtype=np.uint64)
+    opened = Opened(np.zeros(length, dtype=np.uint64))
     for vector in masked.values():
-        total += vector
+        opened.total += vector
     for node in sorted(survivors):
-        total -= prg(_rebuild(node, "b", answers, roster, threshold), length)
+        seed = _rebuild(node, "b", answers, roster, threshold, opened, partial(_is_seed, commitments.get(node), context))
+        opened.total -= prg(seed, length)
     for gone in sorted(dropped):
-        key = X25519PrivateKey.from_private_bytes(_rebuild(gone, "c", answers, roster, threshold))
+        key = X25519PrivateKey.from_private_bytes(
+            _rebuild(gone, "c", answers, roster, threshold, opened, partial(_is_mask_key, roster[gone].mask_key)))
         for node in sorted(survivors):
             seed = derive_seed(key, roster[node].mask_key, PAIR_INFO + context)
-            total -= pairwise_mask(roster[node].index, roster[gone].index, seed, length)
-    return total
+            opened.total -= pairwise_mask(roster[node].index, roster[gone].index, seed, length)
+    opened.altered = {node: sorted(sources) for node, sources in sorted(opened.altered.items())}
+    return opened
 
 
-def _rebuild(source: int, kind: str, answers: dict[int, dict[int, tuple[str, int]]], roster: Roster, threshold: int) -> bytes:
+def _rebuild(source: int, kind: str, answers: dict[int, dict[int, tuple[str, int]]], roster: Roster, threshold: int,
+             opened: Opened, is_secret: Callable[[bytes], bool]) -> bytes:
+    responders = {roster[responder].index: responder for responder in answers if responder in roster}
     shares = {roster[responder].index: answer[source][1] for responder, answer in answers.items()
-              if source in answer and answer[source][0] == kind}
+              if responder in roster and source in answer and answer[source][0] == kind}
     try:
-        return reconstruct(shares, threshold, length=32)
+        secret, altered = reconstruct_verified(shares, threshold, is_secret, length=32)
     except AuditError as error:
         raise AuditError(f"secure aggregation: node {source}'s {'self seed' if kind == 'b' else 'mask key'}: {error}", "secagg") from None
+    for index in altered:
+        opened.altered.setdefault(responders[index], []).append(source)
+    return secret
+
+
+def _is_seed(commitment: bytes | None, context: bytes, seed: bytes) -> bool:
+    return commitment is not None and seed_commitment(seed, context) == commitment
+
+
+def _is_mask_key(public: bytes, private: bytes) -> bool:
+    return _public(private) == public
 
 
 def _seal(secrets: ClientSecrets, me: RosterEntry, peer: RosterEntry, context: bytes, b_share: int, c_share: int) -> bytes:
@@ -172,7 +242,10 @@ def _open(secrets: ClientSecrets, source: RosterEntry, me: RosterEntry, context:
     except (InvalidTag, ValueError):
         raise AuditError(f"secure aggregation: the share bundle from node {node} (client {source.index}) does not decrypt "
                          f"(altered, or meant for another client or round)", "secagg") from None
-    return int.from_bytes(plaintext[:SHARE_BYTES], "big"), int.from_bytes(plaintext[SHARE_BYTES:], "big")
+    b_share, c_share = int.from_bytes(plaintext[:SHARE_BYTES], "big"), int.from_bytes(plaintext[SHARE_BYTES:], "big")
+    if len(plaintext) != 2 * SHARE_BYTES or b_share >= PRIME or c_share >= PRIME:
+        raise AuditError(f"secure aggregation: the share bundle from node {node} holds no valid shares", "secagg")
+    return b_share, c_share
 
 
 def _pair(source: int, destination: int) -> bytes:

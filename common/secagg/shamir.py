@@ -3,16 +3,21 @@
 A secret of up to 64 bytes becomes the constant term of a random polynomial of degree t - 1; share
 x is the polynomial's value at x (x = 1..n). Any t shares give the secret back by Lagrange
 interpolation at 0; fewer than t reveal nothing about it (every secret is equally consistent with them).
+Shares are not verifiable on their own, so a reconstruction that can recognise its secret (a commitment,
+a public key) tries further subsets of t shares when some are altered, and names the altered ones.
 """
 
 from __future__ import annotations
 
+import itertools
 import secrets
+from collections.abc import Callable
 
 from common.errors import AuditError, ConfigError
 
 PRIME = (1 << 521) - 1
 MAX_SECRET_BYTES = 64
+MAX_SUBSETS = 5000  # subsets of t shares tried before a reconstruction gives up on altered shares
 
 
 def split(secret: bytes, threshold: int, xs: list[int]) -> dict[int, int]:
@@ -33,20 +38,50 @@ def reconstruct(shares: dict[int, int], threshold: int, length: int | None = Non
     is the secret's known size in bytes, and anything else is refused as altered shares."""
     if len(shares) < threshold:
         raise AuditError(f"secret sharing: {len(shares)} shares, {threshold} are needed to reconstruct", "secagg")
-    points = sorted(shares.items())[:threshold]
-    value = 0
-    for i, (xi, yi) in enumerate(points):
-        numerator, denominator = 1, 1
-        for j, (xj, _) in enumerate(points):
-            if i != j:
-                numerator = numerator * (-xj) % PRIME
-                denominator = denominator * (xi - xj) % PRIME
-        value = (value + yi * numerator * pow(denominator, -1, PRIME)) % PRIME
+    value = _interpolate(sorted(shares.items())[:threshold], 0)
     raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
     secret = raw[1:]
     if not raw or raw[0] != 1 or len(secret) > MAX_SECRET_BYTES or (length is not None and len(secret) != length):
         raise AuditError("secret sharing: the shares do not reconstruct a valid secret (altered or mixed shares)", "secagg")
     return secret
+
+
+def reconstruct_verified(
+    shares: dict[int, int], threshold: int, is_secret: Callable[[bytes], bool], length: int | None = None,
+    max_subsets: int = MAX_SUBSETS,
+) -> tuple[bytes, list[int]]:
+    """The secret, and the points whose shares are not on its polynomial (altered shares).
+
+    Honest shares all lie on one polynomial of degree t - 1; `is_secret` recognises the true secret (its
+    commitment, or its public key). The first t shares are tried first; while what they give is not the
+    secret, further subsets of t shares are tried (at most `max_subsets`), so that altered shares do not
+    stop a reconstruction while t honest ones are among the shares. AuditError when no subset gives it.
+    """
+    if len(shares) < threshold:
+        raise AuditError(f"secret sharing: {len(shares)} shares, {threshold} are needed to reconstruct", "secagg")
+    for subset in itertools.islice(itertools.combinations(sorted(shares.items()), threshold), max_subsets):
+        try:
+            secret = reconstruct(dict(subset), threshold, length)
+        except AuditError:
+            continue
+        if is_secret(secret):
+            altered = [x for x, y in sorted(shares.items()) if (x, y) not in subset and _interpolate(list(subset), x) != y]
+            return secret, altered
+    raise AuditError(f"secret sharing: no {threshold} of the {len(shares)} shares give the committed secret "
+                     "(too many altered shares)", "secagg")
+
+
+def _interpolate(points: list[tuple[int, int]], at: int) -> int:
+    """The value at `at` of the polynomial through `points` (Lagrange)."""
+    value = 0
+    for i, (xi, yi) in enumerate(points):
+        numerator, denominator = 1, 1
+        for j, (xj, _) in enumerate(points):
+            if i != j:
+                numerator = numerator * (at - xj) % PRIME
+                denominator = denominator * (xi - xj) % PRIME
+        value = (value + yi * numerator * pow(denominator, -1, PRIME)) % PRIME
+    return value
 
 
 def _evaluate(coefficients: list[int], x: int) -> int:

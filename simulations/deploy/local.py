@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from client.release import PEERS_FILE
 from common.audit.keys import Signer, private_key_path, write_allow_list, write_key_pair
 from common.errors import FedstillError
 from simulations.deploy.approved_apps import ApprovedApps, app_fab, fab_hash
@@ -106,6 +107,8 @@ class LocalFederation:
             write_key_pair(signer, folder / "keys", overwrite=True)
             public_keys[name] = signer.public
         write_allow_list(self.work / ALLOW_LIST, public_keys)
+        for name in self.institutions:  # each institution's own copy: its node checks its peers' keys against it
+            write_allow_list(self.site(name) / PEERS_FILE, public_keys)
 
     def snapshot_app(self) -> str:
         """Copy the fedstill app's bundle into `app/` (what `flwr run` submits) and have every

@@ -21,7 +21,7 @@ def test_every_key_becomes_a_typed_field() -> None:
         "data-path": "/data/a b", "public-dir": "~/public", "partition-id": 2, "num-partitions": 3,
         "institution-id": "hospital-a", "signing-key": "keys/hospital-a.key", "release-log": "/s/release-log.jsonl",
         "privacy-ledger": "/s/privacy-ledger.json", "max-epsilon": 4, "delta": 1e-6, "state-dir": "/s/state",
-        "site-policy": "/s/site-policy.toml", "coordinator-key": "/s/coordinator.pub",
+        "site-policy": "/s/site-policy.toml", "coordinator-key": "/s/coordinator.pub", "allow-list": "/s/allow-list.toml",
     }
 
     # Execute

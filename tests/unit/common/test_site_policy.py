@@ -46,7 +46,8 @@ def test_a_full_policy_file_is_parsed_into_typed_fields() -> None:
     ("count-multiple = 0", "count-multiple must be an integer >= 1, got 0"),
     ('class-counts = "yes"', "class-counts must be true or false, got 'yes'"),
     ("max-queries-per-round = 0", "max-queries-per-round must be an integer >= 1, got 0"),
-    ("min-secagg-threshold = 1", "min-secagg-threshold must be an integer >= 2, got 1"),
+    ("min-secagg-threshold = 1", "min-secagg-threshold must be an integer >= 3, got 1"),
+    ("min-secagg-threshold = 2", "min-secagg-threshold must be an integer >= 3, got 2"),
     ("max-revisit-epochs = true", "max-revisit-epochs must be an integer >= 0, got True"),
     ("max-epsilom = 4", "unknown key 'max-epsilom'"),
     ('mechanisms = ["none"]\nmax-epsilon = 2', "a budget needs a mechanism that spends it"),
@@ -73,7 +74,8 @@ def test_without_a_file_an_honest_run_is_answered_as_before() -> None:
     policy.check_mechanism("none", None)
     policy.check_query(10_000, answered=5, class_counts=True, privacy="none")
     policy.check_digest("none", digest_epochs=10, revisit_epochs=10)
-    policy.check_threshold(2)
+    policy.check_threshold(3, parties=3)  # the protocol's own floor: more than half of the roster, at least 3
+    policy.check_threshold(6, parties=10)
     assert policy.released_count(1234, "none") == 1234 and policy.sends_training_loss("none")
     assert policy.releases("none", class_counts=False, teacher_accuracy=True)["num-examples"] == "exact"
 
@@ -148,8 +150,8 @@ def test_each_query_limit_is_refused_with_its_line() -> None:
     with pytest.raises(PolicyViolation, match=r"^site-policy: class-counts = false \(default\) refuses per-class counts"):
         policy.check_query(10, answered=0, class_counts=True, privacy="dp-sgd")
     with pytest.raises(PolicyViolation, match=r"^site-policy: min-secagg-threshold = 3 refuses .* threshold of 2"):
-        policy.check_threshold(2)
-    policy.check_threshold(3)
+        policy.check_threshold(2, parties=3)
+    policy.check_threshold(3, parties=3)
     SitePolicy(class_counts=True).check_query(10, answered=0, class_counts=True, privacy="dp-sgd")  # allowed, listed
 
 
@@ -167,3 +169,20 @@ def test_digest_limits_and_revisit_under_privacy_are_refused_with_their_line() -
         policy.check_digest("none", digest_epochs=1, revisit_epochs=6)
     with pytest.raises(PolicyViolation, match=r"^site-policy: digest = false refuses"):
         SitePolicy.from_toml("digest = false").check_digest("none", digest_epochs=1, revisit_epochs=0)
+
+
+@pytest.mark.parametrize(("policy", "threshold", "parties", "line"), [
+    (SitePolicy(), 2, 3, r"site-policy: min-secagg-threshold = 3 \(more than half of the 3 institutions, at least 3\)"),
+    (SitePolicy(), 5, 10, r"site-policy: min-secagg-threshold = 6 \(more than half of the 10 institutions, at least 3\)"),
+    (SitePolicy(min_secagg_threshold=4, written=frozenset({"min-secagg-threshold"})), 5, 10,
+     r"site-policy: min-secagg-threshold = 4, raised to 6 \(more than half of the 10 institutions"),
+    (SitePolicy(min_secagg_threshold=8, written=frozenset({"min-secagg-threshold"})), 7, 10,
+     r"site-policy: min-secagg-threshold = 8 refuses"),
+], ids=["default-3", "default-10", "policy-below-majority", "policy-above-majority"])
+def test_the_secagg_floor_is_a_majority_of_the_roster_at_least_3_and_a_policy_only_raises_it(
+        policy: SitePolicy, threshold: int, parties: int, line: str) -> None:
+    # Execute / Assert
+    with pytest.raises(PolicyViolation, match=f"^{line}") as caught:
+        policy.check_threshold(threshold, parties)
+    assert f"set secagg-threshold >= {policy.secagg_floor(parties)}" in str(caught.value)
+    policy.check_threshold(policy.secagg_floor(parties), parties)

@@ -1,8 +1,10 @@
 """Unit tests of a secure-aggregation round: server/secure_rounds.py against the institutions' real steps.
 
-The suite's in-memory Grid hands each message to the real client steps of client/secure.py, with one node
-state per institution; the server side (exchanges, roster, sum, ledger) is the real one, with a real AuditTrail.
-Also here: the institution's node state (client/secure.py) and the run-config rules of secure aggregation.
+The suite's in-memory Grid hands each message to the real client steps of client/secure.py, with one node state,
+identity and allow-list per institution (tests/unit/secagg_fixtures.py); the server side (exchanges, roster, disputes,
+sum, ledger) is the real one, with a real AuditTrail. Also here: the institution's node state (client/secure.py) and
+the run-config rules of secure aggregation. A deviating coordinator is in tests/unit/client/test_hostile_secagg_server.py,
+a faulty peer in test_secagg_faulty_peer.py.
 """
 
 from __future__ import annotations
@@ -14,116 +16,62 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 import server.secure_rounds as secure_rounds
 from client.node_state import SECAGG_KEY as STATE_KEY
-from client.secure import masked_vector, round_keys, share_bundles, unmask_shares
+from client.secure import (
+    masked_vector,
+    node_credentials,
+    open_inbox,
+    round_keys,
+    share_bundles,
+    sign_survivors,
+    unmask_shares,
+)
 from common.audit import kinds
 from common.audit.ledger import OPENED
 from common.audit.verify import verify_ledger
 from common.config import RunConfig
 from common.errors import AuditError, ConfigError, QuorumError
 from common.messages import (
+    CONSISTENCY_TYPE,
+    INBOX_TYPE,
     SETUP_TYPE,
     SHARES_TYPE,
     SOFT_LABELS_TYPE,
     UNMASK_TYPE,
     MaskedReply,
-    SecAggBundles,
+    SecAggConsistency,
+    SecAggInbox,
     SecAggRoster,
-    SecAggSetup,
     SecAggShares,
     SecAggUnmask,
-    SoftLabelQuery,
 )
+from common.node_config import NodeConfig
 from common.secagg.masking import prg, quantise
-from common.secagg.protocol import RosterEntry
+from common.secagg.protocol import make_roster
 from common.secagg.shamir import reconstruct
 from server.audit_trail import LEDGER, AuditTrail
-from server.secure_rounds import secure_soft_labels
+from server.secure_rounds import check_secure_run, secure_soft_labels
 
-from grid import Answer, MemoryGrid
-
-RUN_ID = 2**63 - 25  # Flower's run ids are 64-bit
-FINGERPRINT = "ab" * 32
-SAMPLES, CLASSES = 6, 3
-NODES = [2**63 + 11, 2**63 + 12, 2**63 + 13, 2**63 + 14, 2**63 + 15]  # uint64 node ids, past int64
-WEIGHTS = {node: float(w) for node, w in zip(NODES, (50, 120, 300, 75, 999), strict=True)}  # len(private) of each institution
-
-
-def make_query(round_: int = 1) -> SoftLabelQuery:
-    return SoftLabelQuery(round=round_, fingerprint=FINGERPRINT, temperature=2.0, codec="float16", num_classes=CLASSES,
-                          sample_ids=np.arange(SAMPLES, dtype=np.int64), evaluate_teacher=False)
-
-
-def soft_labels(nodes: list[int] = NODES) -> dict[int, np.ndarray]:
-    """(SAMPLES, CLASSES) float32 rows on the simplex, different for every institution."""
-    rng = np.random.default_rng(17)
-    return {node: rng.dirichlet(np.ones(CLASSES), size=SAMPLES).astype(np.float32) for node in nodes}
-
-
-PROBS = soft_labels()
-
-
-class Institutions(MemoryGrid):
-    """The in-memory Grid, each message going to that node's real secure-aggregation step (client/secure.py) with
-    its own node state; `failing` makes a node answer a message type with an error reply or not at all, and
-    `tamper` alters a reply's content after the node made it. Every content the server receives is kept."""
-
-    def __init__(self, probs: dict[int, np.ndarray] = PROBS, weights: dict[int, float] = WEIGHTS, *,
-                 failing: dict[tuple[int, str], str] | None = None,
-                 tamper: Callable[[int, str, RecordDict], RecordDict] | None = None) -> None:
-        super().__init__(nodes=probs)
-        self.probs, self.weights = probs, weights
-        self.failing = failing or {}
-        self.tamper = tamper
-        self.states = {node: RecordDict() for node in probs}
-        self.received: list[tuple[int, str, RecordDict]] = []
-
-    def answer(self, message: Message) -> Answer:
-        node, kind = message.metadata.dst_node_id, message.metadata.message_type
-        failure = self.failing.get((node, kind))
-        if failure == "silent":
-            return None
-        if failure == "error":
-            raise RuntimeError("lost connection")
-        content = self.step(node, kind, message.content)
-        if self.tamper is not None:
-            content = self.tamper(node, kind, content)
-        self.received.append((node, kind, content))
-        return content
-
-    def step(self, node: int, kind: str, content: RecordDict) -> RecordDict:
-        state = self.states[node]
-        if kind == SETUP_TYPE:
-            return round_keys(state, SecAggSetup.from_record(content).round).to_record()
-        if kind == SHARES_TYPE:
-            return share_bundles(state, node, RUN_ID, SecAggRoster.from_record(content)).to_record()
-        if kind == SOFT_LABELS_TYPE:
-            query, shared = SoftLabelQuery.from_record(content), SecAggRoster.from_record(content)
-            weight = self.weights[node] if shared.weighted else 1.0
-            masked = masked_vector(state, node, RUN_ID, shared, self.probs[node], weight)
-            return MaskedReply(query.round, query.fingerprint, masked, train_loss=0.4, teacher_accuracy=-1.0,
-                               teacher_params=1000, teacher_rounds=query.round).to_record()
-        if kind == UNMASK_TYPE:
-            request = SecAggUnmask.from_record(content)
-            return unmask_shares(state, node, RUN_ID, request, SecAggRoster.from_record(content)).to_record()
-        raise AssertionError(f"unexpected message type {kind}")
-
-    def destinations(self, kind: str) -> list[int]:
-        return sorted(m.metadata.dst_node_id for m in self.sent_of(kind))
-
+from audit_fixtures import witness_ledger_end
+from secagg_fixtures import (
+    CLASSES,
+    FINGERPRINT,
+    NODES,
+    PROBS,
+    RUN_ID,
+    SAMPLES,
+    WEIGHTS,
+    Institutions,
+    Sites,
+    make_query,
+    provision,
+    secure_config,
+)
 
 pytestmark = pytest.mark.usefixtures("server_task")  # Flower builds a Message only inside a running task
-
-
-def secure_config(mapping: dict[str, Any], **overrides: Any) -> RunConfig:
-    raw = dict(mapping)
-    raw.update({"secure-aggregation": True, "aggregation": "mean", "num-clients": len(NODES), "min-clients": 3,
-                "allow-list": "", "coordinator-key": "", "round-timeout": 30.0})
-    raw.update({key.replace("_", "-"): value for key, value in overrides.items()})
-    return RunConfig.from_run_config(raw)
 
 
 @pytest.fixture
@@ -131,6 +79,11 @@ def run_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "run"
     folder.mkdir()
     return folder
+
+
+@pytest.fixture
+def sites(tmp_path: Path) -> Sites:
+    return provision(tmp_path / "sites")
 
 
 def open_trail(cfg: RunConfig, folder: Path) -> AuditTrail:
@@ -145,10 +98,10 @@ def mean_of(nodes: list[int], weights: dict[int, float] | None = None) -> np.nda
 # --- the ensemble ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rule", ["mean", "weighted"])
-def test_a_secure_round_returns_the_plain_ensemble(run_dir: Path, run_config_mapping: dict[str, Any], rule: str) -> None:
+def test_a_secure_round_returns_the_plain_ensemble(run_dir: Path, run_config_mapping: dict[str, Any], sites: Sites, rule: str) -> None:
     # Prepare
-    cfg = secure_config(run_config_mapping, aggregation=rule)
-    grid = Institutions()
+    cfg = secure_config(run_config_mapping, sites, aggregation=rule)
+    grid = Institutions(sites)
 
     # Execute
     probs, outcome = secure_soft_labels(grid, cfg, open_trail(cfg, run_dir), make_query(), NODES)
@@ -162,12 +115,12 @@ def test_a_secure_round_returns_the_plain_ensemble(run_dir: Path, run_config_map
     assert set(outcome.uplink_bytes) == set(NODES) and outcome.downlink_bytes > 0
 
 
-def test_weighted_and_plain_means_differ_for_unequal_weights(run_dir: Path, run_config_mapping: dict[str, Any]) -> None:
+def test_weighted_and_plain_means_differ_for_unequal_weights(run_dir: Path, run_config_mapping: dict[str, Any], sites: Sites) -> None:
     # Prepare: guards the test above against weights that happen not to matter
-    cfg = secure_config(run_config_mapping, aggregation="weighted")
+    cfg = secure_config(run_config_mapping, sites, aggregation="weighted")
 
     # Execute
-    probs, _ = secure_soft_labels(Institutions(), cfg, open_trail(cfg, run_dir), make_query(), NODES)
+    probs, _ = secure_soft_labels(Institutions(sites), cfg, open_trail(cfg, run_dir), make_query(), NODES)
 
     # Assert
     assert np.abs(probs - mean_of(NODES)).max() > 1e-3
@@ -175,12 +128,12 @@ def test_weighted_and_plain_means_differ_for_unequal_weights(run_dir: Path, run_
 
 @pytest.mark.parametrize(("failure", "check"), [("error", "node-error"), ("silent", "timeout")])
 def test_a_node_failing_at_the_masked_step_is_dropped_and_the_others_sum_opens(
-    run_dir: Path, run_config_mapping: dict[str, Any], failure: str, check: str,
+    run_dir: Path, run_config_mapping: dict[str, Any], sites: Sites, failure: str, check: str,
 ) -> None:
     # Prepare
-    cfg = secure_config(run_config_mapping)
+    cfg = secure_config(run_config_mapping, sites)
     gone = NODES[2]
-    grid = Institutions(failing={(gone, SOFT_LABELS_TYPE): failure})
+    grid = Institutions(sites, failing={(gone, SOFT_LABELS_TYPE): failure})
     trail = open_trail(cfg, run_dir)
 
     # Execute
@@ -191,19 +144,21 @@ def test_a_node_failing_at_the_masked_step_is_dropped_and_the_others_sum_opens(
     assert np.abs(probs - mean_of(others)).max() < 1e-6
     assert sorted(outcome.accepted) == others
     assert outcome.checks == {gone: check}
-    assert grid.destinations(UNMASK_TYPE) == others
+    assert grid.destinations(CONSISTENCY_TYPE) == others and grid.destinations(UNMASK_TYPE) == others
     unmask = SecAggUnmask.from_record(grid.sent_of(UNMASK_TYPE)[0].content)
-    assert (unmask.survivors, unmask.dropped) == (others, [gone])
+    assert unmask.survivors == others and sorted(unmask.signatures) == others
+    answers = [SecAggShares.from_record(record, 1).shares for _, kind, record in grid.received if kind == UNMASK_TYPE]
+    assert all({n: k for n, (k, _) in a.items()} == {n: "c" if n == gone else "b" for n in NODES} for a in answers)
     rejected = [e["body"] for e in trail.ledger.entries() if e["kind"] == kinds.REPLY_REJECTED]
     assert [(b["phase"], b["node_id"], b["check"]) for b in rejected] == [("soft-labels", str(gone), check)]
 
 
 def test_survivors_silent_at_unmask_still_count_while_threshold_answer(
-    run_dir: Path, run_config_mapping: dict[str, Any],
+    run_dir: Path, run_config_mapping: dict[str, Any], sites: Sites,
 ) -> None:
     # Prepare: threshold 3 of 5 (a majority); two survivors give no shares
-    cfg = secure_config(run_config_mapping)
-    grid = Institutions(failing={(NODES[0], UNMASK_TYPE): "error", (NODES[4], UNMASK_TYPE): "silent"})
+    cfg = secure_config(run_config_mapping, sites)
+    grid = Institutions(sites, failing={(NODES[0], UNMASK_TYPE): "error", (NODES[4], UNMASK_TYPE): "silent"})
 
     # Execute
     probs, outcome = secure_soft_labels(grid, cfg, open_trail(cfg, run_dir), make_query(), NODES)
@@ -215,29 +170,30 @@ def test_survivors_silent_at_unmask_still_count_while_threshold_answer(
 
 @pytest.mark.parametrize(
     ("kind", "what"),
-    [(SETUP_TYPE, "sent keys"), (SHARES_TYPE, "distributed their shares"),
-     (SOFT_LABELS_TYPE, "sent masked soft labels"), (UNMASK_TYPE, "returned shares")],
-    ids=["keys", "bundles", "masked", "unmask"],
+    [(SETUP_TYPE, "sent keys"), (SHARES_TYPE, "distributed their shares"), (INBOX_TYPE, "opened every other's shares"),
+     (SOFT_LABELS_TYPE, "sent masked soft labels"), (CONSISTENCY_TYPE, "signed the survivor set"),
+     (UNMASK_TYPE, "returned shares")],
+    ids=["keys", "bundles", "inbox", "masked", "consistency", "unmask"],
 )
 def test_fewer_than_threshold_institutions_is_a_quorum_error(
-    run_dir: Path, run_config_mapping: dict[str, Any], kind: str, what: str,
+    run_dir: Path, run_config_mapping: dict[str, Any], sites: Sites, kind: str, what: str,
 ) -> None:
     # Prepare: min-clients 2, so the threshold is what stops the round
-    cfg = secure_config(run_config_mapping, min_clients=2, secagg_threshold=3)
-    grid = Institutions(failing={(node, kind): "error" for node in NODES[:3]})
+    cfg = secure_config(run_config_mapping, sites, min_clients=2, secagg_threshold=3)
+    grid = Institutions(sites, failing={(node, kind): "error" for node in NODES[:3]})
 
     # Execute / Assert
     with pytest.raises(QuorumError, match=f"only 2 institutions {what}; secure aggregation needs 3 \\(threshold 3"):
         secure_soft_labels(grid, cfg, open_trail(cfg, run_dir), make_query(), NODES)
 
 
-@pytest.mark.parametrize(("failing_keys", "threshold"), [(0, 3), (1, 3), (2, 2)])
-def test_the_default_threshold_is_a_majority_of_those_that_sent_keys(
-    run_dir: Path, run_config_mapping: dict[str, Any], failing_keys: int, threshold: int,
+@pytest.mark.parametrize(("failing_keys", "threshold"), [(0, 3), (1, 3), (2, 3)])
+def test_the_default_threshold_is_a_majority_of_those_that_sent_keys_and_at_least_3(
+    run_dir: Path, run_config_mapping: dict[str, Any], sites: Sites, failing_keys: int, threshold: int,
 ) -> None:
     # Prepare
-    cfg = secure_config(run_config_mapping, min_clients=2)
-    grid = Institutions(failing={(node, SETUP_TYPE): "error" for node in NODES[:failing_keys]})
+    cfg = secure_config(run_config_mapping, sites, min_clients=2)
+    grid = Institutions(sites, failing={(node, SETUP_TYPE): "error" for node in NODES[:failing_keys]})
 
     # Execute
     probs, _ = secure_soft_labels(grid, cfg, open_trail(cfg, run_dir), make_query(), NODES)
@@ -248,10 +204,10 @@ def test_the_default_threshold_is_a_majority_of_those_that_sent_keys(
     assert np.abs(probs - mean_of(NODES[failing_keys:])).max() < 1e-6
 
 
-def test_the_configured_threshold_is_the_one_used(run_dir: Path, run_config_mapping: dict[str, Any]) -> None:
+def test_the_configured_threshold_is_the_one_used(run_dir: Path, run_config_mapping: dict[str, Any], sites: Sites) -> None:
     # Prepare
-    cfg = secure_config(run_config_mapping, min_clients=2, secagg_threshold=5)
-    grid = Institutions(failing={(NODES[1], SOFT_LABELS_TYPE): "error"})
+    cfg = secure_config(run_config_mapping, sites, min_clients=2, secagg_threshold=5)
+    grid = Institutions(sites, failing={(NODES[1], SOFT_LABELS_TYPE): "error"})
 
     # Execute / Assert
     with pytest.raises(QuorumError, match=r"only 4 institutions sent masked soft labels; .* \(threshold 5"):
@@ -305,11 +261,11 @@ def rebuilt_self_seed(grid: Institutions, node: int) -> bytes:
 
 
 def test_the_server_only_ever_holds_masked_vectors_and_opens_only_the_sum(
-    run_dir: Path, run_config_mapping: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+    run_dir: Path, run_config_mapping: dict[str, Any], sites: Sites, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Prepare
-    cfg = secure_config(run_config_mapping, aggregation="weighted")
-    grid = Institutions()
+    cfg = secure_config(run_config_mapping, sites, aggregation="weighted")
+    grid = Institutions(sites)
     opened: list[np.ndarray] = []
     dequantise = secure_rounds.dequantise
     monkeypatch.setattr(secure_rounds, "dequantise", lambda values: opened.append(values.copy()) or dequantise(values))
@@ -319,7 +275,7 @@ def test_the_server_only_ever_holds_masked_vectors_and_opens_only_the_sum(
     probs, outcome = secure_soft_labels(grid, cfg, open_trail(cfg, run_dir), make_query(), NODES)
 
     # Assert
-    assert len(grid.received) == 4 * len(NODES)
+    assert len(grid.received) == 6 * len(NODES)
     for node, kind, record in grid.received:
         assert plaintext_in(record, plain) == [], (node, kind)
     for node, reply in outcome.accepted.items():
@@ -331,9 +287,9 @@ def test_the_server_only_ever_holds_masked_vectors_and_opens_only_the_sum(
     assert np.abs(probs - mean_of(NODES, WEIGHTS)).max() < 1e-6
 
 
-def test_private_keys_and_self_seed_stay_in_node_state(run_dir: Path, run_config_mapping: dict[str, Any]) -> None:
+def test_private_keys_and_self_seed_stay_in_node_state(run_dir: Path, run_config_mapping: dict[str, Any], sites: Sites) -> None:
     # Prepare
-    cfg = secure_config(run_config_mapping)
+    cfg = secure_config(run_config_mapping, sites)
     kept: dict[int, list[bytes]] = {}
 
     def remember_secrets(node: int, kind: str, content: RecordDict) -> RecordDict:
@@ -342,13 +298,14 @@ def test_private_keys_and_self_seed_stay_in_node_state(run_dir: Path, run_config
             kept.setdefault(node, []).extend(v for v in record.values() if isinstance(v, bytes))
         return content
 
-    grid = Institutions(tamper=remember_secrets)
+    grid = Institutions(sites, tamper=remember_secrets)
 
     # Execute
     secure_soft_labels(grid, cfg, open_trail(cfg, run_dir), make_query(), NODES)
 
     # Assert
     assert all(len(set(secrets)) == 3 for secrets in kept.values())  # mask key, share key, self seed
+    assert set(kept) == set(NODES)
     for _, _, record in grid.received:
         everything = raw_bytes(record)
         assert not any(secret in everything for secrets in kept.values() for secret in secrets)
@@ -357,11 +314,11 @@ def test_private_keys_and_self_seed_stay_in_node_state(run_dir: Path, run_config
 
 # --- the ledger ------------------------------------------------------------------------------------------------
 
-def test_the_ledger_records_every_phase_and_verifies(run_dir: Path, run_config_mapping: dict[str, Any]) -> None:
+def test_the_ledger_records_every_phase_and_verifies(run_dir: Path, run_config_mapping: dict[str, Any], sites: Sites) -> None:
     # Prepare
-    cfg = secure_config(run_config_mapping)
+    cfg = secure_config(run_config_mapping, sites)
     trail = open_trail(cfg, run_dir)
-    grid = Institutions(failing={(NODES[3], SOFT_LABELS_TYPE): "error"})
+    grid = Institutions(sites, failing={(NODES[3], SOFT_LABELS_TYPE): "error"})
     student = run_dir / "student.safetensors"
     student.write_bytes(b"student weights after round 1")
 
@@ -373,31 +330,37 @@ def test_the_ledger_records_every_phase_and_verifies(run_dir: Path, run_config_m
 
     # Assert
     entries = trail.ledger.entries()
-    steps = [(e["kind"], e["body"].get("phase")) for e in entries]
+    steps = [(e["kind"], e["body"].get("phase")) for e in entries if e["kind"] not in (kinds.TREE_HEAD, kinds.COSIGNED)]
+    assert sum(e["kind"] == kinds.TREE_HEAD for e in entries) == 6  # every exchange was witnessed
     survivors = [n for n in NODES if n != NODES[3]]
     assert steps == (
         [(OPENED, None), (kinds.RUN_STARTED, None)]
         + [(kinds.EXCHANGE_OPENED, "secagg-keys")] + [(kinds.REPLY_ACCEPTED, "secagg-keys")] * 5
         + [(kinds.EXCHANGE_OPENED, "secagg-bundles")] + [(kinds.REPLY_ACCEPTED, "secagg-bundles")] * 5
+        + [(kinds.EXCHANGE_OPENED, "secagg-inbox")] + [(kinds.REPLY_ACCEPTED, "secagg-inbox")] * 5
         + [(kinds.ROUND_OPENED, None)] + [(kinds.REPLY_ACCEPTED, "soft-labels")] * 4
         + [(kinds.REPLY_REJECTED, "soft-labels")]
+        + [(kinds.EXCHANGE_OPENED, "secagg-consistency")] + [(kinds.REPLY_ACCEPTED, "secagg-consistency")] * 4
         + [(kinds.EXCHANGE_OPENED, "secagg-shares")] + [(kinds.REPLY_ACCEPTED, "secagg-shares")] * 4
         + [(kinds.AGGREGATED, None), (kinds.CHECKPOINT, None), (kinds.RUN_FINISHED, None)]
     )
     shares_opened = next(e["body"] for e in entries if e["body"].get("phase") == "secagg-shares")
     assert shares_opened["nodes"] == [str(n) for n in survivors]
-    assert isinstance(shares_opened["query_sha256"], dict)  # each survivor got its own bundles
+    assert isinstance(shares_opened["query_sha256"], str)  # every survivor got the same signatures
+    inbox_opened = next(e["body"] for e in entries if e["body"].get("phase") == "secagg-inbox")
+    assert isinstance(inbox_opened["query_sha256"], dict)  # each member got its own bundles
     round_opened = next(e["body"] for e in entries if e["kind"] == kinds.ROUND_OPENED)
     assert round_opened["nodes"] == [str(n) for n in NODES]
+    witness_ledger_end(trail.ledger, {n: sites.identities[n] for n in survivors}, trail.witnessing)
     result = verify_ledger(run_dir / LEDGER)
     assert result.problems == [], "\n".join(map(str, result.problems))
 
 
 def test_a_masked_reply_carrying_a_weight_of_2_to_the_52_gets_the_opened_sum_refused(
-        run_dir: Path, run_config_mapping: dict[str, Any]) -> None:
+        run_dir: Path, run_config_mapping: dict[str, Any], sites: Sites) -> None:
     # Prepare: the liar knows its own masks, so it adds [2^52 p, 2^52] - [w p, w] (fixed point, mod 2^64) to its
     # honest masked vector; 2^52 * 2^24 wraps in the 64-bit field, so the opened rows are garbage
-    cfg = secure_config(run_config_mapping, aggregation="weighted")
+    cfg = secure_config(run_config_mapping, sites, aggregation="weighted")
     trail = open_trail(cfg, run_dir)
     liar, lie = NODES[2], 2**52
     honest = np.concatenate([WEIGHTS[liar] * PROBS[liar].astype(np.float64).reshape(-1), [WEIGHTS[liar]]])
@@ -412,7 +375,7 @@ def test_a_masked_reply_carrying_a_weight_of_2_to_the_52_gets_the_opened_sum_ref
 
     # Execute
     with pytest.raises(QuorumError, match="refused the opened sum"):
-        secure_soft_labels(Institutions(tamper=inflate), cfg, trail, make_query(), NODES)
+        secure_soft_labels(Institutions(sites, lie=inflate), cfg, trail, make_query(), NODES)
 
     # Assert: the round refused as a whole (no institution can be singled out) and recorded
     [refused] = [e["body"] for e in trail.ledger.entries() if e["kind"] == kinds.SUM_REFUSED]
@@ -421,32 +384,33 @@ def test_a_masked_reply_carrying_a_weight_of_2_to_the_52_gets_the_opened_sum_ref
     assert not [e for e in trail.ledger.entries() if e["kind"] == kinds.AGGREGATED]
 
 
-def test_a_bundle_altered_in_relay_drops_only_its_reader_at_unmask(
-    run_dir: Path, run_config_mapping: dict[str, Any],
+def test_a_bundle_altered_in_transit_drops_only_its_sender_and_the_round_goes_on(
+    run_dir: Path, run_config_mapping: dict[str, Any], sites: Sites,
 ) -> None:
-    # Prepare: the bundle NODES[0] sealed for NODES[1] is altered after it left NODES[0]
-    cfg = secure_config(run_config_mapping)
+    # Prepare: the bundle NODES[0] sealed for NODES[1] is altered after NODES[0] signed its reply
+    cfg = secure_config(run_config_mapping, sites)
     source, reader = NODES[0], NODES[1]
 
     def alter(node: int, kind: str, content: RecordDict) -> RecordDict:
         if (node, kind) != (source, SHARES_TYPE):
             return content
-        bundles = {int(node): bundle for node, bundle in content["bundles"].items()}
-        flipped = bundles[reader][:-1] + bytes([bundles[reader][-1] ^ 1])  # one bit of the GCM tag
-        return SecAggBundles(1, {**bundles, reader: flipped}).to_record()
+        flipped = content["bundles"][str(reader)][:-1] + bytes([content["bundles"][str(reader)][-1] ^ 1])  # GCM tag
+        content["bundles"][str(reader)] = flipped
+        return content
 
-    grid = Institutions(tamper=alter)
+    grid = Institutions(sites, tamper=alter)
     trail = open_trail(cfg, run_dir)
 
     # Execute
     probs, outcome = secure_soft_labels(grid, cfg, trail, make_query(), NODES)
 
-    # Assert
-    assert np.abs(probs - mean_of(NODES)).max() < 1e-6  # the reader's soft labels still count; four gave shares
-    assert outcome.checks == {reader: "node-error"}
-    assert f"AuditError: secure aggregation: the share bundle from node {source} (client 1) does not decrypt" in outcome.rejected[reader]
+    # Assert: the attestation no longer matches: the sender's bundles are refused, and no one masks with it
+    others = [n for n in NODES if n != source]
+    assert np.abs(probs - mean_of(others)).max() < 1e-6
+    assert outcome.checks == {source: "digest"}
+    assert grid.destinations(INBOX_TYPE) == others and grid.destinations(SOFT_LABELS_TYPE) == others
     rejected = [e["body"] for e in trail.ledger.entries() if e["kind"] == kinds.REPLY_REJECTED]
-    assert [(b["phase"], b["node_id"]) for b in rejected] == [("secagg-shares", str(reader))]
+    assert [(b["phase"], b["node_id"], b["check"]) for b in rejected] == [("secagg-bundles", str(source), "digest")]
 
 
 # --- altered shares ------------------------------------------------------------------------------------------------
@@ -455,7 +419,7 @@ FORGED = int.from_bytes(b"\x01" + b"\x07" * 65, "big")  # every share equal: the
 
 
 def forge_shares(target: int, kind: str) -> Callable[[int, str, RecordDict], RecordDict]:
-    """A tamper hook: every unmasking answer gives FORGED as its `kind` share of node `target`."""
+    """A lie: every unmasking answer gives FORGED as its `kind` share of node `target` (and signs it)."""
 
     def tamper(node: int, message_type: str, content: RecordDict) -> RecordDict:
         if message_type != UNMASK_TYPE:
@@ -466,25 +430,25 @@ def forge_shares(target: int, kind: str) -> Callable[[int, str, RecordDict], Rec
     return tamper
 
 
-def test_forged_self_mask_shares_end_the_round_with_a_quorum_error(
-    run_dir: Path, run_config_mapping: dict[str, Any],
+def test_self_mask_shares_forged_by_every_responder_end_the_round_with_a_quorum_error(
+    run_dir: Path, run_config_mapping: dict[str, Any], sites: Sites,
 ) -> None:
     # Prepare
-    cfg = secure_config(run_config_mapping)
-    grid = Institutions(tamper=forge_shares(NODES[0], "b"))
+    cfg = secure_config(run_config_mapping, sites)
+    grid = Institutions(sites, lie=forge_shares(NODES[0], "b"))
 
     # Execute / Assert
     with pytest.raises(QuorumError, match="secure aggregation could not open the sum"):
         secure_soft_labels(grid, cfg, open_trail(cfg, run_dir), make_query(), NODES)
 
 
-def test_forged_mask_key_shares_end_the_round_with_a_quorum_error(
-    run_dir: Path, run_config_mapping: dict[str, Any],
+def test_mask_key_shares_forged_by_every_responder_end_the_round_with_a_quorum_error(
+    run_dir: Path, run_config_mapping: dict[str, Any], sites: Sites,
 ) -> None:
     # Prepare
-    cfg = secure_config(run_config_mapping)
+    cfg = secure_config(run_config_mapping, sites)
     dropped = NODES[2]
-    grid = Institutions(failing={(dropped, SOFT_LABELS_TYPE): "error"}, tamper=forge_shares(dropped, "c"))
+    grid = Institutions(sites, failing={(dropped, SOFT_LABELS_TYPE): "error"}, lie=forge_shares(dropped, "c"))
 
     # Execute / Assert
     with pytest.raises(QuorumError, match="secure aggregation could not open the sum"):
@@ -493,127 +457,163 @@ def test_forged_mask_key_shares_end_the_round_with_a_quorum_error(
 
 # --- the institution's node state (client/secure.py) ------------------------------------------------------------
 
-def two_step_setup(nodes: list[int] = NODES[:3]) -> tuple[dict[int, RecordDict], SecAggRoster]:
-    """Step 1 for `nodes`, and the roster the server would publish (threshold 2)."""
+THREE = NODES[:3]
+
+
+def keys_and_roster(sites: Sites, nodes: list[int] = THREE) -> tuple[dict[int, RecordDict], SecAggRoster]:
+    """Step 1 for `nodes`, and the roster the server would publish (threshold 3: all of them)."""
     states = {node: RecordDict() for node in nodes}
-    keys = {node: round_keys(states[node], 1) for node in nodes}
-    roster = {node: RosterEntry(i, keys[node].mask_key, keys[node].share_key) for i, node in enumerate(sorted(nodes), 1)}
-    return states, SecAggRoster(1, 2, False, roster)
+    keys = {node: round_keys(states[node], RUN_ID, node, sites.credentials(node), 1) for node in nodes}
+    roster = make_roster({n: (k.mask_key, k.share_key) for n, k in keys.items()},
+                         {n: (k.institution, k.signature) for n, k in keys.items()})
+    return states, SecAggRoster(1, 3, False, roster)
 
 
-def test_round_keys_send_only_public_halves() -> None:
+def through_consistency(sites: Sites) -> tuple[dict[int, RecordDict], dict[int, str]]:
+    """Steps 1 to 5 for three nodes, honestly: their states, and their signatures of the survivor set (all three)."""
+    states, request = keys_and_roster(sites)
+    bundles = {n: share_bundles(states[n], RUN_ID, n, sites.credentials(n), request) for n in THREE}
+    for n in THREE:
+        inbox = SecAggInbox(1, {s: bundles[s].bundles[n] for s in THREE}, {s: bundles[s].signatures[n] for s in THREE})
+        assert open_inbox(states[n], RUN_ID, n, sites.credentials(n), inbox).accused == []
+        masked_vector(states[n], RUN_ID, n, request, PROBS[n], 1.0)
+    signatures = {n: sign_survivors(states[n], RUN_ID, n, sites.credentials(n), SecAggConsistency(1, THREE)).signature
+                  for n in THREE}
+    return states, signatures
+
+
+def test_round_keys_send_only_public_halves_signed(sites: Sites) -> None:
     # Prepare
     state = RecordDict()
 
     # Execute
-    keys = round_keys(state, 4)
+    keys = round_keys(state, RUN_ID, NODES[0], sites.credentials(NODES[0]), 4)
 
     # Assert
     secrets = state[STATE_KEY]
     assert secrets["round"] == 4
     sent = keys.to_record()["secagg-keys"]
     assert {secrets["mask-private"], secrets["share-private"]}.isdisjoint({sent["mask-key"], sent["share-key"]})
+    assert sent["institution"] == "institution-0" and sent["signature"]
 
 
-def test_a_roster_that_substitutes_this_nodes_keys_is_refused() -> None:
+def test_a_roster_that_substitutes_this_nodes_keys_is_refused(sites: Sites) -> None:
     # Prepare
-    states, request = two_step_setup()
+    states, request = keys_and_roster(sites)
     node = NODES[0]
     entry = request.roster[node]
-    swapped_keys = RosterEntry(entry.index, entry.share_key, entry.mask_key)
-    swapped = SecAggRoster(1, 2, False, {**request.roster, node: swapped_keys})
+    swapped = SecAggRoster(1, 3, False, {**request.roster, node: dataclasses.replace(entry, mask_key=entry.share_key,
+                                                                                     share_key=entry.mask_key)})
 
     # Execute / Assert
     with pytest.raises(AuditError, match="the roster does not hold this node's keys"):
-        share_bundles(states[node], node, RUN_ID, swapped)
+        share_bundles(states[node], RUN_ID, node, sites.credentials(node), swapped)
 
 
-def test_a_node_that_gave_no_shares_sends_no_masked_vector() -> None:
+def test_a_node_that_gave_no_shares_sends_no_masked_vector(sites: Sites) -> None:
     # Prepare
-    states, request = two_step_setup()
+    states, request = keys_and_roster(sites)
 
     # Execute / Assert
-    with pytest.raises(AuditError, match="this node gave no shares this round"):
-        masked_vector(states[NODES[0]], NODES[0], RUN_ID, request, PROBS[NODES[0]], 1.0)
+    with pytest.raises(AuditError, match="this node gave no shares in round 1"):
+        masked_vector(states[NODES[0]], RUN_ID, NODES[0], request, PROBS[NODES[0]], 1.0)
 
 
-def test_a_node_without_this_rounds_keys_takes_no_step() -> None:
+def test_a_node_without_this_rounds_keys_takes_no_step(sites: Sites) -> None:
     # Prepare
-    states, request = two_step_setup()
-    later = SecAggRoster(2, 2, False, request.roster)
+    states, request = keys_and_roster(sites)
+    later = SecAggRoster(2, 3, False, request.roster)
 
     # Execute / Assert
     with pytest.raises(AuditError, match="no keys for round 2"):
-        share_bundles(states[NODES[0]], NODES[0], RUN_ID, later)
+        share_bundles(states[NODES[0]], RUN_ID, NODES[0], sites.credentials(NODES[0]), later)
     with pytest.raises(AuditError, match="no keys for round 1"):
-        share_bundles(RecordDict(), NODES[0], RUN_ID, request)
+        share_bundles(RecordDict(), RUN_ID, NODES[0], sites.credentials(NODES[0]), request)
 
 
-def test_a_node_gives_its_shares_once_then_forgets_the_round() -> None:
+def test_a_node_gives_its_shares_once_then_forgets_the_round(sites: Sites) -> None:
     # Prepare: a second request could ask for the other share of a client (b first, then c)
-    nodes = NODES[:3]
-    states, request = two_step_setup(nodes)
-    bundles = {node: share_bundles(states[node], node, RUN_ID, request).bundles for node in nodes}
-    for node in nodes:
-        masked_vector(states[node], node, RUN_ID, request, PROBS[node], 1.0)
-    me = nodes[0]
-    inbox = {source: bundles[source][me] for source in nodes}
-    first = SecAggUnmask(1, list(nodes), [], inbox)
-    second = SecAggUnmask(1, [me, nodes[1]], [nodes[2]], inbox)
+    states, signatures = through_consistency(sites)
+    me = THREE[0]
+    first = SecAggUnmask(1, THREE, signatures)
+    second = SecAggUnmask(1, THREE[:2], signatures)
 
     # Execute
-    shares = unmask_shares(states[me], me, RUN_ID, first, request)
+    shares = unmask_shares(states[me], RUN_ID, me, sites.credentials(me), first)
 
     # Assert
-    assert {node: kind for node, (kind, _) in shares.shares.items()} == {node: "b" for node in nodes}
+    assert {node: kind for node, (kind, _) in shares.shares.items()} == {node: "b" for node in THREE}
     assert STATE_KEY not in states[me]
-    with pytest.raises(AuditError, match="no keys for round 1"):
-        unmask_shares(states[me], me, RUN_ID, second, request)
+    with pytest.raises(AuditError, match="this node is done with round 1"):
+        unmask_shares(states[me], RUN_ID, me, sites.credentials(me), second)
+    with pytest.raises(AuditError, match="sent its masked soft labels in round 1 of this run; it takes part in no round 1"):
+        round_keys(states[me], RUN_ID, me, sites.credentials(me), 1)  # nor can the round be keyed afresh
+
+
+def test_a_node_without_its_own_identity_or_allow_list_refuses_secure_aggregation(
+        tmp_path: Path, run_config_mapping: dict[str, Any]) -> None:
+    # Prepare: a node config without institution-id / signing-key, in a run without sites
+    cfg = RunConfig.from_run_config({**run_config_mapping, "sites-dir": ""})
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="secure aggregation needs this node's signing identity .* and its own copy of "
+                                          "the consortium's allow-list"):
+        node_credentials(cfg, NodeConfig.from_node_config({"partition-id": 0}))
 
 
 # --- the run config -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rule", ["confidence", "median", "trimmed-mean", "era", "expertise", "balanced-expertise", "selective"])
-def test_rules_that_need_each_institutions_rows_are_refused(run_config_mapping: dict[str, Any], rule: str) -> None:
+def test_rules_that_need_each_institutions_rows_are_refused(run_config_mapping: dict[str, Any], sites: Sites, rule: str) -> None:
     message = f"aggregation '{rule}' needs each institution's soft labels.*use 'mean' or 'weighted'"
     with pytest.raises(ConfigError, match=message):
-        secure_config(run_config_mapping, aggregation=rule)
+        secure_config(run_config_mapping, sites, aggregation=rule)
 
 
-def test_without_secure_aggregation_every_rule_is_allowed(run_config_mapping: dict[str, Any]) -> None:
+def test_without_secure_aggregation_every_rule_is_allowed(run_config_mapping: dict[str, Any], sites: Sites) -> None:
     # Execute
-    cfg = secure_config(run_config_mapping, aggregation="median", secure_aggregation=False)
+    cfg = secure_config(run_config_mapping, sites, aggregation="median", secure_aggregation=False)
 
     # Assert
     assert cfg.aggregation == "median" and not cfg.secure_aggregation
 
 
-def test_fedavg_with_secure_aggregation_is_refused(run_config_mapping: dict[str, Any]) -> None:
+def test_fedavg_with_secure_aggregation_is_refused(run_config_mapping: dict[str, Any], sites: Sites) -> None:
     # Execute / Assert
     with pytest.raises(ConfigError, match="FedAvg baseline \\(method 'fedavg'\\) does not use it"):
-        secure_config(run_config_mapping, method="fedavg")
+        secure_config(run_config_mapping, sites, method="fedavg")
 
 
 @pytest.mark.parametrize(("clients", "minimum"), [(2, 2), (1, 1), (5, 1)])
 def test_secure_aggregation_needs_three_clients_and_two_replies(
-    run_config_mapping: dict[str, Any], clients: int, minimum: int,
+    run_config_mapping: dict[str, Any], sites: Sites, clients: int, minimum: int,
 ) -> None:
     # Execute / Assert
     with pytest.raises(ConfigError, match="secure aggregation needs num-clients >= 3 and min-clients >= 2"):
-        secure_config(run_config_mapping, num_clients=clients, min_clients=minimum)
+        secure_config(run_config_mapping, sites, num_clients=clients, min_clients=minimum)
 
 
-@pytest.mark.parametrize("threshold", [1, -1, len(NODES) + 1])
-def test_a_threshold_out_of_range_is_refused(run_config_mapping: dict[str, Any], threshold: int) -> None:
-    # Execute / Assert
-    with pytest.raises(ConfigError, match=f"secagg-threshold must be 0 .* or in \\[2, num-clients=5\\], got {threshold}"):
-        secure_config(run_config_mapping, secagg_threshold=threshold)
+@pytest.mark.parametrize("threshold", [1, -1, 2, len(NODES) + 1])
+def test_a_threshold_out_of_range_is_refused(run_config_mapping: dict[str, Any], sites: Sites, threshold: int) -> None:
+    # Execute / Assert: every node refuses less than more than half of the institutions (3 of 5)
+    with pytest.raises(ConfigError, match=f"secagg-threshold must be 0 .* or in \\[3, num-clients=5\\] .*, got {threshold}"):
+        secure_config(run_config_mapping, sites, secagg_threshold=threshold)
 
 
-@pytest.mark.parametrize("threshold", [0, 2, len(NODES)])
-def test_thresholds_in_range_are_accepted(run_config_mapping: dict[str, Any], threshold: int) -> None:
+@pytest.mark.parametrize("threshold", [0, 3, len(NODES)])
+def test_thresholds_in_range_are_accepted(run_config_mapping: dict[str, Any], sites: Sites, threshold: int) -> None:
     # Execute
-    cfg = secure_config(run_config_mapping, secagg_threshold=threshold)
+    cfg = secure_config(run_config_mapping, sites, secagg_threshold=threshold)
 
     # Assert
     assert cfg.secagg_threshold == threshold
+
+
+def test_the_server_refuses_a_secure_run_without_an_allow_list(run_config_mapping: dict[str, Any], sites: Sites) -> None:
+    # Prepare: valid as a run config (fedstill simulate provisions the allow-list after checking it)
+    cfg = secure_config(run_config_mapping, sites, allow_list="")
+
+    # Execute / Assert
+    check_secure_run(secure_config(run_config_mapping, sites))
+    with pytest.raises(ConfigError, match="secure aggregation needs allow-list: every institution signs its round keys"):
+        check_secure_run(cfg)

@@ -13,7 +13,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.errors import FingerprintMismatch, MessageFormatError
-from common.messages import MaskedReply, SecAggBundles, SecAggKeys, SecAggRoster, SecAggSetup, SecAggShares, SecAggUnmask
+from common.messages import (
+    MaskedReply,
+    SecAggBundles,
+    SecAggComplaints,
+    SecAggConsistency,
+    SecAggInbox,
+    SecAggKeys,
+    SecAggRoster,
+    SecAggSetup,
+    SecAggShares,
+    SecAggSignature,
+    SecAggUnmask,
+)
 from common.secagg.protocol import ClientSecrets, Roster, RosterEntry
 from common.secagg.shamir import PRIME
 
@@ -24,7 +36,8 @@ NODES = [7, 2**63 + 5, 2**64 - 1]  # Flower node ids are uint64: past int64 too
 
 def new_roster(nodes: list[int] = NODES) -> Roster:
     keys = [ClientSecrets.generate().public_keys() for _ in nodes]
-    return {node: RosterEntry(i, *pair) for i, (node, pair) in enumerate(zip(sorted(nodes), keys, strict=True), start=1)}
+    return {node: RosterEntry(i, *pair, f"institution-{i}", "c2lnbmF0dXJl" * i)
+            for i, (node, pair) in enumerate(zip(sorted(nodes), keys, strict=True), start=1)}
 
 
 ROSTER = new_roster()
@@ -43,17 +56,21 @@ def masked_reply(masked: np.ndarray | None = None) -> MaskedReply:
 
 # --- round trips -----------------------------------------------------------------------------------------------
 
+SIGNATURES = {node: f"sig-{i}" for i, node in enumerate(NODES)}
 ROUND_TRIPS: dict[str, tuple[Any, Callable[[RecordDict], Any]]] = {
     "setup": (SecAggSetup(3), SecAggSetup.from_record),
-    "keys": (SecAggKeys(3, *ClientSecrets.generate().public_keys()), lambda r: SecAggKeys.from_record(r, 3)),
+    "keys": (SecAggKeys(3, *ClientSecrets.generate().public_keys(), "hospital-a", "c2lnbmF0dXJl"),
+             lambda r: SecAggKeys.from_record(r, 3)),
     "roster-mean": (SecAggRoster(3, 2, False, ROSTER), SecAggRoster.from_record),
     "roster-weighted": (SecAggRoster(3, 3, True, ROSTER), SecAggRoster.from_record),
-    "bundles": (SecAggBundles(3, {node: bytes([i]) * 160 for i, node in enumerate(NODES)}),
+    "bundles": (SecAggBundles(3, {node: bytes([i]) * 160 for i, node in enumerate(NODES)}, SIGNATURES, b"\x09" * 32),
                 lambda r: SecAggBundles.from_record(r, 3, ROSTER)),
-    "unmask": (SecAggUnmask(3, [7, 2**64 - 1], [2**63 + 5], {node: bytes([i]) * 160 for i, node in enumerate(NODES)}),
-               SecAggUnmask.from_record),
-    "unmask-none-dropped": (SecAggUnmask(3, sorted(NODES), [], {node: b"\x01" * 160 for node in NODES}),
-                            SecAggUnmask.from_record),
+    "inbox": (SecAggInbox(3, {node: bytes([i]) * 160 for i, node in enumerate(NODES)}, SIGNATURES), SecAggInbox.from_record),
+    "complaints": (SecAggComplaints(3, [2**64 - 1, 7]), lambda r: SecAggComplaints.from_record(r, 3, NODES)),
+    "complaints-none": (SecAggComplaints(3, []), lambda r: SecAggComplaints.from_record(r, 3, NODES)),
+    "consistency": (SecAggConsistency(3, [7, 2**64 - 1]), SecAggConsistency.from_record),
+    "signature": (SecAggSignature(3, "c2lnbmF0dXJl"), lambda r: SecAggSignature.from_record(r, 3)),
+    "unmask": (SecAggUnmask(3, [7, 2**64 - 1], {7: "a", 2**64 - 1: "b"}), SecAggUnmask.from_record),
     "shares": (SecAggShares(3, {7: ("b", 0), 2**63 + 5: ("c", PRIME - 1), 2**64 - 1: ("b", 12345)}),
                lambda r: SecAggShares.from_record(r, 3)),
 }
@@ -70,7 +87,7 @@ def test_every_secagg_message_round_trips(name: str, wire: bool) -> None:
     parsed = parse(over_the_wire(record) if wire else record)
 
     # Assert
-    assert parsed == message
+    assert parsed == message if name != "complaints" else parsed.accused == sorted(message.accused)
 
 
 @pytest.mark.parametrize("wire", [False, True], ids=["in-process", "protobuf"])
@@ -123,7 +140,9 @@ def test_any_shares_round_trip(shares: dict[int, tuple[str, int]], round_: int) 
 def test_any_roster_round_trips(nodes: list[int], data: st.DataObject) -> None:
     # Prepare
     keys = data.draw(st.lists(st.binary(min_size=32, max_size=32), min_size=2 * len(nodes), max_size=2 * len(nodes)))
-    roster = {node: RosterEntry(i, keys[2 * i - 2], keys[2 * i - 1]) for i, node in enumerate(sorted(nodes), start=1)}
+    names = data.draw(st.lists(st.text(max_size=20), min_size=len(nodes), max_size=len(nodes)))
+    roster = {node: RosterEntry(i, keys[2 * i - 2], keys[2 * i - 1], names[i - 1], names[-i])
+              for i, node in enumerate(sorted(nodes), start=1)}
     message = SecAggRoster(1, data.draw(st.integers(min_value=2, max_value=len(nodes))), data.draw(st.booleans()), roster)
 
     # Execute
@@ -181,12 +200,16 @@ def test_setup_rejections_name_the_record_and_key() -> None:
         ({"share_key": b"\x01" * 33}, "secagg-keys: expected round 1 and two 32-byte keys"),
         ({"mask_key": "01" * 32}, "secagg-keys: key 'mask-key' must be bytes, got str"),
         ({"share_key": None}, "secagg-keys: missing key 'share-key'"),
+        ({"signature": None}, "secagg-keys: missing key 'signature'"),
+        ({"institution": b"hospital-a"}, "secagg-keys: key 'institution' must be str, got bytes"),
     ],
-    ids=["wrong-round", "short-mask-key", "long-share-key", "key-as-text", "missing-share-key"],
+    ids=["wrong-round", "short-mask-key", "long-share-key", "key-as-text", "missing-share-key", "unsigned",
+         "institution-as-bytes"],
 )
 def test_bad_keys_are_rejected(changes: dict[str, Any], message: str) -> None:
     # Prepare
-    record = edit_config(SecAggKeys(1, *ClientSecrets.generate().public_keys()).to_record(), "secagg-keys", **changes)
+    keys = SecAggKeys(1, *ClientSecrets.generate().public_keys(), "hospital-a", "c2lnbmF0dXJl")
+    record = edit_config(keys.to_record(), "secagg-keys", **changes)
 
     # Execute / Assert
     with pytest.raises(MessageFormatError, match=message):
@@ -205,14 +228,17 @@ KEYS = np.array([list(ROSTER[n].mask_key) for n in sorted(NODES)], dtype=np.uint
         ({"mask_keys": KEYS.astype(np.int64)}, {}, r"keys \(n, 32\) uint8"),
         ({"indices": np.array([1, 2], dtype=np.int64)}, {}, r"indices \(n,\)"),
         ({"indices": np.array([1, 2, 2], dtype=np.int64)}, {}, "indices must be distinct"),
+        ({"indices": np.array([0, 1, 2], dtype=np.int64)}, {}, "distinct positive Shamir points"),  # point 0: the secret
         ({"indices": None}, {}, "secagg-roster: unreadable"),
         ({}, {"threshold": 1}, r"threshold in \[2, 3\], got 1"),
         ({}, {"threshold": 4}, r"threshold in \[2, 3\], got 4"),
         ({}, {"weighted": 1}, "secagg: key 'weighted' must be bool, got int"),
         ({}, {"round": None}, "secagg: missing key 'round'"),
+        ({}, {"signatures": ["a", "b"]}, "secagg: 'signatures' must list one string per roster node"),
+        ({}, {"institutions": None}, "secagg: 'institutions' must list one string per roster node"),
     ],
-    ids=["short-keys", "too-few-keys", "keys-not-uint8", "too-few-indices", "repeated-index", "no-indices",
-         "threshold-1", "threshold-above-n", "weighted-not-bool", "no-round"],
+    ids=["short-keys", "too-few-keys", "keys-not-uint8", "too-few-indices", "repeated-index", "point-zero", "no-indices",
+         "threshold-1", "threshold-above-n", "weighted-not-bool", "no-round", "too-few-signatures", "no-institutions"],
 )
 def test_bad_rosters_are_rejected(arrays: dict[str, Any], config: dict[str, Any], message: str) -> None:
     # Prepare
@@ -243,8 +269,11 @@ def test_share_keys_of_another_dtype_are_rejected() -> None:
         SecAggRoster.from_record(record)
 
 
-def bundles_record(bundles: dict[str, Any], round_: int = 1) -> RecordDict:
-    return RecordDict({"secagg-bundles": ConfigRecord({"round": round_}), "bundles": ConfigRecord(bundles)})
+def bundles_record(bundles: dict[str, Any], round_: int = 1, signatures: dict[str, Any] | None = None,
+                   commitment: bytes = b"\x09" * 32) -> RecordDict:
+    signatures = {node: "c2ln" for node in bundles} if signatures is None else signatures
+    return RecordDict({"secagg-bundles": ConfigRecord({"round": round_, "commitment": commitment}),
+                       "bundles": ConfigRecord(bundles), "bundle-signatures": ConfigRecord(signatures)})
 
 
 FULL_BUNDLES = {str(node): b"\x05" * 160 for node in NODES}
@@ -258,9 +287,11 @@ FULL_BUNDLES = {str(node): b"\x05" * 160 for node in NODES}
          "bundles: expected one share bundle for every node of the roster"),
         (bundles_record({**FULL_BUNDLES, "99": b"\x05" * 160}), "expected one share bundle for every node"),
         (bundles_record({**FULL_BUNDLES, str(NODES[0]): "05" * 160}), "bundles: key '7' must be bytes, got str"),
-        (RecordDict({"secagg-bundles": ConfigRecord({"round": 1})}), "missing record 'bundles'"),
+        (RecordDict({"secagg-bundles": ConfigRecord({"round": 1, "commitment": b"\x09" * 32})}), "missing record 'bundles'"),
+        (bundles_record(FULL_BUNDLES, signatures={str(NODES[0]): "c2ln"}), "each with its signature"),
+        (bundles_record(FULL_BUNDLES, commitment=b"\x09" * 31), "the commitment must be 32 bytes"),
     ],
-    ids=["wrong-round", "member-missing", "stranger-added", "bundle-as-text", "no-bundles"],
+    ids=["wrong-round", "member-missing", "stranger-added", "bundle-as-text", "no-bundles", "unsigned", "short-commitment"],
 )
 def test_bad_bundles_are_rejected(record: RecordDict, message: str) -> None:
     # Execute / Assert
@@ -304,19 +335,23 @@ def test_a_masked_reply_about_another_public_set_is_a_fingerprint_mismatch() -> 
 
 
 def unmask_record(**config: Any) -> RecordDict:
-    record = SecAggUnmask(1, [7, 8, 9], [10], {7: b"\x01" * 160}).to_record()
+    record = SecAggUnmask(1, [7, 8, 9], {7: "c2ln"}).to_record()
     return edit_config(record, "secagg-unmask", **config)
 
 
 @pytest.mark.parametrize(
     ("record", "message"),
     [
-        (unmask_record(survivors=["7", "eight"]), "secagg-unmask: survivors and dropped must be lists of node ids"),
-        (unmask_record(dropped=["1.5"]), "survivors and dropped must be lists of node ids"),
+        (unmask_record(survivors=["7", "eight"]), "secagg-unmask: 'survivors' must be a list of distinct node ids"),
+        (unmask_record(survivors=["7", "7"]), "'survivors' must be a list of distinct node ids"),
+        (unmask_record(survivors=["1.5"]), "'survivors' must be a list of distinct node ids"),
+        (unmask_record(survivors="123"), "'survivors' must be a list of node ids, got str"),
         (unmask_record(round=None), "secagg-unmask: missing key 'round'"),
-        (edit_config(unmask_record(), "bundles", **{"7": "01" * 160}), "bundles: key '7' must be bytes, got str"),
+        (edit_config(unmask_record(), "signatures", **{"7": b"sig"}), "signatures: key '7' must be str, got bytes"),
+        (edit_config(unmask_record(), "signatures", **{"seven": "sig"}), "signatures: keys must be node ids"),
     ],
-    ids=["survivor-not-a-number", "dropped-not-an-integer", "no-round", "bundle-as-text"],
+    ids=["survivor-not-a-number", "repeated-survivor", "survivor-not-an-integer", "survivors-as-one-string", "no-round",
+         "signature-as-bytes", "signer-not-a-node"],
 )
 def test_bad_unmask_requests_are_rejected(record: RecordDict, message: str) -> None:
     # Execute / Assert
@@ -324,13 +359,30 @@ def test_bad_unmask_requests_are_rejected(record: RecordDict, message: str) -> N
         SecAggUnmask.from_record(record)
 
 
-def test_survivors_given_as_one_string_are_rejected() -> None:
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (SecAggComplaints(2, [7]).to_record(), "secagg-complaints: expected round 1"),
+        (SecAggComplaints(1, [99]).to_record(), "a complaint may name only senders of the bundles relayed"),
+        (edit_config(SecAggComplaints(1, []).to_record(), "secagg-complaints", accused="7"), "must be a list of node ids"),
+    ],
+    ids=["wrong-round", "names-a-stranger", "accused-as-one-string"],
+)
+def test_bad_complaints_are_rejected(record: RecordDict, message: str) -> None:
+    # Execute / Assert
+    with pytest.raises(MessageFormatError, match=message):
+        SecAggComplaints.from_record(record, 1, NODES)
+
+
+def test_an_inbox_bundle_without_its_signature_and_a_signature_of_another_round_are_rejected() -> None:
     # Prepare
-    record = unmask_record(survivors="123")
+    inbox = SecAggInbox(1, {7: b"\x01" * 160, 8: b"\x02" * 160}, {7: "c2ln"})
 
     # Execute / Assert
-    with pytest.raises(MessageFormatError, match="lists of node ids"):
-        SecAggUnmask.from_record(record)
+    with pytest.raises(MessageFormatError, match="every bundle needs its sender's signature"):
+        SecAggInbox.from_record(inbox.to_record())
+    with pytest.raises(MessageFormatError, match="secagg-signature: expected round 2"):
+        SecAggSignature.from_record(SecAggSignature(1, "c2ln").to_record(), 2)
 
 
 def shares_record(**entries: Any) -> RecordDict:

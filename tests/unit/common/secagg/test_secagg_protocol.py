@@ -1,4 +1,5 @@
 """Unit tests of the secure-aggregation protocol as pure functions: common/secagg/{shamir,masking,protocol}.py.
+(Property tests of what shares and masked vectors reveal are in test_secagg_properties.py.)
 
 Every test runs the real cryptography (X25519, HKDF, AES-GCM, ChaCha20, Shamir over GF(2^521 - 1)) for
 a handful of in-process clients; only the network is left out.
@@ -15,9 +16,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.errors import AuditError, ConfigError
-from common.secagg.masking import MAX_ABS, SCALE_BITS, dequantise, derive_seed, pairwise_mask, prg, quantise
-from common.secagg.protocol import ClientSecrets, Roster, client_masked_input, client_share_bundles, client_unmask, make_roster, server_sum
-from common.secagg.shamir import MAX_SECRET_BYTES, PRIME, reconstruct, split
+from common.secagg import protocol
+from common.secagg.masking import MAX_ABS, SCALE_BITS, dequantise, derive_seed, pairwise_mask, prg, public_key_problem, quantise
+from common.secagg.protocol import (
+    ClientSecrets,
+    Roster,
+    client_masked_input,
+    client_open_bundles,
+    client_share_bundles,
+    client_unmask,
+    make_roster,
+    seed_commitment,
+    server_sum,
+)
+from common.secagg.shamir import MAX_SECRET_BYTES, PRIME, reconstruct, reconstruct_verified, split
 
 CONTEXT = b"fedstill/7/1"  # client.secure.context_bytes(7, 1)
 STEP = 2.0 ** -(SCALE_BITS + 1)  # the rounding error of one quantised entry
@@ -26,24 +38,29 @@ NODE_IDS = st.integers(min_value=1, max_value=2**64 - 1)  # Flower node ids are 
 
 @dataclass
 class Shared:
-    """The clients after steps 1-2: their secrets, the roster, their self seeds and the bundles addressed to each."""
+    """The clients after steps 1-3: their secrets, the roster, their self seeds (and the server's commitments to
+    them), the bundles addressed to each and the shares each opened from them."""
 
     secrets: dict[int, ClientSecrets]
     roster: Roster
     threshold: int
     seeds: dict[int, bytes]
+    commitments: dict[int, bytes]
     inbox: dict[int, dict[int, bytes]]  # destination node -> source node -> bundle
+    opened: dict[int, dict[int, tuple[int, int]]]  # destination node -> source node -> (b-share, c-share)
 
 
 def share(nodes: list[int], threshold: int, context: bytes = CONTEXT) -> Shared:
-    """Steps 1 and 2 for `nodes`: keys, roster, and every client's sealed share bundles, relayed."""
+    """Steps 1 to 3 for `nodes`: keys, roster, every client's sealed share bundles, relayed and opened."""
     secrets = {node: ClientSecrets.generate() for node in nodes}
     roster = make_roster({node: s.public_keys() for node, s in secrets.items()})
     seeds, outboxes = {}, {}
     for node in nodes:
         seeds[node], outboxes[node] = client_share_bundles(node, secrets[node], roster, threshold, context)
     inbox = {dst: {src: outboxes[src][dst] for src in nodes} for dst in nodes}
-    return Shared(secrets, roster, threshold, seeds, inbox)
+    opened = {dst: client_open_bundles(dst, secrets[dst], roster, inbox[dst], context)[0] for dst in nodes}
+    commitments = {node: seed_commitment(seed, context) for node, seed in seeds.items()}
+    return Shared(secrets, roster, threshold, seeds, commitments, inbox, opened)
 
 
 def mask(shared: Shared, inputs: dict[int, np.ndarray], context: bytes = CONTEXT) -> dict[int, np.ndarray]:
@@ -52,12 +69,15 @@ def mask(shared: Shared, inputs: dict[int, np.ndarray], context: bytes = CONTEXT
             for node, x in inputs.items()}
 
 
-def unmask(shared: Shared, responders: set[int], survivors: set[int], context: bytes = CONTEXT) -> dict:
-    """Step 4 for `responders` (survivors that still answer)."""
-    dropped = set(shared.roster) - survivors
-    return {node: client_unmask(node, shared.secrets[node], shared.roster, shared.threshold, shared.inbox[node],
-                                survivors, dropped, context)
+def unmask(shared: Shared, responders: set[int], survivors: set[int]) -> dict:
+    """Step 6 for `responders` (survivors that still answer)."""
+    return {node: client_unmask(node, shared.opened[node], set(shared.roster), survivors, shared.threshold)
             for node in responders}
+
+
+def open_sum(shared: Shared, masked: dict[int, np.ndarray], answers: dict, context: bytes = CONTEXT) -> np.ndarray:
+    """The server's step 6: the opened sum (uint64)."""
+    return server_sum(masked, answers, shared.roster, shared.threshold, context, shared.commitments).total
 
 
 def plain_sum(inputs: dict[int, np.ndarray]) -> np.ndarray:
@@ -92,7 +112,7 @@ def test_server_opens_exactly_the_survivors_sum_whoever_drops(data: st.DataObjec
 
     # Execute
     answers = unmask(shared, survivors - silent, survivors)
-    total = server_sum(mask(shared, inputs), answers, shared.roster, threshold, CONTEXT)
+    total = open_sum(shared, mask(shared, inputs), answers)
 
     # Assert
     assert total.dtype == np.uint64
@@ -111,7 +131,7 @@ def test_float32_soft_labels_sum_within_the_stated_quantisation_error(n: int) ->
 
     # Execute
     answers = unmask(shared, set(nodes), set(nodes))
-    total = server_sum(mask(shared, probs), answers, shared.roster, shared.threshold, CONTEXT)
+    total = open_sum(shared, mask(shared, probs), answers)
 
     # Assert
     exact = np.sum([p.astype(np.float64) for p in probs.values()], axis=0)  # float32 inputs are exact in float64
@@ -126,7 +146,7 @@ def test_clients_dropping_after_sharing_leave_the_exact_sum_of_the_survivors() -
     inputs = {node: x for node, x in vectors(nodes, 50, seed=1).items() if node in survivors}
 
     # Execute
-    total = server_sum(mask(shared, inputs), unmask(shared, survivors, survivors), shared.roster, 3, CONTEXT)
+    total = open_sum(shared, mask(shared, inputs), unmask(shared, survivors, survivors))
 
     # Assert
     assert np.array_equal(total, plain_sum(inputs))
@@ -141,7 +161,7 @@ def test_survivors_silent_during_unmask_do_not_stop_the_sum_while_threshold_answ
 
     # Execute
     answers = unmask(shared, {11, 13, 14, 16}, survivors)  # 12 sent its masked vector, then went silent
-    total = server_sum(mask(shared, inputs), answers, shared.roster, 4, CONTEXT)
+    total = open_sum(shared, mask(shared, inputs), answers)
 
     # Assert
     assert np.array_equal(total, plain_sum(inputs))  # 12's input is in the sum, its self mask rebuilt by the others
@@ -159,7 +179,7 @@ def test_fewer_than_threshold_answers_is_an_audit_error(dropped: set[int]) -> No
 
     # Execute / Assert
     with pytest.raises(AuditError, match="2 shares, 3 are needed"):
-        server_sum(masked, answers, shared.roster, 3, CONTEXT)
+        open_sum(shared, masked, answers)
 
 
 # --- what one masked vector reveals ---------------------------------------------------------------------------
@@ -210,27 +230,24 @@ def test_removing_a_survivors_self_mask_still_leaves_its_pairwise_masks() -> Non
     assert not np.any(without_self_mask == quantise(x))
 
 
-# --- step 4 refusals --------------------------------------------------------------------------------------------
+# --- step 6 refusals --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(
-    ("survivors", "dropped", "message"),
+    ("survivors", "message"),
     [
-        ({11, 12, 13}, {13, 14}, "survivors and dropped must split the roster"),  # both shares of 13
-        ({11, 12}, {13, 14, 15}, "2 survivors, the threshold is 3"),
-        ({12, 13, 14}, {11, 15}, "this node surviving"),  # asked while it is itself named dropped
-        ({11, 12, 13, 99}, {14}, "survivors and dropped must split the roster"),  # 99 is no member
+        ({11, 12}, "2 survivors, the threshold is 3"),
+        ({12, 13, 14}, "this node among them"),  # asked while it is itself not surviving
+        ({11, 12, 13, 99}, "must be members of the set this node masked with"),  # 99 is no member
     ],
-    ids=["both-shares-of-one-client", "below-threshold", "asker-not-a-survivor", "outside-roster"],
+    ids=["below-threshold", "asker-not-a-survivor", "outside-the-set"],
 )
-def test_a_client_refuses_an_unmask_request_that_could_open_one_input(
-    survivors: set[int], dropped: set[int], message: str,
-) -> None:
+def test_a_client_refuses_an_unmask_request_that_could_open_one_input(survivors: set[int], message: str) -> None:
     # Prepare
     shared = share([11, 12, 13, 14, 15], threshold=3)
 
     # Execute / Assert
     with pytest.raises(AuditError, match=message):
-        client_unmask(11, shared.secrets[11], shared.roster, 3, shared.inbox[11], survivors, dropped, CONTEXT)
+        client_unmask(11, shared.opened[11], set(shared.roster), survivors, 3)
 
 
 SHARED_FIVE = share([31, 32, 33, 34, 35], threshold=3)  # made once for the property test below
@@ -246,7 +263,7 @@ def test_a_valid_unmask_answer_gives_b_for_survivors_c_for_dropped_never_both(da
     survivors = set(nodes) - dropped
 
     # Execute
-    answer = client_unmask(31, shared.secrets[31], shared.roster, 3, shared.inbox[31], survivors, dropped, CONTEXT)
+    answer = client_unmask(31, shared.opened[31], set(nodes), survivors, 3)
 
     # Assert
     kinds = {node: kind for node, (kind, _) in answer.items()}
@@ -254,41 +271,44 @@ def test_a_valid_unmask_answer_gives_b_for_survivors_c_for_dropped_never_both(da
     assert all(0 <= value < PRIME for _, value in answer.values())
 
 
-def test_a_missing_bundle_is_an_audit_error_naming_its_source() -> None:
+def test_a_missing_bundle_stops_the_unmask_answer_naming_its_source() -> None:
     # Prepare
     shared = share([11, 12, 13], threshold=2)
-    inbox = {src: bundle for src, bundle in shared.inbox[11].items() if src != 13}
+    opened = {src: pair for src, pair in shared.opened[11].items() if src != 13}
 
     # Execute / Assert
-    with pytest.raises(AuditError, match="no share bundle from node 13"):
-        client_unmask(11, shared.secrets[11], shared.roster, 2, inbox, {11, 12, 13}, set(), CONTEXT)
+    with pytest.raises(AuditError, match=r"no opened share bundle from nodes \[13\]"):
+        client_unmask(11, opened, {11, 12, 13}, {11, 12, 13}, 2)
 
 
 # --- the bundles ---------------------------------------------------------------------------------------------------
 
+def opened_by_11(shared: Shared, inbox: dict[int, bytes], context: bytes = CONTEXT) -> tuple[list[int], list[int]]:
+    opened, failed = client_open_bundles(11, shared.secrets[11], shared.roster, inbox, context)
+    return sorted(opened), failed
+
+
 @pytest.mark.parametrize("position", [0, 11, 12, 80, -1], ids=["nonce", "nonce-end", "ciphertext", "middle", "tag"])
-def test_a_tampered_bundle_is_an_audit_error_naming_its_source(position: int) -> None:
+def test_a_tampered_bundle_does_not_open_and_names_its_source(position: int) -> None:
     # Prepare
     shared = share([11, 12, 13], threshold=2)
     bundle = bytearray(shared.inbox[11][12])
     bundle[position] ^= 0x01
-    inbox = {**shared.inbox[11], 12: bytes(bundle)}
 
-    # Execute / Assert
-    with pytest.raises(AuditError, match=rf"bundle from node .* \(client {shared.roster[12].index}\) does not decrypt") as caught:
-        client_unmask(11, shared.secrets[11], shared.roster, 2, inbox, {11, 12, 13}, set(), CONTEXT)
-    assert caught.value.check == "secagg"
+    # Execute
+    opened, failed = opened_by_11(shared, {**shared.inbox[11], 12: bytes(bundle)})
+
+    # Assert
+    assert (opened, failed) == ([11, 13], [12])
 
 
 @pytest.mark.parametrize("bundle", [b"", b"\x00" * 11, b"\x00" * 40], ids=["empty", "short-nonce", "short"])
-def test_a_truncated_bundle_is_an_audit_error_not_a_crash(bundle: bytes) -> None:
+def test_a_truncated_bundle_does_not_open_and_does_not_crash(bundle: bytes) -> None:
     # Prepare
     shared = share([11, 12, 13], threshold=2)
-    inbox = {**shared.inbox[11], 13: bundle}
 
     # Execute / Assert
-    with pytest.raises(AuditError, match="does not decrypt"):
-        client_unmask(11, shared.secrets[11], shared.roster, 2, inbox, {11, 12, 13}, set(), CONTEXT)
+    assert opened_by_11(shared, {**shared.inbox[11], 13: bundle}) == ([11, 12], [13])
 
 
 def test_bundles_are_bound_to_their_round_and_run() -> None:
@@ -297,8 +317,7 @@ def test_bundles_are_bound_to_their_round_and_run() -> None:
 
     # Execute / Assert
     for context in (b"fedstill/7/2", b"fedstill/8/1"):
-        with pytest.raises(AuditError, match="meant for another client or round"):
-            client_unmask(11, shared.secrets[11], shared.roster, 2, shared.inbox[11], {11, 12, 13}, set(), context)
+        assert opened_by_11(shared, shared.inbox[11], context) == ([], [11, 12, 13])
 
 
 def test_a_bundle_opens_only_for_its_destination_and_from_its_source() -> None:
@@ -308,10 +327,18 @@ def test_a_bundle_opens_only_for_its_destination_and_from_its_source() -> None:
     relabelled = {**shared.inbox[11], 12: shared.inbox[11][13], 13: shared.inbox[11][12]}
 
     # Execute / Assert
-    with pytest.raises(AuditError, match=f"client {shared.roster[13].index}"):
-        client_unmask(11, shared.secrets[11], shared.roster, 2, meant_for_12, {11, 12, 13}, set(), CONTEXT)
-    with pytest.raises(AuditError, match="does not decrypt"):
-        client_unmask(11, shared.secrets[11], shared.roster, 2, relabelled, {11, 12, 13}, set(), CONTEXT)
+    assert opened_by_11(shared, meant_for_12) == ([11, 12], [13])
+    assert opened_by_11(shared, relabelled) == ([11], [12, 13])
+
+
+def test_a_bundle_that_opens_to_no_valid_share_is_refused() -> None:
+    # Prepare: sealed with the right key, but its shares lie outside GF(2^521 - 1)
+    shared = share([11, 12, 13], threshold=2)
+    entry12, entry11 = shared.roster[12], shared.roster[11]
+    garbage = protocol._seal(shared.secrets[12], entry12, entry11, CONTEXT, PRIME, PRIME + 1)
+
+    # Execute / Assert
+    assert opened_by_11(shared, {**shared.inbox[11], 12: garbage}) == ([11, 13], [12])
 
 
 def test_masks_made_under_another_context_do_not_cancel() -> None:
@@ -323,10 +350,42 @@ def test_masks_made_under_another_context_do_not_cancel() -> None:
     masked[13] = mask(shared, {13: inputs[13]}, context=b"fedstill/7/2")[13]
 
     # Execute
-    total = server_sum(masked, unmask(shared, set(nodes), set(nodes)), shared.roster, 2, CONTEXT)
+    total = open_sum(shared, masked, unmask(shared, set(nodes), set(nodes)))
 
     # Assert
     assert not np.any(total == plain_sum(inputs))
+
+
+# --- altered shares at unmasking -------------------------------------------------------------------------------
+
+def test_altered_shares_are_skipped_and_their_responder_named_while_threshold_honest_ones_remain() -> None:
+    # Prepare: five clients, threshold 3; one survivor (12) returns altered shares for every source, another (14)
+    # dropped after sharing, so its mask key is rebuilt too
+    nodes = [11, 12, 13, 14, 15]
+    shared = share(nodes, threshold=3)
+    survivors = {11, 12, 13, 15}
+    inputs = {node: x for node, x in vectors(nodes, 9, seed=6).items() if node in survivors}
+    answers = unmask(shared, survivors, survivors)
+    answers[12] = {source: (kind, (value + 1) % PRIME) for source, (kind, value) in answers[12].items()}
+
+    # Execute
+    opened = server_sum(mask(shared, inputs), answers, shared.roster, 3, CONTEXT, shared.commitments)
+
+    # Assert
+    assert np.array_equal(opened.total, plain_sum(inputs))
+    assert opened.altered == {12: sorted(nodes)}
+
+
+def test_a_self_seed_without_its_commitment_is_not_accepted() -> None:
+    # Prepare: the server holds no (or a wrong) commitment to one survivor's seed: no subset is accepted
+    nodes = [11, 12, 13]
+    shared = share(nodes, threshold=2)
+    inputs = vectors(nodes, 4, seed=7)
+    answers = unmask(shared, set(nodes), set(nodes))
+
+    # Execute / Assert
+    with pytest.raises(AuditError, match="node 12's self seed: .*no 2 of the 3 shares give the committed secret"):
+        server_sum(mask(shared, inputs), answers, shared.roster, 2, CONTEXT, {**shared.commitments, 12: bytes(32)})
 
 
 # --- roster and steps 2-3 preconditions ---------------------------------------------------------------------------
@@ -343,17 +402,24 @@ def test_the_roster_indexes_clients_by_sorted_node_id() -> None:
     assert all((entry.mask_key, entry.share_key) == keys[node] for node, entry in roster.items())
 
 
-def test_the_roster_refuses_duplicated_or_short_keys() -> None:
+@pytest.mark.parametrize("bad", [bytes(32), (1).to_bytes(32, "little"), (2**255 - 19).to_bytes(32, "little"),
+                                 (2**255 - 18).to_bytes(32, "little"), b"\xff" * 32],
+                         ids=["zero", "one", "p", "p-plus-one", "high-bit"])
+def test_the_roster_refuses_duplicated_short_small_order_or_non_canonical_keys(bad: bytes) -> None:
     # Prepare
     a, b = ClientSecrets.generate().public_keys(), ClientSecrets.generate().public_keys()
 
     # Execute / Assert
-    with pytest.raises(AuditError, match="distinct 32-byte"):
+    with pytest.raises(AuditError, match="distinct valid X25519 keys") as caught:
         make_roster({1: a, 2: a})  # one client echoes another's keys
-    with pytest.raises(AuditError, match="distinct 32-byte"):
+    assert caught.value.check == "secagg-key"
+    with pytest.raises(AuditError, match="distinct valid X25519 keys"):
         make_roster({1: (a[0], a[0]), 2: b})  # one key used for both purposes
-    with pytest.raises(AuditError, match="distinct 32-byte"):
+    with pytest.raises(AuditError, match="distinct valid X25519 keys"):
         make_roster({1: a, 2: (b[0][:31], b[1])})
+    with pytest.raises(AuditError, match="distinct valid X25519 keys"):
+        make_roster({1: a, 2: (bad, b[1])})
+    assert public_key_problem(bad) != "" and public_key_problem(a[0]) == ""
 
 
 @pytest.mark.parametrize("threshold", [1, 4])
@@ -539,3 +605,18 @@ def test_altered_shares_never_reconstruct_a_secret_longer_than_split_accepts() -
     with pytest.raises(AuditError, match="do not reconstruct a valid secret"):
         reconstruct({1: forged, 2: forged, 3: forged}, 3)
 
+
+
+def test_a_checked_reconstruction_skips_altered_shares_and_names_them() -> None:
+    # Prepare: five shares, threshold 3; the first two altered
+    secret = b"\x42" * 32
+    shares = split(secret, 3, [1, 2, 3, 4, 5])
+    altered = {**shares, 1: (shares[1] + 1) % PRIME, 2: (shares[2] * 3) % PRIME}
+
+    # Execute
+    recovered, named = reconstruct_verified(altered, 3, lambda s: s == secret, length=32)
+
+    # Assert
+    assert recovered == secret and named == [1, 2]
+    with pytest.raises(AuditError, match="no 3 of the 5 shares give the committed secret"):
+        reconstruct_verified({**altered, 3: 7}, 3, lambda s: s == secret, length=32)  # only two honest shares left
