@@ -189,11 +189,14 @@ def admit_masked(state: RecordDict, run_id: int, node: int, shared: SecAggRoster
 
 def masked_vector(state: RecordDict, run_id: int, node: int, shared: SecAggRoster, probs: np.ndarray,
                   weight: float) -> np.ndarray:
-    """Step 4: y = [w * probs, w] + masks with every member of U, once per round."""
+    """Step 4: y = [w * probs, w] + masks with every member of U, once per round; under a weighted rule the
+    unweighted probs follow, so that the server can fall back to their plain sum when the weighted one is out of
+    range (a peer lied about its weight) instead of losing the round."""
     kept = admit_masked(state, run_id, node, shared)
     if kept.self_seed is None or kept.roster is None:
         raise AuditError("secure aggregation: this node gave no shares this round, so it cannot take part", "secagg")
-    vector = np.concatenate([weight * probs.astype(np.float64).reshape(-1), [weight]])
+    flat = probs.astype(np.float64).reshape(-1)
+    vector = np.concatenate([weight * flat, [weight], *([flat] if shared.weighted else [])])
     members: Roster = {n: kept.roster[n] for n in shared.roster}
     masked = client_masked_input(node, _secrets(kept), members, kept.self_seed, vector, context_bytes(run_id, shared.round))
     keep_secagg_round(state, dataclasses.replace(kept, shared=tuple(sorted(members))))

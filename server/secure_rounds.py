@@ -91,12 +91,7 @@ def secure_soft_labels(
     step.require(len(shares.accepted), threshold, "returned shares")
     values = step.open_sum({n: masked.accepted[n].masked for n in survivors}, shares, {n: roster[n] for n in shared},
                            threshold, {n: bundles.accepted[n].commitment for n in shared})
-    problem = sum_out_of_range(values, len(query.sample_ids), query.num_classes, len(survivors), step.weighted,
-                               trail.weight_caps(survivors))
-    if problem:
-        trail.sum_refused(query.round, "weight-range", problem)
-        raise QuorumError(f"round {query.round}: secure aggregation refused the opened sum: {problem}")
-    return _mean(values, len(query.sample_ids), query.num_classes), step.combined(masked)
+    return checked_mean(trail, query, values, survivors, step.weighted), step.combined(masked)
 
 
 @dataclass
@@ -176,7 +171,8 @@ class SecureRound:
 
     def masked(self, shared: SecAggRoster) -> Exchange[MaskedReply]:
         """Step 4: the query, with U beside it, to every member of U; their masked soft labels back."""
-        query, length = self.query, len(self.query.sample_ids) * self.query.num_classes + 1
+        cells = len(self.query.sample_ids) * self.query.num_classes
+        query, length = self.query, cells + 1 + (cells if shared.weighted else 0)  # weighted: the plain rows too
         records = {n: _merge(query.to_record(), shared.to_record()) for n in shared.roster}
         return self.run("soft-labels", records, SOFT_LABELS_TYPE,
                         lambda c: MaskedReply.from_record(c, query.round, query.fingerprint, length))
@@ -232,6 +228,26 @@ class SecureRound:
             result.rejected.setdefault(node, reason)
             result.checks.setdefault(node, check)
         return result
+
+
+def checked_mean(trail: AuditTrail, query: SoftLabelQuery, values: np.ndarray, survivors: list[int],
+                 weighted: bool) -> np.ndarray:
+    """The aggregate of an opened sum, range-checked (`sum_out_of_range`). Under a weighted rule the sum also holds
+    the unweighted rows: a weighted sum out of range is refused in the ledger (`sum-refused`) and the round goes on
+    with the plain mean, which no declared weight can tilt; a plain sum out of range stops the round."""
+    rows, classes, parties = len(query.sample_ids), query.num_classes, len(survivors)
+    cells = rows * classes
+    if weighted:
+        problem = sum_out_of_range(values[:cells + 1], rows, classes, parties, True, trail.weight_caps(survivors))
+        if not problem:
+            return _mean(values[:cells + 1], rows, classes)
+        trail.sum_refused(query.round, "weight-range", f"{problem}; the round uses the unweighted sum instead")
+        values = np.concatenate([values[cells + 1:], [float(parties)]])
+    problem = sum_out_of_range(values, rows, classes, parties, False, None)
+    if problem:
+        trail.sum_refused(query.round, "value-range", problem)
+        raise QuorumError(f"round {query.round}: secure aggregation refused the opened sum: {problem}")
+    return _mean(values, rows, classes)
 
 
 def sum_out_of_range(values: np.ndarray, rows: int, classes: int, parties: int, weighted: bool,

@@ -10,8 +10,10 @@ Coordinator ledger (`<run folder>/ledger.jsonl`, signer "coordinator"):
     weight-clipped      {round, node_id, institution_id, check, declared, used}   before `aggregated`, under a
                         weighted rule: the declared size of that reply was capped (check "weight-cap": the
                         allow-list's max-examples; "weight-clip": weight-clip times the lower median)
-    sum-refused         {round, check, reason}   secure aggregation: the opened sum failed a range check
-                        (check "weight-range"); the round stops, no institution can be singled out
+    sum-refused         {round, check, reason}   secure aggregation: the opened sum failed a range check, and
+                        no institution can be singled out. Check "weight-range": the weighted sum; the round
+                        goes on with the unweighted sum every masked reply also carries. Check "value-range":
+                        the unweighted sum; the round stops
     secagg-dropped      {round, phase, node_id, institution_id, check, reason}   secure aggregation: a node dropped
                         for what a step showed beyond its own reply (check "secagg-dispute": in phase "secagg-inbox",
                         one side of disputes over share bundles that did not open; "secagg-share": in phase

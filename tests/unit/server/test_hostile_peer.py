@@ -1,5 +1,6 @@
 """The hostile peer, end to end: one of three institutions declares 2^52 examples and signs its lie; the student
-the coordinator distils stays where the honest run's is, and the ledger names the clipped institution.
+the coordinator distils stays where the honest run's is, and the ledger names the clipped institution (or, under
+secure aggregation, where no institution can be singled out, refuses the weighted sum and uses the unweighted one).
 
 `server_app.main` runs with the real ClientApp handlers of three provisioned institutions (keys, allow-list), the
 suite's in-memory Grid delivering the messages; the liar's reply is the real one with its counts inflated, then
@@ -21,6 +22,7 @@ import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+import client.secure
 from client import client_app
 from client.release import RELEASE_LOG, Identity, sign_and_log, simulated_institution, site_folder
 from common.audit import kinds
@@ -28,6 +30,7 @@ from common.audit.keys import load_signer, private_key_path
 from common.audit.witness import Cosignature
 from common.config import default_run_config
 from common.messages import SOFT_LABELS_TYPE, WITNESS_TYPE, SoftLabelQuery, SoftLabelReply, attach_cosignature, read_cosignature
+from common.secagg.masking import SCALE_BITS, quantise
 from server import server_app
 from simulations.provision import provision_sites
 
@@ -134,3 +137,58 @@ def test_a_peer_declaring_2_to_the_52_examples_leaves_the_student_where_the_hone
     assert not [e for e in ledger if e["kind"] == kinds.REPLY_REJECTED]
     assert abs(capped - expected) <= 0.01, (capped, expected)
     assert uncapped < expected - 0.10, (uncapped, expected)
+
+
+class SecureFederation(MemoryGrid):
+    """Secure aggregation: every message to its node's real ClientApp handler."""
+
+    def __init__(self, mapping: dict[str, Any]) -> None:
+        super().__init__(nodes=NODES)
+        self.mapping = mapping
+        self.states = {node: RecordDict() for node in NODES}
+
+    def answer(self, message: Message) -> Message:
+        node = message.metadata.dst_node_id
+        context = Context(1, node, {"partition-id": NODES.index(node), "num-partitions": len(NODES)},
+                          self.states[node], self.mapping)
+        return client_app.HANDLERS[message.metadata.message_type](message, context)
+
+
+def secure_distil(folder: Path) -> tuple[float, list[dict]]:
+    folder.mkdir(parents=True)
+    mapping = {**default_run_config(), **RUN, "aggregation": "weighted", "secure-aggregation": True,
+               "output-dir": str(folder), "run-name": "run", **provision_sites(folder, len(NODES))}
+    with server_task(), torch.random.fork_rng():
+        TaskIdentity._run_id = 1
+        server_app.main(SecureFederation(mapping), Context(1, 0, {}, RecordDict(), mapping))
+    results = json.loads((folder / "run" / "results.json").read_text())
+    assert results["status"] == "completed", results
+    ledger = [json.loads(line) for line in (folder / "run" / "ledger.jsonl").read_text().splitlines()]
+    return float(results["final"]["student_accuracy"]), ledger
+
+
+def test_under_secure_aggregation_a_masked_2_to_the_52_weight_falls_back_to_the_unweighted_sum(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: the liar knows its own masks: it adds [2^52 p, 2^52] - [w p, w] (fixed point, mod 2^64) to the
+    # weighted part of its masked vector, which its signature then covers
+    honest, _ = secure_distil(tmp_path / "honest")
+    original = client.secure.client_masked_input
+
+    def lying(node: int, secrets: Any, shared: Any, seed: bytes, vector: np.ndarray, context: bytes) -> np.ndarray:
+        masked = original(node, secrets, shared, seed, vector, context)
+        if node != LIAR:
+            return masked
+        cells = (len(vector) - 1) // 2
+        lie = [int(LIE * float(p)) * (1 << SCALE_BITS) % 2**64 for p in vector[cells + 1:]] + [LIE * (1 << SCALE_BITS) % 2**64]
+        delta = np.asarray(lie, dtype=np.uint64) - quantise(vector[:cells + 1])  # uint64 arithmetic wraps mod 2^64
+        return masked + np.concatenate([delta, np.zeros(cells, dtype=np.uint64)])
+
+    monkeypatch.setattr(client.secure, "client_masked_input", lying)
+
+    # Execute
+    accuracy, ledger = secure_distil(tmp_path / "lying")
+
+    # Assert: the weighted sum of every round refused in the ledger, the student where the honest run's is
+    refused = [e["body"] for e in ledger if e["kind"] == kinds.SUM_REFUSED]
+    assert [(r["round"], r["check"]) for r in refused] == [(1, "weight-range")]
+    assert abs(accuracy - honest) <= 0.01, (accuracy, honest)

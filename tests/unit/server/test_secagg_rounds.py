@@ -269,7 +269,8 @@ def test_the_server_only_ever_holds_masked_vectors_and_opens_only_the_sum(
     opened: list[np.ndarray] = []
     dequantise = secure_rounds.dequantise
     monkeypatch.setattr(secure_rounds, "dequantise", lambda values: opened.append(values.copy()) or dequantise(values))
-    plain = {n: np.concatenate([WEIGHTS[n] * PROBS[n].astype(np.float64).reshape(-1), [WEIGHTS[n]]]) for n in NODES}
+    plain = {n: np.concatenate([WEIGHTS[n] * PROBS[n].astype(np.float64).reshape(-1), [WEIGHTS[n]],
+                                PROBS[n].astype(np.float64).reshape(-1)]) for n in NODES}  # weighted: the plain rows too
 
     # Execute
     probs, outcome = secure_soft_labels(grid, cfg, open_trail(cfg, run_dir), make_query(), NODES)
@@ -356,32 +357,34 @@ def test_the_ledger_records_every_phase_and_verifies(run_dir: Path, run_config_m
     assert result.problems == [], "\n".join(map(str, result.problems))
 
 
-def test_a_masked_reply_carrying_a_weight_of_2_to_the_52_gets_the_opened_sum_refused(
+def test_a_masked_weight_of_2_to_the_52_gets_the_weighted_sum_refused_and_the_round_goes_on_unweighted(
         run_dir: Path, run_config_mapping: dict[str, Any], sites: Sites) -> None:
-    # Prepare: the liar knows its own masks, so it adds [2^52 p, 2^52] - [w p, w] (fixed point, mod 2^64) to its
-    # honest masked vector; 2^52 * 2^24 wraps in the 64-bit field, so the opened rows are garbage
+    # Prepare: the liar knows its own masks, so it adds [2^52 p, 2^52] - [w p, w] (fixed point, mod 2^64) to the
+    # weighted part of its honest masked vector; 2^52 * 2^24 wraps in the 64-bit field, so the opened rows are garbage
     cfg = secure_config(run_config_mapping, sites, aggregation="weighted")
     trail = open_trail(cfg, run_dir)
-    liar, lie = NODES[2], 2**52
+    liar, lie, cells = NODES[2], 2**52, SAMPLES * CLASSES
     honest = np.concatenate([WEIGHTS[liar] * PROBS[liar].astype(np.float64).reshape(-1), [WEIGHTS[liar]]])
     lying = [int(lie * float(p)) * (1 << 24) % 2**64 for p in PROBS[liar].reshape(-1)] + [lie * (1 << 24) % 2**64]
-    delta = np.asarray(lying, dtype=np.uint64) - quantise(honest)  # uint64 arithmetic wraps mod 2^64
+    delta = np.concatenate([np.asarray(lying, dtype=np.uint64) - quantise(honest),  # uint64 arithmetic wraps mod 2^64
+                            np.zeros(cells, dtype=np.uint64)])
 
     def inflate(node: int, kind: str, content: RecordDict) -> RecordDict:
         if node != liar or kind != SOFT_LABELS_TYPE:
             return content
-        reply = MaskedReply.from_record(content, 1, FINGERPRINT, SAMPLES * CLASSES + 1)
+        reply = MaskedReply.from_record(content, 1, FINGERPRINT, 2 * cells + 1)
         return dataclasses.replace(reply, masked=reply.masked + delta).to_record()
 
     # Execute
-    with pytest.raises(QuorumError, match="refused the opened sum"):
-        secure_soft_labels(Institutions(sites, lie=inflate), cfg, trail, make_query(), NODES)
+    probs, outcome = secure_soft_labels(Institutions(sites, lie=inflate), cfg, trail, make_query(), NODES)
 
-    # Assert: the round refused as a whole (no institution can be singled out) and recorded
+    # Assert: the weighted sum refused as a whole (no institution can be singled out) and recorded; the round's
+    # aggregate is the plain mean of every institution's rows, which no declared weight tilts
     [refused] = [e["body"] for e in trail.ledger.entries() if e["kind"] == kinds.SUM_REFUSED]
     assert refused["round"] == 1 and refused["check"] == "weight-range"
-    assert "not rows on the simplex" in refused["reason"]
-    assert not [e for e in trail.ledger.entries() if e["kind"] == kinds.AGGREGATED]
+    assert "not rows on the simplex" in refused["reason"] and "uses the unweighted sum instead" in refused["reason"]
+    assert sorted(outcome.accepted) == sorted(NODES)
+    assert np.abs(probs - mean_of(NODES)).max() < 1e-6
 
 
 def test_a_bundle_altered_in_transit_drops_only_its_sender_and_the_round_goes_on(
