@@ -63,6 +63,15 @@ def load_identity(cfg: RunConfig, node: NodeConfig) -> Identity | None:
     return None
 
 
+def institution_name(cfg: RunConfig, node: NodeConfig) -> str | None:
+    """The institution id this node signs as (load_identity's, without loading the key), or None."""
+    if node.institution_id is not None and node.signing_key is not None:
+        return node.institution_id
+    if cfg.sites_dir and node.partition_id is not None:
+        return simulated_institution(node.partition_id)
+    return None
+
+
 def site_home(cfg: RunConfig, node: NodeConfig) -> Path | None:
     """The institution's own folder, where it keeps what is its own (release log, privacy ledger, teacher):
     the release log's folder in deployment, `sites-dir/institution-<partition-id>/` in simulation; None

@@ -18,6 +18,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common.audit.attestation import Attestation
+from common.audit.naming import refusal_naming, refusing_institution
 from common.errors import AuditError, FedstillError
 from common.messages import read_attestation, read_cosignature, record_digest, record_nbytes, with_witness_request
 from server.witness import Witnessing
@@ -161,9 +162,13 @@ def node_error_check(reason: str) -> str:
 
 
 def _node_error(reason: str) -> str:
+    """The ledger's reason for an error reply: one line, the refusal's type first, and the institution a refusal
+    names itself as kept even when the line is shortened (common.audit.naming: the only name an error reply has)."""
     check = node_error_check(reason)
     prefix = next((f"{error}: " for error, named in NODE_REFUSALS.items() if named == check), "")
     text = short_reason(reason)
+    if check != "node-error" and (claimed := refusing_institution(reason)) and refusing_institution(text) != claimed:
+        text = refusal_naming(short_reason(reason, 500), claimed)
     return f"node error: {text if text.startswith(prefix) else prefix + text}"
 
 

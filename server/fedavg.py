@@ -33,7 +33,7 @@ from common.tasks.samples import FederatedSplit, public_fingerprint
 from server.audit_trail import AuditTrail
 from server.checkpoint import Checkpoint
 from server.exchange import Exchange, Phase, exchange
-from server.results.figures import final_figures, run_title, split_metrics, student_meta
+from server.results.figures import final_figures, institution_names, run_title, split_metrics, student_meta
 from server.results.run_folder import STUDENT, RunFolder
 from server.results.schema import RoundRow
 from server.resume import Checkpointer
@@ -160,12 +160,15 @@ def run_fedavg(
         if strategy.replied.get(server_round, 0) < cfg.min_clients:
             raise QuorumError(f"round {server_round}: {strategy.replied.get(server_round, 0)} replies, min-clients is {cfg.min_clients}")
         uplink = strategy.uplink.get(server_round, {})
+        judged = strategy.exchanges.get(server_round)
+        checked, claimed = institution_names(judged, trail.institutions()) if judged is not None else (None, None)
         run.record_round(RoundRow(
             round=server_round, student_accuracy=acc, ensemble_accuracy=None,
             clients_replied=strategy.replied.get(server_round, 0), clients_rejected={},
             uplink_bytes=sum(uplink.values()), uplink_bytes_per_client=uplink,
             downlink_bytes=strategy.downlink.get(server_round, 0),
             wall_s=round(time.monotonic() - started[0], 3), student_metrics=metrics,
+            institutions=checked, institutions_claimed=claimed,
         ))
         started[0] = time.monotonic()
         run.save_student(model, student_meta(cfg, test.num_classes, input_shape(test.inputs), server_round))

@@ -103,7 +103,7 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
                                             cfg.digest_epochs, cfg.revisit_epochs)
             outcome = digest_round(grid, cfg, trail, instruction, sorted(replies.accepted))
         row = round_row(query, replies, metrics, ensemble_acc, loss, int(len(kept)), outcome,
-                        round(time.monotonic() - started, 3))
+                        round(time.monotonic() - started, 3), trail.institutions())
         run.record_round(row)
         run.save_student(student.model, student_meta(cfg, public.num_classes, input_shape(public.inputs), round_))
         entry = trail.checkpoint(round_, run.path / STUDENT, row.student_accuracy)

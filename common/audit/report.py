@@ -1,4 +1,11 @@
-"""Compliance reports: verify the ledgers of one or more runs, then total what each institution released (JSON, Markdown, plots)."""
+"""Compliance reports: verify the ledgers of one or more runs, then total what each institution released (JSON, Markdown,
+a self-contained HTML page, plots).
+
+Institutions appear by name wherever the record knows it (common.audit.naming); privacy per run and across runs
+comes from the attestations and, when given, each institution's own privacy ledger (common.audit.report_privacy);
+a run or institution without a mechanism has "no formal privacy guarantee", never epsilon 0. Cosignatures of the
+ledger's signed tree heads (entries of kind `cosigned`, issue 17's witnessed ledger) are counted per institution.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +17,28 @@ from typing import Any
 from common.audit import kinds
 from common.audit.canonical import utc_now
 from common.audit.ledger import OPENED, RESUMED
-from common.audit.report_page import BYTES_PLOT, EPSILON_PLOT, JSON_FILE, MARKDOWN_FILE, write_report
+from common.audit.naming import ATTESTATION, CLAIM, REFUSAL_CHECKS, node_names
+from common.audit.report_page import BYTES_PLOT, EPSILON_PLOT, HTML_FILE, JSON_FILE, MARKDOWN_FILE, write_report
+from common.audit.report_privacy import guarantee_of, privacy_ledger_summary, summarise_privacy
 from common.audit.verify import Chain, abandoned_entries, abandoned_releases, read_chain, verify_ledger
 from common.errors import ConfigError
 
-__all__ = ["BYTES_PLOT", "EPSILON_PLOT", "JSON_FILE", "MARKDOWN_FILE", "SCHEMA", "build_report", "write_report"]
+__all__ = ["BYTES_PLOT", "EPSILON_PLOT", "HTML_FILE", "JSON_FILE", "MARKDOWN_FILE", "SCHEMA", "build_report", "write_report"]
 
 SCHEMA = "fedstill.audit-report/1"
 REPLIES = (kinds.REPLY_ACCEPTED, kinds.REPLY_REJECTED)
 SOFT_LABELS, DIGEST_PAYLOAD = "soft-labels", "digest-losses"  # reply phases; the payload kind of a FedMD digest reply
+COSIGNED = "cosigned"  # an institution's cosignature of a signed tree head: {size, root, institution_id, key, sig}
 
 
 def build_report(
     ledgers: Iterable[Path | str], client_logs: Iterable[Path | str] = (), coordinator_key: str | None = None,
-    allow_list: dict[str, str] | None = None,
+    allow_list: dict[str, str] | None = None, privacy_ledgers: Iterable[tuple[str, Path | str]] = (),
 ) -> dict[str, Any]:
     """Verify each ledger with the release logs of its run, then aggregate per institution across all runs.
+
+    `privacy_ledgers` are (institution, privacy-ledger.json): each institution's own record of what it spent,
+    in every run it joined (common.audit.report_privacy).
 
     A ledger that does not verify is still read as far as it parses: its run has `verified: false`, the
     institutions it names list it under `unverified_runs`, and the report's `verified` is false.
@@ -38,8 +51,10 @@ def build_report(
     chains = [read_chain(path, coordinator_key) for path in ledger_paths]
     labels = _run_labels(chains)
     logs = [read_chain(path) for path in log_paths]
+    spent = _privacy_ledgers(privacy_ledgers)
     report: dict[str, Any] = {"schema": SCHEMA, "generated": utc_now(), "verified": True, "ledgers": [], "runs": [],
-                              "institutions": {}, "release_logs": [], "rounds_axis": []}
+                              "institutions": {}, "release_logs": [], "rounds_axis": [],
+                              "privacy_ledgers": [{"institution": name, "path": str(path)} for name, path in spent]}
     for chain, label in zip(chains, labels, strict=True):
         companions = _companions(chain, logs, chains)
         check = verify_ledger(chain.path, coordinator_key=coordinator_key, allow_list=allow_list, client_logs=companions)
@@ -52,10 +67,22 @@ def build_report(
         _add_replies(report, chain, label, check.ok)
     for log in logs:
         _add_release_log(report, log, chains, labels)
+    run_labels = {run_id: label for chain, label in zip(chains, labels, strict=True) for run_id in _run_ids(chain)}
+    for name, path in spent:
+        _institution(report, name)["privacy_ledger"] = privacy_ledger_summary(path, run_labels)
     for institution in report["institutions"].values():
-        _summarise_privacy(institution)
+        summarise_privacy(institution)
     report["institutions"] = dict(sorted(report["institutions"].items()))
     return report
+
+
+def _privacy_ledgers(given: Iterable[tuple[str, Path | str]]) -> list[tuple[str, Path]]:
+    pairs = [(str(name), Path(path)) for name, path in given]
+    _existing((path for _, path in pairs), "privacy ledger")
+    if twice := sorted({name for name, _ in pairs if [n for n, _ in pairs].count(name) > 1}):
+        raise ConfigError(f"--privacy-ledger names {', '.join(twice)} more than once; an institution keeps one privacy "
+                          "ledger for all its runs: pass that one")
+    return pairs
 
 
 def _existing(paths: Iterable[Path | str], what: str) -> list[Path]:
@@ -137,19 +164,8 @@ def _round(body: dict[str, Any]) -> int | None:
 
 
 def _node_institutions(chain: Chain) -> dict[str, str]:
-    """Node id -> institution id, from every reply and aggregation that names both."""
-    nodes: dict[str, str] = {}
-    for _, entry in chain.entries:
-        body = entry["body"]
-        if entry["kind"] in REPLIES:
-            name = body.get("institution_id") or _statement(body).get("institution_id")
-            if isinstance(name, str):
-                nodes.setdefault(str(body.get("node_id")), name)
-        elif entry["kind"] == kinds.AGGREGATED:
-            for node, name in zip(_list(body.get("nodes")), _list(body.get("institutions")), strict=False):
-                if isinstance(name, str):
-                    nodes.setdefault(str(node), name)
-    return nodes
+    """Node id -> institution id, as the ledger knows it: checked by an attestation, or claimed (common.audit.naming)."""
+    return {node: name for node, (name, _) in node_names(entry for _, entry in chain.entries).items()}
 
 
 def _run_summary(chain: Chain, label: str, verified: bool) -> dict[str, Any]:
@@ -161,6 +177,10 @@ def _run_summary(chain: Chain, label: str, verified: bool) -> dict[str, Any]:
     kept = [entry for _, entry in chain.entries if entry["seq"] not in abandoned]
     checkpoints = [e["body"] for e in kept if e["kind"] == kinds.CHECKPOINT]
     aggregated = [e["body"] for e in kept if e["kind"] == kinds.AGGREGATED]
+    config: dict[str, Any] = first["config"] if isinstance(first.get("config"), dict) else {}
+    mechanisms = sorted({str((_statement(e["body"]).get("privacy") or {}).get("mechanism", "none"))
+                         for e in kept if e["kind"] == kinds.REPLY_ACCEPTED and _signed(e["body"])})
+    privacy = config.get("privacy") or next((m for m in mechanisms if m != "none"), mechanisms[0] if mechanisms else None)
     return {
         "run": label, "ledger": str(chain.path), "verified": verified, "run_name": first.get("run_name"),
         "run_ids": sorted({str(body.get("run_id")) for body in started}), "scenario": first.get("scenario"),
@@ -176,6 +196,8 @@ def _run_summary(chain: Chain, label: str, verified: bool) -> dict[str, Any]:
         "student_sha256": end.get("student_sha256") or (checkpoints[-1].get("sha256") if checkpoints else None),
         "student_accuracy": checkpoints[-1].get("student_accuracy") if checkpoints else None,
         "institutions": sorted(set(_node_institutions(chain).values())),
+        "privacy": privacy, "guarantee": guarantee_of(privacy) if privacy else None,
+        "secure_aggregation": config.get("secure-aggregation"), "cosignatures": len(_bodies(chain, COSIGNED)),
     }
 
 
@@ -184,22 +206,30 @@ def _institution(report: dict[str, Any], name: str) -> dict[str, Any]:
     return institutions.setdefault(name, {
         "runs": [], "rounds": {}, "releases_accepted": 0, "releases_rejected": 0, "releases_only_logged": 0, "bytes_accepted": 0,
         "bytes_sent": 0, "data_categories": [], "privacy_mechanisms": [], "privacy": [], "per_round": [],
-        "rejections": [], "first_release": None, "last_release": None, "unverified_runs": [], "release_logs": [],
+        "rejections": [], "refusals": 0, "first_release": None, "last_release": None, "unverified_runs": [], "release_logs": [],
+        "privacy_ledger": None, "witnessed": {"cosignatures": 0, "largest_size": None, "runs": {}},
     })
 
 
 def _add_replies(report: dict[str, Any], chain: Chain, label: str, verified: bool) -> None:
-    """Every reply the ledger records, under the institution that made it (or `node N (unidentified)`)."""
-    nodes = _node_institutions(chain)
+    """Every reply the ledger records, under the institution that made it (or `node N (unidentified)`), and every
+    cosignature of a signed tree head under the institution that witnessed it."""
+    nodes = node_names(entry for _, entry in chain.entries)
     for _, entry in chain.entries:
         body = entry["body"]
         if _opens_round(entry) and [label, _round(body)] not in report["rounds_axis"]:
             report["rounds_axis"].append([label, _round(body)])
+        if entry["kind"] == COSIGNED and isinstance(body.get("institution_id"), str):
+            _add_cosignature(_institution(report, body["institution_id"]), label, body.get("size"))
         if entry["kind"] not in REPLIES:
             continue
         statement, node = _statement(body), str(body.get("node_id"))
-        name = body.get("institution_id") or statement.get("institution_id") or nodes.get(node) or f"node {node} (unidentified)"
-        institution, accepted, round_ = _institution(report, str(name)), entry["kind"] == kinds.REPLY_ACCEPTED, _round(body)
+        known, source = nodes.get(node, (None, None))
+        own = body.get("institution_id") or statement.get("institution_id")
+        accepted, round_ = entry["kind"] == kinds.REPLY_ACCEPTED, _round(body)
+        name = own or known  # what this reply signed (checked when accepted, claimed when not), else what the ledger knows
+        named_by = (ATTESTATION if accepted and own else source if name == known else CLAIM) if name else None
+        institution = _institution(report, str(name or f"node {node} (unidentified)"))
         phase = str(body.get("phase") or SOFT_LABELS)
         _add_new(institution["runs"], label)
         _add_new(institution["rounds"].setdefault(label, []), round_)
@@ -209,9 +239,11 @@ def _add_replies(report: dict[str, Any], chain: Chain, label: str, verified: boo
         institution["releases_accepted" if accepted else "releases_rejected"] += 1
         institution["bytes_accepted"] += size if accepted else 0
         if not accepted:
+            refusal = body.get("check") in REFUSAL_CHECKS
+            institution["refusals"] += refusal
             institution["rejections"].append({"run": label, "round": round_, "phase": phase, "node_id": body.get("node_id"),
                                               "check": body.get("check"), "reason": body.get("reason"), "time": entry["time"],
-                                              "attested": bool(statement)})
+                                              "attested": bool(statement), "refusal": refusal, "institution_from": named_by})
         _add_release(institution, label, round_, size, statement, "accepted" if accepted else "rejected", phase)
 
 
@@ -229,11 +261,12 @@ def _add_release(
     if not isinstance(privacy, dict):
         privacy = {}
     mechanism, time = str(privacy.get("mechanism", "none")), str(statement.get("time", ""))
+    guarantee = guarantee_of(mechanism)
     _add_new(institution["privacy_mechanisms"], mechanism)
-    institution["privacy"].append({
+    figures = {key: _number(privacy.get(key)) if guarantee != "none" else None for key in ("epsilon", "epsilon_total", "delta")}
+    institution["privacy"].append({  # no mechanism: no epsilon at all (null), never 0
         "run": label, "round": round_, "phase": phase, "time": time, "outcome": outcome, "mechanism": mechanism,
-        "epsilon": _number(privacy.get("epsilon")),
-        "epsilon_total": _number(privacy.get("epsilon_total")), "delta": _number(privacy.get("delta")),
+        "guarantee": guarantee, **figures,
     })
     institution["first_release"] = min(filter(None, (institution["first_release"], time)), default=None)
     institution["last_release"] = max(filter(None, (institution["last_release"], time)), default=None)
@@ -256,17 +289,13 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
-def _summarise_privacy(institution: dict[str, Any]) -> None:
-    """Basic composition (sum of each release's epsilon and delta): an upper bound on what was spent."""
-    spent = institution["privacy"]
-    institution["data_categories"].sort()
-    institution["privacy_mechanisms"].sort()
-    institution["privacy_summary"] = {
-        "releases": len(spent), "epsilon_sum": sum(p["epsilon"] for p in spent), "delta_sum": sum(p["delta"] for p in spent),
-        "epsilon_max": max((p["epsilon"] for p in spent), default=0.0),
-        "epsilon_total_reported_max": max((p["epsilon_total"] for p in spent), default=0.0),
-        "no_guarantee": all(p["mechanism"] == "none" for p in spent),
-    }
+def _add_cosignature(institution: dict[str, Any], label: str, size: Any) -> None:
+    """One witnessed checkpoint: the institution cosigned the ledger's signed tree head of `size` entries."""
+    witnessed = institution["witnessed"]
+    witnessed["cosignatures"] += 1
+    witnessed["runs"][label] = witnessed["runs"].get(label, 0) + 1
+    if isinstance(size, int) and not isinstance(size, bool):
+        witnessed["largest_size"] = max(size, witnessed["largest_size"] or 0)
 
 
 def _add_release_log(report: dict[str, Any], log: Chain, chains: list[Chain], labels: list[str]) -> None:

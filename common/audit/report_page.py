@@ -1,29 +1,38 @@
-"""The compliance report as files: audit-report.json, a Markdown page for a compliance officer, and its plots."""
+"""The compliance report as files: audit-report.json, a Markdown page and a self-contained HTML page (common.audit.
+report_html) for a compliance officer, and its plots."""
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 from pathlib import Path
 from typing import Any
 
+from common.audit.report_html import COMPOSITION_CHART, render_html
+from common.audit.report_privacy import NO_GUARANTEE
 from common.errors import ConfigError
-from common.files import atomic_path, atomic_write_text
+from common.files import atomic_write_bytes, atomic_write_text
 
-JSON_FILE, MARKDOWN_FILE = "audit-report.json", "audit-report.md"
+JSON_FILE, MARKDOWN_FILE, HTML_FILE = "audit-report.json", "audit-report.md", "audit-report.html"
 BYTES_PLOT, EPSILON_PLOT = "audit-bytes-per-round.png", "audit-epsilon.png"
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Write audit-report.json, audit-report.md and its two plots into `out_dir`, each atomically."""
+    """Write audit-report.json, audit-report.md, audit-report.html (its charts inside) and the two plots into
+    `out_dir`, each atomically."""
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        paths = [out_dir / JSON_FILE, out_dir / MARKDOWN_FILE, out_dir / BYTES_PLOT, out_dir / EPSILON_PLOT]
-        for path, text in zip(paths[:2], (json.dumps(report, indent=2) + "\n", render_markdown(report)), strict=True):
+        charts = {BYTES_PLOT: _plot_bytes(report), EPSILON_PLOT: _plot_epsilon(report)}
+        if any(inst.get("privacy_ledger") for inst in report["institutions"].values()):
+            charts[COMPOSITION_CHART] = _plot_composition(report)
+        paths = [out_dir / JSON_FILE, out_dir / MARKDOWN_FILE, out_dir / HTML_FILE, out_dir / BYTES_PLOT, out_dir / EPSILON_PLOT]
+        for path, text in zip(paths[:3], (json.dumps(report, indent=2) + "\n", render_markdown(report),
+                                          render_html(report, charts)), strict=True):
             atomic_write_text(path, text)
-        _plot_bytes(report, paths[2])
-        _plot_epsilon(report, paths[3])
+        for path in paths[3:]:
+            atomic_write_bytes(path, charts[path.name])
     except OSError as error:
         raise ConfigError(f"cannot write the report into {out_dir}: {error.strerror or error}; choose another --out") from None
     return paths
@@ -32,7 +41,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
 def render_markdown(report: dict[str, Any]) -> str:
     """A page for a compliance officer: verification first, then runs, institutions, rejections, privacy, logs, plots."""
     return "\n".join([_md_verification(report), _md_runs(report), _md_institutions(report), _md_rejections(report),
-                      _md_privacy(report), _md_release_logs(report),
+                      _md_privacy(report), _md_privacy_ledgers(report), _md_release_logs(report),
                       f"## Plots\n\n![bytes released per round]({BYTES_PLOT})\n\n![cumulative epsilon]({EPSILON_PLOT})\n"])
 
 
@@ -53,13 +62,28 @@ def _md_verification(report: dict[str, Any]) -> str:
 
 
 def _md_runs(report: dict[str, Any]) -> str:
-    return _section("Runs", ["run", "run id(s)", "scenario", "method", "aggregation", "rounds", "status", "student sha256"], [
+    return _section("Runs", ["run", "run id(s)", "scenario", "method", "aggregation", "privacy", "rounds", "status",
+                             "student sha256"], [
         [run["run"] + ("" if run["verified"] else " *(unverified)*"), ", ".join(run["run_ids"]), run["scenario"], run["method"],
-         run["aggregation"], f"{run['rounds']} of {run['num_server_rounds']}",
+         run["aggregation"], _run_privacy(run), f"{run['rounds']} of {run['num_server_rounds']}",
          f"{run['status']}" + (f": {run['error']}" if run["error"] else "")
          + "".join(f" (resumed after round {r['after_round']}, round(s) {r['abandoned_rounds']} abandoned and run again)"
                    for r in run.get("resumes", [])),
          f"`{run['student_sha256']}`" if run["student_sha256"] else ""] for run in report["runs"]])
+
+
+def _run_privacy(run: dict[str, Any]) -> str:
+    """A run's mechanism, or "no formal privacy guarantee" (never epsilon 0) when it had none."""
+    privacy = run.get("privacy")
+    return "" if privacy is None else NO_GUARANTEE if run.get("guarantee") == "none" else str(privacy)
+
+
+def _witnessed(inst: dict[str, Any]) -> str:
+    """How many signed tree heads the institution cosigned, and the largest; "none" when it cosigned none."""
+    witnessed = inst.get("witnessed") or {}
+    if not witnessed.get("cosignatures"):
+        return "none"
+    return f"{witnessed['cosignatures']} (largest tree {witnessed['largest_size']} entries)"
 
 
 def _md_institutions(report: dict[str, Any]) -> str:
@@ -75,16 +99,18 @@ def _md_institutions(report: dict[str, Any]) -> str:
         unverified = f" *(unverified: {', '.join(inst['unverified_runs'])})*" if inst["unverified_runs"] else ""
         rows.append([name + unverified, len(inst["runs"]), rounds, inst["releases_accepted"], inst["releases_rejected"],
                      f"{inst['bytes_accepted']:,}", f"{inst['bytes_sent']:,}", "; ".join(inst["data_categories"]),
-                     inst["first_release"], inst["last_release"], logged])
+                     inst["first_release"], inst["last_release"], logged, inst.get("refusals", 0), _witnessed(inst)])
     return _section("Institutions", ["institution", "runs", "rounds joined", "accepted", "rejected", "bytes accepted", "bytes sent",
-                                     "data categories", "first release", "last release", "release log"], rows,
+                                     "data categories", "first release", "last release", "release log",
+                                     "of the rejected: refused by the institution", "witnessed checkpoints"], rows,
                     note="*Bytes sent* counts every attested release: accepted, rejected, and those only the release log holds "
                          "(late, made for a round abandoned when the coordinator stopped, or missing from the ledger).")
 
 
 def _md_rejections(report: dict[str, Any]) -> str:
     order = {run["run"]: n for n, run in enumerate(report["runs"])}
-    rows = sorted(([r["run"], r["round"], r["phase"], name, r["node_id"], r["check"], r["reason"], r["time"]]
+    rows = sorted(([r["run"], r["round"], r["phase"], name + (" (claimed)" if r.get("institution_from") == "claim" else ""),
+                    r["node_id"], r["check"], r["reason"], r["time"]]
                    for name, inst in report["institutions"].items() for r in inst["rejections"]),
                   key=lambda row: (order[row[0]], str(row[7])))
     return _section("Rejections", ["run", "round", "phase", "institution", "node", "check", "reason", "time"], rows,
@@ -92,17 +118,37 @@ def _md_rejections(report: dict[str, Any]) -> str:
 
 
 def _md_privacy(report: dict[str, Any]) -> str:
-    note = ("The sums are basic composition over every attested release (accepted, rejected or only logged: all left the "
-            "institution), an upper bound; *epsilon_total* is the institution's own accounting. "
-            "Per-release figures are in the JSON report.")
-    if any(inst["privacy_summary"]["no_guarantee"] for inst in report["institutions"].values()):
-        note += ("\n\n**Mechanism `none`**: epsilon 0 is recorded for releases made without a privacy mechanism; it means no "
-                 "differential-privacy guarantee was claimed, not perfect privacy.")
+    note = ("The sums are over every attested release under a mechanism (accepted, rejected or only logged: all left the "
+            "institution); each release's epsilon is what the institution's own accountant added to its total, and "
+            "*epsilon_total* is that total. Per-release figures are in the JSON report.")
+    if any(inst["privacy_summary"]["runs_without_guarantee"] for inst in report["institutions"].values()):
+        note += (f"\n\n**{NO_GUARANTEE.capitalize()}**: releases made without a privacy mechanism (`none`) carry no "
+                 "epsilon at all (null in the JSON report), not epsilon 0: no differential-privacy guarantee was claimed.")
     return _section("Privacy", ["institution", "mechanism(s)", "attested releases", "epsilon per release (max)",
-                                "epsilon, sum over releases", "epsilon_total reported (max)", "delta, sum"], [
-        [name, ", ".join(inst["privacy_mechanisms"]) or "none", s["releases"], f"{s['epsilon_max']:g}", f"{s['epsilon_sum']:g}",
-         f"{s['epsilon_total_reported_max']:g}", f"{s['delta_sum']:g}"]
+                                "epsilon, sum over releases", "epsilon_total reported (max)", "delta, sum", "runs without a mechanism"], [
+        [name, ", ".join(inst["privacy_mechanisms"]) or "none", s["releases"], *(_epsilon(s[key]) for key in (
+            "epsilon_max", "epsilon_sum", "epsilon_total_reported_max", "delta_sum")),
+         ", ".join(s["runs_without_guarantee"]) or "–"]
         for name, inst in report["institutions"].items() for s in [inst["privacy_summary"]]], note=note)
+
+
+def _epsilon(value: float | None) -> str:
+    return NO_GUARANTEE if value is None else f"{value:g}"
+
+
+def _md_privacy_ledgers(report: dict[str, Any]) -> str:
+    rows = [[name, f"`{ledger['path']}`", ledger["entries"], "; ".join(
+        f"{r['run'] or 'run ' + r['run_id'] + ' (not in this report)'}: {r['epsilon']:.4g}" for r in ledger["runs"]) or "–",
+        f"{ledger['epsilon_basic_composition']:.4g}", f"{ledger['epsilon_composed']:.4g}", f"{ledger['delta']:g}",
+        ", ".join(ledger["runs_missing"]) or "–"]
+        for name, inst in report["institutions"].items() if (ledger := inst.get("privacy_ledger"))]
+    return _section("Privacy across runs (the institutions' own privacy ledgers)", [
+        "institution", "privacy ledger", "events", "epsilon of each run alone", "basic composition (sum of the runs)",
+        "composed by the accountant (whole history)", "delta", "runs under a mechanism missing from it"], rows,
+        empty="No institution's privacy ledger was given (`--privacy-ledger`): privacy is shown as attested only.",
+        note="Basic composition adds each run's epsilon (an upper bound); the accountant (dp-accounting, Renyi DP) composes "
+             "the whole history at the ledger's delta, usually much smaller. The privacy ledger is the institution's own, "
+             "unsigned record.")
 
 
 def _md_release_logs(report: dict[str, Any]) -> str:
@@ -130,8 +176,8 @@ def _cell(value: Any) -> str:
     return " ".join(str(value).split()).replace("|", "\\|")
 
 
-def _plot_bytes(report: dict[str, Any], path: Path) -> None:
-    """Bytes each institution sent per round; releases the coordinator did not accept crossed in red."""
+def _plot_bytes(report: dict[str, Any]) -> bytes:
+    """Bytes each institution sent per round; releases the coordinator did not accept crossed in red (PNG bytes)."""
     plt, fig, ax, index, ticks = _figure(report)
     crossed: list[tuple[int, int]] = []
     for name, inst in report["institutions"].items():
@@ -146,21 +192,44 @@ def _plot_bytes(report: dict[str, Any], path: Path) -> None:
     if crossed:
         ax.scatter(*zip(*crossed, strict=True), marker="x", s=70, color="red", zorder=3, label="not accepted by the coordinator")
     ax.set(xlabel="round", ylabel="bytes sent", title="bytes released per round, per institution", ylim=(0, None))
-    _save(fig, ax, ticks, path, plt)
+    return _save(fig, ax, ticks, plt)
 
 
-def _plot_epsilon(report: dict[str, Any], path: Path) -> None:
-    """Cumulative epsilon per institution (basic composition over attested releases)."""
+def _plot_epsilon(report: dict[str, Any]) -> bytes:
+    """Cumulative epsilon per institution over its attested releases under a mechanism; the institutions without one
+    are named, not drawn at 0."""
     plt, fig, ax, index, ticks = _figure(report)
     for name, inst in report["institutions"].items():
-        points = sorted((index[(p["run"], p["round"])], p["epsilon"]) for p in inst["privacy"] if (p["run"], p["round"]) in index)
-        xs = [x for x, _ in points]
-        ax.step(xs, list(itertools.accumulate(epsilon for _, epsilon in points)), where="post", marker="o", markersize=4, label=name)
-    if all(inst["privacy_summary"]["no_guarantee"] for inst in report["institutions"].values()):
-        ax.annotate("mechanism 'none': epsilon 0 means no guarantee was claimed", xy=(0.02, 0.95), xycoords="axes fraction",
-                    fontsize=8, va="top", color="darkred")
-    ax.set(xlabel="round", ylabel="cumulative epsilon", title="privacy spent per institution (sum of epsilon)", ylim=(0, None))
-    _save(fig, ax, ticks, path, plt)
+        points = sorted((index[(p["run"], p["round"])], p["epsilon"]) for p in inst["privacy"]
+                        if (p["run"], p["round"]) in index and p["epsilon"] is not None)
+        if points:
+            xs = [x for x, _ in points]
+            ax.step(xs, list(itertools.accumulate(epsilon for _, epsilon in points)), where="post", marker="o", markersize=4,
+                    label=name)
+    if without := [name for name, inst in report["institutions"].items() if inst["privacy_summary"]["no_guarantee"]]:
+        ax.annotate(f"{NO_GUARANTEE}: {', '.join(without)}"[:120], xy=(0.02, 0.95), xycoords="axes fraction", fontsize=8,
+                    va="top", color="darkred")
+    ax.set(xlabel="round", ylabel="cumulative epsilon", title="privacy spent per institution (attested, sum of epsilon)",
+           ylim=(0, None))
+    return _save(fig, ax, ticks, plt)
+
+
+def _plot_composition(report: dict[str, Any]) -> bytes:
+    """Per institution with a privacy ledger: the basic-composition bound against the accountant's composed epsilon."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ledgers = [(name, inst["privacy_ledger"]) for name, inst in report["institutions"].items() if inst.get("privacy_ledger")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = range(len(ledgers))
+    ax.bar([x - 0.2 for x in xs], [ledger["epsilon_basic_composition"] for _, ledger in ledgers], width=0.4,
+           label="basic composition (sum of each run's epsilon)")
+    ax.bar([x + 0.2 for x in xs], [ledger["epsilon_composed"] for _, ledger in ledgers], width=0.4,
+           label="accountant, whole history composed")
+    ax.set(ylabel="epsilon", title="privacy spent across runs (institutions' privacy ledgers)")
+    return _save(fig, ax, [name for name, _ in ledgers], plt)
 
 
 def _figure(report: dict[str, Any]) -> tuple[Any, Any, Any, dict[tuple[str, Any], int], list[str]]:
@@ -176,7 +245,7 @@ def _figure(report: dict[str, Any]) -> tuple[Any, Any, Any, dict[tuple[str, Any]
     return plt, fig, ax, {point: x for x, point in enumerate(points)}, [str(r) if one_run else f"{run}:{r}" for run, r in points]
 
 
-def _save(fig: Any, ax: Any, ticks: list[str], path: Path, plt: Any) -> None:
+def _save(fig: Any, ax: Any, ticks: list[str], plt: Any) -> bytes:
     if ticks:
         step, long = max(1, -(-len(ticks) // 20)), len(ticks[0]) >= 6  # at most about 20 labels
         ax.set_xticks(range(0, len(ticks), step), ticks[::step], rotation=30 if long else 0, ha="right" if long else "center")
@@ -184,6 +253,7 @@ def _save(fig: Any, ax: Any, ticks: list[str], path: Path, plt: Any) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    return buffer.getvalue()

@@ -213,28 +213,33 @@ class PrivacyLedger:
 
     def _load(self) -> list[dict[str, Any]]:
         """The validated entries of the file; DataError if unreadable, ConfigError on a delta mismatch."""
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise DataError(f"{LEDGER} is unreadable ({type(error).__name__}); {_DO_NOT_DELETE}") from error
-        if not isinstance(data, dict) or set(data) != {"delta", "entries"} or not isinstance(data["entries"], list):
-            raise DataError(
-                f"{LEDGER} is malformed: expected keys 'delta' and 'entries' (a list); {_DO_NOT_DELETE}"
-            )
-        if data["delta"] != self.delta:
+        delta, entries = read_ledger_file(self.path)
+        if delta != self.delta:
             raise ConfigError(
-                f"{LEDGER} is kept at delta {data['delta']!r} but delta {self.delta!r} was requested; epsilons "
+                f"{LEDGER} is kept at delta {delta!r} but delta {self.delta!r} was requested; epsilons "
                 "at different deltas do not add, so set delta in the node config back to the ledger's, or start "
                 "a new ledger at a new path"
             )
-        for index, entry in enumerate(data["entries"]):
-            _check_stored(entry, index)
-        return data["entries"]
+        return entries
 
     def _write(self, entries: list[dict[str, Any]]) -> None:
         """Replace the file atomically (owner-only, 0600): temp file, fsync, os.replace, fsync folder."""
         text = json.dumps({"delta": self.delta, "entries": entries}, indent=1, allow_nan=False)
         atomic_write_text(self.path, text, mode=0o600)
+
+
+def read_ledger_file(path: str | os.PathLike[str]) -> tuple[float, list[dict[str, Any]]]:
+    """The delta and validated entries of a privacy ledger file, read as they are: no lock taken, nothing
+    written (an auditor reads a copy). DataError if unreadable or malformed."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{LEDGER} is unreadable ({type(error).__name__}); {_DO_NOT_DELETE}") from error
+    if not isinstance(data, dict) or set(data) != {"delta", "entries"} or not isinstance(data["entries"], list):
+        raise DataError(f"{LEDGER} is malformed: expected keys 'delta' and 'entries' (a list); {_DO_NOT_DELETE}")
+    for index, entry in enumerate(data["entries"]):
+        _check_stored(entry, index)
+    return data["delta"], data["entries"]
 
 
 def _check_record_arguments(run_id: str, round_: int) -> None:

@@ -5,9 +5,11 @@ server/results/schema.py. Distillation and FedAvg share `final_figures`, `studen
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from common.audit.naming import refusing_institution
 from common.config import RunConfig
 from common.messages import DigestReply, MaskedReply, SoftLabelQuery, SoftLabelReply
 from server.exchange import Exchange
@@ -16,11 +18,14 @@ from server.rounds import SoftLabels
 
 
 def round_row(query: SoftLabelQuery, replies: SoftLabels, metrics: Mapping[str, float], ensemble_acc: float,
-              student_loss: float, distilled_samples: int, digest: Exchange[DigestReply] | None, wall_s: float) -> RoundRow:
+              student_loss: float, distilled_samples: int, digest: Exchange[DigestReply] | None, wall_s: float,
+              names: Mapping[str, str] | None = None) -> RoundRow:
     """One distillation round: the replies (accepted, rejected, bytes each way), the student's test `metrics`
-    (accuracy and common.metrics), and the FedMD `digest` step's outcome when the round had one."""
+    (accuracy and common.metrics), the FedMD `digest` step's outcome when the round had one, and each node's
+    institution: checked (`names`, the audit trail's node -> institution) or only claimed (institution_names)."""
     accepted: list[tuple[int, SoftLabelReply | MaskedReply]] = sorted(replies.accepted.items())
     accuracy, others = split_metrics(metrics)
+    checked, claimed = institution_names(replies, names or {})
     return RoundRow(
         round=query.round,
         temperature=query.temperature,
@@ -39,7 +44,28 @@ def round_row(query: SoftLabelQuery, replies: SoftLabels, metrics: Mapping[str, 
         student_metrics=others,
         digest_failed=None if digest is None else {str(n): reason for n, reason in sorted(digest.rejected.items())},
         wall_s=wall_s,
+        institutions=checked,
+        institutions_claimed=claimed,
     )
+
+
+def institution_names(replies: Exchange[Any], names: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(checked, claimed) node id -> institution for every node of an exchange: checked when `names` (the nodes
+    whose signatures the audit trail checked against the allow-list) holds it; else claimed, by the attestation
+    the reply carried (unchecked: rejected, or a run without an allow-list) or by a refusal's own words."""
+    nodes = sorted({*replies.accepted, *replies.rejected, *replies.uplink_bytes})
+    checked = {str(n): names[str(n)] for n in nodes if str(n) in names}
+    claimed = {}
+    for node in (n for n in nodes if str(n) not in checked):
+        attestation = replies.attestations.get(node)
+        try:
+            name = attestation.fields.get("institution_id") if attestation is not None else None
+        except ValueError:
+            name = None
+        name = name if isinstance(name, str) else refusing_institution(replies.rejected.get(node))
+        if name:
+            claimed[str(node)] = name
+    return checked, claimed
 
 
 def split_metrics(metrics: Mapping[str, float]) -> tuple[float, dict[str, float]]:

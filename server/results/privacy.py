@@ -6,12 +6,12 @@ import json
 from typing import Any
 
 from common.audit import kinds
+from common.audit.naming import REFUSAL_CHECKS, node_names
 from common.audit.verify import abandoned_entries
 from common.config import RunConfig
-from server.results.schema import PrivacySummary
+from server.results.schema import GUARANTEE_NONE, PrivacySummary
 
 PRIVATE_PHASES = ("soft-labels",)
-REFUSAL_CHECKS = ("privacy-budget", "site-policy")
 
 
 def privacy_section(cfg: RunConfig, entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -20,24 +20,26 @@ def privacy_section(cfg: RunConfig, entries: list[dict[str, Any]]) -> dict[str, 
 
     Figures come from the institutions' signed attestations, so they are the institutions' own
     accounting; refusals (PrivacyBudgetExceeded, check `privacy-budget`, and the site policies'
-    PolicyViolation, check `site-policy`) come from the rejections the ledger recorded. Releases
+    PolicyViolation, check `site-policy`) come from the rejections the ledger recorded, each naming its
+    institution as the ledger knows the node (common.audit.naming: `institution_from` says whether a checked
+    attestation or only the node's claim names it). A run without a mechanism has `guarantee` "none" and no
+    epsilon at all: no formal privacy guarantee, never epsilon 0. Releases
     of a round abandoned when the server stopped (a resumed run, `run-resumed`) are listed apart: they
     left the institutions and their spend is in every later `epsilon_total`, but the round was run again.
     """
     abandoned = abandoned_entries(entries)
     kept = [entry for entry in entries if entry.get("seq") not in abandoned]
     per_round: dict[int, dict[str, Any]] = {}
-    names = {e["body"].get("node_id"): e["body"].get("institution_id") for e in entries
-             if e["kind"] == kinds.REPLY_ACCEPTED and e["body"].get("institution_id")}
+    names = node_names(entries)
     parameters: dict[str, Any] = {}
     deltas = set()
     refusals = []
     for entry in kept:
         body = entry["body"]
         if entry["kind"] == kinds.REPLY_REJECTED and body.get("check") in REFUSAL_CHECKS:
+            name, source = names.get(str(body.get("node_id")), (None, None))
             refusals.append({"round": body.get("round"), "phase": body.get("phase"), "check": body.get("check"),
-                             "node_id": body.get("node_id"),
-                             "institution_id": body.get("institution_id") or names.get(body.get("node_id")),
+                             "node_id": body.get("node_id"), "institution_id": name, "institution_from": source,
                              "reason": body.get("reason")})
         if entry["kind"] != kinds.REPLY_ACCEPTED or body.get("phase") not in PRIVATE_PHASES:
             continue
@@ -58,7 +60,8 @@ def privacy_section(cfg: RunConfig, entries: list[dict[str, Any]]) -> dict[str, 
         for institution, figures in per_round[round_].items():
             final[institution] = figures["epsilon_total"]
     return PrivacySummary(
-        mechanism=cfg.privacy, secure_aggregation=cfg.secure_aggregation,
+        mechanism=cfg.privacy, guarantee=GUARANTEE_NONE if cfg.privacy == "none" else "differential privacy",
+        secure_aggregation=cfg.secure_aggregation,
         run_parameters={"dp-noise-multiplier": cfg.dp_noise_multiplier, "dp-max-grad-norm": cfg.dp_max_grad_norm,
                         "pate-teachers": cfg.pate_teachers, "pate-sigma": cfg.pate_sigma, "pate-queries": cfg.pate_queries},
         delta=sorted(d for d in deltas if d is not None),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from common.audit.naming import CLAIM
 from common.files import atomic_write_text
 from server.results.schema import STUDENT_METRICS, AuditSummary, FinalFigures, PrivacySummary, RoundRow
 
@@ -35,6 +36,7 @@ def render(r: dict[str, Any], run_dir: Path) -> str:
     if final:
         lines += _headline(final)
     lines += _rounds(rounds)
+    lines += _institutions(rounds, AuditSummary.from_json(r["audit"]).institutions if r.get("audit") else {})
     if r.get("privacy"):
         lines += _privacy(PrivacySummary.from_json(r["privacy"]))
     if r.get("audit"):
@@ -77,21 +79,64 @@ def _rounds(rounds: list[RoundRow]) -> list[str]:
     if not rounds:
         return []
     rows = [(x.round, _num(x.temperature, "g"), _num(x.student_accuracy), _num(x.ensemble_accuracy), x.clients_replied,
-             len(x.clients_rejected), f"{x.uplink_bytes:,}", _num(x.wall_s, ".1f")) for x in rounds]
+             _rejected(x), f"{x.uplink_bytes:,}", _num(x.wall_s, ".1f")) for x in rounds]
     return ["## Rounds", "", *_table(("round", "T", "student acc", "ensemble acc (public)", "replies", "rejected",
                                       "uplink bytes", "wall s"), rows)]
 
 
+def _rejected(row: RoundRow) -> str:
+    """How many replies the round dropped, and whose, by institution where the row knows it."""
+    names = [_label(node, row) for node in sorted(row.clients_rejected)]
+    return f"{len(names)} ({', '.join(names)})" if names and (row.institutions or row.institutions_claimed) else str(len(names))
+
+
+def _label(node: str, row: RoundRow) -> str:
+    """A node id as people read it: its institution (checked, or marked claimed), else the node id."""
+    if node in (row.institutions or {}):
+        return (row.institutions or {})[node]
+    if node in (row.institutions_claimed or {}):
+        return f"{(row.institutions_claimed or {})[node]} (claimed)"
+    return f"node {node}"
+
+
+def _institutions(rounds: list[RoundRow], audit: dict[str, str]) -> list[str]:
+    """Each node of the run by institution: rounds it answered, bytes it sent, replies dropped, its teacher."""
+    nodes = sorted({n for x in rounds for n in (*x.uplink_bytes_per_client, *x.clients_rejected)}, key=lambda n: (len(n), n))
+    if not nodes or not (audit or any(x.institutions or x.institutions_claimed for x in rounds)):
+        return []
+    rows = []
+    for node in nodes:
+        name = audit.get(node) or next((_label(node, x) for x in reversed(rounds) if _label(node, x) != f"node {node}"),
+                                       "unidentified")
+        teacher = next((x.teacher_accuracy[node] for x in reversed(rounds) if x.teacher_accuracy and node in x.teacher_accuracy), None)
+        rows.append((name, node, sum(1 for x in rounds if node in x.uplink_bytes_per_client and node not in x.clients_rejected),
+                     f"{sum(x.uplink_bytes_per_client.get(node, 0) for x in rounds):,}",
+                     sum(1 for x in rounds if node in x.clients_rejected), _num(teacher)))
+    return ["## Institutions", "", *_table(("institution", "node", "rounds answered", "uplink bytes", "replies dropped",
+                                            "teacher acc (last)"), sorted(rows))]
+
+
 def _privacy(p: PrivacySummary) -> list[str]:
-    lines = ["## Privacy", "", f"Mechanism {p.mechanism}, delta {p.delta}, secure aggregation "
-             f"{'on' if p.secure_aggregation else 'off'}; {_refusals(p.refusals)}.", ""]
+    if p.mechanism == "none":
+        summary = "**No formal privacy guarantee**: the run used no privacy mechanism (privacy \"none\"), so no epsilon is claimed"
+    else:
+        summary = f"Mechanism {p.mechanism}, delta {p.delta}"
+    lines = ["## Privacy", "", f"{summary}, secure aggregation {'on' if p.secure_aggregation else 'off'}; "
+             f"{_refusals(p.refusals)}.", ""]
     if p.epsilon_final:
         lines += _table(("institution", "epsilon spent"), [(name, _num(value)) for name, value in sorted(p.epsilon_final.items())])
     if p.refusals:
         lines += ["", *_table(("round", "institution", "check", "reason"), [
-            (r.get("round"), r.get("institution_id") or r.get("node_id"), r.get("check", "privacy-budget"),
+            (r.get("round"), _refuser(r), r.get("check", "privacy-budget"),
              str(r.get("reason", "")).replace("|", "/")) for r in p.refusals])]
     return lines
+
+
+def _refuser(refusal: dict[str, Any]) -> str:
+    name = refusal.get("institution_id")
+    if not name:
+        return str(refusal.get("node_id"))
+    return f"{name} (claimed)" if refusal.get("institution_from") == CLAIM else str(name)
 
 
 def _refusals(refusals: list[dict[str, Any]]) -> str:

@@ -147,8 +147,16 @@ class RoundRow(Record):
     digest_failed: dict[str, str] | None = _field(_optional(_texts), "an object of node id -> reason, or null",
                                                   default=None)  # FedMD digest rounds only
     wall_s: float = _field(_seconds, "a number >= 0")
+    # Which institution each node id of this row is (null in rows written before): `institutions` as its signature,
+    # checked against the allow-list, names it; `institutions_claimed` where only the node's word does (a rejected
+    # reply's attestation, a refusal's own text, any reply when the run checks no signatures).
+    institutions: dict[str, str] | None = _field(_optional(_texts), "an object of node id -> institution id, or null",
+                                                 default=None)
+    institutions_claimed: dict[str, str] | None = _field(_optional(_texts), "an object of node id -> institution id, "
+                                                         "or null", default=None)
 
 
+GUARANTEE_NONE = "none"  # PrivacySummary.guarantee of a run without a privacy mechanism
 STUDENT_METRICS = ("balanced_accuracy", "macro_f1", "auroc")  # a row's student_metrics, as final's student_<name>
 
 
@@ -197,6 +205,9 @@ class PrivacySummary(Record):
     WHERE: ClassVar[str] = "results.json privacy section"
 
     mechanism: str = _field(_text, "a string")
+    # "none" (GUARANTEE_NONE: no mechanism, so no epsilon is claimed, never epsilon 0) or "differential privacy";
+    # null in runs written before it was recorded
+    guarantee: str | None = _field(_optional(_text), "a string or null", default=None)
     secure_aggregation: bool = _field(_flag, "true or false")
     run_parameters: dict[str, Any] = _field(_by_name(_anything), "an object")
     delta: list[float] = _field(_items(_number), "a list of numbers")

@@ -121,15 +121,23 @@ def report(
     client_log: list[Path] = typer.Option([], "--client-log", "-c", help="An institution's release-log.jsonl to cross-check (repeatable)."),
     coordinator_key: Path = typer.Option(None, help="The coordinator's public key file (.pub) you trust; pins every ledger's signer."),
     allow_list: Path = typer.Option(None, help="The allow-list of institution keys you trust (default: the one each ledger recorded)."),
-    out: Path = typer.Option(None, "--out", "-o", help="Folder for audit-report.json/.md and plots (default: the first ledger's folder)."),
+    privacy_ledger: list[str] = typer.Option([], "--privacy-ledger", "-p", metavar="[NAME=]PATH",
+                                             help="An institution's privacy-ledger.json, for its privacy across runs (repeatable). "
+                                                  "NAME=PATH names the institution; a bare PATH takes it from the "
+                                                  "release-log.jsonl beside it."),
+    out: Path = typer.Option(None, "--out", "-o", help="Folder for audit-report.json/.md/.html and plots (default: the first "
+                             "ledger's folder)."),
 ) -> None:
-    """Verify runs and report, per institution, what it released: rounds, bytes, data categories, privacy, rejections."""
+    """Verify runs and report, per institution, what it released: rounds, bytes, data categories, privacy, refusals,
+    rejections, witnessed checkpoints; as JSON, Markdown and one self-contained HTML page."""
     from common.audit.report import build_report, write_report
+    from common.audit.report_privacy import privacy_ledger_arguments
 
     try:
         pinned = _read_public(coordinator_key) if coordinator_key else None
         keys = load_allow_list(allow_list) if allow_list else None
-        result = build_report(ledgers, client_log, coordinator_key=pinned, allow_list=keys)
+        spent = privacy_ledger_arguments(privacy_ledger)
+        result = build_report(ledgers, client_log, coordinator_key=pinned, allow_list=keys, privacy_ledgers=spent)
         paths = write_report(result, out if out is not None else ledgers[0].parent)
     except FedstillError as error:
         fail(error)
@@ -141,8 +149,14 @@ def report(
         if len(ledger["problems"]) > 5:
             console.print(f"  ... and {len(ledger['problems']) - 5} more (see the report)")
     for name, inst in result["institutions"].items():
+        ledger = inst.get("privacy_ledger")
+        spent_text = (f"; epsilon across runs {ledger['epsilon_composed']:.4g} (basic composition "
+                      f"{ledger['epsilon_basic_composition']:.4g})" if ledger else
+                      "; no formal privacy guarantee" if inst["privacy_summary"]["no_guarantee"] else "")
         console.print(f"{escape(name)}: {len(inst['runs'])} run(s), {sum(len(r) for r in inst['rounds'].values())} round(s), "
-                      f"{inst['releases_accepted']} accepted, {inst['releases_rejected']} rejected, {inst['bytes_sent']:,} bytes sent")
+                      f"{inst['releases_accepted']} accepted, {inst['releases_rejected']} rejected"
+                      + (f" ({inst['refusals']} refused by the institution)" if inst.get("refusals") else "")
+                      + f", {inst['bytes_sent']:,} bytes sent" + escape(spent_text), soft_wrap=True)
     for path in paths:
         console.print(f"wrote {escape(str(path))}", soft_wrap=True)
     if not result["verified"]:

@@ -108,8 +108,9 @@ def test_the_privacy_section_reads_what_institutions_signed(run_config_mapping: 
     assert section["epsilon_final"] == {"hospital-a": 2.0, "bank-b": 1.5} and section["epsilon_max"] == 2.0
     assert [sorted(r["institutions"]) for r in section["epsilon_per_round"]] == [["bank-b", "hospital-a"], ["hospital-a"]]
     assert section["refusals"] == [{"round": 2, "phase": "soft-labels", "check": "privacy-budget", "node_id": "12",
-                                    "institution_id": "bank-b",
+                                    "institution_id": "bank-b", "institution_from": "attestation",
                                     "reason": "node error: PrivacyBudgetExceeded: ..."}]
+    assert section["guarantee"] == "differential privacy"
 
 
 def test_node_errors_are_one_readable_line_and_refusals_are_named() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from common.audit import kinds
 from common.audit.attestation import attest
 from common.audit.keys import Signer
 from common.audit.ledger import Ledger
-from common.audit.report import BYTES_PLOT, EPSILON_PLOT, JSON_FILE, MARKDOWN_FILE, build_report, write_report
+from common.audit.report import BYTES_PLOT, EPSILON_PLOT, HTML_FILE, JSON_FILE, MARKDOWN_FILE, build_report, write_report
 from common.errors import ConfigError
 from simulations.cli.main import app
 
@@ -40,14 +41,15 @@ def payload_bytes(round_: int, name: str) -> int:
 
 def fabricate_run(
     folder: Path, signers: dict[str, Signer], run_id: str = "1001", rejected: tuple[str, int, str] = ("inst-b", 2, "digest"),
-    digest_round: int | None = None,
+    digest_round: int | None = None, after_round: Callable[[Ledger, int], None] | None = None,
 ) -> Path:
     """A finished 2-round run of inst-a and inst-b: the coordinator's ledger and both release logs under `folder`.
 
     inst-a releases with a Gaussian mechanism (epsilon 0.5 a round), inst-b without one. The reply named by
     `rejected` (institution, round, check) is rejected: with its attestation, or, for "timeout", without
     (the coordinator never read it), though the institution logged the release. With `digest_round`, that
-    round also has a FedMD digest phase whose replies (50 bytes each) are accepted.
+    round also has a FedMD digest phase whose replies (50 bytes each) are accepted. `after_round` may add entries of
+    its own after each round's checkpoint (a cosignature, a refusal).
     """
     allow_list = {name: signers[name].public for name in INSTITUTIONS}
     ledger = Ledger.open(folder / "ledger.jsonl", signers[kinds.COORDINATOR], {"run_name": folder.name, "allow_list": allow_list})
@@ -88,6 +90,8 @@ def fabricate_run(
             fabricate_digest_phase(ledger, logs, signers, run_id, round_)
         ledger.append(kinds.CHECKPOINT, {"round": round_, "file": "student.safetensors", "sha256": f"{round_}" * 64,
                                          "student_accuracy": 0.5})
+        if after_round is not None:
+            after_round(ledger, round_)
     ledger.append(kinds.RUN_FINISHED, {"status": "completed", "rounds": 2, "student_sha256": "2" * 64})
     witness_ledger_end(ledger, {int(NODES[name]): Identity(signers[name], logs[name].path) for name in INSTITUTIONS})
     return folder / "ledger.jsonl"
@@ -165,9 +169,13 @@ def test_privacy_is_listed_per_release_and_summed(tmp_path: Path, signers: dict[
             == [(1, 0.5, 0.5, 1e-06), (2, 0.5, 1.0, 1e-06)])
     assert a["privacy_mechanisms"] == ["gaussian"]
     assert a["privacy_summary"]["epsilon_sum"] == 1.0 and a["privacy_summary"]["no_guarantee"] is False
-    # no mechanism yet: still shown, as zeros, and flagged as no guarantee (the rejected release left inst-b too)
-    assert [(p["mechanism"], p["epsilon"], p["outcome"]) for p in b["privacy"]] == [("none", 0.0, "accepted"), ("none", 0.0, "rejected")]
-    assert b["privacy_summary"]["no_guarantee"] is True
+    # no mechanism: listed (the rejected release left inst-b too) with no epsilon at all, never 0: no guarantee
+    assert ([(p["mechanism"], p["guarantee"], p["epsilon"], p["epsilon_total"], p["outcome"]) for p in b["privacy"]]
+            == [("none", "none", None, None, "accepted"), ("none", "none", None, None, "rejected")])
+    assert b["privacy_summary"]["no_guarantee"] is True and b["privacy_summary"]["guarantee"] == "none"
+    assert (b["privacy_summary"]["epsilon_sum"], b["privacy_summary"]["epsilon_max"]) == (None, None)
+    assert b["privacy_runs"]["run1"]["guarantee"] == "none" and b["privacy_runs"]["run1"]["epsilon_sum"] is None
+    assert a["privacy_runs"]["run1"]["epsilon_sum"] == 1.0 and a["privacy_summary"]["guarantee"] == "differential privacy"
 
 
 def test_run_summary_names_the_run_and_its_outcome(tmp_path: Path, signers: dict[str, Signer]) -> None:
@@ -337,13 +345,15 @@ def test_write_report_writes_json_markdown_and_plots(tmp_path: Path, signers: di
     paths = write_report(report, tmp_path / "out")
 
     # Assert
-    assert [p.name for p in paths] == [JSON_FILE, MARKDOWN_FILE, BYTES_PLOT, EPSILON_PLOT]
+    assert [p.name for p in paths] == [JSON_FILE, MARKDOWN_FILE, HTML_FILE, BYTES_PLOT, EPSILON_PLOT]
     assert json.loads(paths[0].read_text(encoding="utf-8")) == report
     page = paths[1].read_text(encoding="utf-8")
     assert page.index("## Verification") < page.index("## Institutions") < page.index("## Rejections") < page.index("## Privacy")
     assert "**VERIFIED**" in page and "| inst-b | 1 | run1: 1, 2 | 1 | 1 | 1,002 | 3,004 |" in page
     assert f"![bytes released per round]({BYTES_PLOT})" in page and "digest check failed" in page
-    assert all(p.read_bytes().startswith(PNG) for p in paths[2:])
+    assert "| inst-b | none | 2 | no formal privacy guarantee | no formal privacy guarantee |" in page  # never epsilon 0
+    assert paths[2].read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert all(p.read_bytes().startswith(PNG) for p in paths[3:])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths)  # no temporary files left
 
 
@@ -379,7 +389,7 @@ def test_cli_report_writes_its_files_beside_the_ledger(tmp_path: Path, signers: 
     # Assert
     assert result.exit_code == 0, result.output
     assert "verified" in result.output and "inst-b: 1 run(s), 2 round(s), 1 accepted, 1 rejected" in result.output
-    for name in (JSON_FILE, MARKDOWN_FILE, BYTES_PLOT, EPSILON_PLOT):
+    for name in (JSON_FILE, MARKDOWN_FILE, HTML_FILE, BYTES_PLOT, EPSILON_PLOT):
         assert (tmp_path / "run1" / name).is_file()
 
 

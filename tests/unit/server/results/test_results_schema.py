@@ -38,7 +38,9 @@ def distillation_row(round_: int = 1, **changes: Any) -> RoundRow:
     return RoundRow(**{**COMMON, "round": round_, "temperature": 3.0, "ensemble_accuracy": 0.7,
                        "clients_rejected": {"4": "fingerprint"}, "teacher_rounds": {"1": round_, "2": round_, "3": round_},
                        "teacher_accuracy": {"1": 0.6, "2": 0.65, "3": 0.7}, "teacher_params": {"1": 9000, "2": 9000, "3": 500},
-                       "student_loss": 0.25, "distilled_samples": 400, "digest_failed": {}, **changes})
+                       "student_loss": 0.25, "distilled_samples": 400, "digest_failed": {},
+                       "institutions": {"1": "institution-0", "2": "institution-1", "3": "institution-2"},
+                       "institutions_claimed": {"4": "institution-3"}, **changes})
 
 
 def fedavg_row(round_: int = 1) -> RoundRow:
@@ -54,7 +56,8 @@ def run_results(method: str) -> dict[str, Any]:
     """A completed run's results.json as the server writes it, every part built through the schema."""
     cfg = cfg_of(method=method)
     rows = [distillation_row(r) if method == "distill" else fedavg_row(r) for r in (1, 2)]
-    privacy = PrivacySummary(mechanism="dp-sgd", secure_aggregation=False, run_parameters={"dp-noise-multiplier": 1.1},
+    privacy = PrivacySummary(mechanism="dp-sgd", guarantee="differential privacy", secure_aggregation=False,
+                             run_parameters={"dp-noise-multiplier": 1.1},
                              delta=[1e-5], institution_parameters={"institution-0": {"frozen": False}},
                              epsilon_per_round=[{"round": 1, "institutions": {"institution-0": {"epsilon": 1.0}}}],
                              epsilon_final={"institution-0": 2.0}, epsilon_max=2.0,
@@ -102,13 +105,27 @@ def test_distillation_and_fedavg_write_the_same_keys() -> None:
 def test_an_older_row_without_the_newer_keys_is_read_with_none() -> None:
     # Prepare: a row as the first fedstill versions wrote it (no temperature, teachers' rounds, metrics, digest)
     row = {key: value for key, value in distillation_row().to_json().items()
-           if key not in ("temperature", "teacher_rounds", "student_metrics", "digest_failed", "distilled_samples")}
+           if key not in ("temperature", "teacher_rounds", "student_metrics", "digest_failed", "distilled_samples",
+                          "institutions", "institutions_claimed")}
 
     # Execute
     parsed = RoundRow.from_json(row)
 
     # Assert
     assert parsed.temperature is None and parsed.student_metrics is None and parsed.teacher_params == {"1": 9000, "2": 9000, "3": 500}
+    assert parsed.institutions is None and parsed.institutions_claimed is None
+
+
+def test_an_older_privacy_section_without_guarantee_or_institution_from_is_read() -> None:
+    # Prepare: a privacy section as fedstill wrote it before it recorded the guarantee and how refusals were named
+    section = {**run_results("distill")["privacy"]}
+    del section["guarantee"]
+
+    # Execute
+    parsed = PrivacySummary.from_json(section)
+
+    # Assert
+    assert parsed.guarantee is None and parsed.refusals[0]["institution_id"] == "institution-0"
 
 
 # --- rejections ------------------------------------------------------------------------------------------------
@@ -122,6 +139,8 @@ def test_an_older_row_without_the_newer_keys_is_read_with_none() -> None:
     ({"uplink_bytes": -1}, "uplink_bytes must be an integer >= 0, got -1"),
     ({"uplink_bytes_per_client": {1: 10}}, "uplink_bytes_per_client must be an object of node id -> bytes"),
     ({"clients_rejected": {"4": None}}, "clients_rejected must be an object of node id -> reason"),
+    ({"institutions": {"4": 7}}, "institutions must be an object of node id -> institution id, or null"),
+    ({"institutions_claimed": ["x"]}, "institutions_claimed must be an object of node id -> institution id, or null"),
     ({"wall_s": -0.5}, "wall_s must be a number >= 0, got -0.5"),
     ({"image_size": [8, 8]}, "unknown keys ['image_size']"),
     ({"round": None, "wall_s": "slow"}, "round must be an integer >= 1, got None; wall_s must be a number >= 0"),
