@@ -28,7 +28,7 @@ __all__ = ["BYTES_PLOT", "EPSILON_PLOT", "HTML_FILE", "JSON_FILE", "MARKDOWN_FIL
 SCHEMA = "fedstill.audit-report/1"
 REPLIES = (kinds.REPLY_ACCEPTED, kinds.REPLY_REJECTED)
 SOFT_LABELS, DIGEST_PAYLOAD = "soft-labels", "digest-losses"  # reply phases; the payload kind of a FedMD digest reply
-COSIGNED = "cosigned"  # an institution's cosignature of a signed tree head: {size, root, institution_id, key, sig}
+COSIGNED = kinds.COSIGNED  # an institution's cosignature of a signed tree head (common.audit.witness)
 
 
 def build_report(

@@ -237,7 +237,7 @@ def test_the_privacy_ledger_gives_each_run_alone_their_sum_and_the_composed_epsi
 
 
 def test_witnessed_checkpoints_are_counted_per_institution(tmp_path: Path, signers: dict[str, Signer]) -> None:
-    # Prepare: inst-a cosigns the ledger's tree head after each round; inst-b never does
+    # Prepare: inst-a cosigns the ledger's tree head after each round; both cosign the final head (fabricate_run)
     def cosign(ledger: Ledger, round_: int) -> None:
         size = len(ledger.entries())
         ledger.append(COSIGNED, {"size": size, "root": "ab" * 32, "institution_id": "inst-a",
@@ -250,10 +250,11 @@ def test_witnessed_checkpoints_are_counted_per_institution(tmp_path: Path, signe
 
     # Assert
     a, b = report["institutions"]["inst-a"]["witnessed"], report["institutions"]["inst-b"]["witnessed"]
-    assert (a["cosignatures"], a["runs"], b["cosignatures"], b["largest_size"]) == (2, {"run1": 2}, 0, None)
-    assert a["largest_size"] > 0 and report["runs"][0]["cosignatures"] == 2
+    assert (a["cosignatures"], a["runs"], b["cosignatures"]) == (3, {"run1": 3}, 1)
+    assert a["largest_size"] == b["largest_size"] > 0 and report["runs"][0]["cosignatures"] == 4
     witnessed = {c.row.get("data-institution"): c.text for c in page.cells if c.table == "institutions" and "witnessed" in c.cls}
-    assert witnessed == {"inst-a": f"2 (largest tree {a['largest_size']} entries)", "inst-b": "none"}
+    assert witnessed == {"inst-a": f"3 (largest tree {a['largest_size']} entries)",
+                         "inst-b": f"1 (largest tree {b['largest_size']} entries)"}
 
 
 def test_a_refusal_is_told_apart_from_a_rejection_and_named_by_its_claim(tmp_path: Path, signers: dict[str, Signer]) -> None:
