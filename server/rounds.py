@@ -138,6 +138,8 @@ def witness_end(grid: Grid, cfg: RunConfig, trail: AuditTrail, fingerprint: str,
     if trail.witnessing is None:
         return None
     nodes = sorted(set(trail.bindings) & set(grid.get_node_ids()))
+    if not nodes:  # nobody answered in this run: nobody to witness its end
+        return None
     record = WitnessCall(round_).to_record()
     trail.exchange_opened(WITNESS.name, round_, {node: record for node in nodes})
     outcome = exchange(grid, ask({node: record for node in nodes}, WITNESS_TYPE, f"{round_}-witness"), cfg.round_timeout,

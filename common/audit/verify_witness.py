@@ -83,7 +83,9 @@ def check_ledger_witnessing(chain: Chain, tree: Tree, keys: Mapping[str, str] | 
     final = min((size for size in heads if size > closing), default=None)
     present = _present_at_end(chain)
     if final is None:
-        if quorum != 0:
+        if quorum is None and not present:
+            notes.append("nobody was present at the end of the run to witness it (no institution's reply was used)")
+        elif quorum != 0:
             number, last = chain.entries[-1]
             chain.problem(number, last, "witness", "no tree head covers the closing entry: the institutions never "
                                                    "cosigned the end of the record (pass --quorum 0 to accept that)")

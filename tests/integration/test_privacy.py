@@ -57,7 +57,8 @@ def test_secure_aggregation_opens_only_the_sum_and_the_record_verifies(tmp_path:
     assert results["final"]["student_accuracy"] > 0.3
     entries = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
     phases = [e["body"]["phase"] for e in entries if e["kind"] == "exchange-opened"]
-    assert phases == ["secagg-keys", "secagg-bundles", "secagg-inbox", "secagg-consistency", "secagg-shares"] * 2
+    assert phases == ["secagg-keys", "secagg-bundles", "secagg-inbox", "secagg-consistency", "secagg-shares"] * 2 \
+        + ["witness"]  # after the closing entry, the institutions cosign the final tree head
     masked = [json.loads(e["body"]["attestation"]["statement"]) for e in entries
               if e["kind"] == "reply-accepted" and e["body"]["phase"] == "soft-labels"]
     assert len(masked) == 6 and {m["payload"]["kind"] for m in masked} == {"secagg-masked"}
