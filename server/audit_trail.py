@@ -266,6 +266,29 @@ class AuditTrail:
         ).to_json()
 
 
+def check_coordinator_key(cfg: RunConfig, run_dir: Path) -> None:
+    """Whoever can read the run folder must not be able to re-sign its ledger: a configured `coordinator-key` lives
+    outside the run folder and, in an audited deployed run (an allow-list, no simulated `sites-dir`), is required and
+    passphrase-protected. A simulation, where one machine plays every party, and an unaudited run (no allow-list: no
+    signatures are checked) may let the run make its own key in the run folder."""
+    deployed = bool(cfg.allow_list) and not cfg.sites_dir
+    if not cfg.coordinator_key:
+        if not deployed:
+            return
+        raise ConfigError("a deployed run needs coordinator-key: the coordinator's signing key, outside the run folder "
+                          "and encrypted; make it once with `FEDSTILL_KEY_PASSPHRASE=... fedstill keygen coordinator "
+                          "--passphrase-env FEDSTILL_KEY_PASSPHRASE --out /srv/fedstill/keys`, set coordinator-key to "
+                          "its .key file, and start the SuperLink with FEDSTILL_KEY_PASSPHRASE in its environment")
+    key = Path(cfg.coordinator_key).expanduser().resolve()
+    if key.is_relative_to(run_dir.expanduser().resolve()):
+        raise ConfigError(f"coordinator-key {cfg.coordinator_key} lies inside the run folder {run_dir}: whoever reads the "
+                          "folder could re-sign its ledger; keep the key elsewhere and set coordinator-key to it")
+    if deployed and key.is_file() and b"ENCRYPTED PRIVATE KEY" not in key.read_bytes()[:64]:
+        raise ConfigError(f"coordinator-key {cfg.coordinator_key} is not passphrase-protected; make an encrypted one with "
+                          "`fedstill keygen coordinator --passphrase-env FEDSTILL_KEY_PASSPHRASE` and give the SuperLink "
+                          "FEDSTILL_KEY_PASSPHRASE")
+
+
 def coordinator_signer(cfg: RunConfig, run_dir: Path) -> Signer:
     """The coordinator's key: `coordinator-key`, or one made for this run in the run folder."""
     if cfg.coordinator_key:

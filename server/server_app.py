@@ -23,13 +23,13 @@ from common.messages import DigestInstruction, SoftLabelQuery, SoftLabelReply
 from common.models.inputs import input_shape
 from common.tasks.registry import load_split
 from common.tasks.samples import FederatedSplit, public_fingerprint
-from server.audit_trail import AuditTrail
+from server.audit_trail import AuditTrail, check_coordinator_key
 from server.checkpoint import Checkpoint
 from server.distill import Student, ensemble_accuracy
 from server.fedavg import run_fedavg
 from server.results.figures import final_figures, round_row, run_title, student_meta
 from server.results.privacy import privacy_section
-from server.results.run_folder import STUDENT, RunFolder
+from server.results.run_folder import STUDENT, RunFolder, resolve_run_dir
 from server.resume import Checkpointer, plan_start
 from server.rounds import SoftLabels, digest_round, make_query, require_quorum, soft_label_round, wait_for_nodes, witness_end
 from server.secure_rounds import check_secure_run, secure_soft_labels
@@ -47,6 +47,7 @@ def main(grid: Grid, context: Context) -> None:
         return
     if start.note:
         log(INFO, "%s", start.note)
+    check_coordinator_key(cfg, resolve_run_dir(cfg))  # before anything is written
     run = RunFolder.create(cfg)
     trail, split = None, None
     try:

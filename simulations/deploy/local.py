@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -29,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from client.release import PEERS_FILE
-from common.audit.keys import Signer, private_key_path, write_allow_list, write_key_pair
+from common.audit.keys import PASSPHRASE_ENV, Signer, private_key_path, write_allow_list, write_key_pair
+from common.audit.kinds import COORDINATOR
 from common.errors import FedstillError
+from common.files import atomic_write_text
 from simulations.deploy.approved_apps import ApprovedApps, app_fab, fab_hash
 from simulations.deploy.certs import (
     CA_CERT,
@@ -109,6 +112,11 @@ class LocalFederation:
         write_allow_list(self.work / ALLOW_LIST, public_keys)
         for name in self.institutions:  # each institution's own copy: its node checks its peers' keys against it
             write_allow_list(self.site(name) / PEERS_FILE, public_keys)
+        # the coordinator's signing key: outside any run folder, encrypted; its passphrase reaches the SuperLink only
+        passphrase = secrets.token_urlsafe(24)
+        write_key_pair(Signer.generate(COORDINATOR), self.coordinator, passphrase.encode("utf-8"), overwrite=True)
+        atomic_write_text(self.coordinator / "passphrase", passphrase + "\n")
+        (self.coordinator / "passphrase").chmod(0o600)
 
     def snapshot_app(self) -> str:
         """Copy the fedstill app's bundle into `app/` (what `flwr run` submits) and have every
@@ -142,9 +150,14 @@ class LocalFederation:
         config.update(self.node_configs.get(name, {}))
         return config
 
+    @property
+    def coordinator(self) -> Path:
+        """The coordinator's key folder (its encrypted signing key; in this loopback federation, its passphrase)."""
+        return self.work / "coordinator"
+
     def run_config(self) -> dict[str, Any]:
         """Run-config keys the coordinator adds to every run on this federation."""
-        return {"allow-list": str(self.work / ALLOW_LIST)}
+        return {"allow-list": str(self.work / ALLOW_LIST), "coordinator-key": str(private_key_path(self.coordinator, COORDINATOR))}
 
     # --- processes ---------------------------------------------------------------------------------
 
@@ -178,7 +191,9 @@ class LocalFederation:
             "--ssl-keyfile", str(self.certs / SERVER_KEY), "--enable-supernode-auth",
             "--database", str(self.work / "superlink.db"), "--disable-runtime-dependency-installation",
         ]
-        self.superlink = _spawn(command, self.work / "superlink.log", self.env(self.home), self.work)
+        passphrase = (self.coordinator / "passphrase").read_text(encoding="utf-8").strip()
+        env = {**self.env(self.home), PASSPHRASE_ENV: passphrase}  # its ServerApps sign the ledger; nodes never see it
+        self.superlink = _spawn(command, self.work / "superlink.log", env, self.work)
         self.started.append(self.superlink)
         _wait_for_port(self.superlink_port, self.superlink, self.work / "superlink.log")
 

@@ -22,6 +22,7 @@ from common.audit.keys import Signer, write_key_pair
 from common.audit.ledger import OPENED, RESUMED
 from common.audit.verify import verify_ledger
 from common.config import RunConfig
+from common.errors import ConfigError
 from common.messages import (
     DigestInstruction,
     DigestReply,
@@ -30,7 +31,7 @@ from common.messages import (
     read_attestation,
     record_digest,
 )
-from server.audit_trail import LEDGER, AuditTrail
+from server.audit_trail import LEDGER, AuditTrail, check_coordinator_key, coordinator_signer
 from server.rounds import send_digest
 
 from audit_fixtures import (
@@ -486,3 +487,29 @@ def test_fedmd_digest_replies_are_checked_and_recorded_in_the_digest_phase(
     assert json.loads(digest_entries[0]["attestation"]["statement"])["payload"]["kind"] == "digest-losses"
     result = coordinator.verify(sites["hospital-a"].release_log, sites["bank-b"].release_log)
     assert result.ok, "\n".join(map(str, result.problems))
+
+
+def test_an_audited_deployed_run_needs_an_encrypted_coordinator_key_outside_the_run_folder(
+        tmp_path: Path, run_config_mapping: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    run_dir = tmp_path / "runs" / "q4"
+    plain_key, _ = write_key_pair(Signer.generate(kinds.COORDINATOR), tmp_path / "plain")
+    inside, _ = write_key_pair(Signer.generate(kinds.COORDINATOR), run_dir)
+    encrypted, _ = write_key_pair(Signer.generate(kinds.COORDINATOR), tmp_path / "keys", b"a passphrase")
+
+    def cfg(**changes: Any) -> RunConfig:
+        return RunConfig.from_run_config({**run_config_mapping, "allow-list": str(tmp_path / "allow-list.toml"),
+                                          "coordinator-key": "", "sites-dir": "", **changes})
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="a deployed run needs coordinator-key"):
+        check_coordinator_key(cfg(), run_dir)
+    with pytest.raises(ConfigError, match="lies inside the run folder"):
+        check_coordinator_key(cfg(**{"coordinator-key": str(inside)}), run_dir)
+    with pytest.raises(ConfigError, match="is not passphrase-protected"):
+        check_coordinator_key(cfg(**{"coordinator-key": str(plain_key)}), run_dir)
+    check_coordinator_key(cfg(**{"coordinator-key": str(encrypted)}), run_dir)
+    check_coordinator_key(cfg(**{"allow-list": ""}), run_dir)  # unaudited: the run may make its own key
+    check_coordinator_key(cfg(**{"sites-dir": str(tmp_path / "sites")}), run_dir)  # a simulation, one machine
+    monkeypatch.setenv("FEDSTILL_KEY_PASSPHRASE", "a passphrase")
+    assert coordinator_signer(cfg(**{"coordinator-key": str(encrypted)}), run_dir).name == kinds.COORDINATOR
