@@ -221,8 +221,8 @@ def _add_replies(report: dict[str, Any], chain: Chain, label: str, verified: boo
             report["rounds_axis"].append([label, _round(body)])
         if entry["kind"] == COSIGNED and isinstance(body.get("institution_id"), str):
             _add_cosignature(_institution(report, body["institution_id"]), label, body.get("size"))
-        if entry["kind"] not in REPLIES:
-            continue
+        if entry["kind"] not in REPLIES or body.get("phase") == kinds.WITNESS_PHASE:
+            continue  # a cosignature of the final tree head releases no data: counted with the witnessed checkpoints
         statement, node = _statement(body), str(body.get("node_id"))
         known, source = nodes.get(node, (None, None))
         own = body.get("institution_id") or statement.get("institution_id")
