@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, RecordDict
 
 from common.aggregation import ClippedWeight
 from common.audit import kinds
-from common.audit.attestation import Attestation, check_attestation
+from common.audit.attestation import Attestation, check_attestation, claimed_institution
 from common.audit.canonical import canonical, sha256_hex
 from common.audit.keys import Signer, load_allow_list, load_signer, private_key_path, write_key_pair
 from common.audit.ledger import RESUMED, Ledger
@@ -146,7 +146,7 @@ class AuditTrail:
             attestation = replies.attestations.get(node)
             sha256, size = replies.payload_digests.get(node, ("", 0))
             self.ledger.append(kinds.REPLY_ACCEPTED, {
-                "round": round_, "phase": phase, "node_id": str(node), "institution_id": _institution(attestation),
+                "round": round_, "phase": phase, "node_id": str(node), "institution_id": claimed_institution(attestation),
                 "payload_sha256": sha256, "payload_bytes": size, "uplink_bytes": int(uplink.get(node, 0)),
                 "attestation": attestation.as_dict() if attestation else None,
             })
@@ -154,7 +154,7 @@ class AuditTrail:
             attestation = replies.attestations.get(node)
             self.rejections += 1
             self.ledger.append(kinds.REPLY_REJECTED, {
-                "round": round_, "phase": phase, "node_id": str(node), "institution_id": _institution(attestation),
+                "round": round_, "phase": phase, "node_id": str(node), "institution_id": claimed_institution(attestation),
                 "check": replies.checks.get(node, "format"), "reason": reason,
                 "attestation": attestation.as_dict() if attestation else None,
             })
@@ -314,15 +314,6 @@ def load_max_examples(path: Path | str, institutions: dict[str, str]) -> dict[st
         raise ConfigError(f"allow-list {path}: [max-examples] entries {bad} must name an institution of [institutions] "
                           "and be an integer >= 1")
     return dict(table)
-
-
-def _institution(attestation: Attestation | None) -> str | None:
-    if attestation is None:
-        return None
-    try:
-        return attestation.fields.get("institution_id")
-    except ValueError:
-        return None
 
 
 def _file_sha256(path: Path) -> str:

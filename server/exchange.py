@@ -17,7 +17,7 @@ from flwr.app import Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from common.audit.attestation import Attestation
+from common.audit.attestation import Attestation, claimed_institution
 from common.audit.naming import refusal_naming, refusing_institution
 from common.errors import AuditError, FedstillError
 from common.messages import read_attestation, read_cosignature, record_digest, record_nbytes, with_witness_request
@@ -81,7 +81,7 @@ def exchange(
         _judge(result, node, reply, parse, check, phase)
         if witness is not None and node in result.accepted:
             attestation = result.attestations.get(node)
-            problem = witness.record(node, _signer(attestation), read_cosignature(reply.content))
+            problem = witness.record(node, claimed_institution(attestation), read_cosignature(reply.content))
             if problem is not None:
                 del result.accepted[node]
                 result.reject(node, f"witness: {problem}", "witness")
@@ -119,16 +119,6 @@ def _judge(result: Exchange[R], node: int, reply: Message, parse: Callable[[Reco
 def _with_request(message: Message, request: Any) -> Message:
     return Message(content=with_witness_request(message.content, request), dst_node_id=message.metadata.dst_node_id,
                    message_type=message.metadata.message_type, group_id=message.metadata.group_id, ttl=message.metadata.ttl)
-
-
-def _signer(attestation: Attestation | None) -> str | None:
-    if attestation is None:
-        return None
-    try:
-        name = attestation.fields.get("institution_id")
-    except ValueError:
-        return None
-    return name if isinstance(name, str) else None
 
 
 def collect(grid: Grid, messages: list[Message], timeout: float) -> list[tuple[int, Message]]:

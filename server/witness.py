@@ -55,7 +55,7 @@ class Witnessing:
         lines = self.ledger.path.read_bytes().splitlines()
         leaves = [leaf_hash(line) for line in lines]
         signer: Signer = self.ledger.signer
-        head = TreeHead(lines_ledger_id(lines), len(leaves), root(leaves).hex())
+        head = TreeHead(_ledger_id(lines), len(leaves), root(leaves).hex())
         signed = SignedHead.sign(head, signer)
         self.ledger.append(kinds.TREE_HEAD, signed.as_dict())
         self.heads.append(head)
@@ -91,7 +91,7 @@ class Witnessing:
         return None
 
 
-def lines_ledger_id(lines: list[bytes]) -> str:
+def _ledger_id(lines: list[bytes]) -> str:
     return str(json.loads(lines[0])["ledger"])
 
 

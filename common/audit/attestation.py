@@ -45,6 +45,18 @@ class Attestation:
         return {"statement": self.statement, "signature": self.signature}
 
 
+def claimed_institution(attestation: Attestation | None) -> str | None:
+    """The institution an attestation names, unchecked (a rejected reply's claim, or before the check); None when
+    there is no attestation or its statement is not a JSON object naming one."""
+    if attestation is None:
+        return None
+    try:
+        name = attestation.fields.get("institution_id")
+    except ValueError:
+        return None
+    return name if isinstance(name, str) else None
+
+
 def software_versions() -> dict[str, str]:
     versions = {}
     for package in ("fedstill", "flwr"):

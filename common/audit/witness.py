@@ -21,7 +21,7 @@ nor drop an accepted release, without `fedstill audit verify` finding it from th
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,11 +208,6 @@ def check_request(request: WitnessRequest, last: TreeHead | None, coordinator_ke
     for receipt in request.receipts:
         if not receipt.included(head):
             raise WitnessError(f"witness: the receipt for entry {receipt.seq} does not prove it is in the tree head")
-
-
-def consistent(older: TreeHead, newer: TreeHead, proof: Sequence[str]) -> bool:
-    return verify_consistency(older.size, newer.size, bytes.fromhex(older.root), bytes.fromhex(newer.root),
-                              [bytes.fromhex(p) for p in proof])
 
 
 def _hexes(value: Any) -> bool:

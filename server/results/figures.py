@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from common.audit.attestation import claimed_institution
 from common.audit.naming import refusing_institution
 from common.config import RunConfig
 from common.messages import DigestReply, MaskedReply, SoftLabelQuery, SoftLabelReply
@@ -57,12 +58,7 @@ def institution_names(replies: Exchange[Any], names: Mapping[str, str]) -> tuple
     checked = {str(n): names[str(n)] for n in nodes if str(n) in names}
     claimed = {}
     for node in (n for n in nodes if str(n) not in checked):
-        attestation = replies.attestations.get(node)
-        try:
-            name = attestation.fields.get("institution_id") if attestation is not None else None
-        except ValueError:
-            name = None
-        name = name if isinstance(name, str) else refusing_institution(replies.rejected.get(node))
+        name = claimed_institution(replies.attestations.get(node)) or refusing_institution(replies.rejected.get(node))
         if name:
             claimed[str(node)] = name
     return checked, claimed
