@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import typer
 
+from simulations.cli.allow_list_commands import allow_list_app
 from simulations.cli.audit_commands import audit_app, keygen
 from simulations.cli.certs_commands import certs
+from simulations.cli.institution_commands import institution_init
 from simulations.cli.node_commands import app_hash, supernode
 from simulations.cli.run_commands import compare, privacy_sweep, scenarios, simulate
 from simulations.cli.site_commands import site_data
 from simulations.cli.student_commands import bench, evaluate, export
 
 app = typer.Typer(help="fedstill: federated knowledge distillation on Flower.", no_args_is_help=True, add_completion=False)
+app.command("institution-init")(institution_init)
 app.command()(keygen)
 app.command()(certs)
+app.add_typer(allow_list_app, name="allow-list")
 app.command("site-data")(site_data)
 app.command()(supernode)
 app.command("app-hash")(app_hash)

@@ -10,7 +10,8 @@ institution pins the versions it has reviewed in its own file, passed to `fedsti
         "3f2a...",   # fedstill 0.1.0, reviewed 2026-12-01
     ]
 
-`fedstill app-hash PATH` prints the FAB hash of an app folder (what `flwr run PATH` would submit).
+`fedstill app-hash PATH` prints the FAB hash of an app folder (what `flwr run PATH` would submit);
+with `--approve FILE` it also adds the hash to the list (`approve`), keeping the file's comments.
 The node's runner (simulations/deploy/runner.py) hashes the bytes it received and calls
 `check_bundle` before the bundle is unpacked: a bundle not listed is refused and none of its files
 is written or imported. Messages name hashes only, never the node's local paths: they travel to
@@ -26,8 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import ConfigError, FedstillError
+from common.files import atomic_write_text
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
+HEADER = "# app bundles (FAB sha256) this institution lets run on its node"
+SHA256_LIST = re.compile(r"^[ \t]*sha256[ \t]*=[ \t]*\[", re.MULTILINE)  # where the list of hashes opens
 
 
 class AppNotApproved(FedstillError):
@@ -45,9 +49,14 @@ class ApprovedApps:
         """Read an approved-apps file; every problem names the file and the fix."""
         if not path.is_file():
             raise ConfigError(f"approved-apps file {path} not found; write the app hashes this institution "
-                              f"approves there (sha256 = [\"...\"]; `fedstill app-hash APP` prints one)")
+                              f"approves there (sha256 = [\"...\"]; `fedstill app-hash APP --approve {path}` adds one)")
+        return cls.parse(path, path.read_bytes())
+
+    @classmethod
+    def parse(cls, path: Path, data: bytes, allow_empty: bool = False) -> ApprovedApps:
+        """The hashes in `data`, the bytes of the approved-apps file `path`."""
         try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+            raw = tomllib.loads(data.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"approved-apps file {path} is not valid TOML ({error}); "
                               f"write sha256 = [\"<64 hex digits>\", ...]") from None
@@ -56,6 +65,8 @@ class ApprovedApps:
             raise ConfigError(f"approved-apps file {path} has unknown keys {unknown}; the only key is sha256 "
                               f"(a list of FAB hashes)")
         hashes = raw.get("sha256")
+        if allow_empty and hashes in (None, []):
+            return cls(frozenset())
         if not isinstance(hashes, list) or not hashes:
             raise ConfigError(f"approved-apps file {path} approves no app: sha256 must be a non-empty list of "
                               f"FAB hashes (`fedstill app-hash APP` prints one)")
@@ -68,8 +79,41 @@ class ApprovedApps:
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         lines = "".join(f'    "{h}",\n' for h in sorted(self.sha256))
-        path.write_text("# app bundles (FAB sha256) this institution lets run on its node\n"
-                        f"sha256 = [\n{lines}]\n", encoding="utf-8")
+        atomic_write_text(path, f"{HEADER}\nsha256 = [\n{lines}]\n")
+
+
+def approve(path: Path, digest: str, note: str = "") -> bool:
+    """Add FAB hash `digest` to the approved-apps file `path` (created if absent), keeping its other lines and
+    comments; False when it is listed already (the file is left as it was)."""
+    digest = digest.lower()
+    if not HEX64.match(digest):
+        raise ConfigError(f"{digest[:80]!r} is not a FAB hash (64 hex digits); `fedstill app-hash APP` prints one")
+    comment = f"  # {note}" if note and note.isprintable() else ""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, f'{HEADER}\nsha256 = [\n    "{digest}",{comment}\n]\n')
+        return True
+    if not path.is_file():
+        raise ConfigError(f"approved-apps file {path} is a folder; give the path of a .toml file")
+    data = path.read_bytes()
+    before = ApprovedApps.parse(path, data, allow_empty=True)
+    if digest in before.sha256:
+        return False
+    text = data.decode("utf-8")
+    opening, entry = SHA256_LIST.search(text), f'\n    "{digest}",{comment}'
+    if opening:  # newest first, right after "sha256 = [": the rest of the file is left as it was
+        updated = text[:opening.end()] + entry + text[opening.end():]
+    else:
+        updated = text + ("\n" if text and not text.endswith("\n") else "") + f"sha256 = [{entry}\n]\n"
+    try:
+        ok = ApprovedApps.parse(path, updated.encode("utf-8"), allow_empty=True).sha256 == before.sha256 | {digest}
+    except ConfigError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"cannot add to approved-apps file {path} without rewriting it; add \"{digest}\", to its sha256 "
+                          "list by hand")
+    atomic_write_text(path, updated)
+    return True
 
 
 def fab_hash(content: bytes) -> str:

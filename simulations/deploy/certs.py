@@ -152,6 +152,29 @@ def subject_alt_names(cert: x509.Certificate) -> list[str]:
     return san.get_values_for_type(x509.DNSName) + [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
 
 
+def load_ca(folder: Path, passphrase: bytes | None = None) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None:
+    """The CA kept in `folder` (ca.key + ca.crt, the key decrypted with `passphrase`), or None when it holds neither."""
+    key_path, cert_path = folder / CA_KEY, folder / CA_CERT
+    if not key_path.exists() and not cert_path.exists():
+        return None
+    if not key_path.is_file() or not cert_path.is_file():
+        present, absent = (key_path, cert_path) if key_path.exists() else (cert_path, key_path)
+        raise ConfigError(f"{present} is there but {absent} is not; restore the pair, or use an empty --ca-dir for a new CA")
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=passphrase)
+    except TypeError:
+        raise ConfigError(f"{key_path} is encrypted: pass --passphrase-env VAR with its passphrase in $VAR" if passphrase is None
+                          else f"{key_path} is not encrypted: drop --passphrase-env") from None
+    except ValueError:
+        raise ConfigError(f"{key_path} or {cert_path} does not load: wrong passphrase (--passphrase-env), "
+                          "or not the PEM files `fedstill certs --ca-dir` wrote") from None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+        raise ConfigError(f"{key_path} is not the key of {cert_path}; keep the two files `fedstill certs --ca-dir` wrote together")
+    return key, cert
+
+
 def make_node_key() -> ec.EllipticCurvePrivateKey:
     """A SuperNode authentication key: EC P-384, the curve Flower's docs use."""
     return ec.generate_private_key(CURVE())
@@ -229,7 +252,7 @@ def _load(folder: Path) -> tuple[list[Any], list[str]]:
         try:
             loaded.append(loader(path.read_bytes()))
         except FileNotFoundError:
-            problems.append(f"{path} is missing; run `fedstill certs --out {folder} --host HOST`")
+            problems.append(f"{path} is missing; run `fedstill certs --ca-dir CADIR --out {folder} --host HOST`")
         except TypeError:
             problems.append(f"{path} is encrypted; flower-superlink cannot read an encrypted key (write it without one)")
         except ValueError as error:

@@ -27,6 +27,7 @@ from simulations.deploy.certs import (
     SERVER_CERT,
     SERVER_KEY,
     check_bundle,
+    load_ca,
     make_ca,
     make_node_key,
     make_server_cert,
@@ -411,7 +412,7 @@ def test_check_bundle_reports_missing_hosts_and_missing_files(tmp_path: Path, bu
     assert len(missing_files) == 2 and all("is missing" in p for p in missing_files)
 
 
-# The CLI
+# The CLI: the coordinator keeps its CA apart (--ca-dir); an institution makes its node key (--node)
 
 
 @pytest.fixture
@@ -419,104 +420,208 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
-def test_cli_writes_the_bundle_and_node_keys_and_prints_the_commands(tmp_path: Path, runner: CliRunner) -> None:
+def certs_cli(runner: CliRunner, *args: str):
     from simulations.cli.main import app
 
+    return runner.invoke(app, ["certs", *args])
+
+
+def test_cli_keeps_the_ca_apart_and_writes_the_superlink_files(tmp_path: Path, runner: CliRunner) -> None:
     # Prepare
-    out = tmp_path / "deploy"
+    ca_dir, out = tmp_path / "ca", tmp_path / "certs"
 
     # Execute
-    result = runner.invoke(app, ["certs", "--out", str(out), "--host", "superlink.example.org", "--host", "10.0.0.5",
-                                 "--node", "hospital-a", "--node", "bank-b", "--days", "30"])
+    result = certs_cli(runner, "--ca-dir", str(ca_dir), "--out", str(out), "--host", "superlink.example.org",
+                       "--host", "10.0.0.5", "--days", "30")
 
     # Assert
     assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in ca_dir.iterdir()) == [CA_CERT, CA_KEY]
+    assert sorted(p.name for p in out.iterdir()) == [CA_CERT, SERVER_CERT, SERVER_KEY]
+    assert (out / CA_CERT).read_bytes() == (ca_dir / CA_CERT).read_bytes()
+    load_cert(out / SERVER_CERT).verify_directly_issued_by(load_cert(ca_dir / CA_CERT))
     assert check_bundle(out, hosts=["superlink.example.org", "10.0.0.5", "localhost", "::1"]) == []
-    for path in (out / CA_KEY, out / SERVER_KEY, out / "nodes" / "hospital-a.key", out / "nodes" / "bank-b.key"):
-        assert mode(path) == 0o600
-    assert (out / "nodes" / "bank-b.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert mode(ca_dir / CA_KEY) == 0o600 and mode(out / SERVER_KEY) == 0o600 and mode(ca_dir) == 0o700
     assert "superlink.example.org, localhost, 10.0.0.5, 127.0.0.1, ::1" in result.output
-    assert (f"flower-superlink --host 127.0.0.1 --ssl-ca-certfile {out}/ca.crt --ssl-certfile {out}/superlink.crt "
-            f"--ssl-keyfile {out}/superlink.key --enable-supernode-auth") in result.output
-    assert f"flwr supernode register {out}/nodes/bank-b.pub remote --name bank-b" in result.output
+    assert f"fedstill superlink --certs {out} --database /var/lib/fedstill/superlink.db" in result.output
+    assert f"fedstill register NAME {out}/nodes/NAME.pub --federation remote" in result.output
+    assert "fedstill allow-list add NAME NAME.pub --allow-list allow-list.toml" in result.output
     assert "open only /v1/fleet/ to the institutions" in result.output
-    assert (f"fedstill supernode --superlink superlink.example.org:8000 --root-certificates {out}/ca.crt "
-            f"--auth-supernode-private-key {out}/nodes/hospital-a.key --approved-apps approved-apps.toml") in result.output
+    assert 'address = "superlink.example.org:8000"' in result.output
+    assert "flower-superlink" not in result.output and "flwr supernode register" not in result.output
 
 
-def test_cli_adds_node_keys_beside_an_existing_ca(tmp_path: Path, runner: CliRunner) -> None:
-    from simulations.cli.main import app
-
+def test_cli_reuses_the_ca_already_in_ca_dir(tmp_path: Path, runner: CliRunner) -> None:
     # Prepare
-    runner.invoke(app, ["certs", "--out", str(tmp_path), "--host", "2001:db8::7"])
-    before = (tmp_path / SERVER_CERT).read_bytes()
+    ca_dir = tmp_path / "ca"
+    certs_cli(runner, "--ca-dir", str(ca_dir), "--out", str(tmp_path / "first"), "--host", "localhost")
+    ca_before = {name: (ca_dir / name).read_bytes() for name in (CA_CERT, CA_KEY)}
 
     # Execute
-    result = runner.invoke(app, ["certs", "--out", str(tmp_path), "--node", "clinic-c"])
+    result = certs_cli(runner, "--ca-dir", str(ca_dir), "--out", str(tmp_path / "second"), "--host", "superlink.example.org")
 
     # Assert
     assert result.exit_code == 0, result.output
-    assert (tmp_path / SERVER_CERT).read_bytes() == before
-    assert (tmp_path / "nodes" / "clinic-c.key").is_file() and (tmp_path / "nodes" / "clinic-c.pub").is_file()
-    assert "--superlink [2001:db8::7]:8000" in result.output
+    assert f"reused the CA in {ca_dir}" in result.output
+    assert {name: (ca_dir / name).read_bytes() for name in (CA_CERT, CA_KEY)} == ca_before
+    assert (tmp_path / "second" / CA_CERT).read_bytes() == ca_before[CA_CERT]
+    assert "note: the CA expires" not in result.output  # both for 365 days from their making
+    load_cert(tmp_path / "second" / SERVER_CERT).verify_directly_issued_by(load_cert(ca_dir / CA_CERT))
+    assert check_bundle(tmp_path / "second", hosts=["superlink.example.org"]) == []
+
+
+def test_cli_notes_a_reused_ca_that_expires_before_the_new_certificate(tmp_path: Path, runner: CliRunner) -> None:
+    # Prepare
+    ca_dir = tmp_path / "ca"
+    certs_cli(runner, "--ca-dir", str(ca_dir), "--out", str(tmp_path / "first"), "--host", "localhost", "--days", "2")
+
+    # Execute
+    result = certs_cli(runner, "--ca-dir", str(ca_dir), "--out", str(tmp_path / "second"), "--host", "localhost",
+                       "--days", "30")
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    assert "note: the CA expires on" in result.output and "make a new CA in an empty --ca-dir" in result.output
+
+
+def test_cli_opens_an_encrypted_ca_only_with_its_passphrase(
+    tmp_path: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare
+    monkeypatch.setenv("TEST_CA_PASSPHRASE", "s3cret")
+    monkeypatch.setenv("TEST_WRONG_PASSPHRASE", "guess")
+    ca_dir = tmp_path / "ca"
+    made = certs_cli(runner, "--ca-dir", str(ca_dir), "--out", str(tmp_path / "a"), "--host", "localhost",
+                     "--passphrase-env", "TEST_CA_PASSPHRASE")
+
+    # Execute
+    without = certs_cli(runner, "--ca-dir", str(ca_dir), "--out", str(tmp_path / "b"), "--host", "localhost")
+    wrong = certs_cli(runner, "--ca-dir", str(ca_dir), "--out", str(tmp_path / "c"), "--host", "localhost",
+                      "--passphrase-env", "TEST_WRONG_PASSPHRASE")
+    right = certs_cli(runner, "--ca-dir", str(ca_dir), "--out", str(tmp_path / "d"), "--host", "localhost",
+                      "--passphrase-env", "TEST_CA_PASSPHRASE")
+
+    # Assert
+    assert made.exit_code == 0, made.output
+    serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), b"s3cret")
+    assert without.exit_code == 1 and f"ConfigError: {ca_dir / CA_KEY} is encrypted: pass --passphrase-env" in without.output
+    assert wrong.exit_code == 1 and "wrong passphrase" in wrong.output
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    assert right.exit_code == 0, right.output
+    assert check_bundle(tmp_path / "d") == []  # superlink.key stays readable without a passphrase
+    assert (tmp_path / "d" / CA_CERT).read_bytes() == (tmp_path / "a" / CA_CERT).read_bytes()
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--host", "super link"], "ConfigError: --host 'super link': contains spaces"),
-    (["--node", "clinic-c"], "ConfigError: "),  # no CA in the folder yet
+    (["--host", "localhost"], "ConfigError: --host without --ca-dir: keep the CA key apart from the SuperLink's files: "
+                              "--ca-dir /root/fedstill-ca"),
+    (["--ca-dir", "{out}", "--host", "localhost"], "is the --out folder: keep the CA key apart from the SuperLink's files"),
+    (["--ca-dir", "{out}/ca", "--host", "localhost"], "is inside --out"),
+    (["--ca-dir", "{tmp}/ca"], "ConfigError: --ca-dir signs the SuperLink's certificate: give --host HOST as well"),
+    (["--ca-dir", "{tmp}/ca", "--host", "super link"], "ConfigError: --host 'super link': contains spaces"),
     ([], "ConfigError: nothing to make"),
-    (["--host", "localhost", "--node", "a", "--node", "a"], "ConfigError: --node names repeat"),
+    (["--node", "a", "--node", "a"], "ConfigError: --node names repeat"),
+    (["--node", "../escape"], "ConfigError: identity name '../escape'"),
 ])
-def test_cli_errors_exit_1_with_a_clean_message_and_write_nothing(
+def test_cli_errors_exit_1_with_one_clean_line_and_write_nothing(
     tmp_path: Path, runner: CliRunner, args: list[str], fragment: str,
 ) -> None:
-    from simulations.cli.main import app
+    # Prepare
+    out = tmp_path / "deploy"
+    args = [a.format(out=out, tmp=tmp_path) for a in args]
 
     # Execute
-    result = runner.invoke(app, ["certs", "--out", str(tmp_path / "deploy"), *args])
+    result = certs_cli(runner, "--out", str(out), *args)
 
     # Assert
     assert result.exit_code == 1
     assert fragment in result.output and "Traceback" not in result.output
-    assert not (tmp_path / "deploy").exists()
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "ca").exists()
 
 
-def test_cli_refuses_to_overwrite_and_changes_nothing(tmp_path: Path, runner: CliRunner) -> None:
-    from simulations.cli.main import app
-
-    # Prepare
-    runner.invoke(app, ["certs", "--out", str(tmp_path), "--host", "localhost"])
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-
+def test_cli_institution_mode_makes_the_node_key_only_and_no_superlink_advice(tmp_path: Path, runner: CliRunner) -> None:
     # Execute
-    refused = runner.invoke(app, ["certs", "--out", str(tmp_path), "--host", "localhost", "--node", "new-node"])
-    replaced = runner.invoke(app, ["certs", "--out", str(tmp_path), "--host", "localhost", "--overwrite"])
-
-    # Assert
-    assert refused.exit_code == 1 and "ConfigError" in refused.output and "--overwrite" in refused.output
-    assert not (tmp_path / "nodes").exists()
-    assert replaced.exit_code == 0, replaced.output
-    assert (tmp_path / CA_CERT).read_bytes() != before[CA_CERT]
-    assert check_bundle(tmp_path) == []
-
-
-def test_cli_encrypts_only_the_ca_key_with_the_passphrase_variable(
-    tmp_path: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from simulations.cli.main import app
-
-    # Prepare
-    monkeypatch.setenv("TEST_CA_PASSPHRASE", "s3cret")
-    monkeypatch.delenv("TEST_UNSET_PASSPHRASE", raising=False)
-
-    # Execute
-    result = runner.invoke(app, ["certs", "--out", str(tmp_path), "--host", "localhost",
-                                 "--passphrase-env", "TEST_CA_PASSPHRASE"])
-    unset = runner.invoke(app, ["certs", "--out", str(tmp_path / "x"), "--host", "localhost",
-                                "--passphrase-env", "TEST_UNSET_PASSPHRASE"])
+    result = certs_cli(runner, "--out", str(tmp_path), "--node", "clinic-c")
 
     # Assert
     assert result.exit_code == 0, result.output
-    serialization.load_pem_private_key((tmp_path / CA_KEY).read_bytes(), b"s3cret")
-    assert check_bundle(tmp_path) == []  # superlink.key stays readable without a passphrase
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "nodes", "nodes/clinic-c.key", "nodes/clinic-c.pub"]
+    assert mode(tmp_path / "nodes" / "clinic-c.key") == 0o600
+    assert f"send {tmp_path}/nodes/clinic-c.pub" in result.output
+    assert (f"fedstill supernode --superlink SUPERLINK-HOST:8000 --root-certificates ca.crt "
+            f"--auth-supernode-private-key {tmp_path}/nodes/clinic-c.key") in result.output
+    for advice in ("flower-superlink", "flower-supernode ", "fedstill superlink", "fedstill register", "ca.key",
+                   "--ca-dir", "--host", "fedstill certs", "your own CA"):
+        assert advice not in result.output
+
+
+def test_cli_adds_node_keys_beside_the_superlink_files(tmp_path: Path, runner: CliRunner) -> None:
+    # Prepare
+    out = tmp_path / "certs"
+    certs_cli(runner, "--ca-dir", str(tmp_path / "ca"), "--out", str(out), "--host", "2001:db8::7")
+    before = (out / SERVER_CERT).read_bytes()
+
+    # Execute
+    result = certs_cli(runner, "--out", str(out), "--node", "clinic-c")
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    assert (out / SERVER_CERT).read_bytes() == before
+    assert (out / "nodes" / "clinic-c.key").is_file() and (out / "nodes" / "clinic-c.pub").is_file()
+    assert f"fedstill register clinic-c {out}/nodes/clinic-c.pub --federation remote" in result.output
+    assert 'address = "[2001:db8::7]:8000"' in result.output
+
+
+def test_cli_refuses_to_overwrite_and_overwrite_keeps_the_ca(tmp_path: Path, runner: CliRunner) -> None:
+    # Prepare
+    ca_dir, out = tmp_path / "ca", tmp_path / "certs"
+    certs_cli(runner, "--ca-dir", str(ca_dir), "--out", str(out), "--host", "localhost")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    # Execute
+    refused = certs_cli(runner, "--ca-dir", str(ca_dir), "--out", str(out), "--host", "localhost", "--node", "new-node")
+    replaced = certs_cli(runner, "--ca-dir", str(ca_dir), "--out", str(out), "--host", "localhost", "--overwrite")
+
+    # Assert
+    assert refused.exit_code == 1 and "ConfigError" in refused.output and "--overwrite" in refused.output
+    assert not (out / "nodes").exists()
+    assert replaced.exit_code == 0, replaced.output
+    assert (out / SERVER_CERT).read_bytes() != before[SERVER_CERT]
+    assert (out / CA_CERT).read_bytes() == before[CA_CERT] == (ca_dir / CA_CERT).read_bytes()
+    assert check_bundle(out) == []
+
+
+def test_cli_refuses_an_unset_passphrase_variable(tmp_path: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    monkeypatch.delenv("TEST_UNSET_PASSPHRASE", raising=False)
+
+    # Execute
+    unset = certs_cli(runner, "--ca-dir", str(tmp_path / "ca"), "--out", str(tmp_path / "x"), "--host", "localhost",
+                      "--passphrase-env", "TEST_UNSET_PASSPHRASE")
+
+    # Assert
     assert unset.exit_code == 1 and "ConfigError: --passphrase-env TEST_UNSET_PASSPHRASE" in unset.output
+    assert not (tmp_path / "ca").exists()
+
+
+# load_ca
+
+
+def test_load_ca_refuses_half_a_ca_and_a_key_of_another_ca(tmp_path: Path) -> None:
+    # Prepare
+    ca_key, ca_cert = make_ca("test CA", 1)
+    other_key, _ = make_ca("test CA", 1)
+    write_pem(tmp_path / CA_CERT, ca_cert)
+
+    # Execute / Assert
+    assert load_ca(tmp_path / "empty") is None
+    with pytest.raises(ConfigError, match="is there but .*ca.key is not"):
+        load_ca(tmp_path)
+    write_pem(tmp_path / CA_KEY, other_key, private=True)
+    with pytest.raises(ConfigError, match="is not the key of"):
+        load_ca(tmp_path)
+    write_pem(tmp_path / CA_KEY, ca_key, private=True, overwrite=True)
+    loaded = load_ca(tmp_path)
+    assert loaded is not None and loaded[1] == ca_cert
