@@ -38,7 +38,7 @@ from client.site import Site
 from common.audit.canonical import canonical, sha256_hex, utc_now
 from common.config import RunConfig
 from common.errors import PolicyViolation
-from common.files import atomic_path
+from common.files import PRIVATE, atomic_path, private_folder
 from common.losses import distillation_loss
 from common.messages import DigestInstruction
 from common.models.inputs import input_shape, inputs_to_tensor
@@ -190,8 +190,8 @@ def _read(store: TeacherStore) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 
 def _write_atomically(path: Path, model: nn.Module, header: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
+    private_folder(path.parent)
+    with atomic_path(path, mode=PRIVATE) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
                   metadata={HEADER_KEY: json.dumps(header)})
 

@@ -255,6 +255,11 @@ class AuditTrail:
         self.ledger.append(kinds.RUN_FAILED, {"status": "failed", "error": f"{type(error).__name__}: {error}"[:2000]})
         return self.summary()
 
+    def stopped(self, note: str) -> dict[str, Any]:
+        """Flower stopped the run (`flwr stop`, server/stopping.py); nothing can reach the institutions any more."""
+        self.ledger.append(kinds.RUN_STOPPED, {"status": "stopped", "error": note[:2000]})
+        return self.summary()
+
     def summary(self) -> dict[str, Any]:
         """The `audit` section of results.json (an `AuditSummary`, server/results/schema.py)."""
         entries = self.ledger.entries()

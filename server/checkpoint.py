@@ -25,7 +25,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from common.audit.canonical import canonical, sha256_hex
 from common.config import RunConfig, default_run_config
 from common.errors import ConfigError
-from common.files import atomic_path
+from common.files import PRIVATE, atomic_path
 from server.results.run_folder import json_default
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -96,7 +96,7 @@ def write_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     checkpoint.state.optimizers = groups
     header = json.dumps(asdict(checkpoint.state), default=json_default)
     path = Path(run_dir) / CHECKPOINT
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode=PRIVATE) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={HEADER_KEY: header})
     return path
 

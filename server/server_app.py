@@ -33,6 +33,7 @@ from server.results.run_folder import STUDENT, RunFolder, resolve_run_dir
 from server.resume import Checkpointer, plan_start
 from server.rounds import SoftLabels, digest_round, make_query, require_quorum, soft_label_round, wait_for_nodes, witness_end
 from server.secure_rounds import check_secure_run, secure_soft_labels
+from server.stopping import stop_note
 
 app = ServerApp()
 
@@ -62,14 +63,27 @@ def main(grid: Grid, context: Context) -> None:
             run_distillation(grid, cfg, run, split, trail, keeper, start.checkpoint)
         keeper.finished()
     except BaseException as error:
-        if trail is not None:
-            trail.failed(error)
-            if isinstance(error, Exception) and split is not None:
-                _witness_after_failure(grid, cfg, trail, public_fingerprint(split.public))
-            run.sections["audit"] = trail.summary()
-            run.sections["privacy"] = privacy_section(cfg, trail.ledger.entries())
-        run.fail(error)
+        _record_end(grid, cfg, run, trail, split, error)
         raise
+
+
+def _record_end(grid: Grid, cfg: RunConfig, run: RunFolder, trail: AuditTrail | None, split: FederatedSplit | None,
+                error: BaseException) -> None:
+    """A run that did not complete keeps its rounds and says why: stopped by Flower (`flwr stop`), or failed."""
+    stopped = stop_note(error)
+    if trail is not None:
+        if stopped is not None:
+            trail.stopped(stopped)  # Flower has closed the grid: nobody can witness this end
+        else:
+            trail.failed(error)
+        if isinstance(error, Exception) and split is not None:
+            _witness_after_failure(grid, cfg, trail, public_fingerprint(split.public))
+        run.sections["audit"] = trail.summary()
+        run.sections["privacy"] = privacy_section(cfg, trail.ledger.entries())
+    if stopped is not None:
+        run.stop(stopped)
+    else:
+        run.fail(error)
 
 
 def _witness_after_failure(grid: Grid, cfg: RunConfig, trail: AuditTrail, fingerprint: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from common.config import RunConfig, default_run_config
 from common.errors import ConfigError, FedstillError
+from common.files import PRIVATE, atomic_path, atomic_write_text, private_folder
 from server.results.run_folder import write_json
 from simulations import baselines, launcher
 from simulations.scenarios import parse_sets
@@ -60,7 +61,7 @@ def run_comparison(
     `on_stage(label, cfg)` is called as each stage starts (cfg None for the in-process baselines)
     and may return a callback for that run's progress events; `site`: every simulated institution's settings
     (simulations.provision)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    private_folder(folder)
     summary: dict[str, Any] = {"scenario": None, "methods": {}, "baselines": {}}
     jobs = [(m.label, {**base, **m.overrides}) for m in methods]
     if fedavg_rounds:
@@ -83,7 +84,7 @@ def run_comparison(
         cfg = RunConfig.from_run_config({**default_run_config(), **base})
         summary["baselines"].update(cached_baselines(folder, cfg, on_stage))
     write_json(folder / "results.json", summary)
-    (folder / TABLE).write_text(markdown_table(summary), encoding="utf-8")
+    atomic_write_text(folder / TABLE, markdown_table(summary), mode=PRIVATE)
     plot_comparison(summary, folder)
     return summary
 
@@ -250,7 +251,8 @@ def plot_comparison(summary: dict[str, Any], folder: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(folder / name, dpi=120)
+        with atomic_path(folder / name, mode=PRIVATE, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120)
         plt.close(fig)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from common.config import RunConfig
 from common.errors import FedstillError
+from common.files import open_private, private_folder
 from server.results.run_folder import PROGRESS, RESULTS, resolve_run_dir
 from simulations.provision import ALLOW_LIST, SITES, check_class_counts, provision_sites
 from simulations.scenarios import to_toml
@@ -80,7 +81,7 @@ def simulate(
     if earlier is not None and not cfg.resume:
         raise RunFailed(f"run folder {run_dir} already holds results ({earlier}); choose another run-name or "
                         "output-dir, or set resume=true to continue an unfinished run")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    private_folder(run_dir, tighten=True)
     provisioned = run_dir / ALLOW_LIST
     if cfg.resume and not cfg.allow_list and not cfg.sites_dir and provisioned.is_file():
         if site:
@@ -110,7 +111,7 @@ def simulate(
         "--stream",
     ]
     try:
-        with log_path.open("w", encoding="utf-8") as log:
+        with open_private(log_path, "w") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_DIR)
             start = (run_dir / PROGRESS).stat().st_size if (run_dir / PROGRESS).exists() else 0  # a resumed run's
             events = follow_events(process, run_dir / PROGRESS, on_event, timeout_s, start)  # earlier lines are done

@@ -15,6 +15,7 @@ from typing import Any
 
 from common.config import PRIVACY, RunConfig, default_run_config
 from common.errors import ConfigError, FedstillError
+from common.files import PRIVATE, atomic_path, atomic_write_text, private_folder
 from server.results.run_folder import write_json
 from simulations import launcher
 from simulations.compare import _cell, finished_run
@@ -41,7 +42,7 @@ def run_sweep(
     `site`: every simulated institution's site-policy keys (simulations.provision), in every run."""
     if mechanism not in PRIVACY or mechanism == "none":
         raise ConfigError(f"--mechanism must be one of {[p for p in PRIVACY if p != 'none']}, got {mechanism!r}")
-    folder.mkdir(parents=True, exist_ok=True)
+    private_folder(folder)
     jobs: list[tuple[str, dict[str, Any], dict[str, Any] | None, float | None]] = [("none", {"privacy": "none"}, site, None)]
     for eps in epsilons:
         calibrate = {"dp-noise-multiplier": 0.0} if mechanism == "dp-sgd" else {"pate-sigma": 0.0}
@@ -65,7 +66,7 @@ def run_sweep(
             point["error"] = f"{type(error).__name__}: {error}"
         summary["points"].append(point)
     write_json(folder / "results.json", summary)
-    (folder / TABLE).write_text(sweep_table(summary), encoding="utf-8")
+    atomic_write_text(folder / TABLE, sweep_table(summary), mode=PRIVATE)
     plot_sweep(summary, folder / PLOT)
     return summary
 
@@ -108,5 +109,6 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path, mode=PRIVATE, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)

@@ -21,6 +21,7 @@ from client.release import PEERS_FILE, SITE_CONFIG, simulated_institution, site_
 from common.aggregation import NEEDS_CLASS_COUNTS
 from common.audit.keys import Signer, write_allow_list, write_key_pair
 from common.errors import ConfigError
+from common.files import PRIVATE, atomic_write_text
 from common.site_policy import POLICY_FILE, SitePolicy
 from simulations.scenarios import to_toml
 
@@ -47,7 +48,7 @@ def provision_sites(run_dir: Path, num_clients: int, site: dict[str, Any] | None
         for name, keys in ((SITE_CONFIG, [k for k in own if k in BUDGET]), (POLICY_FILE, [k for k in own if k not in BUDGET])):
             (folder / name).unlink(missing_ok=True)  # a rerun into the same folder keeps no stale settings
             if keys:
-                (folder / name).write_text(to_toml({k: own[k] for k in keys}), encoding="utf-8")
+                atomic_write_text(folder / name, to_toml({k: own[k] for k in keys}), mode=PRIVATE)
         institutions[signer.name] = signer.public
     allow_list = Path(run_dir) / ALLOW_LIST
     write_allow_list(allow_list, institutions)

@@ -17,7 +17,7 @@ from typing import Any
 
 from common.audit.keys import load_allow_list
 from common.errors import ConfigError
-from common.files import atomic_write_text
+from common.files import PRIVATE, atomic_write_text, private_folder
 
 BUNDLE_KIND = "fedstill/audit-bundle/v1"
 LEDGER, RESULTS, ALLOW_LIST, COORDINATOR_PUB = "ledger.jsonl", "results.json", "allow-list.toml", "coordinator.pub"
@@ -58,7 +58,7 @@ def write_bundle(run_dir: Path, release_logs: list[Path], out: Path) -> dict[str
         "allow_list": allow_list, "coordinator_key": pub.read_text(encoding="ascii").strip() if pub.is_file() else None,
         "release_logs": logs,
     }
-    atomic_write_text(out, json.dumps(bundle, sort_keys=True) + "\n")
+    atomic_write_text(out, json.dumps(bundle, sort_keys=True) + "\n", mode=PRIVATE)
     return bundle
 
 
@@ -82,15 +82,15 @@ def unpack(path: Path, into: Path) -> Unpacked:
             or not isinstance(bundle.get("release_logs"), dict):
         raise ConfigError(f"{path} is not an audit bundle of kind {BUNDLE_KIND}; make it with `fedstill audit bundle`")
     run = into / _safe(str(bundle.get("run") or "run"))
-    run.mkdir(parents=True, exist_ok=True)
-    (run / LEDGER).write_text(bundle["ledger"], encoding="utf-8")
+    private_folder(run)
+    atomic_write_text(run / LEDGER, bundle["ledger"], mode=PRIVATE)
     if isinstance(bundle.get("results_audit"), dict):
-        (run / RESULTS).write_text(json.dumps({"audit": bundle["results_audit"]}), encoding="utf-8")
+        atomic_write_text(run / RESULTS, json.dumps({"audit": bundle["results_audit"]}), mode=PRIVATE)
     logs = []
     for name, text in sorted(bundle["release_logs"].items()):
         folder = into / "sites" / _safe(str(name))
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "release-log.jsonl").write_text(str(text), encoding="utf-8")
+        private_folder(folder)
+        atomic_write_text(folder / "release-log.jsonl", str(text), mode=PRIVATE)
         logs.append(folder / "release-log.jsonl")
     allow_list = bundle.get("allow_list")
     key = bundle.get("coordinator_key")

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from common.audit.canonical import sha256_hex
 from common.errors import AuditError, ConfigError
+from common.files import PRIVATE, atomic_write_text, private_descriptor, private_folder
 
 PASSPHRASE_ENV = "FEDSTILL_KEY_PASSPHRASE"
 KEY_PREFIX = "ed25519:"
@@ -106,21 +107,18 @@ def public_key_path(folder: Path, name: str) -> Path:
 
 
 def write_key_pair(signer: Signer, folder: Path, passphrase: bytes | None = None, overwrite: bool = False) -> tuple[Path, Path]:
-    """Write `<name>.key` (PKCS#8 PEM, mode 0600, encrypted when a passphrase is given) and `<name>.pub`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write `<name>.key` (PKCS#8 PEM, encrypted when a passphrase is given) and `<name>.pub`, both mode 0600, into
+    `folder` (made 0700 when missing)."""
+    folder = private_folder(folder)
     private_path, public_path = private_key_path(folder, signer.name), public_key_path(folder, signer.name)
     if private_path.exists() and not overwrite:
         raise ConfigError(f"{private_path} exists; refusing to overwrite a key (delete it first, or choose another --out)")
     encryption = (serialization.BestAvailableEncryption(passphrase) if passphrase
                   else serialization.NoEncryption())
     pem = signer.private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    descriptor = os.open(private_path, flags, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(pem)
-    os.chmod(private_path, 0o600)  # also when the file existed with looser permissions
-    public_path.write_text(signer.public + "\n", encoding="ascii")
+    with os.fdopen(private_descriptor(private_path, os.O_WRONLY | os.O_TRUNC), "wb") as handle:  # 0600, also when it
+        handle.write(pem)  # existed with looser permissions
+    atomic_write_text(public_path, signer.public + "\n", mode=PRIVATE, encoding="ascii")
     return private_path, public_path
 
 
@@ -175,4 +173,4 @@ def load_allow_list(path: Path | str) -> dict[str, str]:
 def write_allow_list(path: Path | str, institutions: dict[str, str]) -> None:
     lines = ["# fedstill allow-list: institutions whose signed releases the coordinator accepts", "[institutions]"]
     lines += [f'"{name}" = "{public}"' for name, public in sorted(institutions.items())]
-    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(path, "\n".join(lines) + "\n", mode=PRIVATE)

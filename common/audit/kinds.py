@@ -30,6 +30,8 @@ Coordinator ledger (`<run folder>/ledger.jsonl`, signer "coordinator"):
     student-checkpoint  {round, file, sha256, student_accuracy}
     run-finished        {status: "completed", rounds, student_sha256}
     run-failed          {status: "failed", error}
+    run-stopped         {status: "stopped", error}   the run was stopped with `flwr stop` (error says how Flower ended
+                        it); Flower has cut the run off from the institutions by then, so none cosigns its end
     ledger-resumed      {run_id}                       a restarted server continues the chain
     run-resumed         {run_id, checkpoint_round, checkpoint_seq, checkpoint_hash, interrupted_run_ids,
                         abandoned_rounds}   after run-started, when `resume = true` continues from the checkpoint
@@ -76,6 +78,7 @@ EXCHANGE_OPENED = "exchange-opened"
 CHECKPOINT = "student-checkpoint"
 RUN_FINISHED = "run-finished"
 RUN_FAILED = "run-failed"
+RUN_STOPPED = "run-stopped"
 RUN_RESUMED = "run-resumed"
 RELEASE = "release"
 WEIGHT_CLIPPED = "weight-clipped"
@@ -88,7 +91,7 @@ WITNESS_PHASE = "witness"  # the exchange after the closing entry: institutions 
 SECAGG_DROPPED = "secagg-dropped"
 FEDAVG_PHASE = "fedavg"  # the FedAvg baseline's exchange: global weights down, trained weights up
 FEDAVG_PAYLOAD = "fedavg-weights"  # the payload kind a FedAvg reply's attestation states
-CLOSING = (RUN_FINISHED, RUN_FAILED)
+CLOSING = (RUN_FINISHED, RUN_FAILED, RUN_STOPPED)
 ROUND_WORK = (ROUND_OPENED, REPLY_ACCEPTED, REPLY_REJECTED, AGGREGATED, DIGEST_OPENED, EXCHANGE_OPENED, CHECKPOINT,
               WEIGHT_CLIPPED, SUM_REFUSED, SECAGG_DROPPED)
 COORDINATOR = "coordinator"

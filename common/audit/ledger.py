@@ -9,10 +9,10 @@ Each line is the RFC 8785 canonical JSON of one entry:
 Entry 0 has kind `ledger-opened` and names the signer's key. Changing, deleting, reordering or
 inserting an entry breaks a hash link, the sequence or a signature; `common.audit.verify` checks them.
 
-Durability: every append is written whole, flushed and fsync'd under an exclusive file lock. A crash
-mid-write can only leave a torn last line; the next `open` moves those bytes aside
-(`<log>.torn-<time>`), truncates to the last whole entry and records a `ledger-recovered` entry, so
-earlier entries are never touched and the chain goes on.
+Durability: every append is written whole, flushed and fsync'd under an exclusive file lock, to a file
+only its owner may read (0600, common.files.private_descriptor). A crash mid-write can only leave a torn
+last line; the next `open` moves those bytes aside (`<log>.torn-<time>`), truncates to the last whole
+entry and records a `ledger-recovered` entry, so earlier entries are never touched and the chain goes on.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 from common.audit.canonical import canonical, sha256_hex, utc_now
 from common.audit.keys import Signer
 from common.errors import AuditError
+from common.files import PRIVATE, atomic_write_bytes, private_descriptor, private_folder
 
 GENESIS_PREV = "0" * 64
 OPENED, RECOVERED, RESUMED = "ledger-opened", "ledger-recovered", "ledger-resumed"
@@ -64,7 +65,7 @@ class Ledger:
         torn last line from a crash is set aside first.
         """
         ledger = cls(Path(path), signer)
-        ledger.path.parent.mkdir(parents=True, exist_ok=True)
+        private_folder(ledger.path.parent)
         with ledger._locked() as handle:
             last = ledger._last_entry(handle)
             if last is None:
@@ -93,7 +94,7 @@ class Ledger:
 
     @contextmanager
     def _locked(self) -> Iterator[BinaryIO]:
-        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        descriptor = private_descriptor(self.path, os.O_RDWR)  # owner-only (0600), also a log an older version made
         with os.fdopen(descriptor, "r+b") as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
@@ -142,7 +143,7 @@ class Ledger:
         handle.seek(start)
         torn = handle.read()
         aside = self.path.with_name(f"{self.path.name}.torn-{utc_now().replace(':', '')}")
-        aside.write_bytes(torn)
+        atomic_write_bytes(aside, torn, mode=PRIVATE)
         handle.truncate(start)
         handle.flush()
         os.fsync(handle.fileno())

@@ -12,7 +12,7 @@ from typing import Any
 from common.audit.report_html import COMPOSITION_CHART, render_html
 from common.audit.report_privacy import NO_GUARANTEE
 from common.errors import ConfigError
-from common.files import atomic_write_bytes, atomic_write_text
+from common.files import PRIVATE, atomic_write_bytes, atomic_write_text, private_folder
 
 JSON_FILE, MARKDOWN_FILE, HTML_FILE = "audit-report.json", "audit-report.md", "audit-report.html"
 BYTES_PLOT, EPSILON_PLOT = "audit-bytes-per-round.png", "audit-epsilon.png"
@@ -20,19 +20,19 @@ BYTES_PLOT, EPSILON_PLOT = "audit-bytes-per-round.png", "audit-epsilon.png"
 
 def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write audit-report.json, audit-report.md, audit-report.html (its charts inside) and the two plots into
-    `out_dir`, each atomically."""
+    `out_dir`, each atomically and owner-only (0600; `out_dir` made 0700 when missing)."""
     out_dir = Path(out_dir)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(out_dir)
         charts = {BYTES_PLOT: _plot_bytes(report), EPSILON_PLOT: _plot_epsilon(report)}
         if any(inst.get("privacy_ledger") for inst in report["institutions"].values()):
             charts[COMPOSITION_CHART] = _plot_composition(report)
         paths = [out_dir / JSON_FILE, out_dir / MARKDOWN_FILE, out_dir / HTML_FILE, out_dir / BYTES_PLOT, out_dir / EPSILON_PLOT]
         for path, text in zip(paths[:3], (json.dumps(report, indent=2) + "\n", render_markdown(report),
                                           render_html(report, charts)), strict=True):
-            atomic_write_text(path, text)
+            atomic_write_text(path, text, mode=PRIVATE)
         for path in paths[3:]:
-            atomic_write_bytes(path, charts[path.name])
+            atomic_write_bytes(path, charts[path.name], mode=PRIVATE)
     except OSError as error:
         raise ConfigError(f"cannot write the report into {out_dir}: {error.strerror or error}; choose another --out") from None
     return paths

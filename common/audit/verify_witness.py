@@ -23,6 +23,9 @@ from common.audit.witness import Cosignature, Receipt, SignedHead, TreeHead
 from common.errors import AuditError
 
 WITNESS_KINDS = (kinds.TREE_HEAD, kinds.COSIGNED)  # may follow the closing entry, with the witness exchange
+STOPPED_UNWITNESSED = ("no tree head covers the closing entry: the run was stopped with `flwr stop`, and Flower cut it off "
+                       "from the institutions before they could cosign its end; resume the run (its end is then witnessed), "
+                       "or pass --quorum 0 to accept a record whose end only the coordinator signed")
 
 
 class Tree:
@@ -55,11 +58,11 @@ def check_ledger_witnessing(chain: Chain, tree: Tree, keys: Mapping[str, str] | 
     institutions, by default every institution with an accepted reply in the run's last round."""
     heads: dict[int, TreeHead] = {}
     cosigned: dict[int, set[str]] = {}
-    closing = None
+    closing, stopped = None, False
     for number, entry in chain.entries:
         kind, body = entry["kind"], entry["body"]
         if kind in kinds.CLOSING:
-            closing = entry["seq"]
+            closing, stopped = entry["seq"], kind == kinds.RUN_STOPPED
         if kind == kinds.TREE_HEAD:
             head = _recorded_head(chain, tree, number, entry)
             if head is not None:
@@ -87,8 +90,9 @@ def check_ledger_witnessing(chain: Chain, tree: Tree, keys: Mapping[str, str] | 
             notes.append("nobody was present at the end of the run to witness it (no institution's reply was used)")
         elif quorum != 0:
             number, last = chain.entries[-1]
-            chain.problem(number, last, "witness", "no tree head covers the closing entry: the institutions never "
-                                                   "cosigned the end of the record (pass --quorum 0 to accept that)")
+            chain.problem(number, last, "witness", STOPPED_UNWITNESSED if stopped else
+                          "no tree head covers the closing entry: the institutions never cosigned the end of the record "
+                          "(pass --quorum 0 to accept that)")
         return
     got = cosigned.get(final, set())
     if quorum is None:

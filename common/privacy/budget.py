@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, DataError, PrivacyBudgetExceeded
-from common.files import atomic_write_text
+from common.files import PRIVATE, atomic_write_text, private_descriptor, private_folder
 from common.privacy import accounting
 
 BUDGET_TOLERANCE = 1e-9
@@ -93,7 +93,7 @@ class PrivacyLedger:
         accounting.check_delta(delta)
         ledger = cls(Path(path), float(max_epsilon), float(delta))
         try:
-            ledger.path.parent.mkdir(parents=True, exist_ok=True)
+            private_folder(ledger.path.parent)
         except OSError as error:
             raise DataError(f"{LEDGER}: its folder cannot be created ({_reason(error)}); check the path") from error
         with ledger._exclusive():  # two first runs must not both create it (the second would erase the first)
@@ -197,7 +197,7 @@ class PrivacyLedger:
                 "reserve block would wait for itself); record through the Spend of the enclosing reserve"
             )
         try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = private_descriptor(self.lock_path, os.O_RDWR)
         except OSError as error:
             raise DataError(
                 f"{LEDGER}: its lock file cannot be opened ({_reason(error)}); check that the ledger's folder "
@@ -225,7 +225,7 @@ class PrivacyLedger:
     def _write(self, entries: list[dict[str, Any]]) -> None:
         """Replace the file atomically (owner-only, 0600): temp file, fsync, os.replace, fsync folder."""
         text = json.dumps({"delta": self.delta, "entries": entries}, indent=1, allow_nan=False)
-        atomic_write_text(self.path, text, mode=0o600)
+        atomic_write_text(self.path, text, mode=PRIVATE)
 
 
 def read_ledger_file(path: str | os.PathLike[str]) -> tuple[float, list[dict[str, Any]]]:

@@ -1,9 +1,9 @@
 """The run's human report, `report.md`: everything results.json says, as tables, with the plots.
 
-Written when a run ends (completed or failed) and again whenever a later command adds a section to the run
-folder's results.json (server/results/run_folder.py `add_section`): `fedstill evaluate` (`evaluation`),
-`fedstill export` (`export`), `fedstill bench` (`serving`). The rounds, final figures, audit and privacy
-sections are read through their typed records (server/results/schema.py).
+Written when a run ends (completed, failed, or stopped with `flwr stop`) and again whenever a later command adds a
+section to the run folder's results.json (server/results/run_folder.py `add_section`): `fedstill evaluate`
+(`evaluation`), `fedstill export` (`export`), `fedstill bench` (`serving`). The rounds, final figures, audit and
+privacy sections are read through their typed records (server/results/schema.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from common.audit.naming import CLAIM
-from common.files import atomic_write_text
+from common.files import PRIVATE, atomic_write_text
 from server.results.schema import STUDENT_METRICS, AuditSummary, FinalFigures, PrivacySummary, RoundRow
 
 REPORT = "report.md"
@@ -20,7 +20,7 @@ REPORT = "report.md"
 
 def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
     path = run_dir / REPORT
-    atomic_write_text(path, render(results, run_dir))
+    atomic_write_text(path, render(results, run_dir), mode=PRIVATE)
     return path
 
 

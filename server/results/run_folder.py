@@ -3,7 +3,8 @@
 results.json's rows, final figures and student.json are the typed records of server/results/schema.py; the
 one way a later command (`fedstill evaluate`, `export`, `bench`) adds to results.json is `add_section`.
 
-Every file is written atomically (common/files.py), so a crash never leaves a torn file.
+Every file is written atomically (common/files.py), so a crash never leaves a torn file, and owner-only (0600, in a
+run folder of mode 0700): the records are the coordinator's and its institutions' business only.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from common.config import RunConfig
 from common.errors import ConfigError
-from common.files import atomic_path, atomic_write_text
+from common.files import PRIVATE, atomic_path, atomic_write_text, open_private, private_folder
 from server.results.report import write_report
 from server.results.schema import FinalFigures, RoundRow, StudentMeta
 
@@ -30,6 +31,7 @@ PROGRESS = "progress.jsonl"
 STUDENT = "student.safetensors"
 STUDENT_CONFIG = "student.json"
 PLOT = "accuracy.png"
+COMPLETED, FAILED, STOPPED = "completed", "failed", "stopped"  # results.json's `status` (STOPPED: by `flwr stop`)
 
 
 def resolve_run_dir(cfg: RunConfig) -> Path:
@@ -48,7 +50,7 @@ class RunFolder:
     @classmethod
     def create(cls, cfg: RunConfig) -> RunFolder:
         path = resolve_run_dir(cfg)
-        path.mkdir(parents=True, exist_ok=True)
+        private_folder(path, tighten=True)
         folder = cls(path, cfg)
         folder.event("started", rounds=cfg.num_server_rounds, pid=os.getpid())
         return folder
@@ -56,7 +58,7 @@ class RunFolder:
     def event(self, kind: str, **details: Any) -> None:
         """Append one line to progress.jsonl (read by `fedstill simulate` for its progress display)."""
         line = json.dumps({"event": kind, "time": time.time(), **details})
-        with (self.path / PROGRESS).open("a", encoding="utf-8") as handle:
+        with open_private(self.path / PROGRESS) as handle:
             handle.write(line + "\n")
             handle.flush()
             os.fsync(handle.fileno())
@@ -67,27 +69,33 @@ class RunFolder:
                    clients_replied=row.clients_replied, wall_s=row.wall_s)
 
     def save_student(self, model: nn.Module, meta: StudentMeta) -> None:
-        with atomic_path(self.path / STUDENT) as tmp:
+        with atomic_path(self.path / STUDENT, mode=PRIVATE) as tmp:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta.header())
         write_json(self.path / STUDENT_CONFIG, meta.to_json())
 
     def finish(self, final: FinalFigures) -> dict[str, Any]:
-        results = {"status": "completed", "scenario": self.cfg.to_dict(), "rounds": self.rows_json(),
+        results = {"status": COMPLETED, "scenario": self.cfg.to_dict(), "rounds": self.rows_json(),
                    "final": final.to_json(), **self.sections}
         write_json(self.path / RESULTS, results)
         plot_accuracy(self.rounds, final, self.path / PLOT)
         write_report(self.path, results)
-        self.event("finished", status="completed")
+        self.event("finished", status=COMPLETED)
         return results
 
     def fail(self, error: BaseException) -> None:
         """Keep what was done: the rounds completed so far, the reason, and the last student checkpoint."""
-        reason = f"{type(error).__name__}: {error}"
-        results = {"status": "failed", "error": reason, "scenario": self.cfg.to_dict(), "rounds": self.rows_json(),
+        self._end_early(FAILED, f"{type(error).__name__}: {error}")
+
+    def stop(self, note: str) -> None:
+        """Flower stopped the run (`flwr stop`, server/stopping.py): kept as a failed run is, with status "stopped"."""
+        self._end_early(STOPPED, note)
+
+    def _end_early(self, status: str, reason: str) -> None:
+        results = {"status": status, "error": reason, "scenario": self.cfg.to_dict(), "rounds": self.rows_json(),
                    "final": None, **self.sections}
         write_json(self.path / RESULTS, results)
         write_report(self.path, results)
-        self.event("finished", status="failed", error=reason)
+        self.event("finished", status=status, error=reason)
 
     def rows_json(self) -> list[dict[str, Any]]:
         """results.json's `rounds` (and the checkpoint's): every row so far, as JSON."""
@@ -110,7 +118,7 @@ def add_section(run_dir: Path, name: str, section: dict[str, Any]) -> dict[str, 
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=json_default) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2, default=json_default) + "\n", mode=PRIVATE)
 
 
 def json_default(value: Any) -> Any:
@@ -141,6 +149,6 @@ def plot_accuracy(rounds: list[RoundRow], final: FinalFigures, path: Path) -> No
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
+    with atomic_path(path, mode=PRIVATE, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)

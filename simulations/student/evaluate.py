@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.files import atomic_path, atomic_write_text
+from common.files import PRIVATE, atomic_path, atomic_write_text, private_folder
 from common.metrics import macro_f1
 from common.models.inputs import inputs_to_tensor
 from common.models.registry import count_parameters
@@ -129,10 +129,9 @@ def evaluate_run(student: RunStudent, *, ensemble: EnsembleLogits | None = None,
         "robustness": robustness(student.model, split, levels or {}, student.cfg.seed),
         "size": model_size(student),
     }
-    out = student.run_dir / EVAL_DIR
-    out.mkdir(exist_ok=True)
+    out = private_folder(student.run_dir / EVAL_DIR)
     write_json(out / SUMMARY, summary)
-    atomic_write_text(out / REPORT, report(summary))
+    atomic_write_text(out / REPORT, report(summary), mode=PRIVATE)
     plot_robustness(summary, out / PLOT)
     add_section(student.run_dir, "evaluation", summary)  # results.json and report.md
     return summary
@@ -185,6 +184,6 @@ def plot_robustness(s: dict[str, Any], path: Path) -> None:
     axes[0].set_ylim(0, 1)
     fig.suptitle(f"{s['model']} on {s['dataset']}: accuracy under input perturbation")
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
+    with atomic_path(path, mode=PRIVATE, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)

@@ -27,7 +27,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
 from common.errors import ConfigError
-from common.files import atomic_path
+from common.files import PRIVATE, atomic_path, private_folder
 from common.models.inputs import inputs_to_tensor
 from server.results.run_folder import add_section, write_json
 from simulations.student.load import load_run_split, load_run_student, softmax, torch_logits
@@ -47,7 +47,7 @@ QUANT_MODES = ("auto", "static", "dynamic")
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = OPSET) -> None:
     """Write `model` as ONNX (batch axis dynamic) to `path`, atomically, and check the graph."""
     model.eval()
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode=PRIVATE) as tmp:
         with warnings.catch_warnings():
             # torch >= 2.9 announces the dynamo exporter as the default (the TorchScript one needs no onnxscript);
             # tracer notes on transformers' shape arithmetic are left out too: the parity check is the evidence
@@ -117,7 +117,7 @@ def quantise(fp32: Path, int8: Path, calibration: np.ndarray | None, mode: str =
         if calibration is None or not len(calibration):
             raise ConfigError("static quantisation needs calibration inputs (a slice of the public set)")
         reader = _CalibrationSlice(calibration)
-    with atomic_path(int8) as tmp, tempfile.TemporaryDirectory() as scratch:
+    with atomic_path(int8, mode=PRIVATE) as tmp, tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared))  # shape inference and graph optimisation first
         if reader is None:
@@ -138,8 +138,7 @@ def export_run(run_dir: Path, *, calibration_size: int = CALIBRATION_SIZE, mode:
         raise ConfigError(f"calibration size must be >= 1 public samples, got {calibration_size}")
     student = load_run_student(run_dir, data_dir)
     split = load_run_split(student)
-    out = Path(run_dir) / EXPORT_DIR
-    out.mkdir(exist_ok=True)
+    out = private_folder(Path(run_dir) / EXPORT_DIR)
     x_test = inputs_to_tensor(split.test.inputs)
     labels = np.asarray(split.test.labels)
     calibration = inputs_to_tensor(split.public.inputs[:calibration_size]).numpy()

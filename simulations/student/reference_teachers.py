@@ -34,7 +34,7 @@ from client.teacher import saved_header
 from common.aggregation import NEEDS_CLASS_COUNTS, AggregationParams, aggregate
 from common.config import RunConfig
 from common.errors import ConfigError
-from common.files import atomic_path
+from common.files import PRIVATE, atomic_path, private_folder
 from common.models.inputs import input_shape, inputs_to_tensor
 from common.models.registry import build_model
 from common.models.training import train_supervised
@@ -173,7 +173,7 @@ def _retrained(student: RunStudent, split: FederatedSplit, retrain: bool,
     if teachers is not None:
         return teachers, True
     teachers = train_teachers(student.cfg, split, on_teacher)
-    cache.parent.mkdir(exist_ok=True)
+    private_folder(cache.parent)
     _write_cache(cache, key, teachers)
     return teachers, False
 
@@ -195,7 +195,7 @@ def _read_cache(path: Path, key: str) -> list[dict[str, Any]] | None:
 
 
 def _write_cache(path: Path, key: str, teachers: list[dict[str, Any]]) -> None:
-    with atomic_path(path, suffix=".npz") as tmp:
+    with atomic_path(path, mode=PRIVATE, suffix=".npz") as tmp:
         np.savez_compressed(tmp, key=np.array(key), models=np.array(json.dumps([t["model"] for t in teachers])),
                             num_examples=np.array([t["num_examples"] for t in teachers], dtype=np.int64),
                             class_counts=np.stack([t["class_counts"] for t in teachers]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,3 +38,13 @@ def _server_task() -> Iterator[None]:
 def memory_grid(server_task: None) -> type[MemoryGrid]:
     """The suite's one in-memory Grid (tests/unit/grid.py), ready to send: `memory_grid(answer, nodes)`."""
     return MemoryGrid
+
+
+@pytest.fixture
+def loose_umask() -> Iterator[None]:
+    """The common default umask (022), under which a plain new file is 0644 and a folder 0755; restored afterwards."""
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)

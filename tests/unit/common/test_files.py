@@ -1,4 +1,5 @@
-"""Unit tests of common/files.py: the one atomic-write helper (content, replacement, clean-up, mode, fsync)."""
+"""Unit tests of common/files.py: the one atomic-write helper (content, replacement, clean-up, mode, fsync), and the
+owner-only files and folders that hold records (appends, folders, tightening)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ from pathlib import Path
 import pytest
 
 from common import files
-from common.files import atomic_path, atomic_write_bytes, atomic_write_text
+from common.files import (
+    PRIVATE,
+    PRIVATE_FOLDER,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    open_private,
+    private_descriptor,
+    private_folder,
+)
 
 
 def leftovers(folder: Path) -> list[Path]:
@@ -151,3 +161,100 @@ def test_a_private_file_is_private_before_its_first_byte(tmp_path: Path) -> None
 
     # Assert
     assert seen == 0o600 and stat.S_IMODE((tmp_path / "node.key").stat().st_mode) == 0o600
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.usefixtures("loose_umask")
+def test_appends_go_to_an_owner_only_file(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "progress.jsonl"
+
+    # Execute
+    for line in ("one", "two"):
+        with open_private(path) as handle:
+            handle.write(line + "\n")
+
+    # Assert
+    assert path.read_text(encoding="utf-8") == "one\ntwo\n" and mode_of(path) == PRIVATE
+
+
+@pytest.mark.usefixtures("loose_umask")
+def test_a_file_an_older_version_left_readable_is_tightened_on_the_next_write(tmp_path: Path) -> None:
+    # Prepare: a log and a file to rewrite, both world-readable
+    log, rewritten = tmp_path / "ledger.jsonl", tmp_path / "flwr.log"
+    for path in (log, rewritten):
+        path.write_text("old\n", encoding="utf-8")
+        path.chmod(0o644)
+
+    # Execute
+    os.close(private_descriptor(log, os.O_RDWR))
+    with open_private(rewritten, "w") as handle:
+        handle.write("new\n")
+
+    # Assert: modes tightened, contents as written (appended to, or replaced)
+    assert mode_of(log) == PRIVATE and log.read_text(encoding="utf-8") == "old\n"
+    assert mode_of(rewritten) == PRIVATE and rewritten.read_text(encoding="utf-8") == "new\n"
+
+
+@pytest.mark.usefixtures("loose_umask")
+def test_private_folder_makes_every_missing_folder_owner_only_and_leaves_existing_ones(tmp_path: Path) -> None:
+    # Prepare: an existing, shared parent
+    shared = tmp_path / "runs"
+    shared.mkdir(mode=0o755)
+
+    # Execute
+    made = private_folder(shared / "study" / "run-1")
+
+    # Assert
+    assert made == shared / "study" / "run-1" and made.is_dir()
+    assert mode_of(shared / "study") == PRIVATE_FOLDER and mode_of(made) == PRIVATE_FOLDER
+    assert mode_of(shared) == 0o755
+
+
+@pytest.mark.usefixtures("loose_umask")
+def test_private_folder_tightens_an_existing_folder_only_when_asked(tmp_path: Path) -> None:
+    # Prepare
+    kept, tightened = tmp_path / "state", tmp_path / "run"
+    for folder in (kept, tightened):
+        folder.mkdir(mode=0o755)
+
+    # Execute
+    private_folder(kept)
+    private_folder(tightened, tighten=True)
+
+    # Assert
+    assert mode_of(kept) == 0o755 and mode_of(tightened) == PRIVATE_FOLDER
+
+
+def test_private_folder_refuses_a_file_in_its_way(tmp_path: Path) -> None:
+    # Prepare
+    (tmp_path / "runs").write_text("not a folder", encoding="utf-8")
+
+    # Execute / Assert
+    with pytest.raises(FileExistsError):
+        private_folder(tmp_path / "runs" / "run-1")
+
+
+@pytest.mark.usefixtures("loose_umask")
+def test_a_record_of_another_user_that_cannot_be_tightened_is_refused_saying_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a world-readable log whose mode this user may not change (as when another user owns it)
+    path = tmp_path / "release-log.jsonl"
+    path.write_text("", encoding="utf-8")
+    path.chmod(0o644)
+
+    def refuse(descriptor: int, mode: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(files.os, "fchmod", refuse)
+
+    # Execute / Assert: the reason and the fix, the file name apart (errors leaving a node drop it)
+    with pytest.raises(PermissionError) as refused:
+        private_descriptor(path, os.O_RDWR)
+    assert refused.value.strerror == ("mode 0o644 and another user's, so it cannot be made owner-only (0o600) as fedstill "
+                                      "keeps records and keys; give it to the user that runs fedstill (chown), or move it aside")
+    assert refused.value.filename == str(path)
