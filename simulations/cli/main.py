@@ -6,6 +6,7 @@ import typer
 
 from simulations.cli.audit_commands import audit_app, keygen
 from simulations.cli.certs_commands import certs
+from simulations.cli.federation_commands import nodes, register, run, superlink
 from simulations.cli.node_commands import app_hash, supernode
 from simulations.cli.run_commands import compare, privacy_sweep, scenarios, simulate
 from simulations.cli.site_commands import site_data
@@ -17,6 +18,10 @@ app.command()(certs)
 app.command("site-data")(site_data)
 app.command()(supernode)
 app.command("app-hash")(app_hash)
+app.command()(superlink)
+app.command()(register)
+app.command()(nodes)
+app.command()(run)
 app.command()(export)
 app.command()(evaluate)
 app.command()(bench)
