@@ -171,7 +171,12 @@ def _earlier_status(run_dir: Path) -> str | None:
 
 
 def find_run_id(log_path: Path) -> str | None:
-    match = re.search(r"Successfully started run (\d+)", log_path.read_text(errors="replace"))
+    return run_id_in(log_path.read_text(errors="replace"))
+
+
+def run_id_in(output: str) -> str | None:
+    """The run id `flwr run` prints when the SuperLink accepted the run."""
+    match = re.search(r"Successfully started run (\d+)", output)
     return match.group(1) if match else None
 
 
@@ -190,8 +195,14 @@ def run_status(run_id: str, env: dict[str, str]) -> str | None:
 
 
 def last_error(log_path: Path) -> str:
-    """The last error line of the `flwr run` log (Flower's CLI draws errors in a box: take its text)."""
-    lines = log_path.read_text(errors="replace").splitlines()
+    """The last error line of the `flwr run` log, with the log's path."""
+    found = cli_error_in(log_path.read_text(errors="replace"))
+    return f"{found} (log: {log_path})" if found else f"see {log_path}"
+
+
+def cli_error_in(output: str) -> str | None:
+    """The last error of a flwr CLI command's output (Flower's CLI draws errors in a box: take its text)."""
+    lines = output.splitlines()
     for index in range(len(lines) - 1, -1, -1):
         if "─ Error ─" in lines[index]:
             box = []
@@ -199,10 +210,10 @@ def last_error(log_path: Path) -> str:
                 if line.startswith("╰"):
                     break
                 box.append(line.strip(" │"))
-            return f"{' '.join(box)} (log: {log_path})"
+            return " ".join(part for part in box if part)
         if "ERROR" in lines[index]:
-            return f"{lines[index].strip()} (log: {log_path})"
-    return f"see {log_path}"
+            return lines[index].strip()
+    return None
 
 
 def local_superlinks(home: Path) -> list[int]:

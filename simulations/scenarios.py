@@ -59,13 +59,19 @@ def resolve(scenario: str | None, sets: list[str], cwd: Path) -> tuple[dict[str,
     `<scenario>-<UTC timestamp>` so the caller knows the run folder before the run starts.
     """
     overrides = {**load_scenario(scenario), **parse_sets(sets)}
+    return overrides, RunConfig.from_run_config(complete(overrides, cwd))
+
+
+def complete(overrides: dict[str, Any], cwd: Path, paths: tuple[str, ...] = ("output-dir", "data-dir")) -> dict[str, Any]:
+    """The defaults merged with `overrides`, the keys `paths` made absolute against `cwd` and an empty run-name
+    named; what changed is written into `overrides` too (the keys handed to `flwr run`)."""
     merged = {**default_run_config(), **overrides}
-    for key in ("output-dir", "data-dir"):
+    for key in paths:
         if isinstance(merged.get(key), str) and merged[key]:
             overrides[key] = merged[key] = str((cwd / Path(merged[key]).expanduser()).resolve())
     if not merged.get("run-name") and isinstance(merged.get("scenario"), str):
         overrides["run-name"] = merged["run-name"] = f"{merged['scenario']}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    return overrides, RunConfig.from_run_config(merged)
+    return merged
 
 
 def to_toml(values: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ import typer
 from simulations.cli.allow_list_commands import allow_list_app
 from simulations.cli.audit_commands import audit_app, keygen
 from simulations.cli.certs_commands import certs
+from simulations.cli.federation_commands import nodes, register, run, superlink
 from simulations.cli.institution_commands import institution_init
 from simulations.cli.node_commands import app_hash, supernode
 from simulations.cli.run_commands import compare, privacy_sweep, scenarios, simulate
@@ -21,6 +22,10 @@ app.add_typer(allow_list_app, name="allow-list")
 app.command("site-data")(site_data)
 app.command()(supernode)
 app.command("app-hash")(app_hash)
+app.command()(superlink)
+app.command()(register)
+app.command()(nodes)
+app.command()(run)
 app.command()(export)
 app.command()(evaluate)
 app.command()(bench)

@@ -9,7 +9,9 @@ and its TLS connection first, exactly as an institution would start it, and runs
 bundles on the institution's approved list: at start the federation takes a snapshot of the
 fedstill app (`app/`, so that edits to the checkout during a run change nothing) and every
 institution approves that snapshot's bundle hash. The SuperLink, whose one port also serves the
-Control API, listens on loopback only.
+Control API, listens on loopback only. Nodes are registered and runs submitted, polled and waited for
+through the coordinator's own code (simulations/deploy/coordinator.py), as `fedstill register` and
+`fedstill run` do.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from typing import Any
 from client.release import PEERS_FILE
 from common.audit.keys import PASSPHRASE_ENV, Signer, private_key_path, write_allow_list, write_key_pair
 from common.audit.kinds import COORDINATOR
-from common.errors import FedstillError
 from common.files import atomic_write_text
 from simulations.deploy.approved_apps import ApprovedApps, app_fab, fab_hash
 from simulations.deploy.certs import (
@@ -46,18 +47,15 @@ from simulations.deploy.certs import (
     write_node_key,
     write_pem,
 )
-from simulations.launcher import OFFLINE_ENV, PROJECT_DIR, find_run_id, free_ports, last_error
+from simulations.deploy.coordinator import Control, DeployError
+from simulations.deploy.federation_nodes import register_node
+from simulations.launcher import OFFLINE_ENV, PROJECT_DIR, free_ports
 from simulations.scenarios import to_toml
 
 FEDERATION = "deploy"
 ALLOW_LIST = "allow-list.toml"
 APPROVED_APPS = "approved-apps.toml"
 STARTUP_TIMEOUT_S = 60.0
-TERMINAL = ("finished",)
-
-
-class DeployError(FedstillError):
-    """The local deployment could not start, or a run on it did not complete."""
 
 
 @dataclass
@@ -198,9 +196,7 @@ class LocalFederation:
         _wait_for_port(self.superlink_port, self.superlink, self.work / "superlink.log")
 
     def register(self, name: str) -> None:
-        out = self.flwr("supernode", "register", str(self.certs / NODES / f"{name}.pub"), FEDERATION, "--name", name)
-        if out.returncode != 0 and "already in use" not in out.stdout + out.stderr:  # registered in an earlier start
-            raise DeployError(f"registering {name}'s node key failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
+        register_node(self.control, self.certs / NODES / f"{name}.pub", name)  # already registered (earlier start): fine
 
     def start_node(self, name: str, *, auth_key: Path | None = None, ca: Path | None = None,
                    approved_apps: Path | None = None, extra: list[str] | None = None) -> Node:
@@ -239,6 +235,11 @@ class LocalFederation:
         return subprocess.run([sys.executable, "-m", "flwr.cli.app", *args], capture_output=True, text=True,
                               env=self.env(self.home), cwd=PROJECT_DIR, timeout=timeout)
 
+    @property
+    def control(self) -> Control:
+        """The coordinator's exchanges with this federation (the same code as `fedstill run` and `register`)."""
+        return Control(FEDERATION, lambda args: self.flwr(*args))
+
     def online_nodes(self) -> list[dict[str, Any]]:
         out = self.flwr("supernode", "list", FEDERATION, "--format", "json")
         try:
@@ -267,37 +268,24 @@ class LocalFederation:
         with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as handle:
             handle.write(to_toml(overrides if app else {**self.run_config(), **overrides}))
             config_file = handle.name
-        log = self.work / "flwr-run.log"
         try:
-            out = self.flwr("run", str(app or self.app), FEDERATION, "--run-config", config_file)
+            return self.control.submit(app or self.app, Path(config_file), log=self.work / "flwr-run.log")
         finally:
             os.unlink(config_file)
-        log.write_text(out.stdout + out.stderr, encoding="utf-8")
-        run_id = find_run_id(log)
-        if out.returncode != 0 or run_id is None:
-            raise DeployError(f"`flwr run` did not start a run: {last_error(log)}")
-        return run_id
 
     def status(self, run_id: str) -> str | None:
-        """`finished:completed`, `finished:failed`, `running`, ... as `flwr list` reports it."""
-        out = self.flwr("list", FEDERATION, "--run-id", run_id, "--format", "json")
+        """`finished:completed`, `finished:failed`, `running`, ... as `flwr list` reports it (None: no answer)."""
         try:
-            run = json.loads(out.stdout[out.stdout.index("{"):])["runs"][0]
-        except (ValueError, KeyError, IndexError):
+            return self.control.status(run_id).status
+        except DeployError:
             return None
-        details = run.get("status-details")
-        return f"{run['status']}:{details}" if details and details != "N/A" else run["status"]
 
     def wait(self, run_id: str, timeout_s: float = 900.0, poll_s: float = 2.0) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            status = self.status(run_id) or ""
-            if status.startswith(TERMINAL):
-                return status
+        def superlink_alive() -> None:
             if self.superlink and self.superlink.poll() is not None:
                 raise DeployError(f"the SuperLink exited: {_tail(self.work / 'superlink.log')}")
-            time.sleep(poll_s)
-        raise DeployError(f"run {run_id} did not finish within {timeout_s:.0f} s")
+
+        return self.control.wait(run_id, timeout_s, poll_s=poll_s, misses=None, on_poll=superlink_alive).status
 
     def run(self, overrides: dict[str, Any], timeout_s: float = 900.0, app: Path | None = None) -> tuple[str, str]:
         run_id = self.submit(overrides, app)
