@@ -74,6 +74,20 @@ def complete(overrides: dict[str, Any], cwd: Path, paths: tuple[str, ...] = ("ou
     return merged
 
 
+def dataset_fit(scenario: str | None, overrides: dict[str, Any]) -> str | None:
+    """A warning when `overrides` swap the scenario's data set for another while keeping the scenario's models,
+    epochs and public-set size, chosen for the first: None when the data set is the scenario's own."""
+    tuned = {**default_run_config(), **load_scenario(scenario)}.get("dataset")
+    dataset = overrides.get("dataset", tuned)
+    if dataset == tuned:
+        return None
+    fitting = [name for name in list_scenarios() if load_scenario(name).get("dataset") == dataset]
+    advice = (f"start from a {dataset} scenario instead ({', '.join(fitting)})" if fitting
+              else f"set its models, epochs and public-size for {dataset}, or write a scenario file for it")
+    return (f"warning: dataset {dataset} replaces {tuned}, but the scenario's models, epochs and public-size were chosen "
+            f"for {tuned}; {advice}")
+
+
 def to_toml(values: dict[str, Any]) -> str:
     """Flat key = value TOML for scalars and lists of scalars (what run configs and site policies hold)."""
     return "\n".join(f"{key} = {_toml_value(value)}" for key, value in values.items()) + "\n"

@@ -37,11 +37,13 @@ def simulate(
 ) -> None:
     """Run a scenario on Flower's simulation engine and print its results."""
     from simulations import launcher
-    from simulations.scenarios import resolve
+    from simulations.scenarios import dataset_fit, parse_sets, resolve
 
     try:
         settings = parse_site(site)
         overrides, cfg = resolve(scenario, set_, Path.cwd())
+        if (warning := dataset_fit(scenario, parse_sets(set_))) is not None:
+            console.print(warning, style="yellow", highlight=False)
         preflight_sites(cfg, settings)
         preflight(cfg)
         console.print(f"[bold]fedstill[/] {cfg.scenario}: {cfg.num_clients} clients, {cfg.partitioner}, "
@@ -71,11 +73,13 @@ def compare(
     """Compare aggregation rules and variants with FedAvg, local-only and centralised baselines."""
     from common.config import RunConfig, default_run_config
     from simulations.compare import TABLE, parse_methods, run_comparison
-    from simulations.scenarios import resolve
+    from simulations.scenarios import dataset_fit, parse_sets, resolve
 
     try:
         settings = parse_site(site)
         overrides, cfg = resolve(scenario, set_, Path.cwd())
+        if (warning := dataset_fit(scenario, parse_sets(set_))) is not None:
+            console.print(warning, style="yellow", highlight=False)
         methods = parse_methods(rules or ([] if method else ["mean"]), method)
         folder = Path(cfg.output_dir) / f"compare-{cfg.run_name}"
         base = {k: v for k, v in overrides.items() if k not in ("run-name", "output-dir")}
@@ -277,3 +281,18 @@ def print_results(results: dict[str, Any], run_dir: Path) -> None:
         + f"; uplink {final['uplink_bytes_total'] / 1e6:.1f} MB\nrun folder: {run_dir}",
         soft_wrap=False,
     )
+    if (warning := near_chance(results)) is not None:
+        console.print(warning, style="yellow", highlight=False)
+
+
+def near_chance(results: dict[str, Any]) -> str | None:
+    """A warning when the teachers' mean accuracy is under twice chance: local training too short (or the wrong
+    settings) for this data set, so the student has little to learn from."""
+    from common.tasks.registry import label_names
+
+    teacher, classes = results["final"].get("teacher_accuracy_mean"), len(label_names(str(results["scenario"].get("dataset"))))
+    if teacher is None or not classes or teacher >= 2.0 / classes:
+        return None
+    return (f"warning: the teachers' mean accuracy {teacher:.4f} is under twice chance ({1.0 / classes:.2f} for {classes} "
+            "classes): their local training is too short or ill-suited to this data set (local-epochs, teacher-lr, "
+            "teacher-models); start from a scenario made for it (fedstill scenarios)")

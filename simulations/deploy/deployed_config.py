@@ -15,7 +15,7 @@ from typing import Any
 from common.audit.keys import load_allow_list
 from common.config import RunConfig, default_run_config
 from common.errors import ConfigError
-from simulations.scenarios import complete, load_scenario, parse_sets, to_toml
+from simulations.scenarios import complete, dataset_fit, load_scenario, parse_sets, to_toml
 
 PATH_KEYS = ("output-dir", "data-dir", "allow-list", "coordinator-key")
 
@@ -43,6 +43,8 @@ def resolve_deployed(scenario: str | None, run_config: Path | None, sets: list[s
         if "min-clients" not in explicit and isinstance(merged.get("min-clients"), int) and merged["min-clients"] > count:
             notes.append(f"min-clients = {count}: capped at num-clients (it was {merged['min-clients']})")
             merged["min-clients"] = count
+    if (warning := dataset_fit(scenario, explicit)) is not None:
+        notes.append(warning)
     cfg = RunConfig.from_run_config(merged)
     defaults = default_run_config()
     values = {key: value for key, value in cfg.to_dict().items()

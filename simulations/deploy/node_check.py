@@ -217,6 +217,12 @@ def check_node_config(config: Mapping[str, UserConfigValue]) -> NodeConfig:
         from common.tasks.institution_files import detect_format
 
         detect_format(Path(node.data_path).expanduser())  # a known layout (the run checks labels and sizes)
+    received = (("allow-list", node.allow_list, "the consortium's allow-list.toml"),
+                ("coordinator-key", node.coordinator_key, "coordinator.pub"))
+    for key, value, what in received:  # what the coordinator sends; a missing site policy has its own check
+        if value is not None and not value.startswith("ed25519:") and not Path(value).expanduser().is_file():
+            raise ConfigError(f"node config {key}={value!r}: no such file on this machine; copy {what} the coordinator "
+                              "sent there")
     return node
 
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from typer.testing import CliRunner
 
-from common.audit.keys import Signer, write_key_pair
+from common.audit.keys import Signer, write_allow_list, write_key_pair
 from common.errors import ConfigError, DataError
 from common.node_config import NodeConfig
 from simulations.deploy.approved_apps import approve
@@ -297,6 +297,16 @@ def test_a_coordinator_key_given_as_text_is_no_path(tmp_path: Path) -> None:
     assert node.coordinator_key == public
 
 
+@pytest.mark.parametrize(("key", "fix"), [
+    ("allow-list", "copy the consortium's allow-list.toml the coordinator sent there"),
+    ("coordinator-key", "copy coordinator.pub the coordinator sent there"),
+])
+def test_a_file_the_node_will_read_must_be_there_before_it_starts(tmp_path: Path, key: str, fix: str) -> None:
+    # Execute / Assert: a node started before the coordinator's files arrived is stopped, with the fix
+    with pytest.raises(ConfigError, match=f"node config {key}=.*no such file on this machine; {fix}"):
+        check_node_config({key: str(tmp_path / "missing")})
+
+
 def test_a_toml_node_config_parses_as_flower_supernode_parses_it(tmp_path: Path) -> None:
     from flwr.common.config import parse_config_args
 
@@ -338,6 +348,8 @@ def institution(tmp_path: Path, pki: Path) -> InstitutionFolder:
     """An institution folder as `fedstill institution-init` lays it out, with what the coordinator sent and its data."""
     folder = init_institution("hospital-a", tmp_path / "inst")
     (folder.root / "ca.crt").write_bytes((pki / "ca.crt").read_bytes())
+    write_allow_list(folder.root / "allow-list.toml", {"hospital-a": folder.signing_public.read_text().strip()})
+    (folder.root / "coordinator.pub").write_text(Signer.generate("coordinator").public + "\n")
     (folder.root / "data" / "site.csv").write_text("x0,x1,label\n0.5,1.0,0\n1.5,0.0,1\n")
     approve(folder.root / "approved-apps.toml", "0" * 64)
     return folder
