@@ -166,10 +166,8 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 60.0)
 
 
 def online(book: Runbook) -> int:
-    out = subprocess.run([sys.executable, "-m", "flwr.cli.app", "supernode", "list", "remote", "--format", "json"],
-                         env=book.coordinator, cwd=book.tmp / "coordinator", capture_output=True, text=True, timeout=60)
     try:
-        nodes = json.loads(out.stdout[out.stdout.index("{"):])["nodes"]
+        nodes = flwr_json(book, "supernode", "list", "remote")["nodes"]
     except (ValueError, KeyError):
         return 0
     return sum(str(node.get("status")).lower() == "online" for node in nodes)
@@ -279,3 +277,47 @@ def test_the_runbook_ends_with_a_verified_federation(runbook: Runbook) -> None:
     private = [runbook.run_dir / "results.json", runbook.run_dir / "ledger.jsonl",
                Path(runbook.coordinator["FEDSTILL"]) / "state" / "superlink.db", *logs]
     assert {str(p): oct(p.stat().st_mode & 0o777) for p in private} == {str(p): "0o600" for p in private}
+
+
+def test_a_run_stopped_with_flwr_stop_is_recorded_as_stopped(runbook: Runbook) -> None:
+    # Prepare: a longer run on the same federation, followed by `fedstill run` as the runbook starts it
+    env, fedstill = runbook.coordinator, Path(runbook.coordinator["FEDSTILL"])
+    command = ["fedstill", "run", SCENARIO, "--federation", "remote", "--run-config", str(fedstill / "run.toml"),
+               "--app", env["FEDSTILL_APP"], "--set", 'run-name="stopped"', "--set", "num-server-rounds=4"]
+    follower = subprocess.Popen(command, env=env, cwd=runbook.tmp / "coordinator", stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    ledger = fedstill / "runs" / "stopped" / "ledger.jsonl"
+    try:
+        deadline = time.monotonic() + 180
+        while not (ledger.exists() and '"round-opened"' in ledger.read_text()):
+            assert follower.poll() is None and time.monotonic() < deadline, "the run to stop never opened a round"
+            time.sleep(0.2)
+
+        # Execute: the coordinator stops it while round 1 waits for its replies
+        [run_id] = [run["run-id"] for run in flwr_json(runbook, "list", "remote")["runs"] if run["status"] == "running"]
+        stop = subprocess.run([sys.executable, "-m", "flwr.cli.app", "stop", run_id, "remote"], env=env,
+                              cwd=runbook.tmp / "coordinator", capture_output=True, text=True, timeout=60)
+        output, _ = follower.communicate(timeout=180)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+
+    # Assert: Flower, `fedstill run` and the run folder all say stopped
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert follower.returncode == 1 and f"run {run_id} was stopped" in output
+    assert flwr_json(runbook, "list", "remote", "--run-id", run_id)["runs"][0]["status"] == "finished:stopped"
+    results = json.loads((fedstill / "runs" / "stopped" / "results.json").read_text())
+    kinds = [json.loads(line)["kind"] for line in ledger.read_text().splitlines()]
+    assert "run-failed" not in kinds and results["status"] != "failed"
+    if results["status"] == "running":
+        # Flower's heartbeat thread met the stop before the main thread did and Flower ended the process before
+        # the ServerApp could record anything (server/stopping.py): the folder is as a killed run leaves it
+        assert "run-stopped" not in kinds
+    else:
+        assert results["status"] == "stopped" and "run-stopped" in kinds, results.get("error")
+
+
+def flwr_json(book: Runbook, *args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "flwr.cli.app", *args, "--format", "json"], env=book.coordinator,
+                         cwd=book.tmp / "coordinator", capture_output=True, text=True, timeout=60)
+    return json.loads(out.stdout[out.stdout.index("{"):])
