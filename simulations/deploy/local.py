@@ -163,7 +163,10 @@ class LocalFederation:
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         return {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home), "PATH": path}
 
-    def start(self) -> LocalFederation:
+    def start(self, join: list[str] | None = None) -> LocalFederation:
+        """Provision (once), start the SuperLink, register every institution's node key, and start the SuperNodes
+        of `join` (default: every institution; the others can join later with `start_node`)."""
+        joining = self.institutions if join is None else join
         self.work.mkdir(parents=True, exist_ok=True)
         if not (self.certs / CA_CERT).is_file():
             self.provision()
@@ -178,8 +181,9 @@ class LocalFederation:
         self.start_superlink()
         for name in self.institutions:
             self.register(name)
-            self.start_node(name)
-        self.wait_for_nodes(len(self.institutions))
+            if name in joining:
+                self.start_node(name)
+        self.wait_for_nodes(len(joining))
         return self
 
     def start_superlink(self) -> None:
