@@ -75,12 +75,11 @@ def simulate(
     site-policy keys; see simulations.provision).
     """
     run_dir = resolve_run_dir(cfg)
-    earlier = _earlier_status(run_dir)
+    earlier = earlier_status(run_dir)
     if earlier == "completed" and cfg.resume:
         return Outcome(run_dir, json.loads((run_dir / RESULTS).read_text()), None, run_dir / "flwr.log")
     if earlier is not None and not cfg.resume:
-        raise RunFailed(f"run folder {run_dir} already holds results ({earlier}); choose another run-name or "
-                        "output-dir, or set resume=true to continue an unfinished run")
+        raise RunFailed(taken_run_folder(run_dir, earlier))
     private_folder(run_dir, tighten=True)
     provisioned = run_dir / ALLOW_LIST
     if cfg.resume and not cfg.allow_list and not cfg.sites_dir and provisioned.is_file():
@@ -160,7 +159,7 @@ def follow_events(process: subprocess.Popen, path: Path, on_event, timeout_s: fl
         time.sleep(POLL_S)
 
 
-def _earlier_status(run_dir: Path) -> str | None:
+def earlier_status(run_dir: Path) -> str | None:
     """`completed`, `failed`, ... of a run whose results.json is in `run_dir`; None when there is none."""
     try:
         return str(json.loads((run_dir / RESULTS).read_text()).get("status", "unknown"))
@@ -168,6 +167,12 @@ def _earlier_status(run_dir: Path) -> str | None:
         return None
     except (OSError, ValueError, AttributeError):
         return "unreadable"
+
+
+def taken_run_folder(run_dir: Path, earlier: str) -> str:
+    """Why a run may not start in `run_dir`, which holds an earlier run's results: it would overwrite them."""
+    return (f"run folder {run_dir} already holds results ({earlier}); choose another run-name or output-dir, or set "
+            "resume=true to continue an unfinished run")
 
 
 def find_run_id(log_path: Path) -> str | None:

@@ -162,11 +162,16 @@ def _nodes_table(entries: list[NodeEntry], listed: set[str] | None) -> Table:
 
 
 def _preflight_deployed(deployed: DeployedConfig) -> None:
-    """What the ServerApp would refuse at once, refused here before anything is submitted."""
+    """What the ServerApp would refuse at once, and a run folder holding an earlier run's results (the ServerApp
+    would start afresh over a completed run), refused here before anything is submitted."""
     from server.audit_trail import check_coordinator_key
     from server.results.run_folder import resolve_run_dir
+    from simulations.launcher import earlier_status, taken_run_folder
 
-    check_coordinator_key(deployed.cfg, resolve_run_dir(deployed.cfg))
+    run_dir = resolve_run_dir(deployed.cfg)
+    check_coordinator_key(deployed.cfg, run_dir)
+    if (earlier := earlier_status(run_dir)) is not None and not deployed.cfg.resume:
+        raise ConfigError(taken_run_folder(run_dir, earlier))
 
 
 def _write_config(deployed: DeployedConfig, out: Path, app: Path, federation: str) -> None:

@@ -103,6 +103,22 @@ def test_a_preflight_refusal_submits_nothing(tmp_path: Path, federation) -> None
     assert fake.calls == []
 
 
+def test_a_run_folder_holding_an_earlier_runs_results_is_refused_before_submitting(tmp_path: Path, federation) -> None:
+    # Prepare: a completed run under the same run-name
+    fake = federation(["finished:completed"])
+    folder = tmp_path / "runs" / "deployed"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(RESULTS))
+
+    # Execute
+    result = invoke(tmp_path)
+
+    # Assert: nothing submitted, nothing overwritten
+    assert result.exit_code == 1
+    assert result.output.replace("\n", "").startswith(f"ConfigError: run folder {folder} already holds results (completed)")
+    assert fake.calls == [] and json.loads((folder / "results.json").read_text()) == RESULTS
+
+
 def test_a_completed_run_shows_its_rounds_and_results(tmp_path: Path, federation) -> None:
     # Prepare
     fake = federation(["pending", "running", "finished:completed"])
