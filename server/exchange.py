@@ -1,14 +1,20 @@
-"""The one path of every exchange with the institutions: send the messages, collect the replies, judge each one.
+"""The one path of every exchange with the institutions: push the messages, pull the replies as they arrive, judge
+each one at once.
 
 Each reply is judged in one order: a node's error reply first, then its attestation (the audit trail's check),
-then its schema (the message type's `from_record`). A bad reply is dropped with its reason and the name of
-the failed check, never raised: no reply, however malformed, may crash the server.
+then its schema (the message type's `from_record`), then, when the ledger is witnessed, the cosignature it
+carried. A bad reply is dropped with its reason and the name of the failed check, never raised: no reply, however
+malformed, may crash the server. An exchange that `fold`s (the soft-label round) hands each accepted reply to the
+fold as soon as it is judged, and keeps only what the fold returns and what the ledger and results need (verdicts,
+attestations, digests, bytes): the server does not hold every reply until the last. The others keep each reply.
+The exchange ends when every node has answered, or at the deadline (`timeout`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Any, Generic, TypeVar
@@ -25,6 +31,21 @@ from server.witness import Witnessing
 
 R = TypeVar("R")
 Check = Callable[[int, RecordDict], "Attestation | None"]  # the audit trail's attestation check; AuditError if bad
+Fold = Callable[[int, R], R]  # (node, its accepted reply) -> what to keep of it, once its payload is folded in
+PULL_INTERVAL_S = 0.1  # the first wait after a pull that brought nothing, as Flower's in-memory Grid waits
+MAX_PULL_INTERVAL_S = 1.0  # the wait doubles while nothing arrives, up to this: a long round costs few pulls
+PULL_CHUNK = 32  # replies asked for in one pull: the server holds at most this many unjudged replies at once
+
+
+@dataclass(frozen=True)
+class Clock:
+    """How the exchange tells time and waits (the unit suite gives it a virtual one)."""
+
+    now: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+
+CLOCK = Clock()
 
 
 @dataclass(frozen=True)
@@ -43,20 +64,23 @@ class Phase:
 
 @dataclass
 class Exchange(Generic[R]):
-    """One exchange, judged: each node's parsed reply, or why it was dropped and which check failed; what each
-    node claimed to sign; each reply's digest; the bytes both ways."""
+    """One exchange, judged: each node's parsed reply (or what a fold kept of it), or why it was dropped and which
+    check failed; what each node claimed to sign; each reply's digest; the bytes both ways."""
 
     downlink_bytes: int = 0
-    accepted: dict[int, R] = field(default_factory=dict)  # node id -> parsed reply
+    accepted: dict[int, R] = field(default_factory=dict)  # node id -> parsed reply, in arrival order
     rejected: dict[int, str] = field(default_factory=dict)  # node id -> reason
     checks: dict[int, str] = field(default_factory=dict)  # rejected node id -> the check that failed
     attestations: dict[int, Attestation | None] = field(default_factory=dict)  # node id -> what it signed
     payload_digests: dict[int, tuple[str, int]] = field(default_factory=dict)  # node id -> (sha256, bytes)
     uplink_bytes: dict[int, int] = field(default_factory=dict)  # node id -> bytes received
-    replies: dict[int, Message] = field(default_factory=dict)  # node id -> its reply as received, in arrival order
+    replies: dict[int, Message] = field(default_factory=dict)  # node id -> its reply as received (not when folding)
 
     def reject(self, node: int, reason: str, check: str) -> None:
         self.rejected[node], self.checks[node] = reason, check
+
+    def judged(self, node: int) -> bool:
+        return node in self.accepted or node in self.rejected
 
 
 def ask(records: Mapping[int, RecordDict], message_type: str, group_id: str) -> list[Message]:
@@ -67,30 +91,52 @@ def ask(records: Mapping[int, RecordDict], message_type: str, group_id: str) -> 
 
 def exchange(
     grid: Grid, messages: list[Message], timeout: float, parse: Callable[[RecordDict], R], check: Check | None,
-    phase: Phase, round_: int, witness: Witnessing | None = None,
+    phase: Phase, round_: int, witness: Witnessing | None = None, fold: Fold[R] | None = None,
 ) -> Exchange[R]:
-    """Send `messages`, collect the replies within `timeout` and judge each: node error, then attestation
-    (`check`; None: no attestation is asked of this exchange), then schema (`parse`), then, when the ledger is
-    witnessed (`witness`), the cosignature of the tree head each message carried (check `witness`)."""
+    """Push `messages`, pull the replies as they arrive within `timeout` and judge each at once: node error, then
+    attestation (`check`; None: no attestation is asked of this exchange), then schema (`parse`), then, when the
+    ledger is witnessed (`witness`), the cosignature of the tree head each message carried, then `fold` (when given):
+    it takes in the accepted reply's payload and returns what to keep; a FedstillError it raises drops the reply."""
     if witness is not None and messages:
         requests = witness.requests([m.metadata.dst_node_id for m in messages])
         messages = [_with_request(m, requests[m.metadata.dst_node_id]) for m in messages]
     result: Exchange[R] = Exchange(downlink_bytes=sum(record_nbytes(m.content) for m in messages))
-    for node, reply in collect(grid, messages, timeout) if messages else []:
-        result.replies[node] = reply
+    for node, reply in stream(grid, messages, timeout):
+        if result.judged(node):  # one verdict per node: a second reply is never judged, nor folded twice
+            log(WARNING, "round %d %s: ignored a second reply from node %d", round_, phase.name, node)
+            continue
+        if fold is None:
+            result.replies[node] = reply
         _judge(result, node, reply, parse, check, phase)
         if witness is not None and node in result.accepted:
-            attestation = result.attestations.get(node)
-            problem = witness.record(node, claimed_institution(attestation), read_cosignature(reply.content))
-            if problem is not None:
-                del result.accepted[node]
-                result.reject(node, f"witness: {problem}", "witness")
+            _witnessed(result, node, reply, witness)
+        if fold is not None and node in result.accepted:
+            _folded(result, node, fold)
     for node in [m.metadata.dst_node_id for m in messages]:
-        if node not in result.accepted and node not in result.rejected:
+        if not result.judged(node):
             result.reject(node, phase.silent.format(timeout=timeout), "timeout")
     for node, reason in sorted(result.rejected.items()):
         log(WARNING, "round %d %s: dropped node %d: %s", round_, phase.name, node, reason)
     return result
+
+
+def _witnessed(result: Exchange[R], node: int, reply: Message, witness: Witnessing) -> None:
+    """Record the cosignature the reply carried; a missing or bad one drops the reply."""
+    attestation = result.attestations.get(node)
+    problem = witness.record(node, claimed_institution(attestation), read_cosignature(reply.content))
+    if problem is not None:
+        del result.accepted[node]
+        result.reject(node, f"witness: {problem}", "witness")
+
+
+def _folded(result: Exchange[R], node: int, fold: Fold[R]) -> None:
+    """Fold the accepted reply in and keep what the fold returns; a reply the fold refuses is dropped (the fold
+    leaves its aggregate as it was)."""
+    try:
+        result.accepted[node] = fold(node, result.accepted[node])
+    except FedstillError as problem:
+        del result.accepted[node]
+        result.reject(node, f"{type(problem).__name__}: {problem}", "format")
 
 
 def _judge(result: Exchange[R], node: int, reply: Message, parse: Callable[[RecordDict], R], check: Check | None,
@@ -121,15 +167,44 @@ def _with_request(message: Message, request: Any) -> Message:
                    message_type=message.metadata.message_type, group_id=message.metadata.group_id, ttl=message.metadata.ttl)
 
 
-def collect(grid: Grid, messages: list[Message], timeout: float) -> list[tuple[int, Message]]:
-    """(node, reply) for each reply, the node being the one its question went to. When a node stops
-    sending heartbeats, the SuperLink itself answers for it with a "Node Unavailable" error whose
-    source is the SuperLink, not the node; matching on the question keeps it on the right node."""
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+def stream(grid: Grid, messages: list[Message], timeout: float) -> Iterator[tuple[int, Message]]:
+    """Push `messages`, then yield (node, reply) for each reply as it arrives, until every pushed message has its
+    reply or `timeout` s have passed. Replies are pulled `PULL_CHUNK` at a time, so the caller judges each before
+    the next are fetched; after a round of pulls that brought nothing the stream waits, `PULL_INTERVAL_S` at first,
+    twice as long each time nothing comes, at most `MAX_PULL_INTERVAL_S`.
+
+    The node is the one the reply's question went to: when a node stops sending heartbeats, the SuperLink itself
+    answers for it with a "Node Unavailable" error whose source is the SuperLink, not the node; matching on the
+    question keeps it on the right node."""
+    if not messages:
+        return
+    clock = CLOCK
+    deadline = clock.now() + timeout
+    pending = [i for i in grid.push_messages(messages) if i]  # a message Flower could not push gets no id
     asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}  # set when pushed
     if len(asked) != len(messages):  # a grid that did not give the questions ids: trust each reply's source
         asked = {}
-    return [(asked.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
+    wait = PULL_INTERVAL_S
+    while pending:
+        answered = set()
+        for start in range(0, len(pending), PULL_CHUNK):
+            for reply in grid.pull_messages(pending[start:start + PULL_CHUNK]):
+                answered.add(reply.metadata.reply_to_message_id)
+                yield asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id), reply
+        pending = [i for i in pending if i not in answered]
+        left = deadline - clock.now()
+        if not pending or left <= 0:
+            return
+        if answered:
+            wait = PULL_INTERVAL_S
+        else:
+            clock.sleep(min(wait, left))
+            wait = min(2 * wait, MAX_PULL_INTERVAL_S)
+
+
+def collect(grid: Grid, messages: list[Message], timeout: float) -> list[tuple[int, Message]]:
+    """(node, reply) for each reply within `timeout`, in arrival order (`stream`, gathered)."""
+    return list(stream(grid, messages, timeout))
 
 
 def short_reason(reason: str, limit: int = 600) -> str:

@@ -1,11 +1,14 @@
 """One round with the institutions: wait for nodes, query them for soft labels, send the FedMD consensus down.
 
-Both exchanges go through server/exchange.py (send, collect, judge) and are recorded in the audit trail.
+Both exchanges go through server/exchange.py (push, pull as they arrive, judge) and are recorded in the audit trail;
+the soft-label round folds each accepted reply into the round's running aggregate as it is judged (`folding`).
 """
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import replace
 from functools import partial
 from logging import INFO
 from typing import Any, TypeAlias
@@ -14,7 +17,7 @@ import numpy as np
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from common.aggregation import NEEDS_CLASS_COUNTS
+from common.aggregation import NEEDS_CLASS_COUNTS, RunningAggregate
 from common.audit import kinds
 from common.config import RunConfig, temperature_at
 from common.errors import QuorumError
@@ -31,7 +34,7 @@ from common.messages import (
     read_cosignature,
 )
 from server.audit_trail import AuditTrail
-from server.exchange import Check, Exchange, Phase, ask, exchange
+from server.exchange import Check, Exchange, Fold, Phase, ask, exchange
 from server.witness import Witnessing
 
 WAIT_POLL_S = 1.0
@@ -60,24 +63,37 @@ def wait_for_nodes(grid: Grid, cfg: RunConfig) -> list[int]:
     return sorted(nodes)
 
 
-def soft_label_round(grid: Grid, cfg: RunConfig, trail: AuditTrail, query: SoftLabelQuery,
-                     nodes: list[int]) -> Exchange[SoftLabelReply]:
-    """Open the round in the ledger, query every node, record each verdict."""
+def soft_label_round(grid: Grid, cfg: RunConfig, trail: AuditTrail, query: SoftLabelQuery, nodes: list[int],
+                     fold: Fold[SoftLabelReply] | None = None) -> Exchange[SoftLabelReply]:
+    """Open the round in the ledger, query every node (folding each accepted reply in, with `fold`), record each
+    verdict."""
     trail.round_opened(query, query.to_record(), nodes)
-    replies = query_soft_labels(grid, nodes, query, cfg.round_timeout, partial(trail.check_reply, query), trail.witnessing)
+    replies = query_soft_labels(grid, nodes, query, cfg.round_timeout, partial(trail.check_reply, query), trail.witnessing,
+                                fold)
     trail.record_replies(query.round, replies)
     return replies
 
 
 def query_soft_labels(
     grid: Grid, nodes: list[int], query: SoftLabelQuery, timeout: float, check: Check | None = None,
-    witness: Witnessing | None = None,
+    witness: Witnessing | None = None, fold: Fold[SoftLabelReply] | None = None,
 ) -> Exchange[SoftLabelReply]:
     """Send `query` to every node and keep the replies that pass `check` (the audit trail's attestation
-    check), validation and, with `witness`, the witnessing of the ledger."""
+    check), validation and, with `witness`, the witnessing of the ledger; `fold` takes in each as it passes."""
     messages = ask({node: query.to_record() for node in nodes}, SOFT_LABELS_TYPE, str(query.round))
     return exchange(grid, messages, timeout, partial(SoftLabelReply.from_record, query=query), check, SOFT_LABELS,
-                    query.round, witness)
+                    query.round, witness, fold)
+
+
+def folding(running: RunningAggregate, trail: AuditTrail) -> Fold[SoftLabelReply]:
+    """Fold each accepted reply's rows into `running` as soon as it is judged, its size capped at the agreed
+    max-examples of the institution it signed as (the audit trail's binding), and keep the reply without its rows:
+    the round's soft labels live only in the running aggregate."""
+    def fold(node: int, reply: SoftLabelReply) -> SoftLabelReply:
+        caps = trail.weight_caps([node])
+        running.fold(reply.soft_labels, reply.num_examples, reply.class_counts, math.inf if caps is None else caps[0])
+        return replace(reply, soft_labels=np.empty((0, reply.soft_labels.shape[1]), dtype=np.float32))
+    return fold
 
 
 def require_quorum(replies: Exchange[Any], cfg: RunConfig, round_: int) -> None:

@@ -16,10 +16,10 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.aggregation import AggregationParams, aggregate
+from common.aggregation import AggregationParams, running_aggregate
 from common.aggregation.base import Aggregate
 from common.config import RunConfig
-from common.messages import DigestInstruction, SoftLabelQuery, SoftLabelReply
+from common.messages import DigestInstruction, SoftLabelQuery
 from common.models.inputs import input_shape
 from common.tasks.registry import load_split
 from common.tasks.samples import FederatedSplit, public_fingerprint
@@ -31,7 +31,16 @@ from server.results.figures import final_figures, round_row, run_title, student_
 from server.results.privacy import privacy_section
 from server.results.run_folder import STUDENT, RunFolder, resolve_run_dir
 from server.resume import Checkpointer, plan_start
-from server.rounds import SoftLabels, digest_round, make_query, require_quorum, soft_label_round, wait_for_nodes, witness_end
+from server.rounds import (
+    SoftLabels,
+    digest_round,
+    folding,
+    make_query,
+    require_quorum,
+    soft_label_round,
+    wait_for_nodes,
+    witness_end,
+)
 from server.secure_rounds import check_secure_run, secure_soft_labels
 from server.stopping import stop_note
 
@@ -133,25 +142,18 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
 
 
 def collect_and_aggregate(grid: Grid, cfg: RunConfig, trail: AuditTrail, query: SoftLabelQuery) -> tuple[SoftLabels, Aggregate]:
-    """Query every node, check and record the replies, and aggregate them (or, under secure aggregation,
-    run the masked exchanges and open only the sum)."""
+    """Query every node, check and record the replies, each folded into the round's running aggregate as it is
+    judged (or, under secure aggregation, run the masked exchanges and open only the sum)."""
     nodes = sorted(grid.get_node_ids())
     if cfg.secure_aggregation:
         probs, masked = secure_soft_labels(grid, cfg, trail, query, nodes)
         require_quorum(masked, cfg, query.round)
         return masked, Aggregate(probs, np.ones(len(probs), dtype=bool))
-    replies = soft_label_round(grid, cfg, trail, query, nodes)
-    require_quorum(replies, cfg, query.round)
-    nodes = list(replies.accepted)
-    accepted = list(replies.accepted.values())
     params = AggregationParams(cfg.era_temperature, cfg.trim_fraction, cfg.selective_threshold, query.temperature,
                                cfg.weight_clip)
-    ensemble = aggregate(cfg.aggregation, [r.soft_labels for r in accepted], [r.num_examples for r in accepted],
-                         class_counts=_class_counts(accepted), params=params, max_examples=trail.weight_caps(nodes))
-    trail.weights_clipped(query.round, nodes, ensemble.clipped)
+    running = running_aggregate(cfg.aggregation, params)
+    replies = soft_label_round(grid, cfg, trail, query, nodes, folding(running, trail))
+    require_quorum(replies, cfg, query.round)
+    ensemble = running.result()
+    trail.weights_clipped(query.round, list(replies.accepted), ensemble.clipped)
     return replies, ensemble
-
-
-def _class_counts(accepted: list[SoftLabelReply]) -> list[np.ndarray] | None:
-    counts = [r.class_counts for r in accepted if r.class_counts is not None]
-    return counts if len(counts) == len(accepted) else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import numpy.typing as npt
 
 from common.aggregation.base import Aggregate, RuleInput, entropy, to_aggregate
 from common.errors import ConfigError
@@ -60,12 +61,18 @@ def confidence_rule(inputs: RuleInput) -> Aggregate:
     should count less. Overconfident (badly calibrated) teachers are trusted more than they deserve.
     """
     stack = inputs.stack  # (k, n, C)
-    weights = np.clip(math.log(stack.shape[2]) - entropy(stack), 0.0, None)  # (k, n)
+    weights = confidence_weights(stack)  # (k, n)
     totals = weights.sum(axis=0)  # (n,)
     uniform = ~(totals > 0)
     weights[:, uniform] = 1.0
     weights /= weights.sum(axis=0, keepdims=True)
     return to_aggregate(np.einsum("jn,jnc->nc", weights, stack), stack)
+
+
+def confidence_weights(probs: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Each row's confidence, log C - H(q) >= 0, along the last axis: `(..., C)` -> `(...)`."""
+    weights: npt.NDArray[np.float64] = np.clip(math.log(probs.shape[-1]) - entropy(probs), 0.0, None)
+    return weights
 
 
 def era_rule(inputs: RuleInput) -> Aggregate:
@@ -80,9 +87,15 @@ def era_rule(inputs: RuleInput) -> Aggregate:
     the target; T > 1 flattens it. Helps under non-IID data, where the plain mean of disagreeing
     teachers is too flat to teach the student a decision.
     """
-    logits = inputs.stack.mean(axis=0) / inputs.params.era_temperature  # (n, C), in [0, 1/T]
+    return to_aggregate(sharpened(inputs.stack.mean(axis=0), inputs.params.era_temperature), inputs.stack)
+
+
+def sharpened(mean: npt.NDArray[np.float64], temperature: float) -> npt.NDArray[np.float64]:
+    """ERA's target before renormalising: exp(mean / T), shifted for stability; `mean` `(n, C)` on the simplex."""
+    logits = mean / temperature  # (n, C), in [0, 1/T]
     logits -= logits.max(axis=1, keepdims=True)
-    return to_aggregate(np.exp(logits), inputs.stack)
+    raw: npt.NDArray[np.float64] = np.exp(logits)
+    return raw
 
 
 def expertise_rule(inputs: RuleInput) -> Aggregate:
@@ -139,16 +152,23 @@ def balanced_expertise_rule(inputs: RuleInput) -> Aggregate:
             "aggregation 'balanced-expertise' needs every institution's class counts; "
             "ask for them in the query (want_class_counts) and pass them to aggregate()"
         )
-    counts = inputs.class_counts  # (k, C)
+    corrected = prior_corrected(inputs.stack, inputs.class_counts, inputs.params.temperature)
+    return expertise_rule(RuleInput(corrected, inputs.num_examples, inputs.class_counts, inputs.params))
+
+
+def prior_corrected(stack: npt.NDArray[np.float64], counts: npt.NDArray[np.float64],
+                    temperature: float) -> npt.NDArray[np.float64]:
+    """`balanced-expertise`'s r: each institution's rows `(k, n, C)` under a uniform prior over the classes it holds
+    (`counts` `(k, C)`); institution by institution, so the server can correct each reply as it arrives."""
     held = counts > 0  # (k, C)
     sizes = counts.sum(axis=1, keepdims=True)  # (k, 1)
     prior = np.divide(counts, sizes, out=np.ones_like(counts), where=sizes > 0)
-    scale = np.where(held, np.power(np.where(held, prior, 1.0), -1.0 / inputs.params.temperature), 0.0)  # (k, C)
-    corrected = inputs.stack * scale[:, None, :]  # (k, n, C)
+    scale = np.where(held, np.power(np.where(held, prior, 1.0), -1.0 / temperature), 0.0)  # (k, C)
+    corrected = stack * scale[:, None, :]  # (k, n, C)
     mass = corrected.sum(axis=2, keepdims=True)
     uniform = held / np.maximum(held.sum(axis=1, keepdims=True), 1)  # (k, C)
     corrected = np.where(mass > 0, corrected / np.where(mass > 0, mass, 1.0),
                          np.broadcast_to(uniform[:, None, :], corrected.shape))
     rows_without_counts = ~held.any(axis=1)  # an institution that reported no samples at all: keep its rows
-    corrected[rows_without_counts] = inputs.stack[rows_without_counts]
-    return expertise_rule(RuleInput(corrected, inputs.num_examples, counts, inputs.params))
+    corrected[rows_without_counts] = stack[rows_without_counts]
+    return corrected

@@ -87,6 +87,12 @@ def to_aggregate(raw: np.ndarray, stack: np.ndarray, keep: np.ndarray | None = N
     return Aggregate(probs=probs.astype(np.float32), keep=np.asarray(keep, dtype=bool))
 
 
+def count_bad_rows(rows: np.ndarray) -> int:
+    """How many rows of `rows` `(n, C)` hold NaN, inf or negative values, or have no mass: none may be aggregated."""
+    sums = rows.sum(axis=1)
+    return int((~np.isfinite(rows).all(axis=1) | (rows < 0).any(axis=1) | ~(sums > 0)).sum())
+
+
 def entropy(probs: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     r"""Shannon entropy in nats along the last axis, :math:`H(p) = -\sum_c p_c \log p_c`, with 0 log 0 = 0."""
     positive = probs > 0

@@ -39,8 +39,14 @@ def selective_rule(inputs: RuleInput) -> Aggregate:
     student still learns from the softened rows.
     """
     mean = inputs.stack.mean(axis=0)  # (n, C) float64, rows on the simplex
-    spread = normalised_entropy(unsoften(mean, inputs.params.temperature))  # (n,) in [0, 1]
-    keep = spread <= inputs.params.selective_threshold
+    return to_aggregate(mean, inputs.stack, decided(mean, inputs.params.temperature, inputs.params.selective_threshold))
+
+
+def decided(mean: npt.NDArray[np.float64], temperature: float, threshold: float) -> npt.NDArray[np.bool_]:
+    """`selective`'s keep mask `(n,)` from the ensemble mean `(n, C)` alone: H / log C at T = 1 within `threshold`,
+    or, when no row passes, the rows of minimal entropy."""
+    spread = normalised_entropy(unsoften(mean, temperature))  # (n,) in [0, 1]
+    keep: npt.NDArray[np.bool_] = spread <= threshold
     if not keep.any():
         keep = spread <= spread.min() + 1e-12
-    return to_aggregate(mean, inputs.stack, keep)
+    return keep

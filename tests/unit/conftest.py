@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from common.config import default_run_config
+from server import exchange
 
-from grid import MemoryGrid, server_task
+from grid import MemoryGrid, VirtualClock, server_task
 
 
 @pytest.fixture
@@ -25,6 +26,14 @@ def _one_torch_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def virtual_time(monkeypatch: pytest.MonkeyPatch) -> VirtualClock:
+    """The exchange waits on a virtual clock in every unit test: a silent node's round-timeout passes at once."""
+    clock = VirtualClock()
+    monkeypatch.setattr(exchange, "CLOCK", exchange.Clock(clock.now, clock.sleep))
+    return clock
 
 
 @pytest.fixture(name="server_task")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -10,22 +11,43 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from server import exchange
+
 Answer = RecordDict | Error | Message | None
+
+
+class VirtualClock:
+    """The exchange's clock in the unit suite (conftest.py puts it in `server.exchange.CLOCK`): waiting moves it on at
+    once, so a round-timeout costs no real time."""
+
+    def __init__(self) -> None:
+        self.time = 0.0
+
+    def now(self) -> float:
+        return self.time
+
+    def sleep(self, seconds: float) -> None:
+        self.time += max(seconds, 0.0)
 
 
 class MemoryGrid(Grid):
     """Flower's Grid in memory. A pushed message gets an id, as Flower's grids give it, and its node's answer
-    at once; a pull hands the replies back. `answer(message)` returns the reply's content, an `Error`, a whole
-    reply `Message`, or None (the node stays silent); an exception it raises comes back as an error reply with
-    the exception's text, as Flower's ClientApp sends it. Override `answer` or pass it in."""
+    at once; the reply arrives `delay(message)` seconds later on the exchange's clock (at once without `delay`),
+    and a pull hands back the replies that have arrived, in arrival order. `answer(message)` returns the reply's
+    content, an `Error`, a whole reply `Message`, or None (the node stays silent); an exception it raises comes back
+    as an error reply with the exception's text, as Flower's ClientApp sends it. Override `answer` or pass it in."""
+
+    pull_interval = 0.1  # as Flower's InMemoryGrid waits between two pulls in send_and_receive
 
     def __init__(self, answer: Callable[[Message], Answer] | None = None, nodes: Iterable[int] = (), *,
-                 message_ids: bool = True) -> None:
+                 message_ids: bool = True, delay: Callable[[Message], float] | None = None) -> None:
         self._answer = answer
         self.nodes = list(nodes)
         self.message_ids = message_ids  # False: a grid that leaves the questions without ids
+        self.delay = delay
         self.sent: list[Message] = []
-        self._replies: dict[str, Message] = {}
+        self.pulled: list[list[str]] = []  # the ids asked for by each pull, in order
+        self._replies: dict[str, tuple[float, int, Message]] = {}  # message id -> (arrival time, push order, reply)
         self._run: Run | None = None
 
     def answer(self, message: Message) -> Answer:
@@ -42,15 +64,32 @@ class MemoryGrid(Grid):
             self.sent.append(message)
             reply = self._reply(message)
             if reply is not None:
-                self._replies[message_id] = reply
+                arrival = exchange.CLOCK.now() + (self.delay(message) if self.delay is not None else 0.0)
+                self._replies[message_id] = (arrival, len(self.sent), reply)
             ids.append(message_id)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+        asked = list(message_ids)
+        self.pulled.append(asked)
+        now = exchange.CLOCK.now()
+        arrived = sorted((self._replies[i][:2], i) for i in asked if i in self._replies and self._replies[i][0] <= now)
+        return [self._replies.pop(i)[2] for _, i in arrived]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        """As Flower's: push, then pull until every reply is in or `timeout` has passed; a silent node never answers,
+        so the wait ends when only silent ones are left (Flower's would wait for ever without a timeout)."""
+        clock = exchange.CLOCK
+        pending = set(self.push_messages(messages))
+        deadline = clock.now() + (math.inf if timeout is None else timeout)
+        replies: list[Message] = []
+        while pending & set(self._replies):
+            replies += self.pull_messages(sorted(pending))
+            pending -= {r.metadata.reply_to_message_id for r in replies}
+            if not pending & set(self._replies) or clock.now() >= deadline:
+                break
+            clock.sleep(self.pull_interval)
+        return replies
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
