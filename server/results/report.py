@@ -13,7 +13,7 @@ from typing import Any
 
 from common.audit.naming import CLAIM
 from common.files import PRIVATE, atomic_write_text
-from server.results.schema import STUDENT_METRICS, AuditSummary, FinalFigures, PrivacySummary, RoundRow
+from server.results.schema import STUDENT_METRICS, AuditSummary, FinalFigures, PrivacySummary, RoundRow, ServingSummary
 
 REPORT = "report.md"
 
@@ -175,12 +175,23 @@ def _export(x: dict[str, Any]) -> list[str]:
             ("accuracy PyTorch / ONNX FP32 / INT8", " / ".join(_num(acc.get(k)) for k in ("pytorch", "onnx_fp32", "onnx_int8"))),
             (f"INT8 ({int8.get('mode')}, {int8.get('format')}) drop", f"{_num(int8.get('accuracy_drop_points'), '.2f')} points")]
     rows += [(name, f"{entry['bytes']:,} bytes") for name, entry in x.get("files", {}).items()]
-    return ["## Export", "", *_table(("figure", "value"), rows)]
+    choice = x.get("recommendation")
+    return ["## Export", "", *_table(("figure", "value"), rows),
+            *([f"Ship **{str(choice.get('precision')).upper()}**: {choice.get('reason')}.", ""] if choice else [])]
 
 
-def _serving(s: dict[str, Any]) -> list[str]:
+def _serving(raw: dict[str, Any]) -> list[str]:
+    s = ServingSummary.from_json(raw)
     rows = [(engine, batch, f"{row['throughput']:,.0f}", f"{row['throughput_x_teacher']:.2f}", f"{row['p50_ms']:.3f}",
-             f"{row['p95_ms']:.3f}") for engine, by_batch in s.get("engines", {}).items() for batch, row in by_batch.items()]
-    return ["## Serving", "", f"{s.get('threads')} intra-op thread(s); teacher {s.get('teacher', {}).get('model')}, "
-            f"student {s.get('student', {}).get('model')}.", "",
-            *_table(("engine", "batch", "samples/s", "x teacher", "p50 ms", "p95 ms"), rows)]
+             f"{row['p95_ms']:.3f}") for engine, by_batch in s.engines.items() for batch, row in by_batch.items()]
+    lines = ["## Serving", "", f"{s.threads} intra-op thread(s); teacher {s.teacher.get('model')}, "
+             f"student {s.student.get('model')}; x teacher: against the teacher in PyTorch.", "",
+             *_table(("engine", "batch", "samples/s", "x teacher", "p50 ms", "p95 ms"), rows)]
+    if s.per_engine:
+        like = [(engine, batch, f"{row['student_throughput']:,.0f}", f"{row['teacher_throughput']:,.0f}",
+                 f"{row['student_x_teacher']:.2f}") for engine, by_batch in s.per_engine.items() for batch, row in by_batch.items()]
+        lines += ["Student against teacher in the same engine:", "",
+                  *_table(("engine", "batch", "student samples/s", "teacher samples/s", "student x teacher"), like)]
+    if s.int8:
+        lines += [f"Ship **{str(s.int8.get('precision')).upper()}**: {s.int8.get('reason')}.", ""]
+    return lines

@@ -255,3 +255,37 @@ class StudentMeta(Record):
     def header(self) -> dict[str, str]:
         """The safetensors header's metadata: every field that is set, as text."""
         return {key: str(value) for key, value in self.to_json().items() if value is not None}
+
+
+def _table(v: Any) -> bool:
+    """engine -> batch size (as text) -> figure -> number: `fedstill bench`'s timings."""
+    return _by_name(_by_name(_numbers))(v)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServingSummary(Record):
+    """results.json's `serving` (and export/bench.json): `fedstill bench`'s timings (simulations/student/bench.py).
+
+    `engines` holds every engine's figures per batch size ("teacher, PyTorch", "student, ORT INT8", ...), each row's
+    `throughput_x_teacher` against the teacher in PyTorch as before; `per_engine` sets the student against the
+    teacher in the same engine; `int8` is the INT8-or-FP32 recommendation from this run's timings. Sections written
+    before the teacher was timed in onnxruntime have only the student's ONNX rows and read the newer keys as null.
+    """
+
+    WHERE: ClassVar[str] = "results.json serving section"
+
+    run_dir: str = _field(_text, "a string")
+    threads: int = _field(_integer(1), "an integer >= 1")
+    batches: list[int] = _field(_items(_integer(1)), "a list of integers >= 1")
+    iterations: int = _field(_integer(1), "an integer >= 1")
+    rounds: int = _field(_integer(1), "an integer >= 1")
+    warmup: int = _field(_integer(0), "an integer >= 0")
+    teacher: dict[str, Any] = _field(_by_name(_anything), "an object")
+    student: dict[str, Any] = _field(_by_name(_anything), "an object")
+    machine: dict[str, Any] = _field(_by_name(_anything), "an object")
+    engines: dict[str, dict[str, dict[str, float]]] = _field(_table, "an object of engine -> batch -> figures")
+    per_engine: dict[str, dict[str, dict[str, float]]] | None = _field(
+        _optional(_table), "an object of engine -> batch -> student/teacher figures, or null", default=None)
+    int8: dict[str, Any] | None = _field(_optional(_by_name(_anything)), "an object or null", default=None)
+    teacher_int8_x_fp32: dict[str, float] | None = _field(_optional(_numbers), "an object of batch -> ratio, or null",
+                                                          default=None)

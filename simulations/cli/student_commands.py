@@ -20,15 +20,19 @@ def export(
     run_dir: Path = RUN_DIR,
     calibration: int = typer.Option(512, min=1, help="Public samples that calibrate static INT8 quantisation."),
     mode: str = typer.Option("auto", help="INT8 quantisation: auto (static for CNNs, dynamic otherwise), static, dynamic."),
-    threads: int = typer.Option(1, min=1, help="PyTorch and onnxruntime intra-op threads for the parity check."),
+    threads: int = typer.Option(1, min=1, help="PyTorch and onnxruntime intra-op threads for the parity check and timing."),
+    iterations: int = typer.Option(300, min=1, help="Timed calls of FP32 and INT8 per batch size."),
+    rounds: int = typer.Option(20, min=1, help="Interleaved blocks the timed calls are split into."),
     data_dir: str = DATA_DIR,
 ) -> None:
-    """Export the student to ONNX, check parity with PyTorch, quantise to INT8 (RUN_DIR/export/)."""
+    """Export the student to ONNX, check parity with PyTorch, quantise to INT8, time both and say which to ship
+    (RUN_DIR/export/)."""
     from simulations.student.export import EXPORT_DIR, SUMMARY, export_run
 
     _use_threads(threads)
     try:
-        s = export_run(run_dir, calibration_size=calibration, mode=mode, threads=threads, data_dir=data_dir or None)
+        s = export_run(run_dir, calibration_size=calibration, mode=mode, threads=threads, data_dir=data_dir or None,
+                       iterations=iterations, rounds=rounds)
     except FedstillError as error:
         fail(error)
     table = Table(title=f"fedstill export: {s['model']} (round {s['round']}), {s['test_samples']} test samples")
@@ -44,10 +48,16 @@ def export(
         ("INT8 vs FP32", f"accuracy {-int8['accuracy_drop_points']:+.2f} points, argmax agree "
                          f"{int8['argmax_agreement_vs_fp32']:.2%}"),
         *((f"{name}", f"{entry['bytes']:,} bytes") for name, entry in s["files"].items()),
+        *((f"{name.split(', ')[-1].replace('ORT', 'ONNX Runtime')}, batch {b}",
+           f"{row['throughput']:,.0f} samples/s, p50 {row['p50_ms']:.3f} ms")
+          for name, by_batch in s["speed"]["engines"].items() for b, row in by_batch.items()),
     ]
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    choice = s["recommendation"]
+    console.print(f"[bold]ship {choice['precision'].upper()}[/]: {escape(choice['reason'])} "
+                  f"({s['speed']['threads']} thread(s), {s['speed']['iterations']} calls per cell, timed in this run)")
     console.print(f"wrote {escape(str(Path(run_dir) / EXPORT_DIR / SUMMARY))}")
 
 
@@ -94,10 +104,11 @@ def bench(
     run_dir: Path = RUN_DIR,
     threads: int = typer.Option(1, min=1, help="Intra-op threads of PyTorch and onnxruntime alike."),
     iterations: int = typer.Option(300, min=1, help="Timed calls per engine and batch size."),
-    rounds: int = typer.Option(5, min=1, help="Interleaved blocks the calls are split into."),
+    rounds: int = typer.Option(20, min=1, help="Interleaved blocks the calls are split into."),
     data_dir: str = DATA_DIR,
 ) -> None:
-    """Throughput and latency (batch 1 and 64): largest teacher, student in PyTorch, ONNX FP32 and INT8."""
+    """Throughput and latency (batch 1 and 64) of the largest teacher and the student, each in PyTorch, ONNX FP32
+    and ONNX INT8; the student/teacher ratio per engine, and INT8 or FP32."""
     from simulations.student.bench import bench_run
 
     try:
@@ -120,10 +131,22 @@ def print_bench(result: dict[str, Any]) -> None:
             table.add_row(name, b, f"{row['throughput']:,.0f}", f"{row['throughput_x_teacher']:.2f}",
                           f"{row['p50_ms']:.3f}", f"{row['p95_ms']:.3f}")
     console.print(table)
-    console.print(f"teacher: the scenario's largest, {result['teacher']['model']} ({result['teacher']['params']:,} "
-                  f"params), built fresh: inference time does not depend on the weights; student: "
+    like = Table(title="student against teacher, same engine")
+    for column in ("engine", "batch", "student samples/s", "teacher samples/s", "student x teacher"):
+        like.add_column(column, justify="left" if column == "engine" else "right")
+    for engine, by_batch in (result.get("per_engine") or {}).items():
+        for b, row in by_batch.items():
+            like.add_row(engine, b, f"{row['student_throughput']:,.0f}", f"{row['teacher_throughput']:,.0f}",
+                         f"{row['student_x_teacher']:.2f}")
+    console.print(like)
+    teacher = result["teacher"]
+    console.print(f"teacher: the scenario's largest, {teacher['model']} ({teacher['params']:,} params), weights "
+                  f"{escape(teacher['weights'])}: inference time does not depend on them; student: "
                   f"{result['student']['model']} ({result['student']['params']:,} params). samples/s = batch / "
-                  f"median call; wrote {escape(str(Path(result['run_dir']) / 'export' / 'bench.json'))}")
+                  f"median call; x teacher: against the teacher in PyTorch")
+    if result.get("int8"):
+        console.print(f"[bold]ship {result['int8']['precision'].upper()}[/]: {escape(result['int8']['reason'])}")
+    console.print(f"wrote {escape(str(Path(result['run_dir']) / 'export' / 'bench.json'))}")
 
 
 def _use_threads(threads: int) -> None:

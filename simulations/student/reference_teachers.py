@@ -95,20 +95,32 @@ def train_teachers(cfg: RunConfig, split: FederatedSplit,
     return teachers
 
 
+def sites_folder(cfg: RunConfig, run_dir: Path) -> Path:
+    """Where the run's simulated institutions kept their state: the scenario's sites-dir, else `<run>/sites`."""
+    return Path(cfg.sites_dir) if cfg.sites_dir and Path(cfg.sites_dir).is_dir() else run_dir / "sites"
+
+
+def saved_teacher(cfg: RunConfig, sites: Path, pid: int, fingerprint: str) -> tuple[Path, dict[str, Any]] | None:
+    """Institution `pid`'s saved teacher for this run (its architecture, partition, seed and public set), the one
+    trained the most rounds, with its header; None when it kept none."""
+    name, found = cfg.teacher_model_for(pid), None
+    for path in sorted(site_folder(sites, pid).glob("teacher-*.safetensors")):
+        header = saved_header(path) or {}
+        settings = header.get("settings") or {}
+        if (header.get("model") == name and settings.get("partition_id") == pid and settings.get("seed") == cfg.seed
+                and settings.get("public_fingerprint") == fingerprint
+                and (found is None or header.get("rounds_trained", 0) > found[1].get("rounds_trained", 0))):
+            found = (path, header)
+    return found
+
+
 def stored_teachers(cfg: RunConfig, run_dir: Path, split: FederatedSplit) -> tuple[list[dict[str, Any]] | None, str]:
     """The run's own final teachers, from its simulated institutions' state folders (`sites/institution-<id>/`,
     where `client.teacher` keeps them), or None and the reason they cannot be used."""
-    sites = Path(cfg.sites_dir) if cfg.sites_dir and Path(cfg.sites_dir).is_dir() else run_dir / "sites"
+    sites = sites_folder(cfg, run_dir)
     fingerprint, teachers = public_fingerprint(split.public), []
     for pid in range(cfg.num_clients):
-        name, found = cfg.teacher_model_for(pid), None
-        for path in sorted(site_folder(sites, pid).glob("teacher-*.safetensors")):
-            header = saved_header(path) or {}
-            settings = header.get("settings") or {}
-            if (header.get("model") == name and settings.get("partition_id") == pid and settings.get("seed") == cfg.seed
-                    and settings.get("public_fingerprint") == fingerprint
-                    and (found is None or header.get("rounds_trained", 0) > found[1].get("rounds_trained", 0))):
-                found = (path, header)
+        name, found = cfg.teacher_model_for(pid), saved_teacher(cfg, sites, pid, fingerprint)
         if found is None:
             return None, f"no saved {name} teacher of institution {pid} in {sites}"
         if found[1].get("rounds_trained") != cfg.num_server_rounds:

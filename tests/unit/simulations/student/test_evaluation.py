@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import RecordDict
+from safetensors.torch import load_file
 
 from client.site import Site
 from client.teacher import attach_store, restore_teacher, save_teacher, teacher_store, train_round
@@ -19,12 +20,14 @@ from common.node_config import NodeConfig
 from common.tasks.partition import partition_rows
 from common.tasks.registry import load_split
 from common.tasks.samples import public_fingerprint
-from simulations.student.bench import bench_run
+from simulations.student.bench import bench_run, reference_teacher
 from simulations.student.evaluate import EVAL_DIR, PLOT, REPORT, SUMMARY, EnsembleLogits, evaluate_run
-from simulations.student.load import load_run_student, softmax, torch_logits
+from simulations.student.load import load_run_split, load_run_student, softmax, torch_logits
 from simulations.student.reference_teachers import CACHE, reference_ensemble, train_teachers
 
-from run_fixtures import make_run_folder, tiny_cfg
+from run_fixtures import TINY_RUN, make_run_folder, tiny_cfg
+
+TINY_TEACHERS = str(TINY_RUN["teacher-models"])
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +122,9 @@ def test_retrained_ensemble_is_cached_and_aggregated_with_the_runs_rule(run: Pat
                                       f"teacher of institution 0 in {run / 'sites'}"]
 
 
-def test_a_simulated_runs_own_teachers_are_used_and_the_replay_matches_them(tmp_path: Path) -> None:
-    # Prepare: each institution trains and keeps its teacher in the run's sites folder, as in a simulation
-    run = make_run_folder(tmp_path / "run", epochs=1, **{"teacher-models": "cnn-small,mlp-deep"})
-    cfg = tiny_cfg(**{"teacher-models": "cnn-small,mlp-deep"})
+def keep_teachers(run: Path, teacher_models: str) -> None:
+    """Each institution trains and keeps its teacher in the run's sites folder, as in a simulation."""
+    cfg = tiny_cfg(**{"teacher-models": teacher_models})
     split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size)
     for pid in range(cfg.num_clients):
         site = Site(pid, split.private.subset(partition_rows(split, cfg, pid)), split.public, split.test,
@@ -133,6 +135,12 @@ def test_a_simulated_runs_own_teachers_are_used_and_the_replay_matches_them(tmp_
             model, rounds_trained = restore_teacher(state, cfg, site)
             train_round(model, cfg, site, rounds_trained)
             save_teacher(state, model, cfg, site, rounds_trained + 1)
+
+
+def test_a_simulated_runs_own_teachers_are_used_and_the_replay_matches_them(tmp_path: Path) -> None:
+    # Prepare
+    run = make_run_folder(tmp_path / "run", epochs=1, **{"teacher-models": "cnn-small,mlp-deep"})
+    keep_teachers(run, "cnn-small,mlp-deep")
 
     # Execute
     stored = reference_ensemble(load_run_student(run))
@@ -151,18 +159,49 @@ def test_a_fedavg_run_has_no_teacher_ensemble(tmp_path: Path) -> None:
         reference_ensemble(student)
 
 
-def test_bench_times_the_four_engines_against_the_teacher(run: Path) -> None:
+def test_bench_times_teacher_and_student_in_each_engine(run: Path) -> None:
     # Execute (a smoke run: two calls per cell, figures not checked for speed)
     result = bench_run(run, iterations=2, rounds=1, warmup=1)
 
-    # Assert
+    # Assert: six engines, the teacher in PyTorch first (the reference of `throughput_x_teacher`, as before)
     engines = result["engines"]
-    assert len(engines) == 4 and result["threads"] == 1
-    assert result["teacher"]["model"] == "cnn-small"  # larger than mlp on 8x8 digits
-    teacher = next(iter(engines.values()))
-    assert teacher["1"]["throughput_x_teacher"] == 1.0
+    assert list(engines) == [f"{role}, {engine}" for role in ("teacher", "student")
+                             for engine in ("PyTorch", "ORT FP32", "ORT INT8")]
+    assert result["threads"] == 1 and result["teacher"]["model"] == "cnn-small"  # larger than mlp on 8x8 digits
+    assert engines["teacher, PyTorch"]["1"]["throughput_x_teacher"] == 1.0
     assert all(set(by_batch) == {"1", "64"} and by_batch["64"]["calls"] == 2 for by_batch in engines.values())
+    # the teacher exported as the student is: FP32 and INT8 files, parity with PyTorch; weights fresh (no sites/)
+    teacher = result["teacher"]
+    assert set(teacher["files"]) == {"cnn-small.onnx", "cnn-small.int8.onnx"} and teacher["int8_mode"] == "static"
+    assert all(Path(entry["path"]).is_file() for entry in teacher["files"].values())
+    assert teacher["parity_fp32"]["argmax_agreement"] == 1.0 and teacher["weights"].startswith("built fresh")
+    # the student against the teacher within each engine, and INT8 or FP32 from this run's own timings
+    assert list(result["per_engine"]) == ["PyTorch", "ORT FP32", "ORT INT8"]
+    for engine, by_batch in result["per_engine"].items():
+        assert by_batch["64"]["student_x_teacher"] == (engines[f"student, {engine}"]["64"]["throughput"]
+                                                      / engines[f"teacher, {engine}"]["64"]["throughput"])
+    faster = all(engines["student, ORT INT8"][b]["throughput"] > engines["student, ORT FP32"][b]["throughput"] for b in ("1", "64"))
+    drop = result["int8"]["accuracy_drop_points"]
+    assert result["int8"]["precision"] == ("int8" if faster and drop <= 1 else "fp32")
     results = json.loads((run / "results.json").read_text())
     assert results["serving"]["engines"] == engines and results["export"]["accuracy"]["onnx_int8"] > 0
     page = (run / "report.md").read_text()
     assert "## Serving" in page and "| student, ORT INT8 | 64 |" in page and "## Export" in page
+    assert "Student against teacher in the same engine:" in page and "| ORT INT8 | 64 | " in page
+    assert f"Ship **{result['int8']['precision'].upper()}**" in page
+
+
+def test_bench_times_the_runs_own_largest_teacher_where_an_institution_kept_it(tmp_path: Path) -> None:
+    # Prepare: institution 0 trains cnn-small (the larger), institution 1 mlp
+    run = make_run_folder(tmp_path / "run", epochs=1)
+    keep_teachers(run, TINY_TEACHERS)
+    student = load_run_student(run)
+
+    # Execute
+    name, model, weights = reference_teacher(student, load_run_split(student))
+
+    # Assert: institution 0's final weights, named with their file
+    saved = sorted((run / "sites" / "institution-0").glob("teacher-*.safetensors"))
+    assert name == "cnn-small" and weights == f"institution 0's teacher after 2 round(s), {saved[-1]}"
+    for key, value in load_file(str(saved[-1])).items():
+        torch.testing.assert_close(model.state_dict()[key], value)

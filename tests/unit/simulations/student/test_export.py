@@ -15,13 +15,16 @@ from common.errors import ConfigError
 from common.models.inputs import images_to_tensor
 from common.models.registry import build_model
 from common.tasks.registry import load_split
+from simulations.student.bench import current_export
 from simulations.student.export import (
     EXPORT_DIR,
+    INPUT,
     ONNX_FP32,
     ONNX_INT8,
     SUMMARY,
     export_onnx,
     export_run,
+    input_convolutions,
     ort_logits,
     ort_session,
     quantisation_mode,
@@ -74,6 +77,25 @@ def test_static_int8_cnn_loads_and_predicts_like_fp32(digits, tmp_path: Path) ->
     assert (int8.argmax(1) == fp32.argmax(1)).mean() > 0.9
 
 
+def test_static_int8_keeps_the_convolution_reading_the_image_in_fp32(digits, tmp_path: Path) -> None:
+    # Prepare
+    public, test = digits
+    export_onnx(build_model("cnn-small", 10, (8, 8), seed=0).eval(), test[:1], tmp_path / "fp32.onnx")
+
+    # Execute
+    quantise(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", public[:64].numpy())
+
+    # Assert: the first Conv reads the image and an FP32 weight; the second reads dequantised INT8 weights
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    produced_by = {out: node for node in graph.node for out in node.output}
+    floats = {init.name for init in graph.initializer if init.data_type == onnx.TensorProto.FLOAT}
+    first, second = (node for node in graph.node if node.op_type == "Conv")
+    assert input_convolutions(tmp_path / "fp32.onnx") == [first.name] and first.input[0] == INPUT
+    assert first.input[1] in floats
+    assert produced_by[second.input[1]].op_type == "DequantizeLinear"
+    assert produced_by[second.input[0]].op_type == "DequantizeLinear"
+
+
 def test_dynamic_int8_mlp_loads_and_predicts(digits, tmp_path: Path) -> None:
     # Prepare
     _, test = digits
@@ -100,7 +122,7 @@ def test_export_run_writes_both_models_and_a_summary(tmp_path: Path) -> None:
     run = make_run_folder(tmp_path / "run")
 
     # Execute
-    summary = export_run(run, calibration_size=100)
+    summary = export_run(run, calibration_size=100, iterations=20, rounds=4, warmup=2)
 
     # Assert
     out = run / EXPORT_DIR
@@ -112,8 +134,32 @@ def test_export_run_writes_both_models_and_a_summary(tmp_path: Path) -> None:
     assert summary["accuracy"]["pytorch"] > 0.5  # trained on the public set: far above chance (0.1)
     assert abs(summary["int8"]["accuracy_drop_points"]) < 5
     assert summary["files"][ONNX_INT8]["bytes"] < summary["files"][ONNX_FP32]["bytes"]
+    # FP32 and INT8 timed in this run at the bench's batch sizes; the recommendation follows the rule on those figures
+    fp32, int8 = (summary["speed"]["engines"][f"student, ORT {p}"] for p in ("FP32", "INT8"))
+    assert set(fp32) == set(int8) == {"1", "64"} and fp32["64"]["calls"] == 20 and fp32["1"]["throughput_x_fp32"] == 1.0
+    choice = summary["recommendation"]
+    faster = all(int8[b]["throughput"] > fp32[b]["throughput"] for b in fp32)
+    assert choice["precision"] == ("int8" if faster and summary["int8"]["accuracy_drop_points"] <= 1 else "fp32")
+    assert choice["int8_x_fp32"] == {b: int8[b]["throughput"] / fp32[b]["throughput"] for b in fp32}
+    assert summary["session"]["disabled_optimizers"] == ["QDQPropagationTransformer"]
 
 
 def test_a_folder_without_a_student_is_refused_with_the_fix(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"holds no results.json: not a run folder"):
         export_run(tmp_path)
+
+
+def test_bench_reuses_only_an_export_made_by_this_recipe(tmp_path: Path) -> None:
+    # Prepare
+    run = make_run_folder(tmp_path / "run", epochs=1)
+    export_run(run, calibration_size=50, iterations=2, rounds=1, warmup=1)
+    out, fresh = run / EXPORT_DIR, current_export(run / EXPORT_DIR)
+
+    # Execute: export.json as the recipe before issue 19 wrote it (the first convolution quantised too)
+    summary = json.loads((out / SUMMARY).read_text())
+    summary["int8"]["format"] = "QDQ, per-channel weights"
+    (out / SUMMARY).write_text(json.dumps(summary))
+
+    # Assert
+    assert fresh and not current_export(out)
+    assert not current_export(tmp_path / "nothing-here")

@@ -24,7 +24,7 @@ def tabular_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_tabular_student_exports_with_parity_and_dynamic_int8(tabular_run: Path) -> None:
-    summary = export_run(tabular_run)
+    summary = export_run(tabular_run, iterations=4, rounds=2, warmup=1)  # timing not under test here
 
     assert summary["parity_fp32"]["argmax_agreement"] == 1.0
     assert summary["int8"]["mode"] == "dynamic"
