@@ -62,9 +62,9 @@ def test_any_t_minus_1_shares_are_uniform_and_the_same_for_every_secret(data: st
     for index in range(threshold - 1):
         a, b = (np.array([row[index] / PRIME for row in seen[s]]) for s in (first, second))
         assert abs(a.mean() - 0.5) < 0.1 and abs(b.mean() - 0.5) < 0.1
-        assert ks_distance(a, b) < 0.21  # p < 1e-6 for two samples of 300 from one distribution
+        assert ks_distance(a, b) < 0.25  # p < 1e-8 for two samples of 300 from one distribution
     pooled = [v for s in (first, second) for row in seen[s] for v in row]
-    assert np.all(np.abs(low_bits(pooled) - 0.5) < 5 * 0.5 / np.sqrt(len(pooled)) + 1e-9)
+    assert np.all(np.abs(low_bits(pooled) - 0.5) < 6 * 0.5 / np.sqrt(len(pooled)) + 1e-9)  # 6 sigma: p < 2e-9 a bit
 
     # Assert, exactly: those t - 1 shares fit every secret; one more point decides which
     shares = dict(zip(points, seen[first][0], strict=True))
@@ -93,8 +93,8 @@ def test_a_masked_vector_alone_is_uniform_whatever_the_input(data: st.DataObject
     # Assert: every bit of every entry is set half the time; no entry shows its input; equal inputs, unrelated outputs
     for y in masked.values():
         bits = ((y[:, None] >> np.arange(64, dtype=np.uint64)) & np.uint64(1)).mean(axis=0)
-        assert np.all(np.abs(bits - 0.5) < 5 * 0.5 / np.sqrt(length))
-        assert abs(float((y.astype(np.float64) / 2.0**64).mean()) - 0.5) < 5 * 0.29 / np.sqrt(length)
+        assert np.all(np.abs(bits - 0.5) < 6 * 0.5 / np.sqrt(length))
+        assert abs(float((y.astype(np.float64) / 2.0**64).mean()) - 0.5) < 6 * 0.29 / np.sqrt(length)
         assert not np.any(y == quantise(x))
     assert not np.any(masked[1] == masked[2])
 
