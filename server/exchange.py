@@ -8,6 +8,7 @@ the failed check, never raised: no reply, however malformed, may crash the serve
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from logging import WARNING
@@ -54,6 +55,8 @@ class Exchange(Generic[R]):
     payload_digests: dict[int, tuple[str, int]] = field(default_factory=dict)  # node id -> (sha256, bytes)
     uplink_bytes: dict[int, int] = field(default_factory=dict)  # node id -> bytes received
     replies: dict[int, Message] = field(default_factory=dict)  # node id -> its reply as received, in arrival order
+    wait_s: float = 0.0  # from sending the messages to the last reply (or the deadline): server.profile
+    validate_s: float = 0.0  # judging the replies (attestation, schema)
 
     def reject(self, node: int, reason: str, check: str) -> None:
         self.rejected[node], self.checks[node] = reason, check
@@ -76,9 +79,14 @@ def exchange(
         requests = witness.requests([m.metadata.dst_node_id for m in messages])
         messages = [_with_request(m, requests[m.metadata.dst_node_id]) for m in messages]
     result: Exchange[R] = Exchange(downlink_bytes=sum(record_nbytes(m.content) for m in messages))
-    for node, reply in collect(grid, messages, timeout) if messages else []:
+    sent = time.perf_counter()
+    arrived = collect(grid, messages, timeout) if messages else []
+    result.wait_s = time.perf_counter() - sent
+    for node, reply in arrived:
         result.replies[node] = reply
+        judging = time.perf_counter()
         _judge(result, node, reply, parse, check, phase)
+        result.validate_s += time.perf_counter() - judging
         if witness is not None and node in result.accepted:
             attestation = result.attestations.get(node)
             problem = witness.record(node, claimed_institution(attestation), read_cosignature(reply.content))
