@@ -28,6 +28,7 @@ from common.models.registry import count_parameters
 from common.models.training import accuracy, predict_probs
 from common.node_config import NodeConfig
 from common.site_policy import SitePolicy
+from common.timing import PhaseClock
 
 
 @dataclass(frozen=True)
@@ -40,17 +41,20 @@ class Answer:
 
 
 def answer_query(context: Context, cfg: RunConfig, node: NodeConfig, site: Site, query: SoftLabelQuery,
-                 site_policy: SitePolicy | None = None) -> Answer:
-    """Train, then answer `query`; the caller has admitted it (client.enforce)."""
+                 site_policy: SitePolicy | None = None, clock: PhaseClock | None = None) -> Answer:
+    """Train, then answer `query`; the caller has admitted it (client.enforce). `clock` times the phases
+    (load, train, label: common.messages.timings)."""
     site_policy = site_policy or SitePolicy()
+    clock = clock or PhaseClock()
     budget = within_policy(load_policy(cfg, node), site_policy) if cfg.privacy != "none" else None
     noised = site_policy.count_mode(cfg.privacy) == "noised"
     also = (count_event(site_policy.count_noise),) if noised and budget is not None else ()
     count, class_counts, counts_before = _counts(context, cfg, site, query, site_policy, budget)
     if budget is not None and cfg.privacy == "pate":
-        answer = _pate_answer(context, cfg, site, query, budget, also)
+        with clock.phase("train"):  # the sub-teachers train and vote in one step
+            answer = _pate_answer(context, cfg, site, query, budget, also)
     else:
-        answer = _teacher_answer(context, cfg, site, query, budget, also)
+        answer = _teacher_answer(context, cfg, site, query, budget, also, clock)
     privacy = answer.privacy
     if privacy is not None and counts_before is not None:  # this release also spent the noised counts
         privacy = {**privacy, "epsilon": max(0.0, privacy["epsilon_total"] - counts_before)}
@@ -65,20 +69,24 @@ def answer_query(context: Context, cfg: RunConfig, node: NodeConfig, site: Site,
 
 
 def _teacher_answer(context: Context, cfg: RunConfig, site: Site, query: SoftLabelQuery, budget: Policy | None,
-                    also: tuple[dict[str, Any], ...]) -> Answer:
-    teacher, rounds_trained = restore_teacher(context.state, cfg, site)
+                    also: tuple[dict[str, Any], ...], clock: PhaseClock) -> Answer:
+    with clock.phase("load"):
+        teacher, rounds_trained = restore_teacher(context.state, cfg, site)
     # A resumed run asks again for the round the server stopped in, after this teacher had trained for it:
     # answer with the teacher as it is, and train (under DP: spend) no second time for the same round.
     again = cfg.resume and rounds_trained >= query.round
     privacy: dict[str, Any] | None = None
-    if budget is not None:
-        loss, privacy = dpsgd_round(teacher, cfg, site, budget, context.run_id, query.round, rounds_trained,
-                                    again=again, also=also)
-    else:
-        loss = float("nan") if again else train_round(teacher, cfg, site, rounds_trained)
+    with clock.phase("train"):
+        if budget is not None:
+            loss, privacy = dpsgd_round(teacher, cfg, site, budget, context.run_id, query.round, rounds_trained,
+                                        again=again, also=also)
+        else:
+            loss = float("nan") if again else train_round(teacher, cfg, site, rounds_trained)
     rounds = rounds_trained if again else rounds_trained + 1
-    save_teacher(context.state, teacher, cfg, site, rounds)
-    probs = predict_probs(teacher, site.public.inputs[query.sample_ids], query.temperature)
+    with clock.phase("load"):  # the teacher's state goes back where it came from
+        save_teacher(context.state, teacher, cfg, site, rounds)
+    with clock.phase("label"):
+        probs = predict_probs(teacher, site.public.inputs[query.sample_ids], query.temperature)
     teacher_accuracy = accuracy(teacher, site.test.inputs, site.test.labels) if query.evaluate_teacher else -1.0
     return Answer(probs, _figures(loss, teacher_accuracy, count_parameters(teacher), rounds), privacy)
 

@@ -48,6 +48,7 @@ from common.messages import (
     DigestInstruction,
     DigestReply,
     MaskedReply,
+    NodeTimings,
     SecAggConsistency,
     SecAggInbox,
     SecAggRoster,
@@ -58,9 +59,11 @@ from common.messages import (
     TrainInstruction,
     WitnessCall,
     attach_cosignature,
+    attach_timings,
     read_witness_request,
 )
 from common.node_config import NodeConfig
+from common.timing import PhaseClock
 
 app = ClientApp()
 
@@ -70,31 +73,39 @@ app = ClientApp()
 @witness_first
 def soft_labels(msg: Message, context: Context) -> Message:
     """Train the teacher one more round, then answer with softmax(teacher(public) / T) (or PATE's noisy
-    votes) — masked, under secure aggregation."""
-    cfg, node, site = _setup(context)
+    votes) — masked, under secure aggregation; with the answer's timings where the site policy sends them."""
+    clock = PhaseClock()
+    with clock.phase("load"):
+        cfg, node, site = _setup(context)
     query = SoftLabelQuery.from_record(msg.content)
     check_query(query, site.fingerprint, site.private.num_classes, len(site.public))
     shared = SecAggRoster.from_record(msg.content)
     admit_secure_query(context.state, context.run_id, context.node_id, query.round, shared, cfg.secure_aggregation)
     policy = site_policy(cfg, node)
     admit_query(context.state, context.run_id, cfg, policy, query)
-    answer = answer_query(context, cfg, node, site, query, policy)
+    answer = answer_query(context, cfg, node, site, query, policy, clock)
     probs, figures = answer.probs, answer.figures
     released = policy.releases(cfg.privacy, class_counts=query.want_class_counts, teacher_accuracy=query.evaluate_teacher)
     privacy = released_statement(answer.privacy, released)
     count = answer.num_examples
+    timed = policy.sends_timings(cfg.privacy, class_counts=query.want_class_counts)
     if shared is not None:
         weight = float(count) if shared.weighted else 1.0
         masked = masked_vector(context.state, context.run_id, context.node_id, shared, probs, weight)
         record = MaskedReply(round=query.round, fingerprint=site.fingerprint, masked=masked, **figures).to_record()
-        return _reply(record, msg, context, cfg, node, site, query.round, kind="secagg-masked", privacy=privacy)
-    reply = SoftLabelReply(
-        round=query.round, fingerprint=site.fingerprint, codec=query.codec, soft_labels=probs,
-        num_examples=count, class_counts=answer.class_counts,
-        top_k=query.top_k, **figures,
-    )
-    return _reply(reply.to_record(), msg, context, cfg, node, site, query.round, privacy=privacy,
-                  with_counts=query.want_class_counts, with_accuracy=query.evaluate_teacher)
+        with clock.phase("sign"):
+            sent = _reply(record, msg, context, cfg, node, site, query.round, kind="secagg-masked", privacy=privacy,
+                          with_timings=timed)
+    else:
+        reply = SoftLabelReply(
+            round=query.round, fingerprint=site.fingerprint, codec=query.codec, soft_labels=probs,
+            num_examples=count, class_counts=answer.class_counts,
+            top_k=query.top_k, **figures,
+        )
+        with clock.phase("sign"):
+            sent = _reply(reply.to_record(), msg, context, cfg, node, site, query.round, privacy=privacy,
+                          with_counts=query.want_class_counts, with_accuracy=query.evaluate_teacher, with_timings=timed)
+    return _timed(sent, clock) if timed else sent
 
 
 @app.query("secagg_setup")
@@ -177,6 +188,12 @@ def _reply(
     return Message(record, reply_to=msg)
 
 
+def _timed(reply: Message, clock: PhaseClock) -> Message:
+    """The signed reply with the answer's timings (outside the attested payload: common.messages.timings)."""
+    attach_timings(reply.content, NodeTimings.of(clock.seconds, clock.elapsed()))
+    return reply
+
+
 @app.query("witness")
 @local_detail_kept
 @witness_first
@@ -210,12 +227,18 @@ def digest(msg: Message, context: Context) -> Message:
 def fedavg(msg: Message, context: Context) -> Message:
     """The FedAvg baseline (method = "fedavg"): train the global student weights on private data; the trained
     weights leave signed and logged, like every other release."""
-    cfg, node, site = _setup(context)
+    clock = PhaseClock()
+    with clock.phase("load"):
+        cfg, node, site = _setup(context)
     if cfg.method != "fedavg":
         raise MessageFormatError(f"this run's method is {cfg.method!r}: nodes send weights only when method is 'fedavg'")
     instruction = TrainInstruction.from_record(msg.content)
-    record = fedavg_train(instruction, cfg, site)
-    return _reply(record, msg, context, cfg, node, site, instruction.server_round, kind=kinds.FEDAVG_PAYLOAD)
+    with clock.phase("train"):
+        record = fedavg_train(instruction, cfg, site)
+    with clock.phase("sign"):
+        sent = _reply(record, msg, context, cfg, node, site, instruction.server_round, kind=kinds.FEDAVG_PAYLOAD,
+                      with_timings=True)
+    return _timed(sent, clock)  # FedAvg sends num-examples exactly: the timings reveal no more of the data's size
 
 
 HANDLERS = {  # each message type this app answers -> its handler, as Flower dispatches them (tests drive them so)

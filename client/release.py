@@ -34,6 +34,7 @@ COUNTS_CATEGORY = "per-class counts of private data"
 ACCURACY_CATEGORY = "teacher accuracy on the benchmark test set"
 DIGEST_CATEGORY = "training summary (FedMD digest and revisit losses)"
 WITNESS_CATEGORY = "a cosignature of the coordinator's ledger head (no data)"
+TIMINGS_CATEGORY = "compute timings (seconds per phase on the node; attached after the signature, outside the payload)"
 FEDAVG_CATEGORIES = ["model weights trained on private data (FedAvg baseline)", "training summary (num-examples, loss)"]
 
 
@@ -130,11 +131,12 @@ SECAGG_RELEASES = {
 def sign_and_log(
     identity: Identity, reply: RecordDict, query: RecordDict, *, run_id: int, round_: int, node_id: int,
     fingerprint: str, with_counts: bool = False, with_accuracy: bool = False, digest: bool = False,
-    kind: str | None = None, privacy: dict | None = None,
+    kind: str | None = None, privacy: dict | None = None, with_timings: bool = False,
 ) -> RecordDict:
     """Attest `reply` (bound to its exact bytes and to the query), log the release, attach the attestation.
 
-    A soft-label reply states the soft labels and what else it carries (counts, accuracy); a FedMD
+    A soft-label reply states the soft labels and what else it carries (counts, accuracy, and the compute
+    timings attached after signing: `with_timings`; a FedAvg reply states those too); a FedMD
     digest reply (`digest=True`) releases only two losses; `kind` names a secure-aggregation
     message (a key of SECAGG_RELEASES) or a FedAvg reply (`kinds.FEDAVG_PAYLOAD`: trained weights).
     """
@@ -152,6 +154,7 @@ def sign_and_log(
     else:
         payload = payload_description(reply)
         categories = SOFT_LABEL_CATEGORIES + [COUNTS_CATEGORY] * with_counts + [ACCURACY_CATEGORY] * with_accuracy
+    categories = categories + [TIMINGS_CATEGORY] * with_timings
     attestation = attest(
         identity.signer, run_id=run_id, round_=round_, node_id=node_id, public_fingerprint=fingerprint,
         query_sha256=query_sha256, payload_sha256=payload_sha256, payload_bytes=payload_bytes,

@@ -189,11 +189,21 @@ class SitePolicy:
     def sends_teacher_accuracy(self, privacy: str) -> bool:
         return self.teacher_accuracy if self.teacher_accuracy is not None else privacy != "pate"
 
+    def sends_timings(self, privacy: str, *, class_counts: bool) -> bool:
+        """Whether a reply carries its compute timings (common.messages.timings): only when num-examples leaves
+        exactly, since the seconds of local training scale with the private data's size."""
+        return self._count_release(privacy, class_counts) == "exact"
+
+    def _count_release(self, privacy: str, class_counts: bool) -> str:
+        """How num-examples leaves: noised, exact (also as the sum of exact class counts), rounded or withheld."""
+        mode = self.count_mode(privacy)
+        return "noised" if mode == "noised" else "exact" if class_counts else mode
+
     def releases(self, privacy: str, *, class_counts: bool, teacher_accuracy: bool) -> dict[str, str]:
         """Value by value, what a soft-label reply carries besides the mechanism's output (for the signed
         privacy statement). With class counts, num-examples is their sum."""
         noised = self.count_mode(privacy) == "noised"
-        count = "noised" if noised else "exact" if class_counts else self.count_mode(privacy)
+        count = self._count_release(privacy, class_counts)
         accounted = "accounted in epsilon" if privacy != "none" else "not accounted: no mechanism"
         noised_text = f"Gaussian noise of std {self.count_noise:g}, released once per run, {accounted}"
         return {
@@ -205,6 +215,8 @@ class SitePolicy:
             "teacher-accuracy": _accuracy_release(privacy) if teacher_accuracy and self.sends_teacher_accuracy(privacy)
             else "withheld (sent as -1)",
             "teacher-params": "public (the model's size)", "teacher-rounds": "public (rounds answered)",
+            "timings": ("exact (seconds per phase on the node, attached after the signature)" if count == "exact"
+                        else "withheld (training seconds scale with num-examples, which does not leave exactly)"),
         }
 
     def line(self, key: str, default: object = None) -> str:

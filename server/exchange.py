@@ -75,6 +75,9 @@ class Exchange(Generic[R]):
     payload_digests: dict[int, tuple[str, int]] = field(default_factory=dict)  # node id -> (sha256, bytes)
     uplink_bytes: dict[int, int] = field(default_factory=dict)  # node id -> bytes received
     replies: dict[int, Message] = field(default_factory=dict)  # node id -> its reply as received (not when folding)
+    wait_s: float = 0.0  # from pushing the messages to the last reply (or the deadline), less judging and folding
+    validate_s: float = 0.0  # judging the replies (error, attestation, schema, cosignature): server.profile
+    fold_s: float = 0.0  # folding accepted replies into the running aggregate as they arrive
 
     def reject(self, node: int, reason: str, check: str) -> None:
         self.rejected[node], self.checks[node] = reason, check
@@ -101,17 +104,23 @@ def exchange(
         requests = witness.requests([m.metadata.dst_node_id for m in messages])
         messages = [_with_request(m, requests[m.metadata.dst_node_id]) for m in messages]
     result: Exchange[R] = Exchange(downlink_bytes=sum(record_nbytes(m.content) for m in messages))
+    started = time.perf_counter()
     for node, reply in stream(grid, messages, timeout):
         if result.judged(node):  # one verdict per node: a second reply is never judged, nor folded twice
             log(WARNING, "round %d %s: ignored a second reply from node %d", round_, phase.name, node)
             continue
         if fold is None:
             result.replies[node] = reply
+        judging = time.perf_counter()
         _judge(result, node, reply, parse, check, phase)
         if witness is not None and node in result.accepted:
             _witnessed(result, node, reply, witness)
+        folding = time.perf_counter()
+        result.validate_s += folding - judging
         if fold is not None and node in result.accepted:
             _folded(result, node, fold)
+        result.fold_s += time.perf_counter() - folding
+    result.wait_s = max(0.0, time.perf_counter() - started - result.validate_s - result.fold_s)
     for node in [m.metadata.dst_node_id for m in messages]:
         if not result.judged(node):
             result.reject(node, phase.silent.format(timeout=timeout), "timeout")

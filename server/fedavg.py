@@ -33,9 +33,10 @@ from common.tasks.samples import FederatedSplit, public_fingerprint
 from server.audit_trail import AuditTrail
 from server.checkpoint import Checkpoint
 from server.exchange import Exchange, Phase, exchange
+from server.profile import RoundClock, peak_rss_bytes
 from server.results.figures import final_figures, institution_names, run_title, split_metrics, student_meta
 from server.results.run_folder import STUDENT, RunFolder
-from server.results.schema import RoundRow
+from server.results.schema import RoundPhases, RoundRow
 from server.resume import Checkpointer
 from server.rounds import witness_end
 
@@ -56,6 +57,7 @@ class MeasuredFedAvg(FedAvg):
         self.round_offset = round_offset  # rounds completed before a resume
         self.round = round_offset  # the run's number of the round being trained
         self.exchanges: dict[int, Exchange[TrainReply]] = {}  # round -> its judged training exchange
+        self.aggregate_s: dict[int, float] = {}  # round -> seconds Flower's average took (server.profile)
 
     @property
     def downlink(self) -> dict[int, int]:
@@ -82,7 +84,9 @@ class MeasuredFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Flower's weighted average of the accepted replies (the attestation, a ConfigRecord, is not read by it),
         recorded in the ledger with the digest of the result."""
+        started = time.perf_counter()
         arrays, metrics = super().aggregate_train(server_round + self.round_offset, replies)
+        self.aggregate_s[self.round] = time.perf_counter() - started
         judged = self.exchanges.get(self.round)
         if arrays is not None and judged is not None:
             self.trail.weights_aggregated(self.round, sorted(judged.accepted), arrays)
@@ -149,12 +153,15 @@ def run_fedavg(
         trail, public_fingerprint(split.public), round_offset=done, fraction_train=1.0, fraction_evaluate=0.0,
         min_train_nodes=cfg.min_clients, min_available_nodes=cfg.min_clients,
     )
-    started = [time.monotonic()]
+    started, clocks = [time.monotonic()], [RoundClock(trail.ledger)]
 
     def evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(arrays.to_torch_state_dict())
-        acc, metrics = split_metrics(evaluate_model(model, test.inputs, test.labels))
+        clock = clocks[0]
+        with clock.phase("evaluate"):
+            model.load_state_dict(arrays.to_torch_state_dict())
+            acc, metrics = split_metrics(evaluate_model(model, test.inputs, test.labels))
         if flower_round == 0:
+            clocks[0] = RoundClock(trail.ledger)  # round 1 starts after the initial evaluation
             return MetricRecord({"accuracy": acc})
         server_round = flower_round + done
         if strategy.replied.get(server_round, 0) < cfg.min_clients:
@@ -171,8 +178,11 @@ def run_fedavg(
             institutions=checked, institutions_claimed=claimed,
         ))
         started[0] = time.monotonic()
-        run.save_student(model, student_meta(cfg, test.num_classes, input_shape(test.inputs), server_round))
-        keeper.save(server_round, trail.checkpoint(server_round, run.path / STUDENT, acc), model.state_dict())
+        with clock.phase("checkpoint"):
+            run.save_student(model, student_meta(cfg, test.num_classes, input_shape(test.inputs), server_round))
+            keeper.save(server_round, trail.checkpoint(server_round, run.path / STUDENT, acc), model.state_dict())
+        run.add_phases(server_round, fedavg_phases(clock, strategy, server_round))
+        clocks[0] = RoundClock(trail.ledger)
         log(INFO, "fedavg round %d: accuracy %.4f", server_round, acc)
         return MetricRecord({"accuracy": acc})
 
@@ -184,4 +194,14 @@ def run_fedavg(
     trail.finished(cfg.num_server_rounds, run.path / STUDENT)
     witness_end(grid, cfg, trail, strategy.fingerprint, cfg.num_server_rounds)
     run.sections["audit"] = trail.summary()
-    run.finish(final_figures(run.rounds, count_parameters(model), run_title(cfg)))
+    run.finish(final_figures(run.rounds, count_parameters(model), run_title(cfg), peak_rss_bytes()))
+
+
+def fedavg_phases(clock: RoundClock, strategy: MeasuredFedAvg, round_: int) -> RoundPhases:
+    """A FedAvg round's profile: the training exchange's wait and judging, Flower's average, the evaluation and
+    checkpoint the clock timed, the ledger; no label nor distil."""
+    judged = strategy.exchanges.get(round_)
+    if judged is not None:
+        clock.exchanged(judged)
+    clock.add("aggregate", strategy.aggregate_s.get(round_, 0.0))
+    return clock.phases(judged.accepted.values() if judged is not None else [])

@@ -27,6 +27,7 @@ from server.audit_trail import AuditTrail, check_coordinator_key
 from server.checkpoint import Checkpoint
 from server.distill import Student, ensemble_accuracy
 from server.fedavg import run_fedavg
+from server.profile import RoundClock, peak_rss_bytes
 from server.results.figures import final_figures, round_row, run_title, student_meta
 from server.results.privacy import privacy_section
 from server.results.run_folder import STUDENT, RunFolder, resolve_run_dir
@@ -113,14 +114,16 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
     log(INFO, "run folder %s; public set %d samples, fingerprint %s", run.path, len(public), fingerprint[:12])
 
     for round_ in range(resumed.state.round + 1 if resumed else 1, cfg.num_server_rounds + 1):
-        started = time.monotonic()
+        started, clock = time.monotonic(), RoundClock(trail.ledger)
         query = make_query(cfg, round_, fingerprint, len(public), public.num_classes)
-        replies, ensemble = collect_and_aggregate(grid, cfg, trail, query)
+        replies, ensemble = collect_and_aggregate(grid, cfg, trail, query, clock)
         kept = query.sample_ids[ensemble.keep]
         trail.aggregated(round_, cfg.aggregation, sorted(replies.accepted), ensemble.probs, len(kept))
-        loss = student.distil(public, kept, ensemble.probs[ensemble.keep], round_, query.temperature)
-        metrics = student.evaluate(test)
-        ensemble_acc = ensemble_accuracy(ensemble.probs, public.labels[query.sample_ids])
+        with clock.phase("distil"):
+            loss = student.distil(public, kept, ensemble.probs[ensemble.keep], round_, query.temperature)
+        with clock.phase("evaluate"):
+            metrics = student.evaluate(test)
+            ensemble_acc = ensemble_accuracy(ensemble.probs, public.labels[query.sample_ids])
         outcome = None
         if (cfg.digest_epochs or cfg.revisit_epochs) and round_ < cfg.num_server_rounds:
             instruction = DigestInstruction(round_, fingerprint, query.temperature, query.sample_ids, ensemble.probs,
@@ -129,31 +132,38 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
         row = round_row(query, replies, metrics, ensemble_acc, loss, int(len(kept)), outcome,
                         round(time.monotonic() - started, 3), trail.institutions())
         run.record_round(row)
-        run.save_student(student.model, student_meta(cfg, public.num_classes, input_shape(public.inputs), round_))
-        entry = trail.checkpoint(round_, run.path / STUDENT, row.student_accuracy)
-        keeper.save(round_, entry, student.model.state_dict(), student.optimizer_states())
+        with clock.phase("checkpoint"):
+            run.save_student(student.model, student_meta(cfg, public.num_classes, input_shape(public.inputs), round_))
+            entry = trail.checkpoint(round_, run.path / STUDENT, row.student_accuracy)
+            keeper.save(round_, entry, student.model.state_dict(), student.optimizer_states())
+        run.add_phases(round_, clock.phases(replies.accepted.values()))
         log(INFO, "round %d: student accuracy %.4f, %d replies", round_, row.student_accuracy, len(replies.accepted))
 
     trail.finished(cfg.num_server_rounds, run.path / STUDENT)
     witness_end(grid, cfg, trail, fingerprint, cfg.num_server_rounds)
     run.sections["audit"] = trail.summary()
     run.sections["privacy"] = privacy_section(cfg, trail.ledger.entries())
-    run.finish(final_figures(run.rounds, student.params, run_title(cfg)))
+    run.finish(final_figures(run.rounds, student.params, run_title(cfg), peak_rss_bytes()))
 
 
-def collect_and_aggregate(grid: Grid, cfg: RunConfig, trail: AuditTrail, query: SoftLabelQuery) -> tuple[SoftLabels, Aggregate]:
+def collect_and_aggregate(grid: Grid, cfg: RunConfig, trail: AuditTrail, query: SoftLabelQuery,
+                          clock: RoundClock | None = None) -> tuple[SoftLabels, Aggregate]:
     """Query every node, check and record the replies, each folded into the round's running aggregate as it is
-    judged (or, under secure aggregation, run the masked exchanges and open only the sum)."""
+    judged (or, under secure aggregation, run the masked exchanges and open only the sum); `clock` times the phases."""
+    clock = clock or RoundClock(trail.ledger)
     nodes = sorted(grid.get_node_ids())
     if cfg.secure_aggregation:
-        probs, masked = secure_soft_labels(grid, cfg, trail, query, nodes)
+        with clock.phase("wait"):  # the masked protocol as a whole (server.profile)
+            probs, masked = secure_soft_labels(grid, cfg, trail, query, nodes)
         require_quorum(masked, cfg, query.round)
         return masked, Aggregate(probs, np.ones(len(probs), dtype=bool))
     params = AggregationParams(cfg.era_temperature, cfg.trim_fraction, cfg.selective_threshold, query.temperature,
                                cfg.weight_clip)
     running = running_aggregate(cfg.aggregation, params)
     replies = soft_label_round(grid, cfg, trail, query, nodes, folding(running, trail))
+    clock.exchanged(replies)
     require_quorum(replies, cfg, query.round)
-    ensemble = running.result()
+    with clock.phase("aggregate"):
+        ensemble = running.result()
     trail.weights_clipped(query.round, list(replies.accepted), ensemble.clipped)
     return replies, ensemble

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +57,7 @@ class Ledger:
     def __init__(self, path: Path, signer: Signer) -> None:
         self.path = Path(path)
         self.signer = signer
+        self.busy_s = 0.0  # seconds spent appending so far (sign, write, fsync): the coordinator's profile reads it
 
     @classmethod
     def open(cls, path: Path | str, signer: Signer, opening: dict[str, Any] | None = None) -> Ledger:
@@ -80,12 +82,16 @@ class Ledger:
 
     def append(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
         """Append one signed entry durably and return it."""
-        with self._locked() as handle:
-            last = self._last_entry(handle)
-            if last is None:
-                raise AuditError(f"{self.path} is empty: open it with Ledger.open first")
-            entry = make_entry(self.signer, last["seq"] + 1, last["ledger"], kind, body, last["hash"])
-            self._write(handle, entry)
+        started = time.perf_counter()
+        try:
+            with self._locked() as handle:
+                last = self._last_entry(handle)
+                if last is None:
+                    raise AuditError(f"{self.path} is empty: open it with Ledger.open first")
+                entry = make_entry(self.signer, last["seq"] + 1, last["ledger"], kind, body, last["hash"])
+                self._write(handle, entry)
+        finally:
+            self.busy_s += time.perf_counter() - started
         return entry
 
     def entries(self) -> list[dict[str, Any]]:

@@ -3,7 +3,8 @@
 Each message is a dataclass with `to_record()` and a validating `from_record()` that raises
 `MessageFormatError` naming the field, the value found and what was expected. One module per family:
 `soft_labels` (query and reply), `digest` (FedMD), `secagg` and `secagg_unmask` (secure aggregation), `fedavg`
-(the FedAvg baseline's instruction and reply), `witness` (the ledger's witness requests and cosignatures);
+(the FedAvg baseline's instruction and reply), `witness` (the ledger's witness requests and cosignatures),
+`timings` (the compute timings a reply carries outside its attested payload);
 `records` holds the checked record access, digests and attestation helpers they share.
 This package only re-exports them.
 """
@@ -32,6 +33,7 @@ from common.messages.secagg_unmask import (
     SecAggUnmask,
 )
 from common.messages.soft_labels import SOFT_LABELS_TYPE, SoftLabelQuery, SoftLabelReply, validate_soft_labels
+from common.messages.timings import NODE_PHASES, NodeTimings, attach_timings
 from common.messages.witness import (
     QUERY_DIGEST_EXCLUDES,
     WITNESS_TYPE,
@@ -44,6 +46,9 @@ from common.messages.witness import (
 
 __all__ = [
     "ATTESTATION",
+    "NODE_PHASES",
+    "NodeTimings",
+    "attach_timings",
     "CONSISTENCY_TYPE",
     "QUERY_DIGEST_EXCLUDES",
     "WITNESS_TYPE",

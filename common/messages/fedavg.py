@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.errors import MessageFormatError
 from common.messages.records import get_field, get_record, record_digest
+from common.messages.timings import NodeTimings, attach_timings
 
 
 @dataclass(frozen=True)
@@ -47,14 +48,16 @@ class TrainReply:
     weights: ArrayRecord  # the trained state dict: the global model's names, shapes and dtypes
     num_examples: int  # size of the private partition it trained on: the weight in the average
     train_loss: float
+    timings: NodeTimings | None = None  # seconds per phase on the node: outside the attested payload (timings.py)
 
     weight_key: ClassVar[str] = "num-examples"  # the strategy's `weighted_by_key`
 
     def to_record(self) -> RecordDict:
-        return RecordDict({
+        record = RecordDict({
             "arrays": self.weights,
             "metrics": MetricRecord({self.weight_key: self.num_examples, "train-loss": float(self.train_loss)}),
         })
+        return record if self.timings is None else attach_timings(record, self.timings)  # a ConfigRecord: Flower ignores it
 
     @classmethod
     def from_record(cls, record: RecordDict) -> TrainReply:
@@ -73,7 +76,8 @@ class TrainReply:
         num_examples = get_field(metrics, "metrics", cls.weight_key, int)
         if num_examples < 1:
             raise MessageFormatError(f"metrics: {cls.weight_key} must be >= 1, got {num_examples}")
-        return cls(weights=weights, num_examples=num_examples, train_loss=get_field(metrics, "metrics", "train-loss", float))
+        return cls(weights=weights, num_examples=num_examples, train_loss=get_field(metrics, "metrics", "train-loss", float),
+                   timings=NodeTimings.from_record(record))
 
 
 def weights_digest(weights: ArrayRecord) -> str:

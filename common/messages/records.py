@@ -14,6 +14,7 @@ from common.audit.canonical import canonical
 from common.errors import MessageFormatError
 
 ATTESTATION = "attestation"
+TIMINGS = "timings"  # a reply's compute timings (common.messages.timings): attached after signing, never digested
 
 R = TypeVar("R", ArrayRecord, ConfigRecord, MetricRecord)
 
@@ -69,8 +70,9 @@ def record_nbytes(record: RecordDict) -> int:
     return size(record)
 
 
-def record_digest(record: RecordDict, exclude: tuple[str, ...] = (ATTESTATION,)) -> tuple[str, int]:
-    """sha256 (hex) and size of a message's content as sent, every record but `exclude`.
+def record_digest(record: RecordDict, exclude: tuple[str, ...] = (ATTESTATION, TIMINGS)) -> tuple[str, int]:
+    """sha256 (hex) and size of a message's content as sent, every record but `exclude` (by default the
+    attestation and the compute timings, which are attached after the reply is signed).
 
     The digest covers, in sorted key order, each record's key and type and, for arrays, each array's
     name, dtype, shape, storage type and exact data bytes; for config and metric records, the RFC 8785

@@ -11,6 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from common.errors import FingerprintMismatch, MessageFormatError
 from common.messages.records import get_field, get_record
 from common.messages.secagg import node_list, node_map
+from common.messages.timings import NodeTimings, attach_timings
 from common.secagg.protocol import SHARE_BYTES
 
 CONSISTENCY_TYPE = "query.secagg_consistency"
@@ -33,9 +34,10 @@ class MaskedReply:
     teacher_accuracy: float
     teacher_params: int
     teacher_rounds: int
+    timings: NodeTimings | None = None  # seconds per phase on the node: outside the attested payload (timings.py)
 
     def to_record(self) -> RecordDict:
-        return RecordDict({
+        record = RecordDict({
             "masked": ArrayRecord({"y": Array(np.asarray(self.masked, dtype=np.uint64))}),
             "release": ConfigRecord({"round": self.round, "fingerprint": self.fingerprint, "codec": "secagg"}),
             "metrics": MetricRecord({
@@ -43,6 +45,7 @@ class MaskedReply:
                 "teacher-params": self.teacher_params, "teacher-rounds": self.teacher_rounds,
             }),
         })
+        return record if self.timings is None else attach_timings(record, self.timings)
 
     @classmethod
     def from_record(cls, record: RecordDict, round_: int, fingerprint: str, length: int) -> MaskedReply:
@@ -60,7 +63,7 @@ class MaskedReply:
             train_loss=get_field(metrics, "metrics", "train-loss", float),
             teacher_accuracy=get_field(metrics, "metrics", "teacher-accuracy", float),
             teacher_params=get_field(metrics, "metrics", "teacher-params", int),
-            teacher_rounds=get_field(metrics, "metrics", "teacher-rounds", int),
+            teacher_rounds=get_field(metrics, "metrics", "teacher-rounds", int), timings=NodeTimings.from_record(record),
         )
 
 

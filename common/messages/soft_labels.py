@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from common.codecs import CODECS, decode, encode, require_simplex, simplex_tolerance, wire_schema
 from common.errors import FingerprintMismatch, MessageFormatError
 from common.messages.records import get_array, get_arrays, get_field, get_record
+from common.messages.timings import NodeTimings, attach_timings
 
 SOFT_LABELS_TYPE = "query.soft_labels"
 
@@ -85,8 +86,10 @@ class SoftLabelReply:
     teacher_rounds: int  # rounds of local training the teacher has had, this one included
     class_counts: np.ndarray | None = None  # (C,) int64 private samples per class, only when asked
     top_k: int = 1  # the query's top-k: classes kept per row by the topk codec
+    timings: NodeTimings | None = None  # seconds per phase on the node: outside the attested payload (timings.py)
 
     def to_record(self) -> RecordDict:
+        """The reply as sent; the timings, when set, in their own record (the node attaches them after signing)."""
         metrics: dict[str, Any] = {
             "num-examples": self.num_examples, "train-loss": float(self.train_loss),
             "teacher-accuracy": float(self.teacher_accuracy), "teacher-params": self.teacher_params,
@@ -94,13 +97,14 @@ class SoftLabelReply:
         }
         if self.class_counts is not None:
             metrics["class-counts"] = [int(c) for c in self.class_counts]
-        return RecordDict({
+        record = RecordDict({
             "soft-labels": ArrayRecord({
                 name: Array(wire) for name, wire in encode(self.soft_labels, self.codec, self.top_k).items()
             }),
             "release": ConfigRecord({"round": self.round, "fingerprint": self.fingerprint, "codec": self.codec}),
             "metrics": MetricRecord(metrics),
         })
+        return record if self.timings is None else attach_timings(record, self.timings)
 
     @classmethod
     def from_record(cls, record: RecordDict, query: SoftLabelQuery) -> SoftLabelReply:
@@ -132,6 +136,7 @@ class SoftLabelReply:
             teacher_params=get_field(metrics, "metrics", "teacher-params", int),
             teacher_rounds=get_field(metrics, "metrics", "teacher-rounds", int),
             class_counts=_class_counts(metrics, query, num_examples), top_k=query.top_k,
+            timings=NodeTimings.from_record(record),
         )
 
 

@@ -69,8 +69,10 @@ def split_metrics(metrics: Mapping[str, float]) -> tuple[float, dict[str, float]
     return metrics["accuracy"], {name: value for name, value in metrics.items() if name != "accuracy"}
 
 
-def final_figures(rows: Sequence[RoundRow], student_params: int, title: str) -> FinalFigures:
-    """The headline figures: the last round's student and teachers (None in a FedAvg run), totals of all rounds."""
+def final_figures(rows: Sequence[RoundRow], student_params: int, title: str,
+                  server_peak_rss_bytes: int | None = None) -> FinalFigures:
+    """The headline figures: the last round's student and teachers (None in a FedAvg run), totals of all rounds,
+    and the ServerApp's peak memory (server.profile.peak_rss_bytes)."""
     last = rows[-1]
     teachers = None if last.teacher_params is None else dict(last.teacher_params)  # the last round's institutions
     teacher_acc = list((last.teacher_accuracy or {}).values())
@@ -90,6 +92,7 @@ def final_figures(rows: Sequence[RoundRow], student_params: int, title: str) -> 
         downlink_bytes_total=sum(r.downlink_bytes for r in rows),
         wall_s=round(sum(r.wall_s for r in rows), 3),
         title=title,
+        server_peak_rss_bytes=server_peak_rss_bytes,
     )
 
 

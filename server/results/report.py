@@ -13,6 +13,7 @@ from typing import Any
 
 from common.audit.naming import CLAIM
 from common.files import PRIVATE, atomic_write_text
+from server.results.phases import NOTE, phase_lines
 from server.results.schema import STUDENT_METRICS, AuditSummary, FinalFigures, PrivacySummary, RoundRow, ServingSummary
 
 REPORT = "report.md"
@@ -36,6 +37,7 @@ def render(r: dict[str, Any], run_dir: Path) -> str:
     if final:
         lines += _headline(final)
     lines += _rounds(rounds)
+    lines += _time(rounds)
     lines += _institutions(rounds, AuditSummary.from_json(r["audit"]).institutions if r.get("audit") else {})
     if r.get("privacy"):
         lines += _privacy(PrivacySummary.from_json(r["privacy"]))
@@ -72,7 +74,19 @@ def _headline(f: FinalFigures) -> list[str]:
              ("uplink bytes, all rounds", _count(f.uplink_bytes_total)),
              ("downlink bytes, all rounds", _count(f.downlink_bytes_total)),
              ("round time, all rounds (s)", _num(f.wall_s, ".1f"))]
+    if f.server_peak_rss_bytes is not None:
+        rows.append(("server peak memory (RSS, MiB)", _num(f.server_peak_rss_bytes / 2**20, ",.0f")))
     return ["## Headline", "", *_table(("figure", "value"), rows)]
+
+
+def _time(rounds: list[RoundRow]) -> list[str]:
+    """Where a round's time went (server/results/phases.py), when the rounds were profiled."""
+    lines = phase_lines(rounds)
+    if not lines:
+        return []
+    rows = [(line.where, line.label, _num(line.mean_s, ".3f"), _num(None if line.share is None else 100 * line.share, ".1f"))
+            for line in lines]
+    return ["## Where the time went", "", NOTE, "", *_table(("where", "phase", "mean s", "% of round"), rows)]
 
 
 def _rounds(rounds: list[RoundRow]) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from common.config import RunConfig
 from common.errors import ConfigError
 from common.files import PRIVATE, atomic_path, atomic_write_text, open_private, private_folder
 from server.results.report import write_report
-from server.results.schema import FinalFigures, RoundRow, StudentMeta
+from server.results.schema import FinalFigures, RoundPhases, RoundRow, StudentMeta
 
 RESULTS = "results.json"
 PROGRESS = "progress.jsonl"
@@ -67,6 +67,12 @@ class RunFolder:
         self.rounds.append(row)
         self.event("round", round=row.round, student_accuracy=row.student_accuracy,
                    clients_replied=row.clients_replied, wall_s=row.wall_s)
+
+    def add_phases(self, round_: int, phases: RoundPhases) -> None:
+        """Give round `round_`'s row (the last one) its profile, measured to the end of its checkpoint."""
+        if not self.rounds or self.rounds[-1].round != round_:
+            raise ValueError(f"add_phases: round {round_} is not the last recorded round")
+        self.rounds[-1] = replace(self.rounds[-1], phases=phases)
 
     def save_student(self, model: nn.Module, meta: StudentMeta) -> None:
         with atomic_path(self.path / STUDENT, mode=PRIVATE) as tmp:

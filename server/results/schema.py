@@ -76,7 +76,10 @@ def _field(check: Check, expected: str, *, default: Any = MISSING, factory: Call
 
 
 def _plain(value: Any) -> Any:
-    """`value` as plain JSON types: mappings and sequences copied, numpy scalars as Python numbers."""
+    """`value` as plain JSON types: a nested record as its JSON, mappings and sequences copied, numpy scalars as
+    Python numbers."""
+    if isinstance(value, Record):
+        return value.to_json()
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -120,6 +123,52 @@ class Record:
         return cast(Any, cls)(**data)
 
 
+_opt_seconds = _optional(_seconds)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundPhases(Record):
+    """A round row's `phases`: where the round's time went, in seconds (server/profile.py), null where a phase
+    does not apply (FedAvg has no label nor distil) or was not measured.
+
+    On the nodes (from the timings their accepted replies carry; common.messages.timings): each of `load`, `train`,
+    `label`, `sign` is the largest over those nodes, and `node_total` the slowest node's whole answer, so the node
+    phases need not add up to `node_total`; they run inside the server's `wait`. `node_busy` is the nodes' totals
+    summed: over `round_s`, how many nodes computed at once on average. `nodes_timed` counts the replies that
+    carried timings (a site policy that does not release num-examples exactly sends none).
+    On the server, each phase exclusive of the others: `wait` from sending the query to the last reply or the
+    deadline; `validate` judging the replies (attestation, schema); `aggregate` (the rule, with any agreed weight
+    caps); `distil`; `evaluate` (the student on the test set); `checkpoint` (student file and run checkpoint);
+    `ledger` every audit-trail write of the round, wherever it happened. Under secure aggregation `wait` is the
+    whole masked protocol (its exchanges, their checks and the opening of the sum), and validate and aggregate are
+    null. `round_s` is the round from its query to the end of its checkpoint: the time the server phases share
+    (the row's `wall_s` stops before the checkpoint). The row gets its phases after its checkpoint, so the
+    checkpoint itself holds the row without them: a resumed run's last round before the stop has none.
+    """
+
+    WHERE: ClassVar[str] = "results.json round phases"
+
+    load: float | None = _field(_opt_seconds, "seconds or null", default=None)
+    train: float | None = _field(_opt_seconds, "seconds or null", default=None)
+    label: float | None = _field(_opt_seconds, "seconds or null", default=None)
+    sign: float | None = _field(_opt_seconds, "seconds or null", default=None)
+    node_total: float | None = _field(_opt_seconds, "seconds or null", default=None)
+    node_busy: float | None = _field(_opt_seconds, "seconds or null", default=None)
+    nodes_timed: int = _field(_integer(0), "an integer >= 0", default=0)
+    wait: float | None = _field(_opt_seconds, "seconds or null", default=None)
+    validate: float | None = _field(_opt_seconds, "seconds or null", default=None)
+    aggregate: float | None = _field(_opt_seconds, "seconds or null", default=None)
+    distil: float | None = _field(_opt_seconds, "seconds or null", default=None)
+    evaluate: float | None = _field(_opt_seconds, "seconds or null", default=None)
+    checkpoint: float | None = _field(_opt_seconds, "seconds or null", default=None)
+    ledger: float | None = _field(_opt_seconds, "seconds or null", default=None)
+    round_s: float = _field(_seconds, "a number >= 0")
+
+
+NODE_PHASES = ("load", "train", "label", "sign", "node_total", "node_busy")  # RoundPhases' node phases, in order
+SERVER_PHASES = ("wait", "validate", "aggregate", "distil", "evaluate", "checkpoint", "ledger")  # exclusive, in order
+
+
 @dataclass(frozen=True, kw_only=True)
 class RoundRow(Record):
     """One row of results.json's `rounds`: one round of distillation or of FedAvg."""
@@ -154,6 +203,14 @@ class RoundRow(Record):
                                                  default=None)
     institutions_claimed: dict[str, str] | None = _field(_optional(_texts), "an object of node id -> institution id, "
                                                          "or null", default=None)
+    phases: RoundPhases | None = _field(_optional(lambda v: isinstance(v, RoundPhases)), "an object of phase -> seconds, "
+                                        "or null", default=None)  # null in rows written before (RoundPhases)
+
+    @classmethod
+    def from_json(cls, data: Any) -> RoundRow:
+        if isinstance(data, Mapping) and isinstance(data.get("phases"), Mapping):
+            data = {**data, "phases": RoundPhases.from_json(data["phases"])}
+        return super().from_json(data)
 
 
 GUARANTEE_NONE = "none"  # PrivacySummary.guarantee of a run without a privacy mechanism
@@ -181,6 +238,9 @@ class FinalFigures(Record):
     downlink_bytes_total: int = _field(_integer(0), "an integer >= 0")
     wall_s: float = _field(_seconds, "a number >= 0")  # the rounds' wall time, summed
     title: str = _field(_text, "a string")
+    # the ServerApp process's peak resident memory (getrusage ru_maxrss; in simulation the process also drives
+    # the simulation engine); null in runs written before it was recorded
+    server_peak_rss_bytes: int | None = _field(_optional(_integer(0)), "an integer >= 0 or null", default=None)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -34,6 +34,8 @@ def simulate(
     cpus_per_client: int = typer.Option(1, min=1, help="CPUs Ray reserves per simulated client."),
     timeout: float = typer.Option(0, help="Stop the run after this many seconds (0: no limit)."),
     site: list[str] = typer.Option([], "--site", help=SITE_HELP),
+    profile: bool = typer.Option(False, "--profile", help="Also print where a round's time went: each phase on the "
+                                 "nodes and the server, mean seconds and share of the round (results.json rounds[].phases)."),
 ) -> None:
     """Run a scenario on Flower's simulation engine and print its results."""
     from simulations import launcher
@@ -58,6 +60,8 @@ def simulate(
     except FedstillError as error:
         fail(error)
     print_results(outcome.results, outcome.run_dir)
+    if profile:
+        print_profile(outcome.results)
 
 
 def compare(
@@ -283,6 +287,31 @@ def print_results(results: dict[str, Any], run_dir: Path) -> None:
     )
     if (warning := near_chance(results)) is not None:
         console.print(warning, style="yellow", highlight=False)
+
+
+def print_profile(results: dict[str, Any]) -> None:
+    """Where a round's time went: each phase's mean seconds over the rounds and share of the round, and the server's
+    peak memory."""
+    from server.results.phases import NOTE, phase_lines
+    from server.results.schema import RoundRow
+
+    lines = phase_lines([RoundRow.from_json(row) for row in results.get("rounds", [])])
+    if not lines:
+        console.print("no profile: the run's rounds carry no phases", style="yellow")
+        return
+    table = Table(title="where a round's time went")
+    table.add_column("where")
+    table.add_column("phase")
+    table.add_column("mean s", justify="right")
+    table.add_column("% of round", justify="right")
+    for line in lines:
+        table.add_row(line.where, line.label, "-" if line.mean_s is None else f"{line.mean_s:.3f}",
+                      "-" if line.share is None else f"{100 * line.share:.1f}")
+    console.print(table, soft_wrap=False)
+    console.print(NOTE, soft_wrap=False, highlight=False)
+    peak = (results.get("final") or {}).get("server_peak_rss_bytes")
+    if peak is not None:
+        console.print(f"server peak memory (RSS): {peak / 2**20:,.0f} MiB", soft_wrap=False, highlight=False)
 
 
 def near_chance(results: dict[str, Any]) -> str | None:

@@ -92,7 +92,8 @@ def test_under_privacy_the_defaults_round_counts_and_withhold_losses_and_class_c
     assert not policy.sends_training_loss("dp-sgd") and not policy.allows_class_counts("pate")
     assert released == {"num-examples": "rounded up to a multiple of 100", "class-counts": "withheld",
                         "train-loss": "withheld (sent as NaN)", "teacher-accuracy": "withheld (sent as -1)",
-                        "teacher-params": "public (the model's size)", "teacher-rounds": "public (rounds answered)"}
+                        "teacher-params": "public (the model's size)", "teacher-rounds": "public (rounds answered)",
+                        "timings": "withheld (training seconds scale with num-examples, which does not leave exactly)"}
     assert SitePolicy(counts="withheld").released_count(1234, "dp-sgd") == 1
     assert SitePolicy(counts="exact", count_multiple=7).released_count(1234, "dp-sgd") == 1234
 
@@ -186,3 +187,23 @@ def test_the_secagg_floor_is_a_majority_of_the_roster_at_least_3_and_a_policy_on
         policy.check_threshold(threshold, parties)
     assert f"set secagg-threshold >= {policy.secagg_floor(parties)}" in str(caught.value)
     policy.check_threshold(policy.secagg_floor(parties), parties)
+
+
+def test_timings_leave_only_where_num_examples_leaves_exactly() -> None:
+    # Prepare
+    default, exact, noised = SitePolicy(), SitePolicy(counts="exact"), SitePolicy(counts="noised")
+
+    # Execute
+    sent = {
+        "none": default.sends_timings("none", class_counts=False),
+        "dp-sgd rounded": default.sends_timings("dp-sgd", class_counts=False),
+        "dp-sgd exact": exact.sends_timings("dp-sgd", class_counts=False),
+        "dp-sgd exact class counts": SitePolicy(class_counts=True).sends_timings("dp-sgd", class_counts=True),
+        "dp-sgd noised": noised.sends_timings("dp-sgd", class_counts=True),
+        "withheld": SitePolicy(counts="withheld").sends_timings("none", class_counts=False),
+    }
+
+    # Assert
+    assert sent == {"none": True, "dp-sgd rounded": False, "dp-sgd exact": True, "dp-sgd exact class counts": True,
+                    "dp-sgd noised": False, "withheld": False}
+    assert exact.releases("dp-sgd", class_counts=False, teacher_accuracy=False)["timings"].startswith("exact")
