@@ -306,15 +306,17 @@ def test_a_run_stopped_with_flwr_stop_is_recorded_as_stopped(runbook: Runbook) -
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert follower.returncode == 1 and f"run {run_id} was stopped" in output
     assert flwr_json(runbook, "list", "remote", "--run-id", run_id)["runs"][0]["status"] == "finished:stopped"
-    results = json.loads((fedstill / "runs" / "stopped" / "results.json").read_text())
+    results = fedstill / "runs" / "stopped" / "results.json"
+    status = json.loads(results.read_text())["status"] if results.exists() else None
     kinds = [json.loads(line)["kind"] for line in ledger.read_text().splitlines()]
-    assert "run-failed" not in kinds and results["status"] != "failed"
-    if results["status"] == "running":
-        # Flower's heartbeat thread met the stop before the main thread did and Flower ended the process before
-        # the ServerApp could record anything (server/stopping.py): the folder is as a killed run leaves it
+    assert "run-failed" not in kinds and status != "failed"
+    if status in (None, "running"):
+        # Flower ended the process before the ServerApp could record the stop (its heartbeat thread met the stop
+        # first, or the ServerApp took longer than Flower's 5 s to exit on a loaded machine: server/stopping.py):
+        # the folder is as a killed run leaves it, and resumes the same way
         assert "run-stopped" not in kinds
     else:
-        assert results["status"] == "stopped" and "run-stopped" in kinds, results.get("error")
+        assert status == "stopped" and "run-stopped" in kinds
 
 
 def flwr_json(book: Runbook, *args: str) -> dict:
