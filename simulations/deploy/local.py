@@ -197,7 +197,7 @@ class LocalFederation:
         env = {**self.env(self.home), PASSPHRASE_ENV: passphrase}  # its ServerApps sign the ledger; nodes never see it
         self.superlink = _spawn(command, self.work / "superlink.log", env, self.work)
         self.started.append(self.superlink)
-        _wait_for_port(self.superlink_port, self.superlink, self.work / "superlink.log")
+        wait_for_port(self.superlink_port, self.superlink, self.work / "superlink.log")
 
     def register(self, name: str) -> None:
         register_node(self.control, self.certs / NODES / f"{name}.pub", name)  # already registered (earlier start): fine
@@ -233,7 +233,7 @@ class LocalFederation:
         """Kill an institution's SuperNode and its ClientApp processes at once (SIGKILL, no goodbye)."""
         node = self.nodes[name]
         if node.process and node.process.poll() is None:
-            _kill_group(node.process, signal.SIGKILL)
+            kill_group(node.process, signal.SIGKILL)
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "flwr.cli.app", *args], capture_output=True, text=True,
@@ -305,7 +305,7 @@ class LocalFederation:
         """Stop every SuperNode (with its ClientApps), then the SuperLink (with its ServerApps)."""
         for process in [p for p in self.started if p is not self.superlink] + [self.superlink]:
             if process is not None:
-                _kill_group(process, signal.SIGTERM)
+                kill_group(process, signal.SIGTERM)
 
     def __enter__(self) -> LocalFederation:
         try:
@@ -325,7 +325,7 @@ def _spawn(command: list[str], log_path: Path, env: dict[str, str], cwd: Path) -
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
 
 
-def _kill_group(process: subprocess.Popen, sig: int, grace_s: float = 10.0) -> None:
+def kill_group(process: subprocess.Popen, sig: int, grace_s: float = 10.0) -> None:
     try:
         os.killpg(process.pid, sig)
     except ProcessLookupError:
@@ -345,7 +345,7 @@ def _kill_group(process: subprocess.Popen, sig: int, grace_s: float = 10.0) -> N
         pass
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, log_path: Path, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+def wait_for_port(port: int, process: subprocess.Popen, log_path: Path, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -17,7 +17,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import pytest
 
 from common.audit.verify import verify_ledger
 from common.config import RunConfig, default_run_config
+from simulations.deploy.local import kill_group, wait_for_port
 from simulations.deploy.site_data import write_site_data
 from simulations.launcher import OFFLINE_ENV, PROJECT_DIR, free_ports, processes_matching
 from simulations.scenarios import load_scenario
@@ -153,18 +153,6 @@ def give_data(book: Runbook) -> None:
             shutil.copyfile(file, book.site(name) / "data" / file.name)
 
 
-def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the SuperLink service exited at start"
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"the SuperLink did not open port {port} within {timeout_s:.0f} s")
-
-
 def online(book: Runbook) -> int:
     try:
         nodes = flwr_json(book, "supernode", "list", "remote")["nodes"]
@@ -182,17 +170,9 @@ def wait_online(book: Runbook, count: int) -> None:
 
 
 def stop_services(book: Runbook) -> None:
-    """SIGTERM each service's process group, nodes first, then the SuperLink; SIGKILL what outlives 20 s."""
+    """SIGTERM each service's process group, nodes first, then the SuperLink; SIGKILL what outlives the grace."""
     for process in reversed(book.services):
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=20)
+        kill_group(process, signal.SIGTERM, grace_s=20.0)
 
 
 # --- the runbook, in the page's order --------------------------------------------------------------------
@@ -213,7 +193,8 @@ def follow(book: Runbook, blocks: list[Block]) -> None:
             if "institution-init" in block.text:
                 give_data(book)
         elif block.role == "coordinator-service":
-            wait_for_port(int(book.coordinator["SUPERLINK_PORT"]), start_service(book, block, book.coordinator))
+            service = start_service(book, block, book.coordinator)
+            wait_for_port(int(book.coordinator["SUPERLINK_PORT"]), service, book.tmp / "coordinator.service.log")
         elif block.role == "institution-service":
             for env in book.institutions.values():
                 start_service(book, block, env)
