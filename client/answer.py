@@ -12,14 +12,13 @@ run and accounted in the same budget (the mechanism's noise is calibrated to lea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Context
 
 from client.enforce import within_policy
 from client.node_state import pate_rounds
-from client.privacy import Policy, count_event, dpsgd_round, load_policy, noised_counts, pate_round
 from client.site import Site
 from client.teacher import restore_teacher, save_teacher, train_round
 from common.config import RunConfig
@@ -29,6 +28,11 @@ from common.models.training import accuracy, predict_probs
 from common.node_config import NodeConfig
 from common.site_policy import SitePolicy
 from common.timing import PhaseClock
+
+# client.privacy (and with it dp-accounting and SciPy) is imported only where a run spends privacy: a deployed
+# node starts a process per message, and importing them cost it seconds every time.
+if TYPE_CHECKING:
+    from client.privacy import Policy
 
 
 @dataclass(frozen=True)
@@ -46,9 +50,9 @@ def answer_query(context: Context, cfg: RunConfig, node: NodeConfig, site: Site,
     (load, train, label: common.messages.timings)."""
     site_policy = site_policy or SitePolicy()
     clock = clock or PhaseClock()
-    budget = within_policy(load_policy(cfg, node), site_policy) if cfg.privacy != "none" else None
+    budget = _budget(cfg, node, site_policy)
     noised = site_policy.count_mode(cfg.privacy) == "noised"
-    also = (count_event(site_policy.count_noise),) if noised and budget is not None else ()
+    also = _count_events(site_policy.count_noise) if noised and budget is not None else ()
     count, class_counts, counts_before = _counts(context, cfg, site, query, site_policy, budget)
     if budget is not None and cfg.privacy == "pate":
         with clock.phase("train"):  # the sub-teachers train and vote in one step
@@ -78,6 +82,8 @@ def _teacher_answer(context: Context, cfg: RunConfig, site: Site, query: SoftLab
     privacy: dict[str, Any] | None = None
     with clock.phase("train"):
         if budget is not None:
+            from client.privacy import dpsgd_round
+
             loss, privacy = dpsgd_round(teacher, cfg, site, budget, context.run_id, query.round, rounds_trained,
                                         again=again, also=also)
         else:
@@ -93,6 +99,8 @@ def _teacher_answer(context: Context, cfg: RunConfig, site: Site, query: SoftLab
 
 def _pate_answer(context: Context, cfg: RunConfig, site: Site, query: SoftLabelQuery, budget: Policy,
                  also: tuple[dict[str, Any], ...]) -> Answer:
+    from client.privacy import pate_round
+
     probs, loss, teacher_accuracy, params, privacy = pate_round(
         context.state, cfg, site, budget, query.sample_ids, context.run_id, query.round, also)
     rounds = pate_rounds(context.state)
@@ -105,12 +113,29 @@ def _counts(context: Context, cfg: RunConfig, site: Site, query: SoftLabelQuery,
     them; with class counts, num-examples is their sum."""
     histogram = np.bincount(site.private.labels, minlength=site.private.num_classes).astype(np.int64)
     if site_policy.count_mode(cfg.privacy) == "noised":
+        from client.privacy import noised_counts
+
         counts, before = noised_counts(context.state, context.run_id, query.round, histogram, site_policy.count_noise,
                                        budget)
         return int(counts.sum()), counts if query.want_class_counts else None, before
     if query.want_class_counts:
         return int(histogram.sum()), histogram, None
     return site_policy.released_count(len(site.private), cfg.privacy), None, None
+
+
+def _budget(cfg: RunConfig, node: NodeConfig, site_policy: SitePolicy) -> Policy | None:
+    """The budget this release may spend: the tighter of the node's and its site policy's; None without privacy."""
+    if cfg.privacy == "none":
+        return None
+    from client.privacy import load_policy
+
+    return within_policy(load_policy(cfg, node), site_policy)
+
+
+def _count_events(count_noise: float) -> tuple[dict[str, Any], ...]:
+    from client.privacy import count_event
+
+    return (count_event(count_noise),)
 
 
 def _figures(loss: float, teacher_accuracy: float, params: int, rounds: int) -> dict[str, Any]:

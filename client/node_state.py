@@ -1,15 +1,17 @@
 """Every key this node keeps in Flower's `context.state`, with typed accessors: no other module indexes it.
 
-Node state lives as long as the SuperNode (in simulation, the run): it caches what was read from
-disk, and carries the teachers and a secure-aggregation round's secrets from one message to the next.
+Node state lives as long as the SuperNode (in simulation, the run) and carries what one message leaves
+to the next: the teacher's progress, a secure-aggregation round's secrets, the site policy's counts. A
+deployed SuperNode passes all of it into every ClientApp process and back, so it holds no private data:
+the institution's own images are cached in its state folder (client.site_cache) and a node with a state
+folder keeps its teacher's weights there (client.teacher), node state only their meta.
 
     key               record        what
-    partition         ArrayRecord   rows of the shared pool this node's partition holds ("rows")
+    partition         ArrayRecord   rows of the shared pool this node's partition holds ("rows"; simulation)
     partition-meta    ConfigRecord  the settings those rows were drawn for ("key")
-    own-data          ArrayRecord   the institution's own images ("images", "labels")
-    own-data-meta     ConfigRecord  the files they were read from ("key": data set, path, files' stamp)
-    teacher           ArrayRecord   the teacher's weights
-    teacher-meta      ConfigRecord  its model, rounds trained and settings digest ("model", "rounds-trained", "digest")
+    teacher           ArrayRecord   the teacher's weights, for a node without a state folder only
+    teacher-meta      ConfigRecord  its model, rounds trained and settings digest ("model", "rounds-trained", "digest":
+                                    set when the weights are on disk, in the store of that digest)
     teacher-store     ConfigRecord  where the teacher is kept on disk ("path", "digest", "settings" as JSON)
     pate-teachers-<k> ArrayRecord   PATE sub-teacher k's weights
     pate-meta         ConfigRecord  the sub-teachers' model and rounds trained ("model", "rounds")
@@ -37,8 +39,6 @@ from common.secagg.protocol import SHARE_BYTES, Roster, RosterEntry
 
 PARTITION_KEY = "partition"
 PARTITION_META_KEY = "partition-meta"
-OWN_DATA_KEY = "own-data"
-OWN_DATA_META_KEY = "own-data-meta"
 TEACHER_KEY = "teacher"
 TEACHER_META_KEY = "teacher-meta"
 STORE_KEY = "teacher-store"
@@ -52,7 +52,7 @@ NOISED_COUNTS_KEY = "noised-counts"
 Weights = dict[str, torch.Tensor] | OrderedDict[str, torch.Tensor]  # a torch state dict
 
 
-# --- private data read from disk ---------------------------------------------------------------------------
+# --- a simulated node's partition of the shared pool -------------------------------------------------------
 
 
 def cached_partition(state: RecordDict, key: str) -> np.ndarray | None:
@@ -68,17 +68,13 @@ def keep_partition(state: RecordDict, key: str, rows: np.ndarray) -> None:
     state[PARTITION_META_KEY] = ConfigRecord({"key": key})
 
 
-def cached_own_images(state: RecordDict, key: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(images, labels) read from the files `key` stamps, or None when they changed (or were never read)."""
-    record = _array_record(state, OWN_DATA_KEY)
-    if _config_record(state, OWN_DATA_META_KEY, "key") != key or record is None:
-        return None
-    return record["images"].numpy(), record["labels"].numpy()
 
-
-def keep_own_images(state: RecordDict, key: str, images: np.ndarray, labels: np.ndarray) -> None:
-    state[OWN_DATA_KEY] = ArrayRecord({"images": Array(images), "labels": Array(labels)})
-    state[OWN_DATA_META_KEY] = ConfigRecord({"key": key})
+def forget_cached_data(state: RecordDict) -> None:
+    """Drop the private images an earlier version kept in node state ("own-data", "own-data-meta"): a SuperNode that
+    ran it still passes them into every ClientApp process otherwise."""
+    for key in ("own-data", "own-data-meta"):
+        if key in state:
+            del state[key]
 
 
 # --- the teacher -------------------------------------------------------------------------------------------
@@ -86,11 +82,11 @@ def keep_own_images(state: RecordDict, key: str, images: np.ndarray, labels: np.
 
 @dataclass(frozen=True)
 class TeacherMeta:
-    """What the teacher held in node state is: its model, the rounds it trained, the store digest it was saved for."""
+    """The node's teacher: its model, the rounds it trained, and the store digest its weights are saved under."""
 
     model: str
     rounds_trained: int
-    digest: str | None = None  # None: kept in memory only (a node without a store)
+    digest: str | None = None  # None: its weights are in node state (a node without a store)
 
 
 @dataclass(frozen=True)
@@ -103,12 +99,14 @@ class StoreRecord:
 
 
 def teacher_meta(state: RecordDict) -> TeacherMeta | None:
-    """The meta of the teacher node state holds; None when it holds none."""
+    """The meta of the node's teacher; None when node state knows of none (weights in state, or a store's digest)."""
     meta = state.get(TEACHER_META_KEY)
-    if not isinstance(meta, ConfigRecord) or _array_record(state, TEACHER_KEY) is None:
+    if not isinstance(meta, ConfigRecord):
         return None
     model, rounds, digest = meta.get("model"), meta.get("rounds-trained"), meta.get("digest")
     if not isinstance(model, str) or not isinstance(rounds, int):
+        return None
+    if not isinstance(digest, str) and _array_record(state, TEACHER_KEY) is None:
         return None
     return TeacherMeta(model, rounds, digest if isinstance(digest, str) else None)
 
@@ -121,8 +119,12 @@ def teacher_weights(state: RecordDict) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
 
 
-def keep_teacher(state: RecordDict, weights: Weights, meta: TeacherMeta) -> None:
-    state[TEACHER_KEY] = ArrayRecord(weights)
+def keep_teacher(state: RecordDict, weights: Weights | None, meta: TeacherMeta) -> None:
+    """Keep the teacher's meta, and its weights when given (None: they are on disk, in the store of `meta.digest`)."""
+    if weights is not None:
+        state[TEACHER_KEY] = ArrayRecord(weights)
+    elif TEACHER_KEY in state:
+        del state[TEACHER_KEY]
     record = ConfigRecord({"model": meta.model, "rounds-trained": meta.rounds_trained})
     if meta.digest is not None:
         record["digest"] = meta.digest

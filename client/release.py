@@ -86,6 +86,12 @@ def site_home(cfg: RunConfig, node: NodeConfig) -> Path | None:
     return None
 
 
+def state_folder(cfg: RunConfig, node: NodeConfig) -> Path | None:
+    """Where the node keeps its working state on disk (its teacher, the cache of its own data): node config
+    `state-dir`, else the institution's own folder (`site_home`); None for a node that keeps it in memory only."""
+    return Path(node.state_dir).expanduser() if node.state_dir else site_home(cfg, node)
+
+
 def load_peers(cfg: RunConfig, node: NodeConfig) -> dict[str, str] | None:
     """The institution's own copy of the consortium's allow-list (institution -> Ed25519 key): node config
     `allow-list`, else `allow-list.toml` in its own folder; None when it keeps none. Never the coordinator's

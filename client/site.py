@@ -13,7 +13,6 @@ full text, paths included, goes to the node's own log for its operator.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from logging import ERROR
 from pathlib import Path
@@ -21,8 +20,9 @@ from pathlib import Path
 from flwr.app import RecordDict
 from flwr.common.logger import log
 
-from client.node_state import cached_own_images, cached_partition, keep_own_images, keep_partition
-from client.release import site_folder
+from client.node_state import cached_partition, forget_cached_data, keep_partition
+from client.release import site_folder, state_folder
+from client.site_cache import cache_key, files_stamp, keep_cached, read_cached
 from common.config import RunConfig
 from common.errors import DataError
 from common.node_config import NodeConfig
@@ -46,9 +46,11 @@ class Site:
 def load_site(cfg: RunConfig, node: NodeConfig, state: RecordDict) -> Site:
     """Load this node's private data (its own `data-path`, else its partition) and the public set.
 
-    What was read is kept in node state, so later rounds skip the partitioner or the files. A DataError
-    leaves without the node's local paths (`kept_local`).
+    A partition's rows are kept in node state, so later messages skip the partitioner; the institution's own
+    images are cached in its state folder (client.site_cache), never in node state. A DataError leaves without
+    the node's local paths (`kept_local`).
     """
+    forget_cached_data(state)
     try:
         return _load_site(cfg, node, state)
     except DataError as error:
@@ -85,7 +87,7 @@ def _load_site(cfg: RunConfig, node: NodeConfig, state: RecordDict) -> Site:
     split = load_split(cfg.dataset, data_dir, cfg.public_size, cfg.seed, cfg.test_size, max_seq_len=cfg.max_seq_len)
     data_path = institution_data_path(cfg, node)
     if data_path is not None:
-        private = _own_data(cfg, data_path, split, state)
+        private = _own_data(cfg, node, data_path, split)
         return Site(node.partition_id or 0, private, split.public, split.test, public_fingerprint(split.public))
     partition_id, num_partitions = node.partition(cfg.num_clients)
     key = "|".join(str(v) for v in (
@@ -115,29 +117,22 @@ def institution_data_path(cfg: RunConfig, node: NodeConfig) -> Path | None:
     return None
 
 
-def _own_data(cfg: RunConfig, data_path: Path, split: FederatedSplit, state: RecordDict) -> Samples:
-    """Read (and check) the institution's own data, or take it from node state if its files are unchanged
-    (images; tables and texts are small and read again each round). Tables are standardised and texts
-    tokenized by the preprocessing fitted on the public set (FederatedSplit.prepare)."""
+def _own_data(cfg: RunConfig, node: NodeConfig, data_path: Path, split: FederatedSplit) -> Samples:
+    """Read and check the institution's own data; images come from the node's cache (client.site_cache) while its
+    files are unchanged, else they are read and checked and the cache is renewed. Tables and texts are small and
+    read again each message. Tables are standardised and texts tokenized by the preprocessing fitted on the
+    public set (FederatedSplit.prepare)."""
+    space = label_space(cfg.dataset, split.public)
     if split.task != "image":
-        return split.prepare(load_institution_data(data_path, label_space(cfg.dataset, split.public)))
-    key = f"{cfg.dataset}|{data_path.resolve()}|{_files_stamp(data_path)}"
-    cached = cached_own_images(state, key)
+        return split.prepare(load_institution_data(data_path, space))
+    folder = state_folder(cfg, node)
+    key = cache_key(space, data_path, files_stamp(data_path))
+    cached = None if folder is None else read_cached(folder, key, space)
     if cached is not None:
-        return ImageSet(*cached, split.public.num_classes)
-    data = load_institution_data(data_path, label_space(cfg.dataset, split.public))
+        return cached
+    data = load_institution_data(data_path, space)
     if not isinstance(data, ImageSet):  # load_institution_data refuses other tasks' formats: a guard, not a check
         raise DataError(f"data-path {data_path} does not hold images; scenario dataset {cfg.dataset} is an image task")
-    keep_own_images(state, key, data.images, data.labels)
+    if folder is not None:
+        keep_cached(folder, key, data)
     return data
-
-
-def _files_stamp(path: Path) -> str:
-    """A digest of the names, sizes and modification times of the files under `path`: changes when they do."""
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
-    for file in files:
-        stat = file.stat()
-        digest.update(f"{file}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-

@@ -1,11 +1,12 @@
-"""The institution's teacher: restored from node state, trained a little more each round, saved back.
+"""The institution's teacher: restored, trained a little more each round, saved back.
 
-Node state is lost when a SuperNode restarts, so a node with a state folder also keeps the teacher on
-disk: node config `state-dir`, by default the institution's own folder (client.release.site_home);
-a plain simulation without one keeps it in memory only. The file, `teacher-<digest>.safetensors`, is
-written atomically after every training step and holds in its header the settings that make the
-teacher valid here (model, data, seed, privacy mechanism, run); a restarted node restores it only when
-they match, and otherwise trains a fresh teacher and says why.
+A node with a state folder (node config `state-dir`, by default the institution's own folder:
+client.release.state_folder) keeps its teacher there only: node state holds its meta, not its weights,
+which a deployed SuperNode would otherwise pass into every ClientApp process and back. The file,
+`teacher-<digest>.safetensors`, is written atomically after every training step and holds in its header
+the settings that make the teacher valid here (model, data, seed, privacy mechanism, run); it is read
+only when they match, so a restarted node continues its teacher, and otherwise trains a fresh one and
+says why. A plain simulation without a state folder keeps the teacher in node state, in memory.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from client.node_state import (
     teacher_meta,
     teacher_weights,
 )
-from client.release import site_home
+from client.release import state_folder
 from client.site import Site
 from common.audit.canonical import canonical, sha256_hex, utc_now
 from common.config import RunConfig
@@ -69,7 +70,7 @@ class TeacherStore:
 
 def teacher_store(cfg: RunConfig, site: Site, node: NodeConfig, run_id: int) -> TeacherStore | None:
     """The node's store: node config `state-dir`, else the institution's folder; None keeps the teacher in memory."""
-    folder = Path(node.state_dir).expanduser() if node.state_dir else site_home(cfg, node)
+    folder = state_folder(cfg, node)
     return None if folder is None else TeacherStore(folder, teacher_settings(cfg, site, run_id))
 
 
@@ -86,27 +87,34 @@ def teacher_settings(cfg: RunConfig, site: Site, run_id: int) -> dict[str, Any]:
 
 
 def attach_store(state: RecordDict, store: TeacherStore | None) -> None:
-    """Tie node state to the on-disk teacher; a node whose state holds no teacher (it restarted) restores it."""
+    """Tie node state to the on-disk teacher; a node whose state knows no teacher of this store (it restarted) says
+    which one it continues."""
     if store is None:
         return
     keep_store_record(state, StoreRecord(str(store.path), store.digest, json.dumps(store.settings)))
     meta = teacher_meta(state)
     if meta is not None and meta.digest == store.digest:
         return
-    saved = _read(store)
-    if saved is None:
-        return
-    weights, header = saved
-    keep_teacher(state, weights, TeacherMeta(header["model"], int(header["rounds_trained"]), store.digest))
+    header = saved_header(store.path) if store.path.is_file() else None
+    if header is None or header.get("digest") != store.digest:
+        return  # restore_teacher trains a fresh teacher, and says why
+    keep_teacher(state, None, TeacherMeta(header["model"], int(header["rounds_trained"]), store.digest))
     log(INFO, "teacher restored from %s: %s, %d round(s) trained", store.path, header["model"], header["rounds_trained"])
 
 
 def restore_teacher(state: RecordDict, cfg: RunConfig, site: Site) -> tuple[nn.Module, int]:
-    """The node's teacher and the number of rounds it has trained; a fresh one on first use."""
+    """The node's teacher and the number of rounds it has trained; a fresh one on first use. With a store, the
+    teacher saved there (the file is the truth: node state holds its meta only)."""
     name = cfg.teacher_model_for(site.partition_id)
     model = build_model(name, site.private.num_classes, input_shape(site.private.inputs), seed=cfg.seed + site.partition_id)
     meta, store = teacher_meta(state), store_record(state)
-    if meta is not None and meta.model == name and (store is None or meta.digest == store.digest):
+    if store is not None:
+        saved = _read(store, expected=meta)
+        if saved is None or saved[1]["model"] != name:
+            return model, 0
+        model.load_state_dict(saved[0])
+        return model, int(saved[1]["rounds_trained"])
+    if meta is not None and meta.model == name and meta.digest is None:
         model.load_state_dict(teacher_weights(state))
         return model, meta.rounds_trained
     return model, 0
@@ -122,14 +130,17 @@ def train_round(model: nn.Module, cfg: RunConfig, site: Site, rounds_trained: in
 
 
 def save_teacher(state: RecordDict, model: nn.Module, cfg: RunConfig, site: Site, rounds_trained: int) -> None:
-    """Keep the teacher in node state so the next round continues training it, and on disk when the node has
-    a store (the file is replaced atomically: a crash leaves the previous teacher or this one)."""
+    """Keep the teacher so the next round continues training it: on disk when the node has a store (the file is
+    replaced atomically: a crash leaves the previous teacher or this one) with its meta in node state, else in
+    node state."""
     name, store = cfg.teacher_model_for(site.partition_id), store_record(state)
-    keep_teacher(state, model.state_dict(), TeacherMeta(name, rounds_trained, None if store is None else store.digest))
-    if store is not None:
-        header = {"format": 1, "model": name, "rounds_trained": rounds_trained, "digest": store.digest,
-                  "settings": json.loads(store.settings), "saved": utc_now()}
-        _write_atomically(Path(store.path), model, header)
+    if store is None:
+        keep_teacher(state, model.state_dict(), TeacherMeta(name, rounds_trained))
+        return
+    header = {"format": 1, "model": name, "rounds_trained": rounds_trained, "digest": store.digest,
+              "settings": json.loads(store.settings), "saved": utc_now()}
+    _write_atomically(Path(store.path), model, header)
+    keep_teacher(state, None, TeacherMeta(name, rounds_trained, store.digest))
 
 
 def saved_header(path: Path) -> dict[str, Any] | None:
@@ -167,23 +178,30 @@ def digest_round(model: nn.Module, cfg: RunConfig, site: Site, digest: DigestIns
     return digest_loss, revisit_loss
 
 
-def _read(store: TeacherStore) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The saved teacher of `store`'s settings, or None (and a log line saying why a fresh one is trained)."""
-    if store.path.is_file():
-        header = saved_header(store.path)
+def _read(store: StoreRecord, expected: TeacherMeta | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The saved teacher of `store`'s settings, or None (and a log line saying why a fresh one is trained, unless
+    it is the first: no file yet, and none of other settings). `expected`: what node state knows of it."""
+    path, folder = Path(store.path), Path(store.path).parent
+    if path.is_file():
+        header = saved_header(path)
         if header is not None and header.get("digest") == store.digest:
             try:
-                return load_file(str(store.path)), header
+                return load_file(str(path)), header
             except (SafetensorError, OSError):
                 pass
         log(WARNING, "teacher file %s is unreadable or does not match this node's settings: training a fresh teacher",
-            store.path)
+            path)
         return None
-    others = sorted(store.folder.glob("teacher-*.safetensors"), key=lambda p: p.stat().st_mtime) if store.folder.is_dir() else []
+    if expected is not None and expected.digest == store.digest and expected.rounds_trained > 0:
+        log(WARNING, "teacher file %s, trained %d round(s), is gone: training a fresh teacher", path,
+            expected.rounds_trained)
+        return None
+    others = sorted(folder.glob("teacher-*.safetensors"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
     if others and isinstance(latest := saved_header(others[-1]), dict):
         saved_settings = latest.get("settings")
         settings = saved_settings if isinstance(saved_settings, dict) else {}
-        differing = sorted(k for k in store.settings if settings.get(k) != store.settings[k])
+        wanted = json.loads(store.settings)
+        differing = sorted(k for k in wanted if settings.get(k) != wanted[k])
         log(WARNING, "the teacher saved in %s was trained for other settings (%s differ): training a fresh teacher",
             others[-1], ", ".join(differing) or "format")
     return None

@@ -7,7 +7,7 @@ Runs the scenario twice on this machine, one after the other: on Flower's simula
 authentication, one SuperNode per institution reading its own data folder, `flwr run`). Prints each
 round's wall time (the ServerApp's own measure, query to checkpoint) and the ratio deployed /
 simulated; the first round also pays for starting the ClientApps, so the mean of the later rounds
-is given apart.
+is given apart. Last, where the nodes' ClientApp tasks spent their time (the runner's log line per task).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -77,6 +78,29 @@ def main() -> None:
           f"(of which {up:.1f} s to start the SuperLink and SuperNodes), ratio {dep_total / sim_total:.2f}")
     print(f"student accuracy: simulated {simulated['rounds'][-1]['student_accuracy']:.4f}, "
           f"deployed {deployed['rounds'][-1]['student_accuracy']:.4f}")
+    _print_tasks(sorted(work.glob("sites/*/supernode.log")))
+
+
+def _print_tasks(logs: list[Path]) -> None:
+    """Where the nodes' ClientApp tasks spent their time: the mean of each step the runner logs
+    (simulations/deploy/runner.py, TaskClock), over every task of every node."""
+    steps: dict[str, list[float]] = {}
+    sizes: list[float] = []
+    for log in logs:
+        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+            if "ClientApp task: " not in line:
+                continue
+            for part in line.split("ClientApp task: ", 1)[1].split(";")[0].split(", "):
+                match = re.match(r"(.+?) ([0-9.]+) s(?: \(node state ([0-9.]+) kB\))?$", part)
+                if match:
+                    steps.setdefault(match[1], []).append(float(match[2]))
+                    if match[3]:
+                        sizes.append(float(match[3]))
+    if not steps:
+        return
+    count = max(len(v) for v in steps.values())
+    print(f"ClientApp tasks ({count}, mean s per step): " + ", ".join(f"{k} {statistics.mean(v):.2f}" for k, v in steps.items())
+          + f"; node state received {max(sizes, default=0):.1f} kB at most")
 
 
 def _threads() -> str:

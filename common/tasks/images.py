@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib.util
 import zlib
 from pathlib import Path
 
@@ -142,11 +143,9 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 @functools.lru_cache(maxsize=2)
 def _load_digits(seed: int) -> tuple[ImageSet, ImageSet]:
     """sklearn's bundled 8x8 digits (1,797 samples), 80/20 seeded train/test split, scaled to uint8."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-    labels = digits.target.astype(np.int64)
+    pixels, target = _digits_arrays()
+    images = np.clip(np.rint(pixels * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    labels = target.astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(labels))
     cut = int(len(labels) * 0.8)
     train, test = np.sort(order[:cut]), np.sort(order[cut:])
@@ -155,3 +154,20 @@ def _load_digits(seed: int) -> tuple[ImageSet, ImageSet]:
         part.images.setflags(write=False)
         part.labels.setflags(write=False)
     return sets
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's digits as `load_digits` returns them ((1797, 8, 8) float64 pixels in 0..16, int targets), read from
+    the CSV file sklearn bundles as `load_digits` reads it, without importing sklearn: that import (SciPy with it)
+    cost a deployed node's ClientApp process seconds on every message. sklearn's own loader if the file is not there."""
+    spec = importlib.util.find_spec("sklearn")
+    folders = spec.submodule_search_locations if spec is not None else None
+    path = Path(next(iter(folders))) / "datasets" / "data" / "digits.csv.gz" if folders else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.images, digits.target
+    with gzip.open(path, mode="rt", encoding="utf-8") as handle:
+        data = np.loadtxt(handle, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)

@@ -4,7 +4,6 @@ beside the runner that starts only approved apps; `fedstill app-hash`: the hash 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from datetime import date
@@ -40,6 +39,9 @@ def supernode(
     max_retries: int = typer.Option(
         -1, "--max-retries", help="Give up after this many reconnection attempts (-1: Flower's default, retry forever)."),
     check_only: bool = typer.Option(False, "--check-only", help="Run the checks and exit without starting the node."),
+    poll_interval: float = typer.Option(
+        0.5, "--poll-interval", min=0.05, max=3.0,
+        help="Seconds between the node's requests for new messages to the SuperLink (Flower's own: 3)."),
 ) -> None:
     """Check this institution's files and its TLS connection to the SuperLink, then start its SuperNode."""
     try:  # the checks on this machine first, the SuperLink last
@@ -56,8 +58,8 @@ def supernode(
                   f"{len(approved.sha256)} approved app bundle(s); {escape(policy)}")
     if check_only:
         return
-    binary = Path(sys.executable).parent / "flower-supernode"
-    command = [str(binary) if binary.exists() else (shutil.which("flower-supernode") or "flower-supernode"),
+    # Flower's flower-supernode, run by simulations.deploy.supernode_poll so that it polls every `poll_interval` s
+    command = [sys.executable, "-m", "simulations.deploy.supernode_poll", "--poll-interval", str(poll_interval), "--",
                "--superlink", superlink, "--root-certificates", str(root_certificates),
                "--auth-supernode-private-key", str(auth_key), "--node-config", node_config,
                "--host", "127.0.0.1", "--port", str(port), "--isolation", "process"]

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import ArrayRecord, Context, RecordDict
 
 import client.teacher as teacher_module
 from client.answer import Answer, answer_query
-from client.node_state import STORE_KEY
+from client.node_state import STORE_KEY, TeacherMeta, teacher_meta
 from client.release import site_home
 from client.site import Site
 from client.teacher import (
@@ -127,6 +127,39 @@ def test_a_restarted_node_continues_its_teacher(tmp_path: Path, site: Site) -> N
     header = saved_header(saved)
     assert (header["model"], header["rounds_trained"], header["settings"]["run"]) == ("cnn-tiny", 2, "study-1")
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_with_a_store_node_state_holds_the_teachers_meta_not_its_weights(tmp_path: Path, site: Site) -> None:
+    # Prepare: what a deployed SuperNode passes into every ClientApp process and back
+    cfg, node = config(), {"partition-id": 1, "state-dir": str(tmp_path)}
+    state = restarted(cfg, site, node)
+    before = trained(cfg, site, state, rounds=2)
+
+    # Execute
+    model, rounds = restore_teacher(state, cfg, site)
+
+    # Assert: the weights are the file's; node state holds no array, only the teacher's meta
+    assert rounds == 2 and same_weights(model, before)
+    assert not any(isinstance(record, ArrayRecord) for record in state.values())
+    store = teacher_store(cfg, site, NodeConfig.from_node_config(node), RUN_ID)
+    assert teacher_meta(state) == TeacherMeta("cnn-tiny", 2, store.digest)
+
+
+def test_a_teacher_file_gone_during_a_run_gives_a_fresh_teacher_and_says_so(tmp_path: Path, site: Site,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare
+    cfg, node = config(), {"partition-id": 1, "state-dir": str(tmp_path)}
+    state = restarted(cfg, site, node)
+    trained(cfg, site, state)
+    [saved] = tmp_path.glob("teacher-*.safetensors")
+    saved.unlink()
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        rounds = restore_teacher(state, cfg, site)[1]
+
+    # Assert
+    assert rounds == 0 and "trained 1 round(s), is gone: training a fresh teacher" in caplog.text
 
 
 def test_without_a_store_the_teacher_lives_in_node_state_only(site: Site) -> None:

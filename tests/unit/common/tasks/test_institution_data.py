@@ -615,29 +615,6 @@ def test_a_simulated_institution_reads_its_data_folder_in_sites_dir(tmp_path: Pa
     assert len(pooled.private) > 300  # a third of the private pool
 
 
-def test_own_data_is_kept_in_node_state_and_reread_when_its_files_change(
-    tmp_path: Path, run_config_mapping: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Prepare
-    cfg = digits_config(run_config_mapping)
-    folder = idx_folder(tmp_path / "data", *sample_images(12))
-    state, reads = RecordDict(), []
-    real = site_module.load_institution_data
-    monkeypatch.setattr(site_module, "load_institution_data", lambda *a: reads.append(1) or real(*a))
-
-    # Execute
-    first = load_site(cfg, {"data-path": str(folder)}, state)
-    second = load_site(cfg, {"data-path": str(folder)}, state)
-    images, labels = sample_images(5, seed=9)
-    idx_folder(folder, images, labels)
-    third = load_site(cfg, {"data-path": str(folder)}, state)
-
-    # Assert
-    assert len(reads) == 2
-    np.testing.assert_array_equal(second.private.images, first.private.images)
-    np.testing.assert_array_equal(third.private.labels, labels)
-
-
 def test_public_dir_overrides_data_dir_and_a_wrong_public_set_is_refused(
     tmp_path: Path, run_config_mapping: dict[str, Any],
 ) -> None:

@@ -187,6 +187,8 @@ def flower(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(module, "pull_task_input", pull_task_input)
     monkeypatch.setattr(module, "install_from_fab", install_from_fab)
     monkeypatch.setattr(module, "run_clientapp", run_clientapp)
+    for name in ("pull_and_inflate_object_from_tree", "get_load_client_app_fn", "push_message"):  # the runner wraps them
+        monkeypatch.setattr(module, name, getattr(module, name))
     return state
 
 

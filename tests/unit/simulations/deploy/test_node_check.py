@@ -386,6 +386,35 @@ def test_supernode_with_the_institution_init_folder_passes_every_check(instituti
     assert "institution-id" in result.output and "signing-key" in result.output
 
 
+def test_supernode_starts_flowers_supernode_polling_at_its_interval_beside_the_runner(
+    institution: InstitutionFolder, tls_server: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: record what would start instead of starting it
+    from simulations.cli import node_commands
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(node_commands.subprocess, "Popen", lambda command: started.append(command))
+    monkeypatch.setattr(node_commands.os, "execv", lambda path, command: started.append(command))
+    root = institution.root
+    arguments = ["supernode", "--superlink", f"127.0.0.1:{tls_server}", "--root-certificates", str(root / "ca.crt"),
+                 "--auth-supernode-private-key", str(institution.node_key), "--approved-apps", str(root / "approved-apps.toml"),
+                 "--node-config", str(institution.node_config_path), "--port", str(free_port())]
+
+    # Execute
+    from simulations.cli.main import app
+
+    default = CliRunner().invoke(app, arguments)
+    slower = CliRunner().invoke(app, [*arguments, "--poll-interval", "2"])
+
+    # Assert: the runner, then Flower's SuperNode through supernode_poll, with Flower's own arguments after "--"
+    assert default.exit_code == 0 and slower.exit_code == 0, default.output + slower.output
+    runner_command, node_command = started[0], started[1]
+    assert runner_command[1:4] == ["-m", "simulations.deploy.runner", "dispatch"]
+    assert node_command[1:6] == ["-m", "simulations.deploy.supernode_poll", "--poll-interval", "0.5", "--"]
+    assert node_command[6:8] == ["--superlink", f"127.0.0.1:{tls_server}"] and "--isolation" in node_command
+    assert started[3][3:5] == ["--poll-interval", "2.0"]
+
+
 def test_supernode_refuses_a_port_in_use_before_dialling(institution: InstitutionFolder) -> None:
     # Prepare
     with socket.create_server(("127.0.0.1", 0)) as taken:
