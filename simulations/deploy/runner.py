@@ -19,7 +19,8 @@ installed at run time.
 Each task still gets a fresh process (nothing of one message's Python state reaches the next), but
 not a fresh interpreter: the processes are forked from a server process that imported, once, the
 installed libraries every ClientApp needs (`PRELOAD`: torch with the compiler front-end its optimisers
-import on first use, numpy, safetensors, Flower's ClientApp runtime). Importing those cost a new
+import on first use, the ONNX exporter and onnxruntime of the labelling pass, numpy, safetensors, Flower's
+ClientApp runtime). Importing those cost a new
 interpreter several seconds per message; a fork costs milliseconds. The server process never imports
 an app bundle's own code: that is loaded in the task's process, after the approval check. Each task
 logs where its time went (`TaskClock`).
@@ -45,7 +46,8 @@ from simulations.deploy.approved_apps import AppNotApproved, ApprovedApps, check
 
 POLL_S = 0.2  # between two requests for a task to the node's own SuperNode (loopback)
 PRELOAD = (  # installed libraries, imported once by the process the tasks are forked from; never an app's own code
-    "numpy", "torch", "torch._dynamo", "safetensors.torch", "cryptography.hazmat.primitives.asymmetric.ed25519",
+    "numpy", "torch", "torch._dynamo", "torch.onnx", "onnxruntime",  # the exporter and engine of the labelling pass
+    "safetensors.torch", "cryptography.hazmat.primitives.asymmetric.ed25519",
     "flwr.supernode.runtime.run_clientapp", "simulations.deploy.runner",
     "simulations.deploy.frozen_preload",  # last: gc.freeze() of what the others made
 )

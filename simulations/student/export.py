@@ -17,7 +17,6 @@ Every figure is measured on the run's test set; calibration uses only the public
 from __future__ import annotations
 
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from torch import nn
 from common.errors import ConfigError
 from common.files import PRIVATE, atomic_path, private_folder
 from common.models.inputs import inputs_to_tensor
+from common.models.onnx_engine import DISABLED_OPTIMIZERS, INPUT, OPSET, onnx_bytes, ort_logits, ort_session
 from server.results.run_folder import add_section, write_json
 from simulations.student.comparison import ORT_FP32, ORT_INT8, STUDENT, engine_name, recommend_precision
 from simulations.student.load import load_run_split, load_run_student, softmax, torch_logits
@@ -41,59 +41,24 @@ EXPORT_DIR = "export"
 ONNX_FP32 = "student.onnx"
 ONNX_INT8 = "student.int8.onnx"
 SUMMARY = "export.json"
-# The legacy TorchScript exporter writes opsets 7-20; onnxruntime's CPU provider runs all of them and its
-# quantisation tools need >= 10 (>= 13 for per-channel QDQ). 17 is the newest both sides have long supported.
-OPSET = 17
-INPUT, OUTPUT = "inputs", "logits"
 CALIBRATION_SIZE = 512
 STATIC_FORMAT = "QDQ, per-channel weights; convolutions reading the input kept FP32"
 DYNAMIC_FORMAT = "weights INT8, activations per batch"
 QUANT_MODES = ("auto", "static", "dynamic")
 BATCHES = (1, 64)  # the batch sizes `fedstill export` and `fedstill bench` time
-# onnxruntime's QDQ propagation moves the QuantizeLinear that follows an FP32 block up across its MaxPool, which then
-# runs on uint8 in NCHW: 2.4 ms of a 3.5 ms batch of 64 for cnn-student (ort 1.32). Without it the MaxPool stays in
-# FP32's blocked layout. Nothing else in these graphs uses it; an FP32 or dynamic INT8 graph has no QDQ pairs.
-DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = OPSET) -> None:
     """Write `model` as ONNX (batch axis dynamic) to `path`, atomically, and check the graph."""
-    model.eval()
     with atomic_path(path, mode=PRIVATE) as tmp:
-        with warnings.catch_warnings():
-            # torch >= 2.9 announces the dynamo exporter as the default (the TorchScript one needs no onnxscript);
-            # tracer notes on transformers' shape arithmetic are left out too: the parity check is the evidence
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", module=r"torch\.onnx")
-            torch.onnx.export(
-                model, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=[INPUT],
-                output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-            )
+        tmp.write_bytes(onnx_bytes(model, example, opset))
         onnx.checker.check_model(str(tmp))
-
-
-def ort_session(path: Path, threads: int = 1) -> ort.InferenceSession:
-    """An onnxruntime CPU session with `threads` intra-op threads and no inter-op parallelism."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(DISABLED_OPTIMIZERS))
 
 
 def ort_engine(path: Path, threads: int) -> Engine:
     """An exported model as a timing engine: a batch of model inputs in, its outputs out."""
     session = ort_session(path, threads)
     return lambda x: session.run(None, {INPUT: x})
-
-
-def ort_logits(session: ort.InferenceSession, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Logits (n, C) of an exported model on model inputs `x` (numpy, as the PyTorch model takes them)."""
-    parts = [session.run([OUTPUT], {INPUT: x[start:start + batch]})[0] for start in range(0, len(x), batch)]
-    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
