@@ -82,7 +82,7 @@ def test_a_node_given_the_wrong_ca_fails_with_a_clear_error(federation: LocalFed
 
 def test_a_node_killed_mid_round_is_skipped(federation: LocalFederation) -> None:
     # Execute: kill institution-2's SuperNode (and its ClientApp) as soon as round 1 opens
-    run_id = federation.submit(settings(federation, "node-killed", **{"num-server-rounds": 2, "round-timeout": 60.0}))
+    run_id = federation.submit(settings(federation, "node-killed", **{"num-server-rounds": 2, "round-timeout": 40.0}))
     ledger = run_dir(federation, "node-killed") / "ledger.jsonl"
     _wait_for(lambda: ledger.exists() and '"round-opened"' in ledger.read_text(), 120)
     federation.kill_node("institution-2")
@@ -95,7 +95,7 @@ def test_a_node_killed_mid_round_is_skipped(federation: LocalFederation) -> None
     assert first["clients_replied"] == 2 and second["clients_replied"] == 2
     # one entry, for the killed node: the round timed out on it, or the SuperLink answered for it first
     [reason] = first["clients_rejected"].values()
-    assert reason == "no reply within round-timeout=60 s" or "Node Unavailable" in reason
+    assert reason == "no reply within round-timeout=40 s" or "Node Unavailable" in reason
 
     # the institution restarts its node, which keeps its identity and comes back online
     federation.start_node("institution-2")
@@ -105,7 +105,7 @@ def test_a_node_killed_mid_round_is_skipped(federation: LocalFederation) -> None
 def test_a_killed_serverapp_resumes_at_the_next_round(federation: LocalFederation) -> None:
     # Execute: kill the ServerApp once round 1 is checkpointed, then start the run again with resume
     name = "resumed"
-    run_id = federation.submit(settings(federation, name, **{"num-server-rounds": 3}))
+    run_id = federation.submit(settings(federation, name, **{"num-server-rounds": 2}))
     progress = run_dir(federation, name) / "progress.jsonl"
     _wait_for(lambda: progress.exists() and '"event": "checkpoint"' in progress.read_text(), 180)
     pids = federation.serverapp_pids()
@@ -113,14 +113,14 @@ def test_a_killed_serverapp_resumes_at_the_next_round(federation: LocalFederatio
     for pid in pids:
         os.kill(pid, 9)
     federation.wait(run_id, timeout_s=120)
-    _, status = federation.run(settings(federation, name, **{"num-server-rounds": 3, "resume": True}), timeout_s=300)
+    _, status = federation.run(settings(federation, name, **{"num-server-rounds": 2, "resume": True}), timeout_s=300)
 
-    # Assert: rounds 1..3 exactly once, completed, one unbroken audit chain across both ServerApps
+    # Assert: rounds 1 and 2 exactly once, completed, one unbroken audit chain across both ServerApps
     assert status == "finished:completed"
     folder = run_dir(federation, name)
     results = json.loads((folder / "results.json").read_text())
     assert results["status"] == "completed"
-    assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
     report = verify_ledger(folder / "ledger.jsonl")
     assert report.ok, report.problems
     kinds = [json.loads(line)["kind"] for line in (folder / "ledger.jsonl").read_text().splitlines()]
