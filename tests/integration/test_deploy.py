@@ -1,5 +1,6 @@
 """The deployed federation on loopback: a SuperLink with TLS and node authentication, three SuperNodes
-with their own data folders and keys; refusals and faults. (A whole run from nothing to a verified
+with their own data folders and keys; refusals (an unregistered node, a wrong CA, an app the institutions did
+not approve: every node refuses it before any of its code runs) and faults. (A whole run from nothing to a verified
 ledger is tests/integration/test_runbook.py, which follows docs/deployment.md.)"""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 
 from common.audit.verify import verify_ledger
 from common.config import RunConfig, default_run_config
+from simulations.deploy.approved_apps import app_fab, fab_hash
 from simulations.deploy.certs import make_ca, make_node_key, write_node_key, write_pem
 from simulations.deploy.local import LocalFederation
 from simulations.deploy.site_data import write_site_data
@@ -23,6 +25,70 @@ SCENARIO = {
     "scenario": "deploy-digits", "dataset": "digits", "num-clients": 3, "min-clients": 2, "public-size": 500,
     "teacher-models": "mlp", "student-model": "mlp", "torch-threads": 1, "round-timeout": 120.0,
 }
+
+HOSTILE_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "hostile"
+version = "1.0.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "mallory"
+
+[tool.flwr.app.components]
+serverapp = "hostile_server:app"
+clientapp = "hostile_client:app"
+
+[tool.flwr.app.config]
+result-file = ""
+"""
+
+# Imported by a node only if the node ran the app's code: the marker file proves it did.
+HOSTILE_CLIENT = """\
+from pathlib import Path
+
+Path({marker!r}).write_text("the hostile ClientApp was imported on a node")
+
+from flwr.app import Message, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.query("probe")
+def probe(msg, context):
+    return Message(RecordDict(), reply_to=msg)
+"""
+
+# The coordinator side of the hostile app: it asks every node and writes down what each answered.
+HOSTILE_SERVER = """\
+import json
+import time
+from pathlib import Path
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context) -> None:
+    deadline = time.monotonic() + 60
+    while len(grid.get_node_ids()) < {nodes} and time.monotonic() < deadline:
+        time.sleep(1)
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="query.probe") for n in grid.get_node_ids()]
+    replies = grid.send_and_receive(messages, timeout=90)
+    answers = {{str(r.metadata.src_node_id): (r.error.reason if r.has_error() else "ran") for r in replies}}
+    Path(context.run_config["result-file"]).write_text(json.dumps(answers))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +144,39 @@ def test_a_node_given_the_wrong_ca_fails_with_a_clear_error(federation: LocalFed
     log = node.log_path.read_text()
     assert "does not vouch for" in log and "get the federation's ca.crt from the coordinator" in log
     assert "Starting Flower SuperNode" not in log
+
+
+def hostile_app(folder: Path, marker: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "pyproject.toml").write_text(HOSTILE_PYPROJECT)
+    (folder / "hostile_client.py").write_text(HOSTILE_CLIENT.format(marker=str(marker)))
+    (folder / "hostile_server.py").write_text(HOSTILE_SERVER.format(nodes=len(INSTITUTIONS)))
+    return folder
+
+
+def test_an_unapproved_app_is_refused_by_every_node_before_its_code_runs(federation: LocalFederation,
+                                                                          tmp_path: Path) -> None:
+    # Prepare: an app nobody approved, whose client module leaves a marker when imported
+    marker = tmp_path / "hostile-client-imported"
+    app = hostile_app(tmp_path / "hostile", marker)
+    assert fab_hash(app_fab(app)) != federation.app_hash
+    answers_file = tmp_path / "answers.json"
+
+    # Execute: the coordinator (or anyone reaching the Control API) submits it with `flwr run`
+    _, status = federation.run({"result-file": str(answers_file)}, timeout_s=300, app=app)
+
+    # Assert: every node answered with a refusal; the client module was never imported, nor unpacked
+    assert status == "finished:completed", (federation.work / "superlink.log").read_text()[-3000:]
+    answers = json.loads(answers_file.read_text())
+    assert len(answers) == len(INSTITUTIONS)
+    for reason in answers.values():
+        assert "refused: app not approved by this institution" in reason
+        assert str(federation.work) not in reason  # no local path travels to the coordinator
+    assert not marker.exists()
+    for name in INSTITUTIONS:
+        installed = [p.name for p in (federation.site(name) / "flwr-home").rglob("*") if "hostile" in p.name]
+        assert installed == [], f"{name} unpacked the unapproved app: {installed}"
+        assert "not approved by this institution" in federation.nodes[name].log_path.read_text()
 
 
 def test_a_node_killed_mid_round_is_skipped(federation: LocalFederation) -> None:
