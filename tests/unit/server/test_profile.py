@@ -40,12 +40,15 @@ def test_a_distillation_run_records_every_phase_of_every_round_and_the_servers_p
     for row in results["rounds"]:
         phases = row["phases"]
         assert phases["nodes_timed"] == 3
-        assert all(phases[name] > 0 for name in (*NODE_PHASES, *SERVER_PHASES)), phases
+        # every phase timed (a fast one may round to 0.0000 s), the heavy ones visibly; figures are rounded each on
+        # its own, so sums and comparisons across them allow one unit of the last digit per figure
+        assert all(phases[name] >= 0 for name in (*NODE_PHASES, *SERVER_PHASES)), phases
+        assert all(phases[name] > 0 for name in ("load", "train", "label", "wait", "distil", "evaluate")), phases
         assert all(phases[name] <= phases["node_total"] for name in NODE_PHASES if name != "node_busy")
         assert phases["node_total"] < phases["node_busy"] <= 3 * phases["node_total"]
-        assert sum(phases[name] for name in SERVER_PHASES) <= phases["round_s"]
-        assert phases["node_total"] <= phases["wait"]  # the nodes answer while the server waits
-        assert row["wall_s"] <= phases["round_s"]
+        assert sum(phases[name] for name in SERVER_PHASES) <= phases["round_s"] + len(SERVER_PHASES) * 10**-DIGITS
+        assert phases["node_total"] <= phases["wait"] + 2 * 10**-DIGITS  # the nodes answer while the server waits
+        assert row["wall_s"] <= phases["round_s"] + 1e-3  # wall_s is rounded to milliseconds
     assert results["final"]["server_peak_rss_bytes"] > 100 * 2**20  # a process with torch loaded
     report = (folder / "report.md").read_text()
     assert "## Where the time went" in report and "| node | total (slowest node) |" in report
