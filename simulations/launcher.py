@@ -29,6 +29,7 @@ from common.errors import FedstillError
 from common.files import open_private, private_folder
 from server.results.run_folder import PROGRESS, RESULTS, resolve_run_dir
 from simulations.provision import ALLOW_LIST, SITES, check_class_counts, provision_sites
+from simulations.ray_cluster import ADDRESS_ENV
 from simulations.scenarios import to_toml
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -68,11 +69,13 @@ def simulate(
     on_event: Callable[[dict[str, Any]], None] | None = None,
     timeout_s: float | None = None,
     site: dict[str, Any] | None = None,
+    ray_address: str | None = None,
 ) -> Outcome:
     """Run one simulation to the end and return its results; raise RunFailed with the reason if it fails.
 
     `site` holds every simulated institution's own settings (its budget, `max-epsilon` and `delta`, and its
-    site-policy keys; see simulations.provision).
+    site-policy keys; see simulations.provision). `ray_address` names a Ray cluster to run the clients on (checked
+    with simulations.ray_cluster.join); None runs them on a Ray instance of this run's own, whatever RAY_ADDRESS says.
     """
     run_dir = resolve_run_dir(cfg)
     earlier = earlier_status(run_dir)
@@ -95,11 +98,7 @@ def simulate(
                         "sites-dir set, write them into each institution's site.toml and site-policy.toml yourself")
     home = flwr_home() / "runs" / f"{run_dir.name}-{os.getpid()}"
     home.mkdir(parents=True, exist_ok=True)
-    http_port, control_port = free_ports(2)
-    # `flwr run` starts `flower-superlink` from PATH: make sure it is this environment's.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home), "PATH": path,
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)}
+    env = simulation_env(home, ray_address)
     log_path = run_dir / "flwr.log"
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as handle:
         handle.write(to_toml(overrides))
@@ -129,6 +128,21 @@ def simulate(
     if finished:
         raise RunFailed(f"{finished[-1].get('error', 'the run failed')} (log: {log_path})")
     raise RunFailed(f"the run ended without results (Flower status: {status or 'unknown'}); {last_error(log_path)}")
+
+
+def simulation_env(home: Path, ray_address: str | None) -> dict[str, str]:
+    """The environment of `flwr run`, which its SuperLink and the simulation inherit: offline, this run's own Flower
+    home and free local ports, and RAY_ADDRESS only when the clients are to run on that Ray cluster (Flower's Ray
+    backend joins the cluster RAY_ADDRESS names, else starts a Ray instance of its own)."""
+    http_port, control_port = free_ports(2)
+    # `flwr run` starts `flower-superlink` from PATH: make sure it is this environment's.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home), "PATH": path,
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)}
+    env.pop(ADDRESS_ENV, None)
+    if ray_address:
+        env[ADDRESS_ENV] = ray_address
+    return env
 
 
 def follow_events(process: subprocess.Popen, path: Path, on_event, timeout_s: float | None, offset: int = 0) -> list[dict]:

@@ -36,9 +36,13 @@ def simulate(
     site: list[str] = typer.Option([], "--site", help=SITE_HELP),
     profile: bool = typer.Option(False, "--profile", help="Also print where a round's time went: each phase on the "
                                  "nodes and the server, mean seconds and share of the round (results.json rounds[].phases)."),
+    ray_address: str = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", show_default=False,
+                                    help="Run the clients on this existing Ray cluster: the head's host:port, as `ray "
+                                    "start --head` prints it (default: RAY_ADDRESS; unset, a Ray instance on this machine)."),
 ) -> None:
     """Run a scenario on Flower's simulation engine and print its results."""
     from simulations import launcher
+    from simulations.ray_cluster import cluster_address
     from simulations.scenarios import dataset_fit, parse_sets, resolve
 
     try:
@@ -48,14 +52,17 @@ def simulate(
             console.print(warning, style="yellow", highlight=False)
         preflight_sites(cfg, settings)
         preflight(cfg)
+        address = cluster_address(ray_address)
         console.print(f"[bold]fedstill[/] {cfg.scenario}: {cfg.num_clients} clients, {cfg.partitioner}, "
                       f"{cfg.num_server_rounds} rounds -> {launcher.resolve_run_dir(cfg)}", soft_wrap=False)
+        if address:
+            preflight_cluster(address, cpus_per_client)
         with _progress() as progress:
             task = progress.add_task("starting Flower", total=cfg.num_server_rounds)
             outcome = launcher.simulate(
                 cfg, overrides, cpus_per_client=cpus_per_client,
                 on_event=lambda event: _show(progress, task, event), timeout_s=timeout or None,
-                site=settings,
+                site=settings, ray_address=address,
             )
     except FedstillError as error:
         fail(error)
@@ -223,6 +230,14 @@ def preflight(cfg: RunConfig) -> None:
 
     split = load_split(cfg.dataset, cfg.data_dir, cfg.public_size, cfg.seed, cfg.test_size, max_seq_len=cfg.max_seq_len)
     partition_rows(split, cfg, 0)
+
+
+def preflight_cluster(address: str, cpus_per_client: int) -> None:
+    """Reach the Ray cluster the clients are to run on, and say which it is, before starting Flower."""
+    from simulations.ray_cluster import join
+
+    cluster = join(address, cpus_per_client)
+    console.print(f"joining {cluster.describe(cpus_per_client)}", soft_wrap=False, highlight=False)
 
 
 def preflight_sites(cfg: RunConfig, site: dict[str, Any] | None, *, privacy: str | None = None) -> None:
