@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -60,12 +61,12 @@ def main() -> None:
     print("|---" * (len(header) + 2) + "|")
     for name in MODELS:
         model = build_model(name, 10, (28, 28), seed=0).eval()
-        figures = [best_of(args.repeats, lambda b=b: torch_pass(model, x, b)) for b in TORCH_BATCHES]
+        figures = [best_of(args.repeats, partial(torch_pass, model, x, b)) for b in TORCH_BATCHES]
         start = time.perf_counter()
         session = ort_session(onnx_bytes(model, x[:1]), threads=args.threads)
         export_s = time.perf_counter() - start
         inputs = x.numpy()
-        ort_figures = [best_of(args.repeats, lambda b=b: ort_logits(session, inputs, b)) for b in ORT_BATCHES]
+        ort_figures = [best_of(args.repeats, partial(ort_logits, session, inputs, b)) for b in ORT_BATCHES]
         cells = [f"{f:.3f}" for f in figures] + [f"{export_s:.3f}"] + [f"{f:.3f}" for f in ort_figures]
         print(f"| {name} | " + " | ".join(cells) + f" | {min(figures) / min(ort_figures):.2f}x |")
 
