@@ -78,6 +78,7 @@ class Exchange(Generic[R]):
     wait_s: float = 0.0  # from pushing the messages to the last reply (or the deadline), less judging and folding
     validate_s: float = 0.0  # judging the replies (error, attestation, schema, cosignature): server.profile
     fold_s: float = 0.0  # folding accepted replies into the running aggregate as they arrive
+    ledger_s: float = 0.0  # ledger appends made while judging (cosignatures): the profile's `ledger`, in neither above
 
     def reject(self, node: int, reason: str, check: str) -> None:
         self.rejected[node], self.checks[node] = reason, check
@@ -111,16 +112,17 @@ def exchange(
             continue
         if fold is None:
             result.replies[node] = reply
-        judging = time.perf_counter()
+        judging, appending = time.perf_counter(), _ledger_busy(witness)
         _judge(result, node, reply, parse, check, phase)
         if witness is not None and node in result.accepted:
             _witnessed(result, node, reply, witness)
-        folding = time.perf_counter()
-        result.validate_s += folding - judging
+        folding, appended = time.perf_counter(), _ledger_busy(witness) - appending
+        result.validate_s += folding - judging - appended
+        result.ledger_s += appended
         if fold is not None and node in result.accepted:
             _folded(result, node, fold)
         result.fold_s += time.perf_counter() - folding
-    result.wait_s = max(0.0, time.perf_counter() - started - result.validate_s - result.fold_s)
+    result.wait_s = max(0.0, time.perf_counter() - started - result.validate_s - result.fold_s - result.ledger_s)
     for node in [m.metadata.dst_node_id for m in messages]:
         if not result.judged(node):
             result.reject(node, phase.silent.format(timeout=timeout), "timeout")
@@ -209,6 +211,11 @@ def stream(grid: Grid, messages: list[Message], timeout: float) -> Iterator[tupl
         else:
             clock.sleep(min(wait, left))
             wait = min(2 * wait, MAX_PULL_INTERVAL_S)
+
+
+def _ledger_busy(witness: Witnessing | None) -> float:
+    """Seconds the witnessed ledger has spent appending so far (0 without witnessing: judging then appends nothing)."""
+    return 0.0 if witness is None else witness.ledger.busy_s
 
 
 def collect(grid: Grid, messages: list[Message], timeout: float) -> list[tuple[int, Message]]:
