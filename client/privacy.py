@@ -130,7 +130,8 @@ def dpsgd_round(teacher: nn.Module, cfg: RunConfig, site: Site, policy: Policy, 
     spent either: the statement says `reused`.
     """
     n = len(site.private)
-    per_round = planned_event(n, cfg.teacher_batch_size, cfg.local_epochs, 1.0)
+    epochs = cfg.local_epochs_for(n)  # the same epochs planned (and accounted) as trained
+    per_round = planned_event(n, cfg.teacher_batch_size, epochs, 1.0)
     z = cfg.dp_noise_multiplier or _calibrated_z(policy, per_round, cfg.num_server_rounds, also)
     event = {**per_round, "noise_multiplier": z}
     parameters = {"noise_multiplier": z, "max_grad_norm": cfg.dp_max_grad_norm, "sample_rate": event["sample_rate"],
@@ -146,7 +147,7 @@ def dpsgd_round(teacher: nn.Module, cfg: RunConfig, site: Site, policy: Policy, 
             if not spend.granted:
                 frozen = {**parameters, "frozen": True}
                 return float("nan"), statement("dp-sgd", frozen, spend.before, spend.before, policy.delta)
-            loss, done = train_dpsgd(teacher, site.private.inputs, site.private.labels, epochs=cfg.local_epochs,
+            loss, done = train_dpsgd(teacher, site.private.inputs, site.private.labels, epochs=epochs,
                                      lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size, noise_multiplier=z,
                                      max_grad_norm=cfg.dp_max_grad_norm)  # no seed: noise from OS entropy
             spend.events = [done]
@@ -216,7 +217,8 @@ def _pate_teachers(state: RecordDict, cfg: RunConfig, site: Site) -> tuple[list[
         if weights is not None:
             model.load_state_dict(weights)
         losses.append(train_supervised(model, site.private.inputs[shard], site.private.labels[shard],
-                                       epochs=cfg.local_epochs, lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size,
+                                       epochs=cfg.local_epochs_for(len(shard)), lr=cfg.teacher_lr,
+                                       batch_size=cfg.teacher_batch_size,
                                        seed=cfg.seed * 1_000_003 + site.partition_id * 1_009 + rounds * 31 + k))
         keep_pate_teacher(state, k, model.state_dict())
         teachers.append(model)

@@ -121,10 +121,11 @@ def restore_teacher(state: RecordDict, cfg: RunConfig, site: Site) -> tuple[nn.M
 
 
 def train_round(model: nn.Module, cfg: RunConfig, site: Site, rounds_trained: int) -> float:
-    """One round of local training on the private partition; returns the last epoch's mean loss."""
+    """One round of local training on the private partition (`local-epochs`, more when `local-min-steps` asks for
+    more steps than that); returns the last epoch's mean loss."""
     return train_supervised(
         model, site.private.inputs, site.private.labels,
-        epochs=cfg.local_epochs, lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size,
+        epochs=cfg.local_epochs_for(len(site.private)), lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size,
         seed=cfg.seed * 1_000_003 + site.partition_id * 1_009 + rounds_trained,
     )
 

@@ -8,6 +8,7 @@ key at once.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class RunConfig:
     teacher_models: str
     student_model: str
     local_epochs: int
+    local_min_steps: int
     teacher_lr: float
     teacher_batch_size: int
     student_epochs: int
@@ -64,6 +66,7 @@ class RunConfig:
     codec: str
     aggregation: str
     round_timeout: float
+    max_in_flight: int
     node_wait_timeout: float
     output_dir: str
     run_name: str
@@ -151,6 +154,7 @@ class RunConfig:
              f"num-server-rounds must be >= 1, got {self.num_server_rounds}"),
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
             (self.local_epochs >= 0, f"local-epochs must be >= 0, got {self.local_epochs}"),
+            (self.local_min_steps >= 0, f"local-min-steps must be >= 0 (0 = off), got {self.local_min_steps}"),
             (self.student_epochs >= 1, f"student-epochs must be >= 1, got {self.student_epochs}"),
             (self.teacher_lr > 0 and self.student_lr > 0, "teacher-lr and student-lr must be > 0"),
             (self.teacher_batch_size >= 1 and self.student_batch_size >= 1,
@@ -162,6 +166,7 @@ class RunConfig:
              f"labelled-size must be in [0, public-size={self.public_size}], got {self.labelled_size}"),
             (self.ce_weight == 0 or self.labelled_size > 0,
              "ce-weight > 0 needs labelled-size > 0 (the labelled public samples to apply it to)"),
+            (self.max_in_flight >= 0, f"max-in-flight must be >= 0 (0 = every node at once), got {self.max_in_flight}"),
             (self.round_timeout > 0 and self.node_wait_timeout > 0,
              "round-timeout and node-wait-timeout must be > 0 seconds"),
             (self.torch_threads >= 1, f"torch-threads must be >= 1, got {self.torch_threads}"),
@@ -186,6 +191,15 @@ class RunConfig:
     def teacher_model_for(self, partition_id: int) -> str:
         names = self.teacher_model_list
         return names[partition_id % len(names)]
+
+    def local_epochs_for(self, num_examples: int) -> int:
+        """Epochs of local training per round for an institution holding `num_examples` private rows:
+        `local-epochs`, raised until the round takes at least `local-min-steps` optimiser steps of
+        `teacher-batch-size` (0 = off). A few hundred images make only a handful of batches an epoch."""
+        if self.local_min_steps == 0 or num_examples == 0:
+            return self.local_epochs
+        per_epoch = math.ceil(num_examples / self.teacher_batch_size)
+        return max(self.local_epochs, math.ceil(self.local_min_steps / per_epoch))
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config with kebab-case keys, as recorded in results.json."""

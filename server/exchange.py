@@ -95,18 +95,19 @@ def ask(records: Mapping[int, RecordDict], message_type: str, group_id: str) -> 
 
 def exchange(
     grid: Grid, messages: list[Message], timeout: float, parse: Callable[[RecordDict], R], check: Check | None,
-    phase: Phase, round_: int, witness: Witnessing | None = None, fold: Fold[R] | None = None,
+    phase: Phase, round_: int, witness: Witnessing | None = None, fold: Fold[R] | None = None, window: int = 0,
 ) -> Exchange[R]:
     """Push `messages`, pull the replies as they arrive within `timeout` and judge each at once: node error, then
     attestation (`check`; None: no attestation is asked of this exchange), then schema (`parse`), then, when the
     ledger is witnessed (`witness`), the cosignature of the tree head each message carried, then `fold` (when given):
-    it takes in the accepted reply's payload and returns what to keep; a FedstillError it raises drops the reply."""
+    it takes in the accepted reply's payload and returns what to keep; a FedstillError it raises drops the reply.
+    `window`: the most questions unanswered at once (`stream`; 0: all pushed at once)."""
     if witness is not None and messages:
         requests = witness.requests([m.metadata.dst_node_id for m in messages])
         messages = [_with_request(m, requests[m.metadata.dst_node_id]) for m in messages]
     result: Exchange[R] = Exchange(downlink_bytes=sum(record_nbytes(m.content) for m in messages))
     started = time.perf_counter()
-    for node, reply in stream(grid, messages, timeout):
+    for node, reply in stream(grid, messages, timeout, window):
         if result.judged(node):  # one verdict per node: a second reply is never judged, nor folded twice
             log(WARNING, "round %d %s: ignored a second reply from node %d", round_, phase.name, node)
             continue
@@ -178,11 +179,15 @@ def _with_request(message: Message, request: Any) -> Message:
                    message_type=message.metadata.message_type, group_id=message.metadata.group_id, ttl=message.metadata.ttl)
 
 
-def stream(grid: Grid, messages: list[Message], timeout: float) -> Iterator[tuple[int, Message]]:
+def stream(grid: Grid, messages: list[Message], timeout: float, window: int = 0) -> Iterator[tuple[int, Message]]:
     """Push `messages`, then yield (node, reply) for each reply as it arrives, until every pushed message has its
     reply or `timeout` s have passed. Replies are pulled `PULL_CHUNK` at a time, so the caller judges each before
     the next are fetched; after a round of pulls that brought nothing the stream waits, `PULL_INTERVAL_S` at first,
     twice as long each time nothing comes, at most `MAX_PULL_INTERVAL_S`.
+
+    `window` > 0 keeps at most that many questions unanswered at once (run config `max-in-flight`): the rest are
+    pushed as replies come in, all within the same `timeout`. Flower's in-memory SuperLink scans every stored question
+    for each node it serves, so with all n pushed at once a simulation spends O(n^2) a sweep; 0 pushes all at once.
 
     The node is the one the reply's question went to: when a node stops sending heartbeats, the SuperLink itself
     answers for it with a "Node Unavailable" error whose source is the SuperLink, not the node; matching on the
@@ -191,24 +196,22 @@ def stream(grid: Grid, messages: list[Message], timeout: float) -> Iterator[tupl
         return
     clock = CLOCK
     deadline = clock.now() + timeout
-    pending = [i for i in grid.push_messages(messages) if i]  # a message Flower could not push gets no id
-    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}  # set when pushed
-    if len(asked) != len(messages):  # a grid that did not give the questions ids: trust each reply's source
-        asked = {}
+    queued, pending, asked = list(messages), list[str](), Asked()
     wait = PULL_INTERVAL_S
-    while pending:
+    while True:
+        pending += asked.push(grid, queued, (window or len(messages)) - len(pending))
         answered = set()
         for start in range(0, len(pending), PULL_CHUNK):
             for reply in grid.pull_messages(pending[start:start + PULL_CHUNK]):
                 answered.add(reply.metadata.reply_to_message_id)
-                yield asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id), reply
+                yield asked.node(reply), reply
         pending = [i for i in pending if i not in answered]
         left = deadline - clock.now()
-        if not pending or left <= 0:
+        if (not pending and not queued) or left <= 0:
             return
         if answered:
             wait = PULL_INTERVAL_S
-        else:
+        elif not queued or len(pending) >= window:
             clock.sleep(min(wait, left))
             wait = min(2 * wait, MAX_PULL_INTERVAL_S)
 
@@ -218,9 +221,32 @@ def _ledger_busy(witness: Witnessing | None) -> float:
     return 0.0 if witness is None else witness.ledger.busy_s
 
 
-def collect(grid: Grid, messages: list[Message], timeout: float) -> list[tuple[int, Message]]:
+@dataclass
+class Asked:
+    """Which node each pushed question went to, by message id; `trusted` turns False when the grid gives a pushed
+    question no id (then each reply's source names its node)."""
+
+    nodes: dict[str, int] = field(default_factory=dict)
+    trusted: bool = True
+
+    def push(self, grid: Grid, queued: list[Message], room: int) -> list[str]:
+        """Push up to `room` of the `queued` messages (taken off it); the ids Flower gave them."""
+        batch = [queued.pop(0) for _ in range(min(max(room, 0), len(queued)))]
+        if not batch:
+            return []
+        ids = [i for i in grid.push_messages(batch) if i]  # a message Flower could not push gets no id
+        self.nodes.update({m.metadata.message_id: m.metadata.dst_node_id for m in batch if m.metadata.message_id})
+        self.trusted = self.trusted and all(m.metadata.message_id for m in batch)  # set when pushed
+        return ids
+
+    def node(self, reply: Message) -> int:
+        asked = self.nodes.get(reply.metadata.reply_to_message_id) if self.trusted else None
+        return reply.metadata.src_node_id if asked is None else asked
+
+
+def collect(grid: Grid, messages: list[Message], timeout: float, window: int = 0) -> list[tuple[int, Message]]:
     """(node, reply) for each reply within `timeout`, in arrival order (`stream`, gathered)."""
-    return list(stream(grid, messages, timeout))
+    return list(stream(grid, messages, timeout, window))
 
 
 def short_reason(reason: str, limit: int = 600) -> str:

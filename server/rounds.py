@@ -69,20 +69,22 @@ def soft_label_round(grid: Grid, cfg: RunConfig, trail: AuditTrail, query: SoftL
     verdict."""
     trail.round_opened(query, query.to_record(), nodes)
     replies = query_soft_labels(grid, nodes, query, cfg.round_timeout, partial(trail.check_reply, query), trail.witnessing,
-                                fold)
+                                fold, cfg.max_in_flight)
     trail.record_replies(query.round, replies)
     return replies
 
 
 def query_soft_labels(
     grid: Grid, nodes: list[int], query: SoftLabelQuery, timeout: float, check: Check | None = None,
-    witness: Witnessing | None = None, fold: Fold[SoftLabelReply] | None = None,
+    witness: Witnessing | None = None, fold: Fold[SoftLabelReply] | None = None, window: int = 0,
 ) -> Exchange[SoftLabelReply]:
-    """Send `query` to every node and keep the replies that pass `check` (the audit trail's attestation
-    check), validation and, with `witness`, the witnessing of the ledger; `fold` takes in each as it passes."""
-    messages = ask({node: query.to_record() for node in nodes}, SOFT_LABELS_TYPE, str(query.round))
+    """Send `query` to every node (at most `window` unanswered at once; 0: all at once) and keep the replies that
+    pass `check` (the audit trail's attestation check), validation and, with `witness`, the witnessing of the ledger;
+    `fold` takes in each as it passes."""
+    record = query.to_record()  # one record for every node: its sample ids are not copied n times
+    messages = ask({node: record for node in nodes}, SOFT_LABELS_TYPE, str(query.round))
     return exchange(grid, messages, timeout, partial(SoftLabelReply.from_record, query=query), check, SOFT_LABELS,
-                    query.round, witness, fold)
+                    query.round, witness, fold, window)
 
 
 def folding(running: RunningAggregate, trail: AuditTrail) -> Fold[SoftLabelReply]:
@@ -130,18 +132,20 @@ def digest_round(grid: Grid, cfg: RunConfig, trail: AuditTrail, instruction: Dig
     """FedMD: open the digest step in the ledger, send the consensus down, record each verdict."""
     trail.digest_opened(instruction, instruction.to_record(), nodes)
     outcome = send_digest(grid, nodes, instruction, cfg.round_timeout, partial(trail.check_digest_reply, instruction),
-                          trail.witnessing)
+                          trail.witnessing, cfg.max_in_flight)
     trail.record_replies(instruction.round, outcome, phase=DIGEST.name)
     return outcome
 
 
 def send_digest(
     grid: Grid, nodes: list[int], instruction: DigestInstruction, timeout: float, check: Check | None = None,
-    witness: Witnessing | None = None,
+    witness: Witnessing | None = None, window: int = 0,
 ) -> Exchange[DigestReply]:
-    """FedMD: send the consensus down; check each answer (attestation first, then its schema)."""
+    """FedMD: send the consensus down (at most `window` unanswered at once; 0: all); check each answer (attestation
+    first, then its schema)."""
     messages = ask({node: instruction.to_record() for node in nodes}, DIGEST_TYPE, f"{instruction.round}-digest")
-    return exchange(grid, messages, timeout, DigestReply.from_record, check, DIGEST, instruction.round, witness)
+    return exchange(grid, messages, timeout, DigestReply.from_record, check, DIGEST, instruction.round, witness,
+                    window=window)
 
 
 WITNESS = Phase(kinds.WITNESS_PHASE)
@@ -159,7 +163,8 @@ def witness_end(grid: Grid, cfg: RunConfig, trail: AuditTrail, fingerprint: str,
     record = WitnessCall(round_).to_record()
     trail.exchange_opened(WITNESS.name, round_, {node: record for node in nodes})
     outcome = exchange(grid, ask({node: record for node in nodes}, WITNESS_TYPE, f"{round_}-witness"), cfg.round_timeout,
-                       read_cosignature, partial(trail.check_exchange, round_, fingerprint), WITNESS, round_, trail.witnessing)
+                       read_cosignature, partial(trail.check_exchange, round_, fingerprint), WITNESS, round_, trail.witnessing,
+                       window=cfg.max_in_flight)
     trail.record_replies(round_, outcome, phase=WITNESS.name)
     log(INFO, "the final tree head of the ledger was cosigned by %d of %d institution(s)", len(outcome.accepted), len(nodes))
     return outcome

@@ -21,22 +21,23 @@ METRIC_NAMES = ("balanced_accuracy", "macro_f1", "auroc")  # beside accuracy: th
 
 def local_only(cfg: RunConfig, epochs: int | None = None) -> dict[str, Any]:
     """Each institution's own architecture trained on its partition alone for `epochs`
-    (default: as many epochs as its teacher gets in the federation), evaluated on the test set."""
+    (default: as many epochs as its teacher gets in the federation, `local-min-steps` included), evaluated on
+    the test set. `epochs` in the result is the most any institution trained; each one's is in `per_client`."""
     split = _split(cfg)
-    epochs = epochs if epochs is not None else cfg.local_epochs * cfg.num_server_rounds
     started = time.monotonic()
     per_client: dict[str, dict[str, Any]] = {}
     for pid in range(cfg.num_clients):
         data = split.private.subset(partition_rows(split, cfg, pid))
         name = cfg.teacher_model_for(pid)
+        own = epochs if epochs is not None else cfg.local_epochs_for(len(data)) * cfg.num_server_rounds
         model = build_model(name, data.num_classes, input_shape(data.inputs), seed=cfg.seed + pid)
-        train_supervised(model, data.inputs, data.labels, epochs=epochs, lr=cfg.teacher_lr,
+        train_supervised(model, data.inputs, data.labels, epochs=own, lr=cfg.teacher_lr,
                          batch_size=cfg.teacher_batch_size, seed=cfg.seed * 1_000_003 + pid * 1_009)
         metrics = evaluate(model, split.test.inputs, split.test.labels)
-        per_client[str(pid)] = {"model": name, "samples": len(data), **metrics}
+        per_client[str(pid)] = {"model": name, "samples": len(data), "epochs": own, **metrics}
     accs = [c["accuracy"] for c in per_client.values()]
     return {
-        "epochs": epochs, "per_client": per_client, "accuracy_mean": float(np.mean(accs)),
+        "epochs": max(c["epochs"] for c in per_client.values()), "per_client": per_client, "accuracy_mean": float(np.mean(accs)),
         "accuracy_min": float(np.min(accs)), "accuracy_max": float(np.max(accs)),
         **{f"{name}_mean": float(np.nanmean([c[name] for c in per_client.values()])) for name in METRIC_NAMES},
         "wall_s": round(time.monotonic() - started, 1),

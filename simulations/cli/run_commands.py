@@ -338,5 +338,5 @@ def near_chance(results: dict[str, Any]) -> str | None:
     if teacher is None or not classes or teacher >= 2.0 / classes:
         return None
     return (f"warning: the teachers' mean accuracy {teacher:.4f} is under twice chance ({1.0 / classes:.2f} for {classes} "
-            "classes): their local training is too short or ill-suited to this data set (local-epochs, teacher-lr, "
-            "teacher-models); start from a scenario made for it (fedstill scenarios)")
+            "classes): their local training is too short or ill-suited to this data set (local-epochs, local-min-steps for "
+            "small institutions, teacher-lr, teacher-models); start from a scenario made for it (fedstill scenarios)")

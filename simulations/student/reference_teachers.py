@@ -46,7 +46,7 @@ from simulations.student.load import RunStudent, load_run_split, softmax, torch_
 CACHE = "teachers-test-logits.npz"
 SETTINGS = ("dataset", "data-dir", "public-size", "test-size", "max-seq-len", "seed", "num-clients", "partitioner",
             "dirichlet-alpha", "classes-per-client", "min-partition-size", "num-server-rounds", "teacher-models",
-            "local-epochs", "teacher-lr", "teacher-batch-size", "torch-threads")
+            "local-epochs", "local-min-steps", "teacher-lr", "teacher-batch-size", "torch-threads")
 
 
 def replay_notes(cfg: RunConfig, recorded_rounds: list[dict[str, Any]]) -> list[str]:
@@ -81,7 +81,7 @@ def train_teachers(cfg: RunConfig, split: FederatedSplit,
                 model = build_model(name, data.num_classes, input_shape(inputs), seed=cfg.seed + pid)
                 if weights is not None:
                     model.load_state_dict(weights)
-                train_supervised(model, inputs, data.labels, epochs=cfg.local_epochs, lr=cfg.teacher_lr,
+                train_supervised(model, inputs, data.labels, epochs=cfg.local_epochs_for(len(data)), lr=cfg.teacher_lr,
                                  batch_size=cfg.teacher_batch_size,
                                  seed=cfg.seed * 1_000_003 + pid * 1_009 + rounds_trained)
                 weights = model.state_dict()

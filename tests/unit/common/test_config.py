@@ -183,6 +183,7 @@ def test_any_missing_or_unknown_keys_are_all_named(missing: set[str], unknown: s
         ({"temperature": -1.0}, "temperature must be > 0, got -1.0"),
         ({"temperature": math.nan}, "temperature must be > 0, got nan"),
         ({"local-epochs": -1}, "local-epochs must be >= 0"),
+        ({"local-min-steps": -1}, r"local-min-steps must be >= 0 \(0 = off\), got -1"),
         ({"student-epochs": 0}, "student-epochs must be >= 1"),
         ({"teacher-lr": 0.0}, "teacher-lr and student-lr must be > 0"),
         ({"student-lr": -0.1}, "teacher-lr and student-lr must be > 0"),
@@ -191,6 +192,7 @@ def test_any_missing_or_unknown_keys_are_all_named(missing: set[str], unknown: s
         ({"ce-weight": 0.5}, "ce-weight > 0 needs labelled-size > 0"),
         ({"labelled-size": 10001}, r"labelled-size must be in \[0, public-size=10000\], got 10001"),
         ({"round-timeout": 0.0}, "round-timeout and node-wait-timeout must be > 0"),
+        ({"max-in-flight": -1}, r"max-in-flight must be >= 0 \(0 = every node at once\), got -1"),
         ({"node-wait-timeout": -5.0}, "round-timeout and node-wait-timeout must be > 0"),
         ({"torch-threads": 0}, "torch-threads must be >= 1"),
         ({"output-dir": ""}, "output-dir must not be empty"),
@@ -258,3 +260,34 @@ def test_teacher_model_list_strips_blanks_and_empty_names(run_config_mapping: di
     # Assert
     assert names == ["cnn-large", "cnn-student"]
     assert [cfg.teacher_model_for(i) for i in range(3)] == ["cnn-large", "cnn-student", "cnn-large"]
+
+
+@pytest.mark.parametrize(
+    ("local_epochs", "min_steps", "batch", "examples", "expected"),
+    [
+        (1, 0, 64, 500, 1),      # off: local-epochs as configured
+        (3, 0, 64, 50, 3),
+        (1, 100, 64, 500, 13),   # 8 batches an epoch (the last one partial): 13 epochs reach 104 >= 100 steps
+        (1, 100, 32, 50, 50),    # 2 batches an epoch
+        (1, 100, 64, 50, 100),   # one (partial) batch an epoch: one step each
+        (1, 100, 64, 10_000, 1), # 157 batches: one epoch already passes the minimum
+        (5, 10, 64, 500, 5),     # local-epochs is a floor too
+        (0, 16, 8, 64, 2),       # exactly 16 steps
+        (1, 100, 64, 0, 1),      # no rows: nothing to size
+    ],
+)
+def test_local_epochs_for_reaches_at_least_local_min_steps(
+    run_config_mapping: dict[str, Any], local_epochs: int, min_steps: int, batch: int, examples: int, expected: int
+) -> None:
+    # Prepare
+    run_config_mapping.update({"local-epochs": local_epochs, "local-min-steps": min_steps, "teacher-batch-size": batch})
+    cfg = RunConfig.from_run_config(run_config_mapping)
+
+    # Execute
+    epochs = cfg.local_epochs_for(examples)
+
+    # Assert
+    assert epochs == expected
+    steps = epochs * math.ceil(examples / batch)
+    assert examples == 0 or steps >= min_steps  # the minimum is met ...
+    assert epochs == local_epochs or (epochs - 1) * math.ceil(examples / batch) < min_steps  # ... by the fewest epochs

@@ -167,3 +167,57 @@ def test_a_second_reply_for_a_node_is_neither_judged_nor_folded_again(memory_gri
     # Assert
     assert folded == [(1, "first")] and result.accepted == {1: "first"}
     assert result.checks == {2: "timeout"}
+
+
+class CountingGrid(MemoryGrid):
+    """Records, at each push, how many questions are unanswered (pushed, their reply not yet pulled)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.unanswered: list[int] = []
+
+    def push_messages(self, messages):
+        ids = super().push_messages(messages)
+        self.unanswered.append(len(self._replies))
+        return ids
+
+
+@pytest.mark.parametrize("window", [1, 3, 10])
+def test_a_window_keeps_at_most_that_many_questions_unanswered(window: int, server_task: None) -> None:
+    # Prepare: 10 nodes, each answering 1 s after its question is pushed
+    grid = CountingGrid(lambda message: reply("good"), delay=lambda message: 1.0)
+
+    # Execute
+    result = exchange(grid, ask({node: RecordDict() for node in range(1, 11)}, "query.test", "1"), 900.0, parse, None,
+                      Phase("test"), 1, window=window)
+
+    # Assert
+    assert sorted(result.accepted) == list(range(1, 11))
+    assert max(grid.unanswered) == window
+    assert [m.metadata.dst_node_id for m in grid.sent] == list(range(1, 11))  # pushed in the order asked
+
+
+def test_questions_still_queued_at_the_deadline_are_dropped_as_silent(memory_grid: MemoryGridOf) -> None:
+    # Prepare: one question at a time, each answered 10 s after it is pushed, a 15 s deadline
+    grid = memory_grid(lambda message: reply("good"), delay=lambda message: 10.0)
+
+    # Execute
+    result = exchange(grid, ask({node: RecordDict() for node in (1, 2, 3)}, "query.test", "1"), 15.0, parse, None,
+                      Phase("test"), 1, window=1)
+
+    # Assert: node 2 was asked at 10 s and could not answer by 15 s; node 3 was never asked
+    assert list(result.accepted) == [1]
+    assert result.checks == {2: "timeout", 3: "timeout"}
+    assert [m.metadata.dst_node_id for m in grid.sent] == [1, 2]
+
+
+def test_a_window_wider_than_the_nodes_pushes_every_question_at_once(server_task: None) -> None:
+    # Prepare
+    grid = CountingGrid(lambda message: reply("good"), delay=lambda message: 1.0)
+
+    # Execute
+    result = exchange(grid, ask({node: RecordDict() for node in (1, 2, 3)}, "query.test", "1"), 30.0, parse, None,
+                      Phase("test"), 1, window=50)
+
+    # Assert
+    assert len(result.accepted) == 3 and grid.unanswered == [3]

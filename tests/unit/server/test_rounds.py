@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 from common.messages import SoftLabelQuery, SoftLabelReply, record_nbytes
@@ -93,3 +94,31 @@ def test_questions_without_ids_fall_back_to_each_replys_source(memory_grid: Memo
 
     # Assert
     assert [node for node, _ in pairs] == [22]
+
+
+@pytest.mark.parametrize(("window", "waves"), [(0, 1), (2, 3), (5, 1)])
+def test_a_round_with_a_window_asks_every_node_a_few_at_a_time(memory_grid: MemoryGridOf, virtual_time, window: int,
+                                                               waves: int) -> None:
+    # Prepare: five nodes, each answering 1 s after it is asked
+    good = np.full((4, 3), 1 / 3, dtype=np.float32)
+    grid = memory_grid(lambda message: reply_content(good), delay=lambda message: 1.0)
+
+    # Execute
+    result = query_soft_labels(grid, [1, 2, 3, 4, 5], make_query(), timeout=30, window=window)
+
+    # Assert: `waves` one-second waves of questions (each seen at the next pull, at most 1.5 s after it was asked)
+    assert sorted(result.accepted) == [1, 2, 3, 4, 5]
+    assert waves <= virtual_time.time <= 1.5 * waves
+
+
+def test_every_node_is_sent_the_same_query_record(memory_grid: MemoryGridOf) -> None:
+    # Prepare
+    good = np.full((4, 3), 1 / 3, dtype=np.float32)
+    grid = memory_grid(lambda message: reply_content(good))
+
+    # Execute
+    result = query_soft_labels(grid, [1, 2, 3], make_query(), timeout=30)
+
+    # Assert: one record (its sample ids) for all, not a copy per node
+    assert len(result.accepted) == 3
+    assert len({id(message.content) for message in grid.sent}) == 1

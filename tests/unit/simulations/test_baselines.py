@@ -3,6 +3,7 @@ local-only (each institution alone) and centralised (pooled private data)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -145,3 +146,19 @@ def test_local_only_trains_each_partition_with_its_own_seed(monkeypatch: pytest.
     assert [call["params"] for call in recorder.calls] == expected_params
     assert [call["rows"] for call in recorder.calls] == [c["samples"] for c in result["per_client"].values()]
     assert len({call["seed"] for call in recorder.calls}) == 3
+
+
+def test_local_only_trains_each_institution_at_least_local_min_steps_a_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: batches of 64, at least 40 steps a round, 2 rounds
+    recorder = TrainingRecorder()
+    monkeypatch.setattr(baselines, "train_supervised", recorder)
+    cfg = make_cfg(**{"local-min-steps": 40, "teacher-batch-size": 64})
+
+    # Execute
+    result = baselines.local_only(cfg)
+
+    # Assert: each as its federated teacher trains, its own epochs for its own rows
+    expected = [2 * math.ceil(40 / math.ceil(call["rows"] / 64)) for call in recorder.calls]
+    assert [call["epochs"] for call in recorder.calls] == expected
+    assert [c["epochs"] for c in result["per_client"].values()] == expected
+    assert result["epochs"] == max(expected) and min(expected) > 2 * cfg.local_epochs

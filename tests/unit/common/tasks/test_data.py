@@ -505,3 +505,16 @@ def test_fingerprint_is_sha256_of_the_canonical_bytes(images: np.ndarray) -> Non
 
     # Assert
     assert fingerprint == canonical_digest(images)
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_split_is_made_once_per_process_and_read_only(fashion_split) -> None:
+    # Execute: a simulation worker serving another node
+    again = load_split("fashion-mnist", str(FASHION_MNIST_DIR), public_size=10000, seed=42)
+
+    # Assert
+    assert again is fashion_split
+    for part in (again.public, again.private, again.test):
+        assert not part.images.flags.writeable and not part.labels.flags.writeable
+    other = load_split("fashion-mnist", str(FASHION_MNIST_DIR), public_size=9000, seed=42)
+    assert len(other.public) == 9000 and other is not fashion_split

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import common.tasks.partition as partition_module
 from common.errors import ConfigError, DataError
 from common.tasks.partition import partition_indices
 
@@ -140,3 +141,26 @@ def test_iid_partitions_of_any_pool_are_disjoint_and_cover_it(size: int, num_par
     joined = np.concatenate(parts)
     np.testing.assert_array_equal(np.sort(joined), np.arange(size))
     assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "pathological"])
+def test_one_process_partitions_the_pool_once_for_every_node(labels: np.ndarray, partitioner: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: the partitions as each node computed them alone, then a counter of partitioners built
+    partition_module._partitioned.cache_clear()
+    alone = []
+    for pid in range(NUM_PARTITIONS):
+        partition_module._partitioned.cache_clear()
+        alone.append(all_partitions(labels, partitioner, seed=5)[pid])
+    partition_module._partitioned.cache_clear()
+    built: list[str] = []
+    build = partition_module._build
+    monkeypatch.setattr(partition_module, "_build", lambda name, *rest: built.append(name) or build(name, *rest))
+
+    # Execute: one simulation worker serving every node in turn
+    shared = all_partitions(labels, partitioner, seed=5)
+
+    # Assert
+    assert built == [partitioner]
+    for mine, theirs in zip(shared, alone, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
