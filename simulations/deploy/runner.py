@@ -49,6 +49,7 @@ PRELOAD = (  # installed libraries, imported once by the process the tasks are f
     "numpy", "torch", "torch._dynamo", "torch.onnx", "onnxruntime",  # the exporter and engine of the labelling pass
     "safetensors.torch", "cryptography.hazmat.primitives.asymmetric.ed25519",
     "flwr.supernode.runtime.run_clientapp", "simulations.deploy.runner",
+    "simulations.deploy.exporter_preload",  # one tiny export: the exporter's own lazy imports, done once
     "simulations.deploy.frozen_preload",  # last: gc.freeze() of what the others made
 )
 OBJECT_RETRY_S = 0.05  # a task's first retry of a message part its SuperNode is still receiving (Flower: 1 s)
