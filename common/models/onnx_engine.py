@@ -4,7 +4,7 @@ for a teacher's labelling pass, the server's evaluation and `fedstill export`.
 Why: labelling the public set is one of a round's largest costs on a node. Measured here (1 thread, 10,000
 Fashion-MNIST images, `scripts/bench_inference.py`), a model exported once and run in onnxruntime labels the
 set several times faster than eager PyTorch under `torch.inference_mode()`, and exporting a freshly trained
-teacher costs a few hundredths of a second (the first export in a process also imports the exporter, about
+teacher costs 0.02-0.2 s (the first export in a process also imports the exporter, about
 2 s). The logits agree with PyTorch's to float32 rounding (`tests/unit/common/models/test_onnx_engine.py`).
 """
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from common.models import training
 from common.models.inputs import inputs_to_tensor
+from common.models.onnx_engine import exported_logits
 from common.models.registry import build_model
 from common.models.training import ENGINE_MIN_ROWS, predict_logits, predict_probs, train_supervised
 
@@ -96,7 +97,9 @@ def test_a_model_that_does_not_export_is_labelled_in_pytorch() -> None:
     rows = np.random.default_rng(0).normal(size=(ENGINE_MIN_ROWS, 4)).astype(np.float32)
 
     # Execute
+    exported = exported_logits(model, inputs_to_tensor(rows))
     logits = predict_logits(model, rows)
 
-    # Assert: the same logits as PyTorch's own forward
+    # Assert: the engine declined it, and the labelling pass gave PyTorch's own logits
+    assert exported is None
     assert torch.allclose(logits, _eager_logits(model, rows))
