@@ -34,7 +34,7 @@ HEADER_KEY = "fedstill-checkpoint"
 STUDENT_PREFIX = "student/"
 OPTIMIZER_PREFIX = "optimizer/"
 # Keys a resumed run may change: they steer the run's operation, not what it computes.
-OPERATIONAL_KEYS = frozenset({"resume", "round-timeout", "node-wait-timeout"})
+OPERATIONAL_KEYS = frozenset({"resume", "round-timeout", "node-wait-timeout", "max-in-flight"})  # how, not what
 
 
 @dataclass

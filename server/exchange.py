@@ -12,6 +12,7 @@ The exchange ends when every node has answered, or at the deadline (`timeout`).
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -34,6 +35,7 @@ Check = Callable[[int, RecordDict], "Attestation | None"]  # the audit trail's a
 Fold = Callable[[int, R], R]  # (node, its accepted reply) -> what to keep of it, once its payload is folded in
 PULL_INTERVAL_S = 0.1  # the first wait after a pull that brought nothing, as Flower's in-memory Grid waits
 MAX_PULL_INTERVAL_S = 1.0  # the wait doubles while nothing arrives, up to this: a long round costs few pulls
+PULL_INTERVAL_PER_CHUNK_S = 0.25  # ... and up to this per chunk of replies awaited: few awaited, soon noticed
 PULL_CHUNK = 32  # replies asked for in one pull: the server holds at most this many unjudged replies at once
 
 
@@ -183,7 +185,7 @@ def stream(grid: Grid, messages: list[Message], timeout: float, window: int = 0)
     """Push `messages`, then yield (node, reply) for each reply as it arrives, until every pushed message has its
     reply or `timeout` s have passed. Replies are pulled `PULL_CHUNK` at a time, so the caller judges each before
     the next are fetched; after a round of pulls that brought nothing the stream waits, `PULL_INTERVAL_S` at first,
-    twice as long each time nothing comes, at most `MAX_PULL_INTERVAL_S`.
+    twice as long each time nothing comes, at most `pull_interval_cap` of the replies still awaited.
 
     `window` > 0 keeps at most that many questions unanswered at once (run config `max-in-flight`): the rest are
     pushed as replies come in, all within the same `timeout`. Flower's in-memory SuperLink scans every stored question
@@ -213,7 +215,15 @@ def stream(grid: Grid, messages: list[Message], timeout: float, window: int = 0)
             wait = PULL_INTERVAL_S
         elif not queued or len(pending) >= window:
             clock.sleep(min(wait, left))
-            wait = min(2 * wait, MAX_PULL_INTERVAL_S)
+            wait = min(2 * wait, pull_interval_cap(len(pending)))
+
+
+def pull_interval_cap(awaited: int) -> float:
+    """The longest wait between two pulls while `awaited` replies are outstanding: `PULL_INTERVAL_PER_CHUNK_S` per
+    chunk of `PULL_CHUNK` (each chunk is one pull request), at most `MAX_PULL_INTERVAL_S`. The last replies of a
+    round are noticed within a quarter second, and a window of questions (`max-in-flight`) is refilled as soon,
+    while a deployment awaiting a thousand replies still pulls about once a second."""
+    return min(MAX_PULL_INTERVAL_S, PULL_INTERVAL_PER_CHUNK_S * max(1, math.ceil(awaited / PULL_CHUNK)))
 
 
 def _ledger_busy(witness: Witnessing | None) -> float:

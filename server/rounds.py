@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from functools import partial
 from logging import INFO
 from typing import Any, TypeAlias
@@ -63,14 +64,35 @@ def wait_for_nodes(grid: Grid, cfg: RunConfig) -> list[int]:
     return sorted(nodes)
 
 
+@dataclass
+class Pace:
+    """How long each node took over its last timed answer (the timings its accepted replies carry), so the slowest
+    are asked first: with a window of questions (`max-in-flight`), as a simulation's few workers have, the longest
+    answers start first and the workers finish together (longest processing time first)."""
+
+    seconds: dict[int, float] = field(default_factory=dict)
+
+    def order(self, nodes: list[int]) -> list[int]:
+        """`nodes`, slowest first; nodes not timed yet before them all, in their given order."""
+        return sorted(nodes, key=lambda node: -self.seconds.get(node, math.inf))
+
+    def update(self, replies: Mapping[int, Any]) -> None:
+        """Take in the timings of a round's accepted replies (node -> parsed reply); untimed replies change nothing."""
+        for node, reply in replies.items():
+            if (timings := getattr(reply, "timings", None)) is not None:
+                self.seconds[node] = timings.total
+
+
 def soft_label_round(grid: Grid, cfg: RunConfig, trail: AuditTrail, query: SoftLabelQuery, nodes: list[int],
-                     fold: Fold[SoftLabelReply] | None = None) -> Exchange[SoftLabelReply]:
-    """Open the round in the ledger, query every node (folding each accepted reply in, with `fold`), record each
-    verdict."""
+                     fold: Fold[SoftLabelReply] | None = None, pace: Pace | None = None) -> Exchange[SoftLabelReply]:
+    """Open the round in the ledger, query every node (folding each accepted reply in, with `fold`; the slowest
+    first by `pace`, which then takes in this round's timings), record each verdict."""
     trail.round_opened(query, query.to_record(), nodes)
-    replies = query_soft_labels(grid, nodes, query, cfg.round_timeout, partial(trail.check_reply, query), trail.witnessing,
-                                fold, cfg.max_in_flight)
+    replies = query_soft_labels(grid, pace.order(nodes) if pace else nodes, query, cfg.round_timeout,
+                                partial(trail.check_reply, query), trail.witnessing, fold, cfg.max_in_flight)
     trail.record_replies(query.round, replies)
+    if pace is not None:
+        pace.update(replies.accepted)
     return replies
 
 
@@ -128,11 +150,12 @@ def sample_public(cfg: RunConfig, round_: int, public_size: int) -> np.ndarray:
 
 
 def digest_round(grid: Grid, cfg: RunConfig, trail: AuditTrail, instruction: DigestInstruction,
-                 nodes: list[int]) -> Exchange[DigestReply]:
-    """FedMD: open the digest step in the ledger, send the consensus down, record each verdict."""
+                 nodes: list[int], pace: Pace | None = None) -> Exchange[DigestReply]:
+    """FedMD: open the digest step in the ledger, send the consensus down (the slowest first by `pace`), record each
+    verdict."""
     trail.digest_opened(instruction, instruction.to_record(), nodes)
-    outcome = send_digest(grid, nodes, instruction, cfg.round_timeout, partial(trail.check_digest_reply, instruction),
-                          trail.witnessing, cfg.max_in_flight)
+    outcome = send_digest(grid, pace.order(nodes) if pace else nodes, instruction, cfg.round_timeout,
+                          partial(trail.check_digest_reply, instruction), trail.witnessing, cfg.max_in_flight)
     trail.record_replies(instruction.round, outcome, phase=DIGEST.name)
     return outcome
 

@@ -33,6 +33,7 @@ from server.results.privacy import privacy_section
 from server.results.run_folder import STUDENT, RunFolder, resolve_run_dir
 from server.resume import Checkpointer, plan_start
 from server.rounds import (
+    Pace,
     SoftLabels,
     digest_round,
     folding,
@@ -112,11 +113,12 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
     if resumed is not None:
         student.restore(resumed.student, resumed.optimizers)
     log(INFO, "run folder %s; public set %d samples, fingerprint %s", run.path, len(public), fingerprint[:12])
+    pace = Pace()
 
     for round_ in range(resumed.state.round + 1 if resumed else 1, cfg.num_server_rounds + 1):
         started, clock = time.monotonic(), RoundClock(trail.ledger)
         query = make_query(cfg, round_, fingerprint, len(public), public.num_classes)
-        replies, ensemble = collect_and_aggregate(grid, cfg, trail, query, clock)
+        replies, ensemble = collect_and_aggregate(grid, cfg, trail, query, clock, pace)
         kept = query.sample_ids[ensemble.keep]
         trail.aggregated(round_, cfg.aggregation, sorted(replies.accepted), ensemble.probs, len(kept))
         with clock.phase("distil"):
@@ -128,7 +130,7 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
         if (cfg.digest_epochs or cfg.revisit_epochs) and round_ < cfg.num_server_rounds:
             instruction = DigestInstruction(round_, fingerprint, query.temperature, query.sample_ids, ensemble.probs,
                                             cfg.digest_epochs, cfg.revisit_epochs)
-            outcome = digest_round(grid, cfg, trail, instruction, sorted(replies.accepted))
+            outcome = digest_round(grid, cfg, trail, instruction, sorted(replies.accepted), pace)
         row = round_row(query, replies, metrics, ensemble_acc, loss, int(len(kept)), outcome,
                         round(time.monotonic() - started, 3), trail.institutions())
         run.record_round(row)
@@ -147,9 +149,10 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
 
 
 def collect_and_aggregate(grid: Grid, cfg: RunConfig, trail: AuditTrail, query: SoftLabelQuery,
-                          clock: RoundClock | None = None) -> tuple[SoftLabels, Aggregate]:
-    """Query every node, check and record the replies, each folded into the round's running aggregate as it is
-    judged (or, under secure aggregation, run the masked exchanges and open only the sum); `clock` times the phases."""
+                          clock: RoundClock | None = None, pace: Pace | None = None) -> tuple[SoftLabels, Aggregate]:
+    """Query every node (the slowest first by `pace`), check and record the replies, each folded into the round's
+    running aggregate as it is judged (or, under secure aggregation, run the masked exchanges and open only the sum);
+    `clock` times the phases."""
     clock = clock or RoundClock(trail.ledger)
     nodes = sorted(grid.get_node_ids())
     if cfg.secure_aggregation:
@@ -160,7 +163,7 @@ def collect_and_aggregate(grid: Grid, cfg: RunConfig, trail: AuditTrail, query: 
     params = AggregationParams(cfg.era_temperature, cfg.trim_fraction, cfg.selective_threshold, query.temperature,
                                cfg.weight_clip)
     running = running_aggregate(cfg.aggregation, params)
-    replies = soft_label_round(grid, cfg, trail, query, nodes, folding(running, trail))
+    replies = soft_label_round(grid, cfg, trail, query, nodes, folding(running, trail), pace)
     clock.exchanged(replies)
     require_quorum(replies, cfg, query.round)
     with clock.phase("aggregate"):

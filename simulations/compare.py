@@ -14,6 +14,7 @@ from typing import Any
 from common.config import RunConfig, default_run_config
 from common.errors import ConfigError, FedstillError
 from common.files import PRIVATE, atomic_path, atomic_write_text, private_folder
+from server.checkpoint import OPERATIONAL_KEYS
 from server.results.run_folder import write_json
 from simulations import baselines, launcher
 from simulations.scenarios import parse_sets
@@ -135,11 +136,13 @@ PROVISIONED = frozenset({"allow-list", "sites-dir", "coordinator-key"})  # fille
 
 
 def _same_run(recorded: Any, cfg: RunConfig) -> bool:
-    """Same settings, key by key (keys newer than the recorded run are taken as their defaults then)."""
+    """Same settings, key by key (keys newer than the recorded run are taken as their defaults then), leaving out
+    the provisioned paths and how the run was carried out (OPERATIONAL_KEYS: time-outs, max-in-flight)."""
     if not isinstance(recorded, dict):
         return False
     wanted = cfg.to_dict()
-    return all(recorded[key] == value for key, value in wanted.items() if key in recorded and key not in PROVISIONED)
+    ignored = PROVISIONED | OPERATIONAL_KEYS
+    return all(recorded[key] == value for key, value in wanted.items() if key in recorded and key not in ignored)
 
 
 def rows_of(summary: dict[str, Any]) -> list[dict[str, Any]]:

@@ -70,12 +70,15 @@ def simulate(
     timeout_s: float | None = None,
     site: dict[str, Any] | None = None,
     ray_address: str | None = None,
+    client_slots: int | None = None,
 ) -> Outcome:
     """Run one simulation to the end and return its results; raise RunFailed with the reason if it fails.
 
     `site` holds every simulated institution's own settings (its budget, `max-epsilon` and `delta`, and its
     site-policy keys; see simulations.provision). `ray_address` names a Ray cluster to run the clients on (checked
     with simulations.ray_cluster.join); None runs them on a Ray instance of this run's own, whatever RAY_ADDRESS says.
+    `client_slots`: how many clients that cluster runs at once (default: this machine's CPUs over `cpus_per_client`),
+    for `max-in-flight` when neither the scenario nor --set gives it (`windowed`).
     """
     run_dir = resolve_run_dir(cfg)
     earlier = earlier_status(run_dir)
@@ -96,6 +99,7 @@ def simulate(
     elif site:
         raise RunFailed("site settings (a privacy budget, a site policy) go into provisioned sites; with allow-list or "
                         "sites-dir set, write them into each institution's site.toml and site-policy.toml yourself")
+    overrides = windowed(overrides, client_slots or local_client_slots(cpus_per_client))
     home = flwr_home() / "runs" / f"{run_dir.name}-{os.getpid()}"
     home.mkdir(parents=True, exist_ok=True)
     env = simulation_env(home, ray_address)
@@ -128,6 +132,21 @@ def simulate(
     if finished:
         raise RunFailed(f"{finished[-1].get('error', 'the run failed')} (log: {log_path})")
     raise RunFailed(f"the run ended without results (Flower status: {status or 'unknown'}); {last_error(log_path)}")
+
+
+def windowed(overrides: dict[str, Any], slots: int) -> dict[str, Any]:
+    """`overrides` with `max-in-flight` = `slots` + 1 unless they set it: a simulation runs `slots` clients at once,
+    so the server keeps that many questions out plus one queued for the next free worker, and asks the slowest
+    institutions first (server.rounds.Pace); with every question out at once Flower's engine takes them in node order,
+    and a round waits on whichever slow institution came last. Measured in docs/quickstart.md."""
+    return overrides if "max-in-flight" in overrides else {**overrides, "max-in-flight": slots + 1}
+
+
+def local_client_slots(cpus_per_client: int) -> int:
+    """How many clients a Ray instance on this machine runs at once: one per `cpus_per_client` of the CPUs this
+    process may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // cpus_per_client)
 
 
 def simulation_env(home: Path, ray_address: str | None) -> dict[str, str]:

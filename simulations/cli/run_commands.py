@@ -55,14 +55,13 @@ def simulate(
         address = cluster_address(ray_address)
         console.print(f"[bold]fedstill[/] {cfg.scenario}: {cfg.num_clients} clients, {cfg.partitioner}, "
                       f"{cfg.num_server_rounds} rounds -> {launcher.resolve_run_dir(cfg)}", soft_wrap=False)
-        if address:
-            preflight_cluster(address, cpus_per_client)
+        slots = preflight_cluster(address, cpus_per_client) if address else None
         with _progress() as progress:
             task = progress.add_task("starting Flower", total=cfg.num_server_rounds)
             outcome = launcher.simulate(
                 cfg, overrides, cpus_per_client=cpus_per_client,
                 on_event=lambda event: _show(progress, task, event), timeout_s=timeout or None,
-                site=settings, ray_address=address,
+                site=settings, ray_address=address, client_slots=slots,
             )
     except FedstillError as error:
         fail(error)
@@ -232,12 +231,14 @@ def preflight(cfg: RunConfig) -> None:
     partition_rows(split, cfg, 0)
 
 
-def preflight_cluster(address: str, cpus_per_client: int) -> None:
-    """Reach the Ray cluster the clients are to run on, and say which it is, before starting Flower."""
+def preflight_cluster(address: str, cpus_per_client: int) -> int:
+    """Reach the Ray cluster the clients are to run on, and say which it is, before starting Flower; how many
+    clients it runs at once."""
     from simulations.ray_cluster import join
 
     cluster = join(address, cpus_per_client)
     console.print(f"joining {cluster.describe(cpus_per_client)}", soft_wrap=False, highlight=False)
+    return cluster.client_slots(cpus_per_client)
 
 
 def preflight_sites(cfg: RunConfig, site: dict[str, Any] | None, *, privacy: str | None = None) -> None:

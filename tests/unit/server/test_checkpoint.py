@@ -166,7 +166,8 @@ def test_mark_completed_keeps_everything_else(run_config_mapping: dict, tmp_path
 def test_config_differences_name_each_key_and_ignore_operational_ones(run_config_mapping: dict, tmp_path: Path) -> None:
     # Prepare
     cfg = config(run_config_mapping, tmp_path)
-    other = config(run_config_mapping, tmp_path, temperature=2.0, aggregation="median", resume=True, **{"round-timeout": 5.0})
+    other = config(run_config_mapping, tmp_path, temperature=2.0, aggregation="median", resume=True,
+                   **{"round-timeout": 5.0, "max-in-flight": 3})
 
     # Execute
     differences = config_differences(resumable_config(cfg), other)

@@ -13,9 +13,10 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 from common.aggregation import aggregate
 from common.audit.attestation import Attestation
-from common.messages import SoftLabelQuery, SoftLabelReply
+from common.messages import NodeTimings, SoftLabelQuery, SoftLabelReply
 from server.audit_trail import AuditTrail
-from server.exchange import MAX_PULL_INTERVAL_S, PULL_CHUNK, Phase, ask, exchange
+from server.exchange import MAX_PULL_INTERVAL_S, PULL_CHUNK, Phase, ask, exchange, pull_interval_cap
+from server.rounds import Pace, query_soft_labels
 from server.server_app import collect_and_aggregate
 
 from grid import Answer, MemoryGrid, VirtualClock
@@ -124,15 +125,22 @@ def test_the_deadline_ends_the_exchange_and_names_the_late_and_the_silent(memory
 
 def test_the_exchange_ends_when_the_last_reply_is_in(memory_grid: MemoryGridOf, virtual_time: VirtualClock) -> None:
     # Prepare
-    grid = memory_grid(lambda message: reply("good"), delay=arriving_after({1: 2.0, 2: 0.5}))
+    grid = memory_grid(lambda message: reply("good"), delay=arriving_after({1: 3.3, 2: 0.5}))
 
     # Execute
     result = exchange(grid, ask({1: RecordDict(), 2: RecordDict()}, "query.test", "1"), 900.0, parse, None,
                       Phase("test"), 1)
 
-    # Assert
+    # Assert: the last reply is noticed within the pull interval's cap for one awaited reply (a quarter second)
     assert list(result.accepted) == [2, 1]
-    assert 2.0 <= virtual_time.time < 2.0 + MAX_PULL_INTERVAL_S
+    assert 3.3 <= virtual_time.time <= 3.3 + 0.25
+
+
+@pytest.mark.parametrize(("awaited", "cap"), [(0, 0.25), (1, 0.25), (PULL_CHUNK, 0.25), (PULL_CHUNK + 1, 0.5),
+                                              (3 * PULL_CHUNK, 0.75), (1000, MAX_PULL_INTERVAL_S)])
+def test_the_pull_interval_grows_with_the_pulls_a_sweep_costs(awaited: int, cap: float) -> None:
+    # Execute / Assert: a quarter second per chunk of awaited replies (one pull each), at most a second
+    assert pull_interval_cap(awaited) == pytest.approx(cap)
 
 
 def test_replies_are_pulled_a_chunk_at_a_time(memory_grid: MemoryGridOf) -> None:
@@ -221,3 +229,40 @@ def test_a_window_wider_than_the_nodes_pushes_every_question_at_once(server_task
 
     # Assert
     assert len(result.accepted) == 3 and grid.unanswered == [3]
+
+
+def test_the_slowest_nodes_are_asked_first_and_untimed_ones_before_them(server_task: None) -> None:
+    # Prepare: nodes 1-4 took 1, 5, 3 s last round; node 4 has never been timed
+    pace = Pace({1: 1.0, 2: 5.0, 3: 3.0})
+
+    # Execute
+    order = pace.order([1, 2, 3, 4])
+
+    # Assert
+    assert order == [4, 2, 3, 1]
+
+
+def test_a_rounds_timings_order_the_next_rounds_questions(server_task: None) -> None:
+    # Prepare: each node reports how long it took (node 2 the slowest); one question at a time
+    took = {1: 1.0, 2: 4.0, 3: 2.0}
+
+    def answer(message: Message) -> Answer:
+        node = message.metadata.dst_node_id
+        query = SoftLabelQuery.from_record(message.content)
+        return SoftLabelReply(round=query.round, fingerprint=query.fingerprint, codec=query.codec,
+                              soft_labels=soft_labels(node), num_examples=10, train_loss=0.4, teacher_accuracy=-1.0,
+                              teacher_params=100, teacher_rounds=1, timings=NodeTimings(total=took[node])).to_record()
+
+    grid = MemoryGrid(answer)
+    query = SoftLabelQuery(round=1, fingerprint="ab" * 32, temperature=2.0, codec="float32", num_classes=CLASSES,
+                           sample_ids=np.arange(SAMPLES, dtype=np.int64), evaluate_teacher=False)
+    pace = Pace()
+
+    # Execute: round 1 in node order, its timings taken in, round 2 asked slowest first
+    first = query_soft_labels(grid, pace.order([1, 2, 3]), query, 30.0, window=1)
+    pace.update(first.accepted)
+    query_soft_labels(grid, pace.order([1, 2, 3]), query, 30.0, window=1)
+
+    # Assert
+    assert [m.metadata.dst_node_id for m in grid.sent] == [1, 2, 3, 2, 3, 1]
+    assert pace.seconds == took

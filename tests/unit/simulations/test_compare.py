@@ -10,8 +10,18 @@ from typing import Any
 
 import pytest
 
+from common.config import RunConfig, default_run_config
 from common.errors import ConfigError
-from simulations.compare import PER_ROUND_PLOT, UPLINK_PLOT, Method, markdown_table, parse_methods, plot_comparison, rows_of
+from simulations.compare import (
+    PER_ROUND_PLOT,
+    UPLINK_PLOT,
+    Method,
+    finished_run,
+    markdown_table,
+    parse_methods,
+    plot_comparison,
+    rows_of,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # parse_methods
@@ -313,3 +323,19 @@ def test_baselines_are_trained_once_per_folder_and_config(tmp_path: Path, monkey
     assert calls == ["local", "central", "local", "central"]
     assert stages == ["local-only", "centralised", "local-only", "centralised"]
     assert json.loads((tmp_path / compare.BASELINES).read_text())["scenario"]["dirichlet-alpha"] == 0.1
+
+
+def test_a_run_carried_out_with_another_window_or_timeout_is_the_same_run(tmp_path: Path) -> None:
+    # Prepare: a completed run whose simulation kept 3 questions in flight, with a longer round-timeout
+    cfg = RunConfig.from_run_config({**default_run_config(), "output-dir": str(tmp_path)})
+    recorded = {**cfg.to_dict(), "max-in-flight": 3, "round-timeout": 900.0}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps({"status": "completed", "scenario": recorded}))
+
+    # Execute
+    same = finished_run(tmp_path / "run", cfg)
+    other = finished_run(tmp_path / "run", RunConfig.from_run_config({**cfg.to_dict(), "temperature": 2.0}))
+
+    # Assert: how a run is carried out does not make it another run; what it computes does
+    assert same is not None and same["scenario"]["max-in-flight"] == 3
+    assert other is None and (tmp_path / "run.previous-1" / "results.json").is_file()
