@@ -84,7 +84,8 @@ def kept_local(error: DataError, paths: dict[str, str]) -> DataError:
 
 def _load_site(cfg: RunConfig, node: NodeConfig, state: RecordDict) -> Site:
     data_dir = public_dir(cfg, node)
-    split = load_split(cfg.dataset, data_dir, cfg.public_size, cfg.seed, cfg.test_size, max_seq_len=cfg.max_seq_len)
+    split = load_split(cfg.dataset, data_dir, cfg.public_size, cfg.seed, cfg.test_size, max_seq_len=cfg.max_seq_len,
+                       decoded_dir=node.state_dir and str(Path(node.state_dir).expanduser()))
     data_path = institution_data_path(cfg, node)
     if data_path is not None:
         private = _own_data(cfg, node, data_path, split)

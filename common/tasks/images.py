@@ -13,11 +13,13 @@ import functools
 import gzip
 import importlib.util
 import zlib
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from common.errors import DataError
+from common.tasks.decoded import decoded
 from common.tasks.samples import FederatedSplit, ImageSet, SplitRequest
 
 FASHION_MNIST_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -49,7 +51,7 @@ def _fashion_mnist_split(folder: str, request: SplitRequest) -> FederatedSplit:
     """The split, once per process and read-only: a simulation worker serving many nodes would otherwise copy the
     60,000 training images into public set and private pool for every message (a tenth of a ClientApp's time at
     1,000 institutions)."""
-    train, test = _load_fashion_mnist(folder)
+    train, test = _load_fashion_mnist(folder, request.decoded_dir)
     public, private = _public_and_private(request, train)
     for part in (public, private):
         part.images.setflags(write=False)
@@ -88,12 +90,15 @@ def _test_subset(request: SplitRequest, test: ImageSet) -> ImageSet:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_fashion_mnist(folder: str) -> tuple[ImageSet, ImageSet]:
-    """Read the four idx files once per process; the arrays are read-only."""
+def _load_fashion_mnist(folder: str, decoded_dir: str | None = None) -> tuple[ImageSet, ImageSet]:
+    """Read the four idx files once per process (decoded once into `decoded_dir` when given: common.tasks.decoded);
+    the arrays are read-only."""
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"Fashion-MNIST folder {folder} does not exist: {FASHION_MNIST_FIX}")
-    arrays = {key: read_idx(_find_idx(root, stem), FASHION_MNIST_FIX) for key, stem in FASHION_MNIST_FILES.items()}
+    keep = None if decoded_dir is None else Path(decoded_dir)
+    arrays = {key: decoded(_find_idx(root, stem), keep, partial(read_idx, fix=FASHION_MNIST_FIX))
+              for key, stem in FASHION_MNIST_FILES.items()}
     for part in ("train", "test"):
         if arrays[f"{part}-images"].shape[0] != arrays[f"{part}-labels"].shape[0]:
             raise DataError(

@@ -73,14 +73,15 @@ def label_names(dataset: str) -> tuple[str, ...]:
 
 
 def load_split(dataset: str, data_dir: str, public_size: int, seed: int, test_size: int = 0, *,
-               max_seq_len: int = 128) -> FederatedSplit:
+               max_seq_len: int = 128, decoded_dir: str | None = None) -> FederatedSplit:
     """Load `dataset` and split it into public transfer set, private pool and test set.
 
     The split is a seeded permutation: the first `public_size` shuffled training samples are the
     public set, the rest the private pool. `test_size` > 0 keeps a seeded subset of the test set.
     Tabular and text data sets have no separate test set: theirs is carved from the same
     permutation (`test_size`, or a fifth of the rows when 0). `data_dir` is the image files' folder;
-    `max_seq_len` is the text tasks' length in tokens.
+    `max_seq_len` is the text tasks' length in tokens; `decoded_dir`, a folder where compressed image files are
+    kept decoded for later processes (a deployed node's state folder: common.tasks.decoded).
     """
     spec = dataset_spec(dataset)
-    return spec.loader(SplitRequest(dataset, data_dir, public_size, seed, test_size, max_seq_len))
+    return spec.loader(SplitRequest(dataset, data_dir, public_size, seed, test_size, max_seq_len, decoded_dir))

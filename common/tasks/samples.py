@@ -129,6 +129,7 @@ class SplitRequest:
     seed: int
     test_size: int = 0  # 0: the whole test set, or a fifth of the rows where the data set has no test set
     max_seq_len: int = 128  # text tasks' length in tokens
+    decoded_dir: str | None = None  # where a deployed node keeps decoded copies of compressed files (tasks.decoded)
 
 
 def split_rows(n: int, public_size: int, test_size: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -3,6 +3,7 @@ folder (client/site_cache.py) until the files change; node state never holds the
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import stat
@@ -186,3 +187,25 @@ def test_after_a_query_a_deployed_nodes_state_holds_no_array(tmp_path: Path, ser
     assert not reply.has_error()
     assert not any(isinstance(record, ArrayRecord) for record in context.state.values())
     assert {p.name.split("-")[0] for p in (tmp_path / "state").iterdir()} == {"own", "teacher"}
+
+
+@pytest.mark.parametrize("deployed", [True, False], ids=["state-dir", "no-state-dir"])
+def test_a_deployed_node_keeps_the_public_files_decoded_in_its_state_folder(tmp_path: Path, deployed: bool) -> None:
+    # Prepare: a compressed Fashion-MNIST look-alike as the public files
+    public = tmp_path / "fmnist"
+    public.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train-images-idx3-ubyte", 300), ("train-labels-idx1-ubyte", 300), ("t10k-images-idx3-ubyte", 40),
+                    ("t10k-labels-idx1-ubyte", 40)):
+        write_idx(public / name, rng.integers(0, 256, size=(n, 4, 4)) if "images" in name else rng.integers(0, 10, size=n))
+        (public / f"{name}.gz").write_bytes(gzip.compress((public / name).read_bytes()))
+        (public / name).unlink()
+    cfg = digits_config(dataset="fashion-mnist", **{"data-dir": str(public), "public-size": 100, "min-partition-size": 1})
+    node = NodeConfig.from_node_config({"partition-id": 0, **({"state-dir": str(tmp_path / "state")} if deployed else {})})
+
+    # Execute
+    site = site_module.load_site(cfg, node, RecordDict())
+
+    # Assert: the four files decoded into the state folder only on a node that has one
+    assert len(site.public) == 100
+    assert len(list((tmp_path / "state").glob("decoded-*.npy"))) == (4 if deployed else 0)
