@@ -230,11 +230,8 @@ def plot_comparison(summary: dict[str, Any], folder: Path) -> None:
     runs = {label: entry for label, entry in runs.items() if "rounds" in entry}
     fig_r, ax_r = plt.subplots(figsize=(7, 4.5))
     fig_u, ax_u = plt.subplots(figsize=(7, 4.5))
-    palette, markers = plt.get_cmap("tab20"), "osD^v<>ph*"  # palette(j): tab20's j-th colour, as RGBA
     for i, (label, entry) in enumerate(runs.items()):
-        # a colour and a marker of their own for each of up to 20 methods (tab20's dark shades first); FedAvg in black
-        style: dict[str, Any] = ({"color": "black", "marker": "s"} if label == "fedavg"
-                                 else {"color": palette((2 * i + i // 10) % 20), "marker": markers[i % len(markers)]})
+        style = run_style(plt, i, label)
         rounds = entry["rounds"]
         acc = [r["student_accuracy"] for r in rounds]
         cumulative, total = [], 0.0
@@ -257,6 +254,15 @@ def plot_comparison(summary: dict[str, Any], folder: Path) -> None:
         with atomic_path(folder / name, mode=PRIVATE, suffix=".png") as tmp:
             fig.savefig(tmp, dpi=120)
         plt.close(fig)
+
+
+def run_style(plt: Any, index: int, label: str) -> dict[str, Any]:
+    """The colour and marker of the `index`-th run in a plot (`plt`: matplotlib.pyplot): its own for each of up to
+    20 methods (tab20's dark shades first, palette(j) its j-th colour as RGBA); FedAvg in black."""
+    if label == "fedavg":
+        return {"color": "black", "marker": "s"}
+    markers = "osD^v<>ph*"
+    return {"color": plt.get_cmap("tab20")((2 * index + index // 10) % 20), "marker": markers[index % len(markers)]}
 
 
 def _reference_lines(summary: dict[str, Any]) -> list[tuple[str, float, str]]:

@@ -7,8 +7,10 @@ always have; the other commands keep each path and finding on one line.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,11 +81,15 @@ def compare(
     baselines: bool = typer.Option(True, help="Also train the local-only and centralised baselines."),
     cpus_per_client: int = typer.Option(1, min=1, help="CPUs Ray reserves per simulated client."),
     site: list[str] = typer.Option([], "--site", help=SITE_HELP),
+    seeds: str = typer.Option(None, "--seeds", show_default=False, help="Run the whole comparison once per seed "
+                              "(0,1,2,3,4 or 0-4), each on its own partition, public split and initialisation, in "
+                              "<folder>/seed-<k>/; then mean ± std over seeds and the accuracy-uplink frontier at the top."),
 ) -> None:
     """Compare aggregation rules and variants with FedAvg, local-only and centralised baselines."""
     from common.config import RunConfig, default_run_config
     from simulations.compare import TABLE, parse_methods, run_comparison
     from simulations.scenarios import dataset_fit, parse_sets, resolve
+    from simulations.seeds import check_folder_kind, parse_seeds, refuse_seed_settings, run_seeds
 
     try:
         settings = parse_site(site)
@@ -91,7 +97,11 @@ def compare(
         if (warning := dataset_fit(scenario, parse_sets(set_))) is not None:
             console.print(warning, style="yellow", highlight=False)
         methods = parse_methods(rules or ([] if method else ["mean"]), method)
+        seed_list = None if seeds is None else parse_seeds(seeds)
+        if seed_list is not None:
+            refuse_seed_settings(parse_sets(set_), methods)
         folder = Path(cfg.output_dir) / f"compare-{cfg.run_name}"
+        check_folder_kind(folder, seeded=seed_list is not None)
         base = {k: v for k, v in overrides.items() if k not in ("run-name", "output-dir")}
         for variant in methods:  # each method's own privacy and rule
             try:
@@ -99,30 +109,62 @@ def compare(
             except ConfigError:
                 continue  # reported in that method's row
             preflight_sites(variant_cfg, settings)
-        preflight(cfg)
+        for seed in seed_list or [cfg.seed]:  # every seed's data splits as asked, before hours of runs
+            preflight(dataclasses.replace(cfg, seed=seed))
         console.print(f"[bold]fedstill compare[/] {cfg.scenario}: {', '.join(m.label for m in methods)}"
-                      f"{', fedavg' if fedavg_rounds else ''} -> {folder}", soft_wrap=False)
-        with _progress() as progress:
-            stages: list[TaskID] = []
-
-            def on_stage(label: str, stage_cfg: RunConfig | None) -> OnEvent:
-                if stages:  # stages run one after another: the previous one has ended
-                    _end(progress, stages[-1])
-                task = progress.add_task(label, total=stage_cfg.num_server_rounds if stage_cfg else None)
-                stages.append(task)
-                return lambda event: _show(progress, task, event, label)
-
-            summary = run_comparison(base, folder, methods, fedavg_rounds=fedavg_rounds, with_baselines=baselines,
-                                     cpus_per_client=cpus_per_client, on_stage=on_stage, site=settings)
-            if stages:
-                _end(progress, stages[-1])
+                      f"{', fedavg' if fedavg_rounds else ''}{_seeds_line(seed_list, set_, cfg)} -> {folder}",
+                      soft_wrap=False)
+        options: dict[str, Any] = {"fedavg_rounds": fedavg_rounds, "with_baselines": baselines,
+                                   "cpus_per_client": cpus_per_client, "site": settings}
+        with _progress() as progress, _stages(progress) as on_stage:
+            if seed_list is None:
+                summary = run_comparison(base, folder, methods, on_stage=on_stage, **options)
+            else:
+                summary = run_seeds(base, folder, methods, seed_list, on_stage=on_stage, **options)
     except FedstillError as error:
         fail(error)
     console.print((folder / TABLE).read_text(), markup=False, soft_wrap=False)
-    failed = [label for label, entry in {**summary["methods"], **summary["baselines"]}.items() if "error" in entry]
+    failed = compare_failures(summary)
     if failed:
         console.print(f"[red]failed[/]: {', '.join(failed)} (see {folder / 'results.json'})", soft_wrap=False)
         raise typer.Exit(code=1)
+
+
+def _seeds_line(seeds: list[int] | None, sets: list[str], cfg: RunConfig) -> str:
+    """What the start line says of a comparison over seeds, and how to resume it when its folder's name is a timestamp."""
+    from simulations.scenarios import parse_sets
+
+    if seeds is None:
+        return ""
+    resume = "" if "run-name" in parse_sets(sets) else f" (to go on after a stop: the same command with --set run-name=\"{cfg.run_name}\")"
+    return f", seeds {', '.join(map(str, seeds))}{resume}"
+
+
+@contextlib.contextmanager
+def _stages(progress: Progress) -> Iterator[Callable[[str, RunConfig | None], OnEvent]]:
+    """A comparison's `on_stage`: a progress line per stage (run or baseline), each ended as the next starts."""
+    stages: list[TaskID] = []
+
+    def on_stage(label: str, stage_cfg: RunConfig | None) -> OnEvent:
+        if stages:  # stages run one after another: the previous one has ended
+            _end(progress, stages[-1])
+        task = progress.add_task(label, total=stage_cfg.num_server_rounds if stage_cfg else None)
+        stages.append(task)
+        return lambda event: _show(progress, task, event, label)
+
+    yield on_stage
+    if stages:
+        _end(progress, stages[-1])
+
+
+def compare_failures(summary: dict[str, Any]) -> list[str]:
+    """The runs and baselines of a comparison that failed; for a comparison over seeds, each with its seeds."""
+    runs = {**summary["methods"], **summary["baselines"]}
+    if "seeds" not in summary:
+        return [label for label, entry in runs.items() if "error" in entry]
+    failed = [f"{label} (seed {', '.join(seed for seed, row in entry['per_seed'].items() if 'error' in row)})"
+              for label, entry in runs.items() if entry["seeds_completed"] < len(entry["per_seed"])]
+    return failed + [f"seed {seed}" for seed in summary["seed_errors"]]
 
 
 def privacy_sweep(
