@@ -50,7 +50,7 @@ from common.models.training import predict_probs  # noqa: E402
 from common.node_config import NodeConfig  # noqa: E402
 from common.tasks.registry import load_split  # noqa: E402
 from common.tasks.samples import FederatedSplit, public_fingerprint  # noqa: E402
-from server.distill import Student, ensemble_accuracy  # noqa: E402
+from server.distill import Student, ensemble_accuracy, target_temperature  # noqa: E402
 from server.results.run_folder import RESULTS  # noqa: E402
 from server.results.schema import RoundPhases, RoundRow  # noqa: E402
 from server.rounds import make_query  # noqa: E402
@@ -115,7 +115,8 @@ def server_round(cfg: RunConfig, split: FederatedSplit, query: SoftLabelQuery,
                              [a.num_examples for a in answers], class_counts=counts, params=params)
     kept = query.sample_ids[ensemble.keep]
     with timed(seconds, "distil"):
-        student.distil(public, kept, ensemble.probs[ensemble.keep], 1, query.temperature)
+        student.distil(public, kept, ensemble.probs[ensemble.keep], 1,
+                      target_temperature(query.codec, query.temperature))
     with timed(seconds, "evaluate"):
         accuracy = student.evaluate(split.test)["accuracy"]
         ensemble_accuracy(ensemble.probs, public.labels[query.sample_ids])

@@ -84,6 +84,13 @@ class Student:
         return evaluate(self.model, data.inputs, data.labels)
 
 
+def target_temperature(codec: str, temperature: float) -> float:
+    """The temperature the student matches the round's targets at: the query's, at which the teachers softened
+    their probabilities, but 1 for votes (codec `vote`): their shares are counts, not softened probabilities, and
+    matching one-hot rows at T > 1 with the T^2 factor only scales the gradient up (the student diverges)."""
+    return 1.0 if codec == "vote" else temperature
+
+
 def ensemble_accuracy(ensemble: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy of the aggregated soft labels against the public samples' true labels."""
     return float((ensemble.argmax(axis=1) == labels).mean())

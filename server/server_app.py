@@ -25,7 +25,7 @@ from common.tasks.registry import load_split
 from common.tasks.samples import FederatedSplit, public_fingerprint
 from server.audit_trail import AuditTrail, check_coordinator_key
 from server.checkpoint import Checkpoint
-from server.distill import Student, ensemble_accuracy
+from server.distill import Student, ensemble_accuracy, target_temperature
 from server.fedavg import run_fedavg
 from server.profile import RoundClock, peak_rss_bytes
 from server.results.figures import final_figures, round_row, run_title, student_meta
@@ -122,7 +122,8 @@ def run_distillation(grid: Grid, cfg: RunConfig, run: RunFolder, split: Federate
         kept = query.sample_ids[ensemble.keep]
         trail.aggregated(round_, cfg.aggregation, sorted(replies.accepted), ensemble.probs, len(kept))
         with clock.phase("distil"):
-            loss = student.distil(public, kept, ensemble.probs[ensemble.keep], round_, query.temperature)
+            loss = student.distil(public, kept, ensemble.probs[ensemble.keep], round_,
+                                  target_temperature(query.codec, query.temperature))
         with clock.phase("evaluate"):
             metrics = student.evaluate(test)
             ensemble_acc = ensemble_accuracy(ensemble.probs, public.labels[query.sample_ids])

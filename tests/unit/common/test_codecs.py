@@ -4,6 +4,7 @@ bytes per row, and every way a wire payload can be malformed (each a `MessageFor
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -39,7 +40,7 @@ def simplex_matrices(draw, max_classes: int = 24) -> np.ndarray:
 
 def test_codec_names() -> None:
     # Execute / Assert: common/config.py checks the run config's codec against this tuple
-    assert CODECS == ("float32", "float16", "uint8", "topk")
+    assert CODECS == ("float32", "float16", "uint8", "topk", "vote")
 
 
 @settings(max_examples=120, deadline=None)
@@ -93,7 +94,7 @@ def test_topk_keeps_the_largest_entries_and_spreads_the_rest_evenly(probs: np.nd
 @pytest.mark.parametrize("codec", CODECS)
 def test_no_rows_round_trip(codec: str) -> None:
     # Execute
-    back = decode(encode(np.zeros((0, 5), dtype=np.float32), codec, top_k=2), codec, 5, top_k=2)
+    back = decode(encode(np.zeros((0, 5), dtype=np.float32), codec, top_k=2), codec, 5, top_k=2, num_rows=0)
 
     # Assert
     assert back.shape == (0, 5) and back.dtype == np.float32
@@ -330,3 +331,87 @@ def test_topk_encoder_refuses_a_bad_k(top_k) -> None:
     # Execute / Assert
     with pytest.raises(MessageFormatError, match=r"top-k must be an integer in \[1, num-classes = 3\]"):
         encode(np.array([[0.5, 0.25, 0.25]]), "topk", top_k=top_k)
+
+
+# ---------------------------------------------------------------------------------------------------
+# vote: each row's top class, packed and zlib-compressed
+# ---------------------------------------------------------------------------------------------------
+
+
+def vote_stream(raw: bytes) -> dict[str, np.ndarray]:
+    return {"votes": np.frombuffer(zlib.compress(raw, 9), dtype=np.uint8).copy()}
+
+
+@pytest.mark.parametrize(("rows", "classes"), [(7, 2), (8, 10), (9, 16), (5, 17), (6, 300)])
+def test_votes_decode_to_one_hot_rows_on_each_rows_top_class(rows: int, classes: int) -> None:
+    # Prepare: a tie in row 0 goes to the lower class
+    probs = make_probs(rows, classes)
+    probs[0] = 0.0
+    probs[0, [classes - 1, 0]] = 0.5
+
+    # Execute
+    back = decode(encode(probs, "vote"), "vote", classes, num_rows=rows)
+
+    # Assert
+    assert back.dtype == np.float32 and back.shape == (rows, classes)
+    np.testing.assert_array_equal(back.argmax(axis=1), probs.argmax(axis=1))
+    assert back[0, 0] == 1.0 and (back.sum(axis=1) == 1.0).all() and set(np.unique(back)) <= {0.0, 1.0}
+
+
+@given(probs=simplex_matrices())
+@settings(max_examples=80, deadline=None)
+def test_any_rows_vote_for_their_largest_entry(probs: np.ndarray) -> None:
+    # Execute
+    back = decode(encode(probs, "vote"), "vote", probs.shape[1], num_rows=len(probs))
+
+    # Assert
+    np.testing.assert_array_equal(back.argmax(axis=1), probs.astype(np.float64).argmax(axis=1))
+
+
+def test_ten_thousand_votes_cost_at_most_half_a_byte_each_and_less_when_skewed() -> None:
+    # Prepare: votes spread over 10 classes, and a teacher that has seen two
+    rng = np.random.default_rng(0)
+    spread = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 10_000)]
+    skewed = np.eye(10, dtype=np.float32)[rng.choice([3, 7], 10_000, p=[0.9, 0.1])]
+
+    # Execute
+    sizes = [encode(probs, "vote")["votes"].nbytes for probs in (spread, skewed)]
+
+    # Assert: about the votes' entropy (log2 10 = 3.3 bits; 0.47 bits for the skewed teacher)
+    assert sizes[0] <= 5_000 and sizes[1] <= 1_000
+
+
+@pytest.mark.parametrize(("arrays", "rows", "match"), [
+    (vote_stream(bytes([0x12, 0x30])), 6, "expected exactly 3"),  # 2 bytes hold 4 votes, not 6
+    (vote_stream(bytes([0x12])), 4, "holds 1 bytes"),
+    (vote_stream(bytes([0x12, 0x34, 0x56])), 4, r"holds 3\+ bytes"),
+    (vote_stream(bytes([0x12, 0x31])), 3, "padding nibble"),
+    (vote_stream(bytes([0x1C, 0x00])), 4, "1 votes name a class >= num-classes 10"),
+    ({"votes": np.frombuffer(b"not zlib at all", dtype=np.uint8).copy()}, 4, "does not inflate"),
+    ({"votes": np.frombuffer(zlib.compress(bytes([0x12, 0x30]))[:-3], dtype=np.uint8).copy()}, 4, "does not end"),
+    ({"votes": np.frombuffer(zlib.compress(bytes([0x12, 0x30])) + b"x", dtype=np.uint8).copy()}, 4, "expected exactly"),
+    ({"votes": np.zeros((2, 2), dtype=np.uint8)}, 4, "one uint8 byte stream"),
+    ({"votes": np.zeros(4, dtype=np.float32)}, 4, "one uint8 byte stream"),
+    ({"quanta": np.zeros((4, 10), dtype=np.uint8)}, 4, r"sends arrays \['votes'\]"),
+])
+def test_a_bad_vote_stream_is_a_message_format_error(arrays: dict[str, np.ndarray], rows: int, match: str) -> None:
+    # Execute / Assert
+    with pytest.raises(MessageFormatError, match=match):
+        decode(arrays, "vote", 10, num_rows=rows)
+
+
+def test_a_stream_that_inflates_far_beyond_its_rows_stops_at_them() -> None:
+    # Prepare: 64 MB of zeros, compressed to about 64 kB, sent for 10 rows
+    bomb = {"votes": np.frombuffer(zlib.compress(bytes(64 << 20), 9), dtype=np.uint8).copy()}
+
+    # Execute / Assert: refused without inflating the rest
+    with pytest.raises(MessageFormatError, match=r"holds 6\+ bytes"):
+        decode(bomb, "vote", 10, num_rows=10)
+
+
+def test_votes_need_the_queried_row_count_and_carry_at_most_65536_classes() -> None:
+    # Execute / Assert
+    with pytest.raises(MessageFormatError, match="needs the number of rows"):
+        decode(encode(make_probs(4, 10), "vote"), "vote", 10)
+    with pytest.raises(MessageFormatError, match="at most 65536 classes, got 70000; use topk"):
+        encode(np.full((1, 70_000), 1 / 70_000, dtype=np.float32), "vote")

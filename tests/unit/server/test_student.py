@@ -16,7 +16,7 @@ from common.models.inputs import images_to_tensor
 from common.models.registry import head_parameters
 from common.tasks.registry import load_split
 from common.tasks.samples import FederatedSplit
-from server.distill import Student, ensemble_accuracy
+from server.distill import Student, ensemble_accuracy, target_temperature
 
 TEMPERATURE = 2.0
 
@@ -192,3 +192,30 @@ def test_ensemble_accuracy_bounds(labels: list[int], expected: float) -> None:
 
     # Assert
     assert result == expected
+
+
+def test_votes_are_matched_at_temperature_one_and_soft_labels_at_the_querys() -> None:
+    # Execute / Assert
+    assert target_temperature("vote", 3.0) == 1.0
+    assert [target_temperature(codec, 3.0) for codec in ("float32", "float16", "uint8", "topk")] == [3.0] * 4
+
+
+def test_a_student_learns_from_three_teachers_votes(split: FederatedSplit) -> None:
+    # Prepare: three teachers each right on 60 % of the public samples, their votes' shares as targets
+    rng = np.random.default_rng(0)
+    labels = split.public.labels
+    votes = np.where(rng.random((3, len(labels))) < 0.6, labels[None, :], rng.integers(0, 10, (3, len(labels))))
+    shares = sum(np.eye(10, dtype=np.float32)[v] for v in votes) / 3
+    student = Student(make_cfg(), num_classes=10, input_shape=(8, 8))
+
+    # Execute
+    for round_ in (1, 2):
+        student.distil(split.public, np.arange(len(labels)), shares, round_, target_temperature("vote", 3.0))
+
+    # Assert: well above chance on the public samples' true labels
+    assert ensemble_accuracy(student_probs(student, split.public.images), labels) > 0.6
+
+
+def student_probs(student: Student, images: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return torch.softmax(student.model(images_to_tensor(images)), dim=1).numpy()

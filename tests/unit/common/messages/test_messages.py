@@ -352,13 +352,16 @@ def wire_replies(draw) -> tuple[dict[str, np.ndarray], str, int]:
         arrays = encode((weights / weights.sum(axis=1, keepdims=True)).astype(np.float32), codec, top_k)
         if kind == "altered":
             name = draw(st.sampled_from(sorted(arrays)))
-            where = draw(st.tuples(st.integers(0, 2), st.integers(0, arrays[name].shape[1] - 1)))
-            values = st.integers(0, 255) if name in ("quanta", "indices") else st.floats(width=16)
-            arrays[name][where] = draw(values)
+            array = arrays[name]
+            where = (draw(st.integers(0, array.size - 1)) if array.ndim == 1  # vote's byte stream
+                     else draw(st.tuples(st.integers(0, 2), st.integers(0, array.shape[1] - 1))))
+            values = st.integers(0, 255) if name in ("quanta", "indices", "votes") else st.floats(width=16)
+            array[where] = draw(values)
         return arrays, codec, top_k
     if kind == "junk":
-        return {name: draw(hnp.arrays(dtype, (3, width))) for name, (dtype, width) in schema.items()}, codec, top_k
-    names = draw(st.lists(st.sampled_from(["probs", "quanta", "values", "indices"]), max_size=3, unique=True))
+        return {name: draw(hnp.arrays(dtype, (3, width) if width else (draw(st.integers(0, 16)),)))
+                for name, (dtype, width) in schema.items()}, codec, top_k
+    names = draw(st.lists(st.sampled_from(["probs", "quanta", "values", "indices", "votes"]), max_size=3, unique=True))
     dtypes = st.sampled_from([np.float16, np.float32, np.float64, np.uint8, np.uint16, np.int64])
     shapes = st.sampled_from([(3, 4), (3, top_k), (2, 4), (3, 5), (12,), ()])
     return {name: draw(hnp.arrays(draw(dtypes), draw(shapes))) for name in names}, codec, top_k
@@ -536,7 +539,7 @@ def put_ids(ids: np.ndarray) -> Callable[[RecordDict], None]:
         pytest.param(put("query", "temperature", 0.0), r"query: temperature must be > 0.*got 0.0, 'float16', 10", id="temperature-0"),
         pytest.param(put("query", "temperature", -1.0), r"query: temperature must be > 0", id="temperature-negative"),
         pytest.param(
-            put("query", "codec", "int8"), r"codec one of \['float32', 'float16', 'uint8', 'topk'\].*got 3.0, 'int8', 10",
+            put("query", "codec", "int8"), r"codec one of \['float32', 'float16', 'uint8', 'topk', 'vote'\].*got 3.0, 'int8', 10",
             id="codec",
         ),
         pytest.param(drop("query", "top-k"), r"query: missing key 'top-k'", id="no-top-k"),
@@ -571,7 +574,8 @@ def test_nan_temperature_is_rejected() -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-BYTES_PER_ROW = {"float32": 4 * C, "float16": 2 * C, "uint8": C, "topk": 3}  # the codecs module's table, k = 1
+# the codecs module's table, k = 1; vote: zlib-compressed votes, uniform over C classes here (log2 C bits a row)
+BYTES_PER_ROW = {"float32": 4 * C, "float16": 2 * C, "uint8": C, "topk": 3, "vote": 0.4}
 
 
 @pytest.mark.parametrize("codec", CODECS)
