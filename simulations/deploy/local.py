@@ -49,6 +49,7 @@ from simulations.deploy.certs import (
 )
 from simulations.deploy.coordinator import Control, DeployError
 from simulations.deploy.federation_nodes import register_node
+from simulations.deploy.superlink_check import serverapp_environment
 from simulations.launcher import OFFLINE_ENV, PROJECT_DIR, free_ports
 from simulations.scenarios import to_toml
 
@@ -194,7 +195,7 @@ class LocalFederation:
             "--database", str(self.work / "superlink.db"), "--disable-runtime-dependency-installation",
         ]
         passphrase = (self.coordinator / "passphrase").read_text(encoding="utf-8").strip()
-        env = {**self.env(self.home), PASSPHRASE_ENV: passphrase}  # its ServerApps sign the ledger; nodes never see it
+        env = serverapp_environment({**self.env(self.home), PASSPHRASE_ENV: passphrase})  # nodes never see the passphrase
         self.superlink = _spawn(command, self.work / "superlink.log", env, self.work)
         self.started.append(self.superlink)
         wait_for_port(self.superlink_port, self.superlink, self.work / "superlink.log")

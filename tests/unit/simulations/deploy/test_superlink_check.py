@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from common.audit.keys import PASSPHRASE_ENV, Signer, write_key_pair
 from common.errors import ConfigError
 from simulations.deploy.certs import CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, make_ca, make_server_cert, write_pem
-from simulations.deploy.superlink_check import check_superlink
+from simulations.deploy.superlink_check import check_superlink, serverapp_environment
 
 
 def free_port() -> int:
@@ -191,3 +191,10 @@ def test_the_superlink_starts_with_an_owner_only_umask_and_this_environments_flo
     assert mask == 0o077
     assert args[args.index("--database") + 1] == str(database) and "--enable-supernode-auth" in args
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)  # where flower-superexec is
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"  # its ServerApps' OpenMP threads sleep at barriers
+
+
+def test_a_wait_policy_the_coordinator_set_is_kept() -> None:
+    # Execute / Assert
+    assert serverapp_environment({"OMP_WAIT_POLICY": "ACTIVE", "A": "1"}) == {"OMP_WAIT_POLICY": "ACTIVE", "A": "1"}
+    assert serverapp_environment({"A": "1"}) == {"OMP_WAIT_POLICY": "PASSIVE", "A": "1"}
