@@ -22,9 +22,10 @@ from flwr.common.logger import log
 
 from client.node_state import cached_partition, forget_cached_data, keep_partition
 from client.release import site_folder, state_folder
-from client.site_cache import cache_key, files_stamp, keep_cached, read_cached
+from client.site_cache import cache_key, keep_cached, read_cached
 from common.config import RunConfig
 from common.errors import DataError
+from common.files import files_stamp
 from common.node_config import NodeConfig
 from common.tasks.institution_files import label_space, load_institution_data
 from common.tasks.partition import partition_rows

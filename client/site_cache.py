@@ -7,7 +7,7 @@ node state sent them to every ClientApp process and back. So after reading and c
 config `state-dir`, else the institution's own folder), owner-only: 0600 in a folder made 0700.
 
 The cache is keyed by everything the check depended on: the scenario's data set and label space (classes,
-names, image size), the data path, and the stamp of its files (`files_stamp`: each file's name, size,
+names, image size), the data path, and the stamp of its files (`common.files.files_stamp`: each file's name, size,
 modification and change times and inode). Any change to the files changes the stamp, so they are read and
 checked again; a cache of another key, or one that does not hold what a check would have let through, is
 never used. Writing a new cache removes the node's older ones: no stale copy of the data stays behind.
@@ -31,18 +31,6 @@ from common.tasks.samples import ImageSet
 
 HEADER_KEY = "fedstill-own-data"
 FORMAT = 1
-
-
-def files_stamp(path: Path) -> str:
-    """A digest of the names, sizes, modification and change times and inodes of the files under `path`: it
-    changes when any of them is written, replaced, added or removed (the change time also moves when a
-    modification time is set back)."""
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
-    for file in files:
-        stat = file.stat()
-        digest.update(f"{file}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}\n".encode())
-    return digest.hexdigest()
 
 
 def cache_key(space: LabelSpace, data_path: Path, stamp: str) -> str:

@@ -24,6 +24,7 @@ older version left looser), in folders made by `private_folder` (0700):
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 import uuid
@@ -156,3 +157,15 @@ def _fsync(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def files_stamp(path: Path) -> str:
+    """A digest of the names, sizes, modification and change times and inodes of the files under `path`: it
+    changes when any of them is written, replaced, added or removed (the change time also moves when a
+    modification time is set back)."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    for file in files:
+        info = file.stat()
+        digest.update(f"{file}|{info.st_size}|{info.st_mtime_ns}|{info.st_ctime_ns}|{info.st_ino}\n".encode())
+    return digest.hexdigest()

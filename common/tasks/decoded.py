@@ -12,14 +12,13 @@ copy held, the public set's fingerprint is computed from the arrays and checked 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from common.files import PRIVATE, atomic_path, private_folder
+from common.files import PRIVATE, atomic_path, files_stamp, private_folder
 
 LOG = logging.getLogger(__name__)
 
@@ -29,7 +28,7 @@ def decoded(path: Path, folder: Path | None, read: Callable[[Path], np.ndarray])
     compressed file read without a copy leaves one there. No folder, or a file that is not gzip: `read(path)`."""
     if folder is None or path.suffix != ".gz":
         return read(path)
-    copy = folder / f"decoded-{path.stem}-{_stamp(path)}.npy"
+    copy = folder / f"decoded-{path.stem}-{files_stamp(path.resolve())[:16]}.npy"
     kept = _kept(copy)
     if kept is not None:
         return kept
@@ -45,12 +44,6 @@ def decoded(path: Path, folder: Path | None, read: Callable[[Path], np.ndarray])
         LOG.warning("cannot keep a decoded copy of %s in %s (%s): it is decompressed for every message", path.name,
                     folder, error)
     return array
-
-
-def _stamp(path: Path) -> str:
-    stat = path.stat()
-    text = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _kept(copy: Path) -> np.ndarray | None:

@@ -16,9 +16,10 @@ from flwr.app import ArrayRecord, RecordDict
 from safetensors.numpy import save_file
 
 import client.site as site_module
-from client.site_cache import HEADER_KEY, cache_key, files_stamp
+from client.site_cache import HEADER_KEY, cache_key
 from common.config import RunConfig, default_run_config
 from common.errors import DataError
+from common.files import files_stamp
 from common.node_config import NodeConfig
 from common.tasks.images import write_idx
 from common.tasks.institution_files import LabelSpace
