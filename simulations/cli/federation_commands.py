@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from simulations.deploy.deployed_config import DeployedConfig
     from simulations.deploy.federation_nodes import NodeEntry
 
-POLL_S = 2.0  # between two `flwr list` polls of a running run
+POLL_S = 2.0  # between two looks at a running run's progress file; `flwr list` polls back off from it (Control.wait)
 FORMATS = ("table", "json")
 
 
@@ -207,14 +207,15 @@ def _follow(control: Control, deployed: DeployedConfig, run_id: str, timeout: fl
     follower = ProgressFollower(run_dir / PROGRESS)
     ended: list[dict[str, Any]] = []
 
-    def show() -> None:
+    def show() -> bool:
         for event in follower.new_events():
             _show_event(event, deployed.cfg.num_server_rounds)
             if event.get("event") == "finished":
                 ended.append(event)
+        return bool(ended)
 
     try:
-        status = control.wait(run_id, timeout or None, poll_s=POLL_S, on_poll=show)
+        status = control.wait(run_id, timeout or None, poll_s=POLL_S, on_poll=show, between=show)
         outcome = control.outcome(run_id, status, ended[-1].get("error") if ended else None)
     except KeyboardInterrupt:
         console.print(f"the run goes on; stop it with `flwr stop {run_id} {escape(control.federation)}`")

@@ -27,6 +27,7 @@ from simulations.launcher import OFFLINE_ENV, PROJECT_DIR, cli_error_in, run_id_
 FlwrCli = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]  # runs `flwr ARGS`, output captured as text
 FINISHED = "finished"
 COMPLETED, FAILED, STOPPED = "finished:completed", "finished:failed", "finished:stopped"
+MAX_POLL_S = 15.0  # the longest gap between two `flwr list` polls of a running run (Control.wait)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 LOG_RECORD = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s")
 MODULE_PREFIX = re.compile(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*(?::|$))")
@@ -102,12 +103,19 @@ class Control:
         out = self.flwr(["list", self.federation, "--run-id", run_id, "--format", "json"])
         return parse_run_status(out.stdout, run_id, self.federation)
 
-    def wait(self, run_id: str, timeout_s: float | None, *, poll_s: float = 2.0, misses: int | None = 5,
-             on_poll: Callable[[], None] | None = None, sleep: Callable[[float], None] = time.sleep) -> RunStatus:
+    def wait(self, run_id: str, timeout_s: float | None, *, poll_s: float = 2.0, max_poll_s: float = MAX_POLL_S,
+             misses: int | None = 5, on_poll: Callable[[], object] | None = None,
+             between: Callable[[], bool] | None = None, sleep: Callable[[float], None] = time.sleep) -> RunStatus:
         """Poll the run's status until it finishes; `misses` unanswered polls in a row (None: any number) and a
-        passed `timeout_s` (None: none) raise DeployError. `on_poll` runs after each poll (progress, checks)."""
+        passed `timeout_s` (None: none) raise DeployError. `on_poll` runs after each poll (progress, checks).
+
+        Each poll is a `flwr list`, a Python process of its own that costs about a CPU-second, so the polls back
+        off from `poll_s` to `max_poll_s` apart (x1.5 each). `between` runs every `poll_s` in the meantime (a
+        cheap local look: new lines of the run's progress file) and returns True when it sees the run end there:
+        the status is then asked at once."""
         deadline = time.monotonic() + timeout_s if timeout_s else None
         missed = 0
+        interval = poll_s
         while True:
             try:
                 status = self.status(run_id)
@@ -124,7 +132,11 @@ class Control:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeployError(f"run {run_id} did not finish within {timeout_s:.0f} s; it goes on: follow it with "
                                   f"`flwr log {run_id} {self.federation}`, stop it with `flwr stop {run_id} {self.federation}`")
-            sleep(poll_s)
+            for _ in range(max(1, round(interval / poll_s)) if poll_s > 0 else 1):
+                sleep(poll_s)
+                if (between is not None and between()) or (deadline is not None and time.monotonic() >= deadline):
+                    break
+            interval = min(max(max_poll_s, poll_s), interval * 1.5)
 
     def serverapp_log(self, run_id: str) -> str:
         """The ServerApp's log as the SuperLink keeps it (`flwr log ID FED --show`)."""

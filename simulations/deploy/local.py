@@ -35,6 +35,7 @@ from client.release import PEERS_FILE
 from common.audit.keys import PASSPHRASE_ENV, Signer, private_key_path, write_allow_list, write_key_pair
 from common.audit.kinds import COORDINATOR
 from common.files import atomic_write_text
+from server.results.run_folder import PROGRESS
 from simulations.deploy.approved_apps import ApprovedApps, app_fab, fab_hash
 from simulations.deploy.certs import (
     CA_CERT,
@@ -47,7 +48,7 @@ from simulations.deploy.certs import (
     write_node_key,
     write_pem,
 )
-from simulations.deploy.coordinator import Control, DeployError
+from simulations.deploy.coordinator import Control, DeployError, ProgressFollower
 from simulations.deploy.federation_nodes import register_node
 from simulations.deploy.superlink_check import serverapp_environment
 from simulations.launcher import OFFLINE_ENV, PROJECT_DIR, free_ports
@@ -285,16 +286,28 @@ class LocalFederation:
         except DeployError:
             return None
 
-    def wait(self, run_id: str, timeout_s: float = 900.0, poll_s: float = 2.0) -> str:
+    def wait(self, run_id: str, timeout_s: float = 900.0, poll_s: float = 2.0, progress: Path | None = None) -> str:
+        """Wait for the run to finish; `progress`, its progress file, tells its end at once (Control.wait's
+        `between`): `flwr list` is asked only now and then."""
+        follower = ProgressFollower(progress) if progress else None
+
         def superlink_alive() -> None:
             if self.superlink and self.superlink.poll() is not None:
                 raise DeployError(f"the SuperLink exited: {_tail(self.work / 'superlink.log')}")
 
-        return self.control.wait(run_id, timeout_s, poll_s=poll_s, misses=None, on_poll=superlink_alive).status
+        def ended_here() -> bool:
+            superlink_alive()
+            return follower is not None and any(e.get("event") == "finished" for e in follower.new_events())
+
+        return self.control.wait(run_id, timeout_s, poll_s=poll_s, misses=None, on_poll=superlink_alive,
+                                 between=ended_here).status
 
     def run(self, overrides: dict[str, Any], timeout_s: float = 900.0, app: Path | None = None) -> tuple[str, str]:
+        """Submit and wait; a run whose `output-dir` and `run-name` are given is followed in its progress file."""
         run_id = self.submit(overrides, app)
-        return run_id, self.wait(run_id, timeout_s)
+        named = "output-dir" in overrides and "run-name" in overrides
+        progress = Path(overrides["output-dir"]).expanduser().resolve() / overrides["run-name"] / PROGRESS if named else None
+        return run_id, self.wait(run_id, timeout_s, progress=progress)
 
     def serverapp_pids(self) -> list[int]:
         """The ServerApp processes the SuperLink runs (its `flwr-serverapp` children)."""

@@ -98,6 +98,38 @@ def test_wait_polls_until_the_run_completes() -> None:
     assert flwr.calls[0] == ["list", "remote", "--run-id", "4242", "--format", "json"]
 
 
+def test_the_polls_back_off_to_the_longest_gap_between_two_flwr_list() -> None:
+    # Prepare: each `flwr list` starts a Python process (about a CPU-second): 7 polls of a long run
+    running = [(0, listing("running"))] * 6
+    flwr = ScriptedFlwr(list=[*running, (0, listing("finished:completed"))])
+    slept: list[float] = []
+    looks: list[int] = []
+
+    # Execute
+    Control("remote", flwr).wait("4242", None, poll_s=2.0, max_poll_s=6.0, sleep=slept.append,
+                                 between=lambda: bool(looks.append(1)))
+
+    # Assert: the gaps grow 2, 3, 4.5, 6 (at most), looked at locally every 2 s
+    assert len(flwr.calls) == 7
+    assert slept == [2.0] * len(slept) and len(looks) == len(slept)
+    assert len(slept) == 1 + 2 + 2 + 3 + 3 + 3  # round(gap / 2 s) looks per gap: 2, 3, 4.5, 6, 6, 6 s
+
+
+def test_a_run_seen_ending_in_its_progress_file_is_asked_about_at_once() -> None:
+    # Prepare: the progress file shows the end at the fourth local look, the first of the third gap (4.5 s: 2 looks)
+    flwr = ScriptedFlwr(list=[(0, listing("running"))] * 3 + [(0, listing("finished:completed"))])
+    slept: list[float] = []
+    looks = iter([False, False, False, True])
+
+    # Execute
+    status = Control("remote", flwr).wait("4242", None, poll_s=2.0, max_poll_s=60.0, sleep=slept.append,
+                                          between=lambda: next(looks))
+
+    # Assert: Flower asked right after that look, not at the end of the gap
+    assert status.status == "finished:completed"
+    assert slept == [2.0] * 4 and len(flwr.calls) == 4
+
+
 def test_a_failed_run_reports_the_serverapps_own_error_from_its_log() -> None:
     # Prepare
     flwr = ScriptedFlwr(list=[(0, listing("running")),
