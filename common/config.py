@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 from common.aggregation import NEEDS_INDIVIDUAL_ROWS, RULES
 from common.codecs import CODECS
 from common.errors import ConfigError
+from common.models.augment import AUGMENTATIONS
 from common.models.registry import MODELS, models_for, unknown_model
 from common.secagg.protocol import majority_threshold
 from common.tasks.registry import DATASETS as DATASET_SPECS
@@ -61,6 +62,7 @@ class RunConfig:
     student_lr: float
     student_batch_size: int
     student_precision: str
+    student_augment: str
     ce_weight: float
     labelled_size: int
     codec: str
@@ -161,6 +163,11 @@ class RunConfig:
              "teacher-batch-size and student-batch-size must be >= 1"),
             (self.student_precision in PRECISIONS,
              f"student-precision must be one of {PRECISIONS}, got {self.student_precision!r}"),
+            (self.student_augment in AUGMENTATIONS,
+             f"student-augment must be one of {', '.join(AUGMENTATIONS)}, got {self.student_augment!r}"),
+            (self.student_augment == "none" or self.dataset not in DATASETS or dataset_task(self.dataset) == "image",
+             f"student-augment {self.student_augment!r} shifts and mirrors images, and dataset {self.dataset!r} is a "
+             f"{dataset_task(self.dataset) if self.dataset in DATASETS else ''} task: use student-augment = \"none\""),
             (0.0 <= self.ce_weight <= 1.0, f"ce-weight must be in [0, 1], got {self.ce_weight}"),
             (0 <= self.labelled_size <= self.public_size,
              f"labelled-size must be in [0, public-size={self.public_size}], got {self.labelled_size}"),

@@ -7,6 +7,7 @@ import torch
 
 from common.config import RunConfig
 from common.losses import distillation_loss
+from common.models.augment import augment_images
 from common.models.inputs import inputs_to_tensor
 from common.models.registry import build_model, count_parameters, head_parameters, lr_of
 from common.models.training import accuracy, evaluate, train_epochs
@@ -32,7 +33,8 @@ class Student:
 
         Two-stage when `student-head-epochs` > 0: the head alone first (the body frozen), then every
         layer for `student-epochs`. The first `labelled-size` public samples count as labelled for the
-        optional CE term.
+        optional CE term. With `student-augment` each batch is a fresh random view of its images, under the
+        teachers' labels of the originals.
         ensemble  # (len(sample_ids), C) float32, rows on the simplex, made at `temperature`
         """
         cfg = self.cfg
@@ -41,9 +43,11 @@ class Student:
         labels = torch.from_numpy(public.labels[sample_ids].astype(np.int64))
         labelled = torch.from_numpy(sample_ids < cfg.labelled_size)
 
+        views = torch.Generator().manual_seed(cfg.seed + round_ + 20_000)  # student-augment's draws, per round
+
         def batch_loss(idx: np.ndarray) -> torch.Tensor:
             with self.autocast():
-                logits = self.model(x[idx])
+                logits = self.model(augment_images(x[idx], cfg.student_augment, views))
             return distillation_loss(
                 logits.float(), targets[idx], temperature,
                 labels=labels[idx], labelled=labelled[idx], ce_weight=cfg.ce_weight,
