@@ -130,6 +130,7 @@ def summarise(done: dict[int, dict[str, Any]], seeds: list[int]) -> dict[str, An
         "scenario": scenario, "seeds": list(seeds), "seeds_run": list(done),
         "seed_errors": {str(seed): s["error"] for seed, s in done.items() if "error" in s},
         "methods": methods, "baselines": baselines, **frontier_of({**methods, **_only(baselines, FEDAVG)}),
+        "round_frontier": round_frontier({**methods, **_only(baselines, FEDAVG)}),
     }
 
 
@@ -179,6 +180,23 @@ def frontier_of(points: dict[str, dict[str, Any]]) -> dict[str, Any]:
         versus = {label: {"uplink_ratio": up / uplink if uplink else None, "accuracy_points": 100.0 * (acc - accuracy)}
                   for label, (up, acc) in placed.items()}
     return {"frontier": frontier(placed), "versus_fedavg": versus}
+
+
+def round_frontier(points: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The frontier over every round of the federated runs, not only their last: each run after round r (mean
+    accuracy and mean cumulative uplink per institution over the seeds, only rounds every completed seed reached)
+    is what stopping it there gives. Sorted by uplink: [{"run", "round", "uplink_per_institution_mean",
+    "accuracy_mean"}]."""
+    placed: dict[str, tuple[float, float]] = {}
+    where: dict[str, tuple[str, int]] = {}
+    for label, entry in points.items():
+        for row in entry.get("per_round", []):
+            if row["seeds"] == entry["seeds_completed"] and row["accuracy_mean"] is not None:
+                key = f"{label}@{row['round']}"
+                placed[key] = (row["uplink_per_institution_mean"], row["accuracy_mean"])
+                where[key] = (label, row["round"])
+    return [{"run": where[key][0], "round": where[key][1], "uplink_per_institution_mean": placed[key][0],
+             "accuracy_mean": placed[key][1]} for key in frontier(placed)]
 
 
 def frontier(points: dict[str, tuple[float, float]]) -> list[str]:

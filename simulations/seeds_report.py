@@ -73,6 +73,14 @@ def frontier_text(summary: dict[str, Any]) -> str:
     if dominated:
         lines += ["", f"dominated (another run has as much accuracy or more for as little uplink or less): "
                       f"{', '.join(dominated)}"]
+    by_round = summary.get("round_frontier") or []
+    if by_round:
+        lines += ["", "### Frontier over every round", "",
+                  "Each run after each of its rounds (what stopping it there gives, exactly so when its settings do not "
+                  "depend on the number of rounds), the points no other dominates:", "",
+                  "| run | after round | uplink per institution, total | student test accuracy |", "|---|---:|---:|---:|"]
+        lines += [f"| {point['run']} | {point['round']} | {_mb(point['uplink_per_institution_mean'])} | "
+                  f"{point['accuracy_mean']:.4f} |" for point in by_round]
     return "\n".join(lines) + "\n"
 
 

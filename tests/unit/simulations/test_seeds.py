@@ -277,6 +277,17 @@ def test_the_summary_places_each_run_against_fedavg() -> None:
     assert set(summary["versus_fedavg"]) == {"mean", "fedavg"}  # the baselines have no uplink
 
 
+def test_the_frontier_over_every_round_keeps_early_rounds_that_no_final_point_beats() -> None:
+    # Execute: mean after round 1: 0.45 for 1 MB, after round 2: 0.65 for 2.1 MB; FedAvg's one round 0.55 for 9 MB
+    summary = summarise(two_seeds(), [0, 1])
+
+    # Assert: mean's first round is a point of its own; FedAvg is beaten by mean's second
+    assert summary["round_frontier"] == [
+        {"run": "mean", "round": 1, "uplink_per_institution_mean": pytest.approx(1_000_000), "accuracy_mean": pytest.approx(0.45)},
+        {"run": "mean", "round": 2, "uplink_per_institution_mean": pytest.approx(2_100_000), "accuracy_mean": pytest.approx(0.65)},
+    ]
+
+
 def test_without_fedavg_there_is_no_comparison_with_it() -> None:
     # Prepare
     done = two_seeds()

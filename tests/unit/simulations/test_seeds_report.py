@@ -38,7 +38,12 @@ def test_the_table_of_two_seeds() -> None:
         "## Frontier: mean accuracy against mean cumulative uplink per institution\n\n"
         "| method | uplink per institution, total | student test accuracy |\n|---|---:|---:|\n"
         "| mean | 2.100 MB | 0.6500 |\n\n"
-        "dominated (another run has as much accuracy or more for as little uplink or less): fedavg\n"
+        "dominated (another run has as much accuracy or more for as little uplink or less): fedavg\n\n"
+        "### Frontier over every round\n\n"
+        "Each run after each of its rounds (what stopping it there gives, exactly so when its settings do not depend on "
+        "the number of rounds), the points no other dominates:\n\n"
+        "| run | after round | uplink per institution, total | student test accuracy |\n|---|---:|---:|---:|\n"
+        "| mean | 1 | 1.000 MB | 0.4500 |\n| mean | 2 | 2.100 MB | 0.6500 |\n"
     )
 
 
