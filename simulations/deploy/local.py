@@ -290,6 +290,7 @@ class LocalFederation:
         """Wait for the run to finish; `progress`, its progress file, tells its end at once (Control.wait's
         `between`): `flwr list` is asked only now and then."""
         follower = ProgressFollower(progress) if progress else None
+        ended: list[bool] = []  # seen in the progress file: stays seen until Flower agrees
 
         def superlink_alive() -> None:
             if self.superlink and self.superlink.poll() is not None:
@@ -297,7 +298,9 @@ class LocalFederation:
 
         def ended_here() -> bool:
             superlink_alive()
-            return follower is not None and any(e.get("event") == "finished" for e in follower.new_events())
+            if follower is not None and any(e.get("event") == "finished" for e in follower.new_events()):
+                ended.append(True)
+            return bool(ended)
 
         return self.control.wait(run_id, timeout_s, poll_s=poll_s, misses=None, on_poll=superlink_alive,
                                  between=ended_here).status
