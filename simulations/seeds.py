@@ -9,7 +9,7 @@ import re
 import statistics
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from common.config import RunConfig
 from common.errors import ConfigError, FedstillError
@@ -17,6 +17,8 @@ from common.files import PRIVATE, atomic_write_text, private_folder
 from server.results.run_folder import write_json
 from simulations.compare import TABLE, Method, rows_of, run_comparison
 from simulations.seeds_report import plot_seeds, seeds_table
+
+K = TypeVar("K")  # what `frontier` places: a run's label, or (label, round)
 
 SUMMARY = "results.json"  # the across-seed summary, at the comparison folder's top (each seed's own is in seed-<k>/)
 FEDAVG = "fedavg"
@@ -187,19 +189,14 @@ def round_frontier(points: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     accuracy and mean cumulative uplink per institution over the seeds, only rounds every completed seed reached)
     is what stopping it there gives. Sorted by uplink: [{"run", "round", "uplink_per_institution_mean",
     "accuracy_mean"}]."""
-    placed: dict[str, tuple[float, float]] = {}
-    where: dict[str, tuple[str, int]] = {}
-    for label, entry in points.items():
-        for row in entry.get("per_round", []):
-            if row["seeds"] == entry["seeds_completed"] and row["accuracy_mean"] is not None:
-                key = f"{label}@{row['round']}"
-                placed[key] = (row["uplink_per_institution_mean"], row["accuracy_mean"])
-                where[key] = (label, row["round"])
-    return [{"run": where[key][0], "round": where[key][1], "uplink_per_institution_mean": placed[key][0],
-             "accuracy_mean": placed[key][1]} for key in frontier(placed)]
+    placed = {(label, row["round"]): (row["uplink_per_institution_mean"], row["accuracy_mean"])
+              for label, entry in points.items() for row in entry.get("per_round", [])
+              if row["seeds"] == entry["seeds_completed"] and row["accuracy_mean"] is not None}
+    return [{"run": label, "round": round_, "uplink_per_institution_mean": placed[label, round_][0],
+             "accuracy_mean": placed[label, round_][1]} for label, round_ in frontier(placed)]
 
 
-def frontier(points: dict[str, tuple[float, float]]) -> list[str]:
+def frontier(points: dict[K, tuple[float, float]]) -> list[K]:
     """The labels of `points` (label -> (uplink, accuracy)) that no other point dominates (as much accuracy or more
     for as little uplink or less, better in one), sorted by uplink, then accuracy down. Equal points all stay."""
     kept = [label for label, (uplink, accuracy) in points.items()

@@ -205,18 +205,15 @@ def _follow(control: Control, deployed: DeployedConfig, run_id: str, timeout: fl
 
     run_dir = resolve_run_dir(deployed.cfg)
     follower = ProgressFollower(run_dir / PROGRESS)
-    ended: list[dict[str, Any]] = []
 
     def show() -> bool:
         for event in follower.new_events():
             _show_event(event, deployed.cfg.num_server_rounds)
-            if event.get("event") == "finished":
-                ended.append(event)
-        return bool(ended)
+        return follower.finished is not None
 
     try:
         status = control.wait(run_id, timeout or None, poll_s=POLL_S, on_poll=show, between=show)
-        outcome = control.outcome(run_id, status, ended[-1].get("error") if ended else None)
+        outcome = control.outcome(run_id, status, follower.finished.get("error") if follower.finished else None)
     except KeyboardInterrupt:
         console.print(f"the run goes on; stop it with `flwr stop {run_id} {escape(control.federation)}`")
         raise typer.Exit(code=130) from None

@@ -190,10 +190,12 @@ def serverapp_error(log: str) -> str | None:
 
 class ProgressFollower:
     """New events of a run's progress.jsonl, from where it stood when the run was submitted (a resumed run's
-    earlier lines are done); an unreadable file gives none (the run folder may lie on another host)."""
+    earlier lines are done); an unreadable file gives none (the run folder may lie on another host). `finished`:
+    the run's `finished` event once one was read (its end as the ServerApp wrote it), else None."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.finished: dict[str, Any] | None = None
         try:
             self.offset = path.stat().st_size
         except OSError:
@@ -214,4 +216,6 @@ class ProgressFollower:
                 events.append(json.loads(line))
             except ValueError:
                 continue
+            if events[-1].get("event") == "finished":
+                self.finished = events[-1]
         return events

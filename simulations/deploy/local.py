@@ -290,17 +290,17 @@ class LocalFederation:
         """Wait for the run to finish; `progress`, its progress file, tells its end at once (Control.wait's
         `between`): `flwr list` is asked only now and then."""
         follower = ProgressFollower(progress) if progress else None
-        ended: list[bool] = []  # seen in the progress file: stays seen until Flower agrees
 
         def superlink_alive() -> None:
             if self.superlink and self.superlink.poll() is not None:
                 raise DeployError(f"the SuperLink exited: {_tail(self.work / 'superlink.log')}")
 
-        def ended_here() -> bool:
+        def ended_here() -> bool:  # seen in the progress file: stays seen until Flower agrees
             superlink_alive()
-            if follower is not None and any(e.get("event") == "finished" for e in follower.new_events()):
-                ended.append(True)
-            return bool(ended)
+            if follower is None:
+                return False
+            follower.new_events()
+            return follower.finished is not None
 
         return self.control.wait(run_id, timeout_s, poll_s=poll_s, misses=None, on_poll=superlink_alive,
                                  between=ended_here).status
