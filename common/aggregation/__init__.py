@@ -6,7 +6,7 @@ hands them to the named rule; `running_aggregate` (streaming.py) folds one insti
 as the server receives them, into running sums, and holds rows only for the rules that need every one.
 Both return an `Aggregate`: `(n, C)` float32 rows on the simplex and a `(n,)` keep mask.
 
-    averaging.py  mean, weighted, confidence, era, expertise, balanced-expertise
+    averaging.py  mean, weighted, confidence, era, expertise, balanced-expertise, inferred-expertise
     robust.py     median, trimmed-mean
     filtering.py  selective
 

@@ -156,6 +156,39 @@ def balanced_expertise_rule(inputs: RuleInput) -> Aggregate:
     return expertise_rule(RuleInput(corrected, inputs.num_examples, inputs.class_counts, inputs.params))
 
 
+def inferred_expertise_rule(inputs: RuleInput) -> Aggregate:
+    r"""`balanced-expertise` with each institution's class counts inferred from its own rows: no counts asked for.
+
+    .. math::
+        \hat n_{jc} = \sum_{i=1}^{n} q_{jic}
+
+    the mass institution j's teacher puts on class c over this round's n public samples (with the `vote`
+    codec: how many of them it calls c), used as :math:`n_{jc}` in `balanced-expertise`: its prior
+    :math:`\hat\pi_{jc} = \hat n_{jc} / n` is divided out of its rows at the soft labels' temperature, and
+    class c is weighed by :math:`w_{jc} = \hat n_{jc} / \sum_{j'} \hat n_{j'c}`. A teacher trained on a
+    skewed label distribution calls more public samples by the classes it saw more (the public set is
+    the same for everyone), so its predicted class mix stands in for its private one, the idea behind
+    estimating a classifier's label prior from its predictions on other data (Saerens et al., 2002,
+    "Adjusting the Outputs of a Classifier to New a Priori Probabilities", Neural Computation). The
+    estimate is flatter than the true prior (soft labels at T > 1 spread mass onto unseen classes), so
+    the correction is milder than with declared counts. fedstill's rule.
+
+    Nothing beyond the soft labels is asked for or released (a post-processing of them, so also under
+    a privacy mechanism), and nothing declared can be inflated: every institution's inferred counts sum
+    to n, so on class c one institution weighs at most :math:`n / (n + \sum_{j' \ne j} \hat n_{j'c})`.
+    Needs each institution's rows (no secure aggregation).
+    """
+    counts = inferred_counts(inputs.stack)
+    corrected = prior_corrected(inputs.stack, counts, inputs.params.temperature)
+    return expertise_rule(RuleInput(corrected, inputs.num_examples, counts, inputs.params))
+
+
+def inferred_counts(stack: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """`inferred-expertise`'s class counts: each institution's rows `(k, n, C)` summed over the samples, `(k, C)`."""
+    counts: npt.NDArray[np.float64] = stack.sum(axis=1)
+    return counts
+
+
 def prior_corrected(stack: npt.NDArray[np.float64], counts: npt.NDArray[np.float64],
                     temperature: float) -> npt.NDArray[np.float64]:
     """`balanced-expertise`'s r: each institution's rows `(k, n, C)` under a uniform prior over the classes it holds

@@ -13,7 +13,15 @@ from dataclasses import replace
 import numpy as np
 import numpy.typing as npt
 
-from common.aggregation.averaging import balanced_expertise_rule, confidence_rule, era_rule, expertise_rule, mean_rule, weighted_rule
+from common.aggregation.averaging import (
+    balanced_expertise_rule,
+    confidence_rule,
+    era_rule,
+    expertise_rule,
+    inferred_expertise_rule,
+    mean_rule,
+    weighted_rule,
+)
 from common.aggregation.base import Aggregate, AggregationParams, Rule, RuleInput, count_bad_rows
 from common.aggregation.filtering import selective_rule
 from common.aggregation.robust import median_rule, trimmed_mean_rule
@@ -27,6 +35,7 @@ RULES: dict[str, Rule] = {
     "era": era_rule,
     "expertise": expertise_rule,
     "balanced-expertise": balanced_expertise_rule,
+    "inferred-expertise": inferred_expertise_rule,
     "median": median_rule,
     "trimmed-mean": trimmed_mean_rule,
     "selective": selective_rule,

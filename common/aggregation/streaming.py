@@ -13,6 +13,7 @@ for the other sums, which add in another order.
     confidence                      S = sum_j w_ji q_ji (n, C), W = sum_j w_ji (n,), P = sum_j q_j (n, C)
     expertise                       S = sum_j n_jc q_jic (n, C), N = sum_j n_jc (C,), P = sum_j q_j (n, C)
     balanced-expertise              as expertise, on each reply's prior-corrected rows
+    inferred-expertise              as balanced-expertise, with n_jc = sum_i q_jic from the reply's own rows
     median, trimmed-mean            every reply's rows as received: order statistics need them all
     weighted rules, weight-clip > 0 every reply's rows: the cap, weight-clip times the lower median of all the
                                     declared sizes, is known only once the last reply is in
@@ -29,7 +30,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from common.aggregation.averaging import confidence_weights, prior_corrected, sharpened
+from common.aggregation.averaging import confidence_weights, inferred_counts, prior_corrected, sharpened
 from common.aggregation.base import Aggregate, AggregationParams, count_bad_rows, to_aggregate
 from common.aggregation.batch import NEEDS_CLASS_COUNTS, RULES, WEIGHTED_RULES, aggregate
 from common.aggregation.filtering import decided
@@ -37,8 +38,10 @@ from common.aggregation.weights import ClippedWeight, clip_weights
 from common.errors import ConfigError, MessageFormatError, QuorumError
 
 Floats = npt.NDArray[np.float64]
-SUMMED: frozenset[str] = frozenset({"mean", "era", "selective", "weighted", "confidence", "expertise", "balanced-expertise"})
-_FALLS_BACK = frozenset({"confidence", "expertise", "balanced-expertise"})  # keep P: rows or classes may need the mean
+SUMMED: frozenset[str] = frozenset({"mean", "era", "selective", "weighted", "confidence", "expertise", "balanced-expertise",
+                                    "inferred-expertise"})
+# keep P: rows or classes may need the mean
+_FALLS_BACK = frozenset({"confidence", "expertise", "balanced-expertise", "inferred-expertise"})
 _DEFAULT_PARAMS = AggregationParams()
 
 
@@ -101,7 +104,11 @@ class RunningSum:
 
     def _weighed(self, q: Floats, size: float, counts: Floats | None) -> tuple[Floats, Floats]:
         """(this institution's weight, the rows to add): 1 or its size (a number), its confidence per row `(n, 1)`, or
-        its class counts per class `(1, C)`; balanced-expertise adds the prior-corrected rows."""
+        its class counts per class `(1, C)` (inferred-expertise: its rows' own); the balanced rules add the
+        prior-corrected rows."""
+        if self.rule == "inferred-expertise":
+            counts = inferred_counts(q[None])[0]
+            return counts[None, :], prior_corrected(q[None], counts[None], self.params.temperature)[0]
         if self.rule in NEEDS_CLASS_COUNTS:
             if counts is None:
                 raise ConfigError(f"aggregation {self.rule!r} needs every institution's class counts; ask for them "

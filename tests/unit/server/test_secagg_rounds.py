@@ -566,7 +566,8 @@ def test_a_node_without_its_own_identity_or_allow_list_refuses_secure_aggregatio
 
 # --- the run config -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("rule", ["confidence", "median", "trimmed-mean", "era", "expertise", "balanced-expertise", "selective"])
+@pytest.mark.parametrize("rule", ["confidence", "median", "trimmed-mean", "era", "expertise", "balanced-expertise",
+                                  "inferred-expertise", "selective"])
 def test_rules_that_need_each_institutions_rows_are_refused(run_config_mapping: dict[str, Any], sites: Sites, rule: str) -> None:
     message = f"aggregation '{rule}' needs each institution's soft labels.*use 'mean' or 'weighted'"
     with pytest.raises(ConfigError, match=message):

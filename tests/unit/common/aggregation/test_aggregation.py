@@ -30,8 +30,8 @@ def counts(*values: int) -> np.ndarray:
 
 def test_registry_names_every_rule() -> None:
     # Assert
-    assert set(RULES) == {"mean", "weighted", "confidence", "era", "expertise", "balanced-expertise", "median",
-                          "trimmed-mean", "selective"}
+    assert set(RULES) == {"mean", "weighted", "confidence", "era", "expertise", "balanced-expertise",
+                          "inferred-expertise", "median", "trimmed-mean", "selective"}
     assert NEEDS_INDIVIDUAL_ROWS == frozenset(RULES) - {"mean", "weighted"}
     assert NEEDS_CLASS_COUNTS == {"expertise", "balanced-expertise"}
 
@@ -137,7 +137,8 @@ def test_symmetric_disagreement_is_a_tie(rule: str) -> None:
     np.testing.assert_array_equal(result.keep, [True])
 
 
-@pytest.mark.parametrize("rule", sorted(set(RULES) - {"era"}))
+# era sharpens; inferred-expertise divides out the class prior it infers from the rows themselves
+@pytest.mark.parametrize("rule", sorted(set(RULES) - {"era", "inferred-expertise"}))
 def test_a_single_institution_is_returned_as_is(rule: str) -> None:
     # Prepare
     only = rows([0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.0, 1.0, 0.0])
@@ -176,6 +177,9 @@ ONE_HOT_CASES = {
     "expertise": np.array([1.0, 0.5, 0.3]) / 1.8,
     # institution 1's equal priors on classes 1 and 2 change nothing: [0.5, 0.3] / 0.8 -> [1, 0.625, 0.375] / 2
     "balanced-expertise": [0.5, 0.3125, 0.1875],
+    # inferred counts [1, 0, 0] and [0.2, 0.5, 0.3]: institution 1's rows are its prior, so they become uniform;
+    # class 0 weighs 1 / 1.2 and 0.2 / 1.2: [(1 + 0.2 / 3) / 1.2, 1 / 3, 1 / 3] = [8 / 9, 1 / 3, 1 / 3] -> / (14 / 9)
+    "inferred-expertise": [4 / 7, 3 / 14, 3 / 14],
     "median": [0.6, 0.25, 0.15],  # the median of two values is their mean
     "trimmed-mean": [0.6, 0.25, 0.15],  # floor(0.1 * 2) = 0: nothing to trim
     "selective": [0.6, 0.25, 0.15],
@@ -232,6 +236,11 @@ GOLDEN = [
     # institution 0 puts all its mass on class 1, which it never saw: uniform over what it holds (class 0)
     pytest.param("balanced-expertise", [[[0.0, 1.0]], [[0.0, 1.0]]], [5, 5], [[5, 0], [0, 5]], P(),
                  [[0.5, 0.5]], None, id="balanced-expertise-row-without-mass-on-held-classes"),
+    # votes: institution 0 calls two of three samples class 0, institution 1 calls all three class 1; class 0
+    # weighs 2 / 2 and 0 / 2, class 1 weighs 1 / 4 and 3 / 4: samples 0 and 1 get [1, 3 / 4] / (7 / 4), where the
+    # mean would give [1 / 2, 1 / 2]. No counts are passed: each institution's come from its own rows.
+    pytest.param("inferred-expertise", [[[1, 0], [1, 0], [0, 1]], [[0, 1], [0, 1], [0, 1]]], [10, 10], None, P(),
+                 [[4 / 7, 3 / 7], [4 / 7, 3 / 7], [0, 1]], None, id="inferred-expertise-weighs-votes-by-what-each-calls"),
     # class 0: (0.3 + 0.5) / 2 = 0.4; class 1: (0.5 + 0.7) / 2 = 0.6
     pytest.param("median", [[[0.1, 0.9]], [[0.3, 0.7]], [[0.5, 0.5]], [[1.0, 0.0]]], [1] * 4, None, P(),
                  [[0.4, 0.6]], None, id="median-of-an-even-number-averages-the-middle-pair"),
@@ -272,6 +281,23 @@ def test_golden_values(rule, soft_labels, num_examples, class_counts, params, pr
     np.testing.assert_array_equal(result.keep, [True] * len(probs) if keep is None else keep)
 
 
+def test_inferred_expertise_is_balanced_expertise_on_the_counts_of_each_institutions_own_rows() -> None:
+    # Prepare: soft rows at T = 3; institution 0 leans to class 0, institution 2 to class 2
+    soft_labels = [rows([0.7, 0.2, 0.1], [0.5, 0.4, 0.1]), rows([0.3, 0.4, 0.3], [0.2, 0.5, 0.3]),
+                   rows([0.1, 0.1, 0.8], [0.3, 0.1, 0.6])]
+    inferred = [np.sum(s, axis=0, dtype=np.float64) for s in soft_labels]  # [1.2, 0.6, 0.2], [0.5, 0.9, 0.6], ...
+    params = AggregationParams(temperature=3.0)
+
+    # Execute: declared sizes and counts that would dominate any rule reading them
+    result = aggregate("inferred-expertise", soft_labels, [1e12, 1, 1], [counts(10**9, 0, 0)] * 3, params)
+
+    # Assert
+    expected = aggregate("balanced-expertise", soft_labels, [1, 1, 1], inferred, params)
+    np.testing.assert_allclose(result.probs, expected.probs, atol=1e-7)
+    assert not np.allclose(result.probs, aggregate("mean", soft_labels, [1, 1, 1]).probs, atol=1e-2)
+    assert result.clipped == ()  # it weighs no declared size, so nothing is capped
+
+
 HONEST = [[0.91] + [0.01] * 9, [0.82] + [0.02] * 9, [0.73] + [0.03] * 9, [0.64] + [0.04] * 9]
 ADVERSARY = [0.0] * 9 + [1.0]
 
@@ -310,7 +336,8 @@ def test_no_majority_on_any_class_falls_back_to_the_mean(rule: str) -> None:
 @pytest.mark.parametrize("soft_labels", [[np.full((1, 2), 0.5)], []], ids=["with-labels", "empty"])
 def test_unknown_rule_is_a_config_error(soft_labels) -> None:
     # Execute / Assert
-    known = "balanced-expertise, confidence, era, expertise, mean, median, selective, trimmed-mean, weighted"
+    known = ("balanced-expertise, confidence, era, expertise, inferred-expertise, mean, median, selective, trimmed-mean, "
+             "weighted")
     with pytest.raises(ConfigError, match=f"unknown aggregation 'krum'; known rules: {known}"):
         aggregate("krum", soft_labels, [1] * len(soft_labels))
 
