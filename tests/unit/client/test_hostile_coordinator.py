@@ -199,8 +199,8 @@ def test_under_dp_counts_are_rounded_the_loss_withheld_and_both_stated(tmp_path:
 
 def test_a_secure_aggregation_threshold_below_the_policy_is_refused_before_any_share_leaves(tmp_path: Path) -> None:
     # Prepare: institution-0 demands a threshold of 3; the coordinator asks for shares at threshold 2
-    grid, cfg, _ = federation(tmp_path, "min-secagg-threshold = 3\n", **{"secure-aggregation": True, "num-clients": 3,
-                                                                            "min-clients": 2})
+    grid, cfg, _ = federation(tmp_path, "min-secagg-threshold = 3\n", **{"secure-aggregation": True, "aggregation": "mean",
+                                                                            "num-clients": 3, "min-clients": 2})
     roster = {node: RosterEntry(i + 1, bytes([i + 1]) * 32, bytes([i + 2]) * 32) for i, node in enumerate(NODES)}
     message = Message(SecAggRoster(1, 2, False, roster).to_record(), dst_node_id=11, message_type=SHARES_TYPE,
                       group_id="1")

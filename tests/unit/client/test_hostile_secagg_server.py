@@ -187,7 +187,7 @@ def coordinator(tmp_path: Path) -> Coordinator:
     run_dir.mkdir()
     mapping = {**default_run_config(), "dataset": "digits", "public-size": 120, "num-clients": len(NODES), "min-clients": 3,
                "partitioner": "iid", "num-server-rounds": 1, "teacher-models": "mlp", "local-epochs": 1, "teacher-batch-size": 512,
-               "secure-aggregation": True, **provision_sites(run_dir, len(NODES))}
+               "secure-aggregation": True, "aggregation": "mean", **provision_sites(run_dir, len(NODES))}
     return Coordinator(Federation(mapping), RunConfig.from_run_config(mapping))
 
 

@@ -57,8 +57,8 @@ def test_from_run_config_builds_defaults(run_config_mapping: dict[str, Any]) -> 
     assert cfg.temperature == 3.0
     assert cfg.teacher_models == "cnn-small,cnn-large"
     assert cfg.student_model == "cnn-student"
-    assert cfg.codec == "float16"
-    assert cfg.aggregation == "mean"
+    assert cfg.codec == "uint8"
+    assert cfg.aggregation == "inferred-expertise"
     assert cfg.round_timeout == 900.0
     assert cfg.evaluate_teachers is True
 

@@ -91,7 +91,7 @@ def test_a_bad_reply_is_dropped_with_its_reason_while_the_others_fold(memory_gri
                             train_loss=0.4, teacher_accuracy=-1.0, teacher_params=100, teacher_rounds=1).to_record()
     grid = memory_grid(institution({2: broken, 4: Error(code=0, reason="DataError: partition is empty")}), [1, 2, 3, 4],
                        delay=arriving_after({1: 0.4, 2: 0.1, 3: 0.2, 4: 0.3}))
-    cfg = tiny_cfg(**{"num-clients": 4, "min-clients": 2})
+    cfg = tiny_cfg(**{"num-clients": 4, "min-clients": 2, "aggregation": "mean"})
 
     # Execute
     replies, ensemble = collect_and_aggregate(grid, cfg, AuditTrail.open(cfg, tmp_path / "run", 7), query)

@@ -147,7 +147,7 @@ def run_round(tmp_path: Path, faults: dict[str, Fault], monkeypatch: pytest.Monk
     run_dir.mkdir()
     mapping = {**default_run_config(), "dataset": "digits", "public-size": 120, "num-clients": len(NODES), "min-clients": 3,
                "partitioner": "iid", "num-server-rounds": 1, "teacher-models": "mlp", "local-epochs": 1, "teacher-batch-size": 512,
-               "secure-aggregation": True, **provision_sites(run_dir, len(NODES))}
+               "secure-aggregation": True, "aggregation": "mean", **provision_sites(run_dir, len(NODES))}
     cfg = RunConfig.from_run_config(mapping)
     grid = Federation(mapping, faults)
     plain: dict[int, np.ndarray] = {}

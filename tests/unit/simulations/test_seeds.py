@@ -309,7 +309,7 @@ def test_without_fedavg_there_is_no_comparison_with_it() -> None:
 def saved_scenario() -> dict[str, Any]:
     """The settings the saved comparison ran under, as the run-config keys a comparison is given (its `base`)."""
     recorded = json.loads((SAVED / "seed-0" / "mean" / "results.json").read_text())["scenario"]
-    dropped = {"output-dir", "run-name", "seed", "aggregation", *PROVISIONED}
+    dropped = {"output-dir", "run-name", "seed", *PROVISIONED}
     return {key: value for key, value in recorded.items() if key in default_run_config() and key not in dropped}
 
 
