@@ -22,6 +22,7 @@ def test_secure_aggregation_survives_an_institution_out_of_budget_after_sharing(
     result = fedstill(
         "simulate", "digits-tiny", "--set", f"output-dir={out}", "--set", 'run-name="dropout"',
         "--set", "num-clients=4", "--set", "min-clients=3", "--set", "secure-aggregation=true",
+        "--set", 'aggregation="mean"',
         "--set", 'privacy="pate"', "--set", "pate-teachers=3", "--set", "pate-queries=200", "--set", "pate-sigma=8.0",
         "--site", "max-epsilon=30", "--site", "institution-3.max-epsilon=21", home=home,
     )
