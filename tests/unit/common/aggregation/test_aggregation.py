@@ -298,6 +298,28 @@ def test_inferred_expertise_is_balanced_expertise_on_the_counts_of_each_institut
     assert result.clipped == ()  # it weighs no declared size, so nothing is capped
 
 
+def test_a_peer_calling_every_sample_one_class_weighs_on_that_class_what_its_rows_imply_and_nothing_elsewhere() -> None:
+    # Prepare: 100 samples, 10 per class; nine honest institutions put 0.91 on the true class and 0.01 on each other;
+    # the liar calls every sample class 9
+    truth = np.repeat(np.arange(10), 10)
+    honest = np.full((100, 10), 0.01, dtype=np.float32)
+    honest[np.arange(100), truth] = 0.91
+    liar = np.zeros((100, 10), dtype=np.float32)
+    liar[:, 9] = 1.0
+
+    # Execute
+    result = aggregate("inferred-expertise", [honest] * 9 + [liar], [1] * 10)
+
+    # Assert: its weight on class 9 is n / (n + the others' inferred counts) = 100 / (100 + 9 * 10) = 10 / 19, and it
+    # has none on the classes it never calls: a class 0 sample keeps class 0, with 0.91 against 10/19 + 9/19 * 0.01
+    on_nine = 10 / 19 + 9 / 19 * 0.01
+    np.testing.assert_allclose(result.probs[0, [0, 1, 9]], np.array([0.91, 0.01, on_nine]) / (0.91 + 8 * 0.01 + on_nine),
+                               atol=1e-6)
+    assert (result.probs.argmax(axis=1) == truth).all()
+    # the plain mean gives the liar a tenth of each row: 0.1 + 0.009 on class 9
+    np.testing.assert_allclose(aggregate("mean", [honest] * 9 + [liar], [1] * 10).probs[0, 9], 0.109, atol=1e-6)
+
+
 HONEST = [[0.91] + [0.01] * 9, [0.82] + [0.02] * 9, [0.73] + [0.03] * 9, [0.64] + [0.04] * 9]
 ADVERSARY = [0.0] * 9 + [1.0]
 
