@@ -17,9 +17,11 @@ from common.files import PRIVATE, atomic_path, atomic_write_text, private_folder
 from server.checkpoint import OPERATIONAL_KEYS
 from server.results.run_folder import write_json
 from simulations import baselines, launcher
+from simulations.provision import merged_site, parse_site
 from simulations.scenarios import parse_sets
 
 TABLE = "comparison.md"
+SITE_PREFIX = "site."  # in --method: a key of the method's institutions' own settings
 PER_ROUND_PLOT = "accuracy_per_round.png"
 UPLINK_PLOT = "accuracy_vs_uplink.png"
 
@@ -27,19 +29,27 @@ UPLINK_PLOT = "accuracy_vs_uplink.png"
 @dataclass(frozen=True)
 class Method:
     label: str
-    overrides: dict[str, Any]
+    overrides: dict[str, Any]  # run-config keys
+    site: dict[str, Any] | None = None  # its simulated institutions' own settings, on top of --site (as parse_site)
 
 
 def parse_methods(rules: list[str], methods: list[str]) -> list[Method]:
     """`--rules mean,era` -> one method per aggregation rule; `--method label:key=value,key=value`
-    -> a named variant (for example `era-fedmd:aggregation=era,digest-epochs=1`)."""
+    -> a named variant (for example `era-fedmd:aggregation=era,digest-epochs=1`), whose `site.KEY=VALUE` pairs are
+    its institutions' own settings (`dp1:privacy=dp-sgd,site.max-epsilon=1`: a budget that a run without a
+    mechanism, refused by such a site, must not get)."""
     found = [Method(rule.strip(), {"aggregation": rule.strip()}) for item in rules for rule in item.split(",") if rule.strip()]
     for item in methods:
         label, sep, body = item.partition(":")
         if not sep or not label.strip():
             raise ConfigError(f"--method expects label:key=value,key=value, got {item!r}")
-        pairs = re.split(r",(?=\s*[A-Za-z][\w-]*\s*=)", body)  # commas inside quoted values stay
-        found.append(Method(label.strip(), parse_sets([kv for kv in pairs if kv.strip()])))
+        pairs = [kv.strip() for kv in re.split(r",(?=\s*[A-Za-z][\w.-]*\s*=)", body) if kv.strip()]  # quoted commas stay
+        site = [kv.removeprefix(SITE_PREFIX) for kv in pairs if kv.startswith(SITE_PREFIX)]
+        try:
+            settings = parse_site(site)
+        except ConfigError as error:
+            raise ConfigError(f"--method {label.strip()!r}, a site.KEY=VALUE pair: {error}") from None
+        found.append(Method(label.strip(), parse_sets([kv for kv in pairs if not kv.startswith(SITE_PREFIX)]), settings))
     labels = [m.label for m in found]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"method labels must be unique, got {labels}")
@@ -61,20 +71,20 @@ def run_comparison(
 
     `on_stage(label, cfg)` is called as each stage starts (cfg None for the in-process baselines)
     and may return a callback for that run's progress events; `site`: every simulated institution's settings
-    (simulations.provision)."""
+    (simulations.provision), with each method's own on top."""
     private_folder(folder)
     summary: dict[str, Any] = {"scenario": None, "methods": {}, "baselines": {}}
-    jobs = [(m.label, {**base, **m.overrides}) for m in methods]
+    jobs = [(m.label, {**base, **m.overrides}, merged_site(site, m.site)) for m in methods]
     if fedavg_rounds:
-        jobs.append(("fedavg", {**base, "method": "fedavg", "num-server-rounds": fedavg_rounds}))
-    for label, overrides in jobs:
+        jobs.append(("fedavg", {**base, "method": "fedavg", "num-server-rounds": fedavg_rounds}, site))
+    for label, overrides, run_site in jobs:
         overrides = {**overrides, "output-dir": str(folder), "run-name": label}
         try:
             cfg = RunConfig.from_run_config({**default_run_config(), **overrides})
             results = finished_run(folder / label, cfg)
             if results is None:
                 outcome = launcher.simulate(cfg, overrides, cpus_per_client=cpus_per_client, on_event=on_stage(label, cfg),
-                                            site=site)
+                                            site=run_site)
                 results = outcome.results
             entry = {"run_dir": str(folder / label), "rounds": results["rounds"], "final": results["final"]}
             summary["scenario"] = summary["scenario"] or results["scenario"]

@@ -14,6 +14,7 @@ institution, and of one by name; one institution's own value wins.
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ from common.aggregation import NEEDS_CLASS_COUNTS
 from common.audit.keys import Signer, write_allow_list, write_key_pair
 from common.errors import ConfigError
 from common.files import PRIVATE, atomic_write_text
-from common.site_policy import POLICY_FILE, SitePolicy
+from common.site_policy import POLICY_FILE, POLICY_KEYS, SitePolicy, value_problem
 from simulations.scenarios import to_toml
 
 if TYPE_CHECKING:
@@ -55,6 +56,61 @@ def provision_sites(run_dir: Path, num_clients: int, site: dict[str, Any] | None
     for partition_id in range(num_clients):  # each institution keeps its own copy, to check its peers' keys
         write_allow_list(site_folder(sites, partition_id) / PEERS_FILE, institutions)
     return {"allow-list": str(allow_list), "sites-dir": str(sites)}
+
+
+def parse_site(items: list[str], *, budget: bool = True) -> dict[str, Any] | None:
+    """`--site key=value` settings of every simulated institution, or of one: `--site institution-2.class-counts=true`.
+    Keys are the budget (max-epsilon, delta; only with `budget`) and every site-policy key; values are TOML
+    (`true`, `100`, `"exact"`), a bare word is a string, and `mechanisms` takes `dp-sgd,pate`.
+    Returns {key: value, "institutions": {name: {key: value}}}; a bad key or value raises a ConfigError naming it."""
+    settings: dict[str, Any] = {}
+    for item in items:
+        target, sep, text = item.partition("=")
+        name, _, key = target.strip().rpartition(".")
+        if not sep or key not in POLICY_KEYS:
+            raise ConfigError(f"--site {item!r}: known institution settings are {', '.join(POLICY_KEYS)} (key=value), "
+                              "optionally for one institution: institution-<i>.class-counts=true")
+        if key in BUDGET and not budget:
+            raise ConfigError(f"--site {item!r}: a privacy sweep sets each run's {key} itself; use --epsilons and --delta")
+        value = _site_value(key, text.strip())
+        problem = value_problem(key, value)
+        if problem:
+            raise ConfigError(f"--site {item!r}: {key} {problem}; fix the value")
+        (settings.setdefault("institutions", {}).setdefault(name, {}) if name else settings)[key] = value
+    return settings or None
+
+
+def _site_value(key: str, text: str) -> Any:
+    if key in BUDGET:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--site {key}={text}: {key} must be a number") from None
+    try:
+        value = tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word: counts=exact
+    if key == "mechanisms" and isinstance(value, str):
+        value = [part.strip() for part in value.split(",")]
+    return value
+
+
+def merged_site(every: dict[str, Any] | None, own: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`--site` settings (`every`) with one method's own (`site.KEY=VALUE` in `--method`) on top: its keys replace
+    those of every institution, its institutions' keys those of the same institution; as with `--site`, an
+    institution's own value wins over a value for every institution."""
+    if not own:
+        return every
+    if not every:
+        return own
+    merged = {**every, **{key: value for key, value in own.items() if key != "institutions"}}
+    institutions = {name: dict(values) for name, values in every.get("institutions", {}).items()}
+    for name, values in own.get("institutions", {}).items():
+        institutions.setdefault(name, {}).update(values)
+    if institutions:
+        merged["institutions"] = institutions
+    return merged
+
 
 
 def site_settings(site: dict[str, Any] | None, num_clients: int) -> dict[str, dict[str, Any]]:

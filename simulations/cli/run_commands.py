@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +43,7 @@ def simulate(
 ) -> None:
     """Run a scenario on Flower's simulation engine and print its results."""
     from simulations import launcher
+    from simulations.provision import parse_site
     from simulations.ray_cluster import cluster_address
     from simulations.scenarios import dataset_fit, parse_sets, resolve
 
@@ -75,7 +75,9 @@ def simulate(
 def compare(
     scenario: str = typer.Argument(None, help="Scenario name or .toml file."),
     rules: list[str] = typer.Option([], "--rules", "-r", help="Aggregation rules to compare, comma-separated (repeatable)."),
-    method: list[str] = typer.Option([], "--method", "-m", help="A named variant: label:key=value,key=value (repeatable)."),
+    method: list[str] = typer.Option([], "--method", "-m", help="A named variant: label:key=value,key=value (repeatable); "
+                                     "site.KEY=VALUE sets that method's institutions' own settings on top of --site "
+                                     "(label:privacy=dp-sgd,site.max-epsilon=1)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a run-config key for every method (repeatable)."),
     fedavg_rounds: int = typer.Option(20, help="Rounds of the FedAvg baseline (0: skip it)."),
     baselines: bool = typer.Option(True, help="Also train the local-only and centralised baselines."),
@@ -88,6 +90,7 @@ def compare(
     """Compare aggregation rules and variants with FedAvg, local-only and centralised baselines."""
     from common.config import RunConfig, default_run_config
     from simulations.compare import TABLE, parse_methods, run_comparison
+    from simulations.provision import merged_site, parse_site
     from simulations.scenarios import dataset_fit, parse_sets, resolve
     from simulations.seeds import check_folder_kind, parse_seeds, refuse_seed_settings, run_seeds
 
@@ -108,7 +111,7 @@ def compare(
                 variant_cfg = RunConfig.from_run_config({**default_run_config(), **base, **variant.overrides})
             except ConfigError:
                 continue  # reported in that method's row
-            preflight_sites(variant_cfg, settings)
+            preflight_sites(variant_cfg, merged_site(settings, variant.site))
         for seed in seed_list or [cfg.seed]:  # every seed's data splits as asked, before hours of runs
             preflight(dataclasses.replace(cfg, seed=seed))
         console.print(f"[bold]fedstill compare[/] {cfg.scenario}: {', '.join(m.label for m in methods)}"
@@ -179,6 +182,7 @@ def privacy_sweep(
 ) -> None:
     """Student accuracy against each institution's privacy budget, with a non-private reference."""
     from simulations.privacy_sweep import TABLE, parse_epsilons, run_sweep
+    from simulations.provision import parse_site
     from simulations.scenarios import resolve
 
     try:
@@ -220,48 +224,6 @@ def scenarios() -> None:
 
     for name in list_scenarios():
         console.print(name, soft_wrap=False)
-
-
-def parse_site(items: list[str], *, budget: bool = True) -> dict[str, Any] | None:
-    """`--site key=value` settings of every simulated institution, or of one: `--site institution-2.class-counts=true`.
-    Keys are the budget (max-epsilon, delta; only with `budget`) and every site-policy key; values are TOML
-    (`true`, `100`, `"exact"`), a bare word is a string, and `mechanisms` takes `dp-sgd,pate`.
-    Returns {key: value, "institutions": {name: {key: value}}}; a bad key or value raises a ConfigError naming it."""
-    from common.site_policy import POLICY_KEYS, value_problem
-    from simulations.provision import BUDGET
-
-    settings: dict[str, Any] = {}
-    for item in items:
-        target, sep, text = item.partition("=")
-        name, _, key = target.strip().rpartition(".")
-        if not sep or key not in POLICY_KEYS:
-            raise ConfigError(f"--site {item!r}: known institution settings are {', '.join(POLICY_KEYS)} (key=value), "
-                              "optionally for one institution: institution-<i>.class-counts=true")
-        if key in BUDGET and not budget:
-            raise ConfigError(f"--site {item!r}: a privacy sweep sets each run's {key} itself; use --epsilons and --delta")
-        value = _site_value(key, text.strip())
-        problem = value_problem(key, value)
-        if problem:
-            raise ConfigError(f"--site {item!r}: {key} {problem}; fix the value")
-        (settings.setdefault("institutions", {}).setdefault(name, {}) if name else settings)[key] = value
-    return settings or None
-
-
-def _site_value(key: str, text: str) -> Any:
-    from simulations.provision import BUDGET
-
-    if key in BUDGET:
-        try:
-            return float(text)
-        except ValueError:
-            raise ConfigError(f"--site {key}={text}: {key} must be a number") from None
-    try:
-        value = tomllib.loads(f"value = {text}")["value"]
-    except tomllib.TOMLDecodeError:
-        value = text  # a bare word: counts=exact
-    if key == "mechanisms" and isinstance(value, str):
-        value = [part.strip() for part in value.split(",")]
-    return value
 
 
 def preflight(cfg: RunConfig) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from common.config import RunConfig, default_run_config
 from common.errors import ConfigError
+from simulations import launcher
 from simulations.compare import (
     PER_ROUND_PLOT,
     UPLINK_PLOT,
@@ -21,6 +22,7 @@ from simulations.compare import (
     parse_methods,
     plot_comparison,
     rows_of,
+    run_comparison,
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -76,6 +78,55 @@ def test_quoted_values_keep_their_commas_and_spaces_are_trimmed() -> None:
 
     # Assert
     assert methods == [Method("mixed", {"teacher-models": "cnn-small,cnn-large", "seed": 3})]
+
+
+def test_site_keys_of_a_method_are_its_institutions_settings_not_run_config_keys() -> None:
+    # Execute
+    methods = parse_methods([], ["dp1:privacy=dp-sgd,site.max-epsilon=1,site.delta=1e-5,site.institution-2.class-counts=true",
+                                 "plain:privacy=none"])
+
+    # Assert
+    assert methods == [
+        Method("dp1", {"privacy": "dp-sgd"},
+               {"max-epsilon": 1.0, "delta": 1e-5, "institutions": {"institution-2": {"class-counts": True}}}),
+        Method("plain", {"privacy": "none"}),
+    ]
+
+
+def test_a_bad_site_key_of_a_method_is_a_config_error_naming_it() -> None:
+    # Execute / Assert
+    message = r"^--method 'dp1', a site.KEY=VALUE pair: --site 'budget=4': known institution settings are .*max-epsilon"
+    with pytest.raises(ConfigError, match=message):
+        parse_methods([], ["dp1:privacy=dp-sgd,site.budget=4"])
+
+
+def test_each_method_runs_with_every_institutions_settings_and_its_own_on_top(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: every institution may release exact counts; the private method adds a budget, and a stricter one for
+    # institution 1
+    given: dict[str, Any] = {}
+
+    def simulate(cfg: RunConfig, overrides: dict[str, Any], **options: Any) -> Any:
+        given[overrides["run-name"]] = options["site"]
+        raise ConfigError("not run in this test")
+
+    monkeypatch.setattr(launcher, "simulate", simulate)
+    methods = parse_methods([], ["plain:privacy=none", "dp1:privacy=dp-sgd,site.max-epsilon=1,site.institution-1.max-epsilon=0.5"])
+    every = {"counts": "exact", "institutions": {"institution-1": {"delta": 1e-6}}}
+
+    # Execute
+    summary = run_comparison({"dataset": "digits"}, tmp_path / "cmp", methods, fedavg_rounds=1, with_baselines=False,
+                             cpus_per_client=1, on_stage=lambda label, cfg: None, site=every)
+
+    # Assert: the plain run and FedAvg get --site alone; the private run both, its institution 1 both of its own
+    assert given == {
+        "plain": every,
+        "dp1": {"counts": "exact", "max-epsilon": 1.0,
+                "institutions": {"institution-1": {"delta": 1e-6, "max-epsilon": 0.5}}},
+        "fedavg": every,
+    }
+    assert every == {"counts": "exact", "institutions": {"institution-1": {"delta": 1e-6}}}  # not modified
+    assert summary["methods"]["dp1"] == {"error": "ConfigError: not run in this test"}
 
 
 def test_a_method_without_overrides_is_allowed() -> None:

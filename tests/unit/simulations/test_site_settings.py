@@ -12,8 +12,8 @@ import pytest
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.site_policy import POLICY_FILE, SitePolicy
-from simulations.cli.run_commands import parse_site, preflight_sites
-from simulations.provision import SITES, provision_sites
+from simulations.cli.run_commands import preflight_sites
+from simulations.provision import SITES, parse_site, provision_sites
 
 
 def read_toml(path: Path) -> dict[str, Any]:

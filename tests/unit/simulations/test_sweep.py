@@ -10,9 +10,9 @@ import pytest
 
 from common.config import RunConfig
 from common.errors import ConfigError
-from simulations.cli.run_commands import parse_site
 from simulations.compare import finished_run
 from simulations.privacy_sweep import parse_epsilons, sweep_table
+from simulations.provision import parse_site
 
 
 def write_results(folder: Path, scenario: dict[str, Any], status: str = "completed") -> None:
