@@ -196,11 +196,16 @@ def prior_corrected(stack: npt.NDArray[np.float64], counts: npt.NDArray[np.float
     held = counts > 0  # (k, C)
     sizes = counts.sum(axis=1, keepdims=True)  # (k, 1)
     prior = np.divide(counts, sizes, out=np.ones_like(counts), where=sizes > 0)
-    scale = np.where(held, np.power(np.where(held, prior, 1.0), -1.0 / temperature), 0.0)  # (k, C)
-    corrected = stack * scale[:, None, :]  # (k, n, C)
-    mass = corrected.sum(axis=2, keepdims=True)
+    # in logs, so that a tiny prior (an inferred count of 1e-300, a low temperature) cannot overflow its power:
+    # log r = log q - log(pi) / T, -inf where q = 0 or the class is not held, then a softmax over each row
+    shift = np.where(held, np.log(np.where(held, prior, 1.0)) / temperature, np.inf)  # (k, C)
+    with np.errstate(divide="ignore"):
+        logits = np.log(stack) - shift[:, None, :]  # (k, n, C)
+    top = logits.max(axis=2, keepdims=True)  # -inf for a row without mass on the classes it holds
+    some = np.isfinite(top)
+    corrected = np.exp(logits - np.where(some, top, 0.0))
     uniform = held / np.maximum(held.sum(axis=1, keepdims=True), 1)  # (k, C)
-    corrected = np.where(mass > 0, corrected / np.where(mass > 0, mass, 1.0),
+    corrected = np.where(some, corrected / corrected.sum(axis=2, keepdims=True).clip(min=1.0),  # >= 1: the top is e^0
                          np.broadcast_to(uniform[:, None, :], corrected.shape))
     rows_without_counts = ~held.any(axis=1)  # an institution that reported no samples at all: keep its rows
     corrected[rows_without_counts] = stack[rows_without_counts]

@@ -298,6 +298,20 @@ def test_inferred_expertise_is_balanced_expertise_on_the_counts_of_each_institut
     assert result.clipped == ()  # it weighs no declared size, so nothing is capped
 
 
+@pytest.mark.parametrize(("rule", "soft_labels", "class_counts", "temperature"), [
+    # an inferred count of 2e-309: its prior's power 1 / 2e-309 overflows a float64
+    ("inferred-expertise", [np.array([[2.2250738585072014e-309, 1.0]])], None, 1.0),
+    # a prior of 1e-6 at T = 0.001: 1e6000
+    ("balanced-expertise", [np.array([[0.5, 0.5]])], [counts(1, 999_999)], 0.001),
+], ids=["subnormal-inferred-count", "low-temperature"])
+def test_prior_correction_of_extreme_priors_stays_on_the_simplex(rule: str, soft_labels, class_counts, temperature: float) -> None:
+    # Execute
+    result = aggregate(rule, soft_labels, [1], class_counts, AggregationParams(temperature=temperature))
+
+    # Assert: in logs, q / pi^(1/T) is [1, 1] for the first and all on the rare class for the second
+    np.testing.assert_allclose(result.probs, [[0.5, 0.5]] if rule == "inferred-expertise" else [[1.0, 0.0]], atol=1e-7)
+
+
 def test_a_peer_calling_every_sample_one_class_weighs_on_that_class_what_its_rows_imply_and_nothing_elsewhere() -> None:
     # Prepare: 100 samples, 10 per class; nine honest institutions put 0.91 on the true class and 0.01 on each other;
     # the liar calls every sample class 9
