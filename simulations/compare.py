@@ -44,12 +44,12 @@ def parse_methods(rules: list[str], methods: list[str]) -> list[Method]:
         if not sep or not label.strip():
             raise ConfigError(f"--method expects label:key=value,key=value, got {item!r}")
         pairs = [kv.strip() for kv in re.split(r",(?=\s*[A-Za-z][\w.-]*\s*=)", body) if kv.strip()]  # quoted commas stay
-        site = [kv.removeprefix(SITE_PREFIX) for kv in pairs if kv.startswith(SITE_PREFIX)]
+        name, site = label.strip(), [kv.removeprefix(SITE_PREFIX) for kv in pairs if kv.startswith(SITE_PREFIX)]
         try:
             settings = parse_site(site)
         except ConfigError as error:
-            raise ConfigError(f"--method {label.strip()!r}, a site.KEY=VALUE pair: {error}") from None
-        found.append(Method(label.strip(), parse_sets([kv for kv in pairs if not kv.startswith(SITE_PREFIX)]), settings))
+            raise ConfigError(f"--method {name!r}, a site.KEY=VALUE pair: {error}") from None
+        found.append(Method(name, parse_sets([kv for kv in pairs if not kv.startswith(SITE_PREFIX)]), settings))
     labels = [m.label for m in found]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"method labels must be unique, got {labels}")

@@ -112,7 +112,6 @@ def merged_site(every: dict[str, Any] | None, own: dict[str, Any] | None) -> dic
     return merged
 
 
-
 def site_settings(site: dict[str, Any] | None, num_clients: int) -> dict[str, dict[str, Any]]:
     """Every simulated institution's settings by name, checked (see institution_settings)."""
     return {name: institution_settings(site, name, num_clients) for name in _names(num_clients)}
