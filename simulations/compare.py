@@ -17,7 +17,7 @@ from common.files import PRIVATE, atomic_path, atomic_write_text, private_folder
 from server.checkpoint import OPERATIONAL_KEYS
 from server.results.run_folder import write_json
 from simulations import baselines, launcher
-from simulations.provision import merged_site, parse_site
+from simulations.provision import merged_site, parse_site, provisioned_settings, site_settings
 from simulations.scenarios import parse_sets
 
 TABLE = "comparison.md"
@@ -81,7 +81,7 @@ def run_comparison(
         overrides = {**overrides, "output-dir": str(folder), "run-name": label}
         try:
             cfg = RunConfig.from_run_config({**default_run_config(), **overrides})
-            results = finished_run(folder / label, cfg)
+            results = finished_run(folder / label, cfg, run_site)
             if results is None:
                 outcome = launcher.simulate(cfg, overrides, cpus_per_client=cpus_per_client, on_event=on_stage(label, cfg),
                                             site=run_site)
@@ -122,10 +122,11 @@ def cached_baselines(folder: Path, cfg: RunConfig, on_stage) -> dict[str, Any]:
     return {"local_only": local, "centralised": central}
 
 
-def finished_run(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
-    """The results of an earlier, completed run of the same config in `run_dir` (a comparison that was
-    interrupted goes on where it stopped); None when there is none. An unfinished or different run
-    there is moved aside to `<name>.previous-<n>`, never deleted."""
+def finished_run(run_dir: Path, cfg: RunConfig, site: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The results of an earlier, completed run of the same config in `run_dir`, whose simulated institutions were
+    given the same settings (`site`: their budgets and site policies; simulations.provision), so that a comparison
+    that was interrupted goes on where it stopped; None when there is none. An unfinished or different run there
+    is moved aside to `<name>.previous-<n>`, never deleted."""
     results_path = run_dir / "results.json"
     if not run_dir.exists():
         return None
@@ -133,7 +134,8 @@ def finished_run(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
         results = json.loads(results_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         results = None
-    if isinstance(results, dict) and results.get("status") == "completed" and _same_run(results.get("scenario"), cfg):
+    if isinstance(results, dict) and results.get("status") == "completed" and _same_run(results.get("scenario"), cfg) \
+            and provisioned_settings(run_dir, cfg.num_clients) == site_settings(site, cfg.num_clients):
         return results
     n = 1
     while run_dir.with_name(f"{run_dir.name}.previous-{n}").exists():

@@ -53,7 +53,7 @@ def run_sweep(
         point: dict[str, Any] = {"label": label, "budget": budget}
         try:
             cfg = RunConfig.from_run_config({**default_run_config(), **overrides})
-            results = finished_run(folder / label, cfg)
+            results = finished_run(folder / label, cfg, site)
             if results is None:
                 results = launcher.simulate(cfg, overrides, cpus_per_client=cpus_per_client,
                                             on_event=on_stage(label, cfg), site=site).results

@@ -112,6 +112,23 @@ def merged_site(every: dict[str, Any] | None, own: dict[str, Any] | None) -> dic
     return merged
 
 
+def provisioned_settings(run_dir: Path, num_clients: int) -> dict[str, dict[str, Any]]:
+    """What each simulated institution of the run in `run_dir` was provisioned with, by name, as `site_settings`
+    gives them: its site.toml and site-policy.toml (nothing from a file that is not there; an unreadable one gives
+    {"unreadable": its path}, which matches no settings)."""
+    found = {}
+    for partition_id in range(num_clients):
+        folder, own = site_folder(Path(run_dir) / SITES, partition_id), {}
+        for path in (folder / SITE_CONFIG, folder / POLICY_FILE):
+            try:
+                own.update(tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {})
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+                own = {"unreadable": str(path)}
+                break
+        found[simulated_institution(partition_id)] = own
+    return found
+
+
 def site_settings(site: dict[str, Any] | None, num_clients: int) -> dict[str, dict[str, Any]]:
     """Every simulated institution's settings by name, checked (see institution_settings)."""
     return {name: institution_settings(site, name, num_clients) for name in _names(num_clients)}

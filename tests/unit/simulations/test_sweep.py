@@ -12,7 +12,7 @@ from common.config import RunConfig
 from common.errors import ConfigError
 from simulations.compare import finished_run
 from simulations.privacy_sweep import parse_epsilons, sweep_table
-from simulations.provision import parse_site
+from simulations.provision import parse_site, provision_sites
 
 
 def write_results(folder: Path, scenario: dict[str, Any], status: str = "completed") -> None:
@@ -55,6 +55,38 @@ def test_another_or_unfinished_run_is_moved_aside_not_deleted(
     assert results is None
     assert not (tmp_path / "mean").exists()
     assert (tmp_path / "mean.previous-2" / "results.json").is_file()
+
+
+@pytest.mark.parametrize("asked", [{"max-epsilon": 2.0, "delta": 1e-5}, {"max-epsilon": 1.0, "delta": 1e-5, "class-counts": True},
+                                   {"max-epsilon": 1.0, "delta": 1e-5, "institutions": {"institution-1": {"max-epsilon": 4.0}}},
+                                   None])
+def test_a_run_whose_institutions_had_other_settings_is_another_run(
+    tmp_path: Path, run_config_mapping: dict, asked: dict | None
+) -> None:
+    # Prepare: a completed run of the same config whose institutions were each given a budget of 1
+    cfg = RunConfig.from_run_config(run_config_mapping)
+    given = {"max-epsilon": 1.0, "delta": 1e-5}
+    write_results(tmp_path / "dp", cfg.to_dict())
+    provision_sites(tmp_path / "dp", cfg.num_clients, given)
+
+    # Execute
+    same = finished_run(tmp_path / "dp", cfg, dict(given))
+    other = finished_run(tmp_path / "dp", cfg, asked)
+
+    # Assert: another budget or site policy, for all or one institution, or none, is another run, moved aside
+    assert same is not None and same["status"] == "completed"
+    assert other is None and not (tmp_path / "dp").exists() and (tmp_path / "dp.previous-1" / "results.json").is_file()
+
+
+def test_a_run_with_an_unreadable_site_file_is_not_reused(tmp_path: Path, run_config_mapping: dict) -> None:
+    # Prepare: one institution's site.toml was damaged after the run
+    cfg = RunConfig.from_run_config(run_config_mapping)
+    write_results(tmp_path / "dp", cfg.to_dict())
+    provision_sites(tmp_path / "dp", cfg.num_clients, {"max-epsilon": 1.0})
+    (tmp_path / "dp" / "sites" / "institution-0" / "site.toml").write_text("max-epsilon = = 1")
+
+    # Execute / Assert
+    assert finished_run(tmp_path / "dp", cfg, {"max-epsilon": 1.0}) is None
 
 
 def test_epsilons_are_parsed_sorted_and_checked() -> None:

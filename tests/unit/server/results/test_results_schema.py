@@ -278,7 +278,7 @@ def test_compare_the_sweep_and_the_student_tools_read_only_schema_keys(tmp_path:
     distill, fedavg = _watch(run_results("distill"), "", log), _watch(run_results("fedavg"), "", log)
     summary = {"scenario": distill["scenario"], "methods": {"mean": {"rounds": distill["rounds"], "final": distill["final"]}},
                "baselines": {"fedavg": {"rounds": fedavg["rounds"], "final": fedavg["final"]}}}
-    monkeypatch.setattr(privacy_sweep, "finished_run", lambda run_dir, cfg: distill)
+    monkeypatch.setattr(privacy_sweep, "finished_run", lambda run_dir, cfg, site=None: distill)
     monkeypatch.setattr(privacy_sweep, "plot_sweep", lambda summary, path: None)
 
     # Execute
