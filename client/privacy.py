@@ -212,7 +212,8 @@ def _pate_teachers(state: RecordDict, cfg: RunConfig, site: Site) -> tuple[list[
     rounds = pate_rounds(state, name)
     teachers, losses = [], []
     for k, shard in enumerate(shards):
-        model = build_model(name, site.private.num_classes, size, seed=cfg.seed + 97 * site.partition_id + k)
+        model = build_model(name, site.private.num_classes, size, seed=cfg.seed + 97 * site.partition_id + k,
+                            public=site.public.inputs)
         weights = pate_teacher_weights(state, k) if rounds else None
         if weights is not None:
             model.load_state_dict(weights)

@@ -106,7 +106,8 @@ def restore_teacher(state: RecordDict, cfg: RunConfig, site: Site) -> tuple[nn.M
     """The node's teacher and the number of rounds it has trained; a fresh one on first use. With a store, the
     teacher saved there (the file is the truth: node state holds its meta only)."""
     name = cfg.teacher_model_for(site.partition_id)
-    model = build_model(name, site.private.num_classes, input_shape(site.private.inputs), seed=cfg.seed + site.partition_id)
+    model = build_model(name, site.private.num_classes, input_shape(site.private.inputs), seed=cfg.seed + site.partition_id,
+                        public=site.public.inputs)
     meta, store = teacher_meta(state), store_record(state)
     if store is not None:
         saved = _read(store, expected=meta)

@@ -30,7 +30,7 @@ def local_only(cfg: RunConfig, epochs: int | None = None) -> dict[str, Any]:
         data = split.private.subset(partition_rows(split, cfg, pid))
         name = cfg.teacher_model_for(pid)
         own = epochs if epochs is not None else cfg.local_epochs_for(len(data)) * cfg.num_server_rounds
-        model = build_model(name, data.num_classes, input_shape(data.inputs), seed=cfg.seed + pid)
+        model = build_model(name, data.num_classes, input_shape(data.inputs), seed=cfg.seed + pid, public=split.public.inputs)
         train_supervised(model, data.inputs, data.labels, epochs=own, lr=cfg.teacher_lr,
                          batch_size=cfg.teacher_batch_size, seed=cfg.seed * 1_000_003 + pid * 1_009)
         metrics = evaluate(model, split.test.inputs, split.test.labels)
@@ -55,7 +55,7 @@ def centralised(cfg: RunConfig, epochs: int | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"epochs": epochs, "samples": len(pooled)}
     for role, name in (("student", cfg.student_model), ("teacher", largest)):
         started = time.monotonic()
-        model = build_model(name, pooled.num_classes, size, seed=cfg.seed)
+        model = build_model(name, pooled.num_classes, size, seed=cfg.seed, public=split.public.inputs)
         train_supervised(model, pooled.inputs, pooled.labels, epochs=epochs, lr=cfg.teacher_lr,
                          batch_size=cfg.teacher_batch_size, seed=cfg.seed)
         result[role] = {"model": name, "params": count_parameters(model),

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, cast
 from common.errors import ConfigError
 
 if TYPE_CHECKING:
+    import numpy as np
     from torch import nn
 
 ModelBuilder = Callable[[int, tuple[int, ...]], "nn.Module"]
@@ -33,6 +34,7 @@ class ModelSpec:
     name: str
     tasks: tuple[str, ...]
     build: ModelBuilder
+    teacher_only: bool = False  # fitted on the public set by `build_model`: only the institutions' teachers
 
 
 def small_cnn(widths: tuple[int, int], hidden: int) -> ModelBuilder:
@@ -60,6 +62,14 @@ def scatter_linear(num_classes: int, shape: tuple[int, ...]) -> nn.Module:
     return ScatterLinear(num_classes, shape)
 
 
+def scatter_pca(num_classes: int, shape: tuple[int, ...]) -> nn.Module:
+    """scatter-linear with the public set's whitened principal components before the layer: the teacher for
+    DP-SGD at small budgets (common/models/scattering.py). `build_model` fits it on the public set."""
+    from common.models.scattering import ScatterPCA
+
+    return ScatterPCA(num_classes, shape)
+
+
 def text_model(name: str) -> ModelBuilder:
     """A text model builder (common/models/text.py); transformers is imported only for text tasks."""
     def build(num_classes: int, shape: tuple[int, ...]) -> nn.Module:
@@ -76,6 +86,7 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
     ModelSpec("cnn-tiny", ("image",), small_cnn(widths=(4, 8), hidden=32)),
     ModelSpec("mlp", ("image", "tabular"), mlp(hidden=128)),
     ModelSpec("scatter-linear", ("image",), scatter_linear),
+    ModelSpec("scatter-pca", ("image",), scatter_pca, teacher_only=True),
     # image student: under a third of cnn-large's parameters
     ModelSpec("cnn-student", ("image",), small_cnn(widths=(16, 32), hidden=64)),
     # tabular teachers and student (`mlp` serves tables too; MLPs flatten images as well)
@@ -106,15 +117,25 @@ def model_spec(name: str) -> ModelSpec:
     return spec
 
 
-def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], seed: int | None = None) -> nn.Module:
+def build_model(
+    name: str, num_classes: int, input_shape: tuple[int, ...], seed: int | None = None, public: np.ndarray | None = None
+) -> nn.Module:
     """Build the registered model `name` for inputs of `input_shape` (one sample's shape: (height, width),
-    (d,) or (L,)); `seed` makes its initial weights reproducible."""
+    (d,) or (L,)); `seed` makes its initial weights reproducible. A model that learns something from the public
+    transfer set without labels (`fit_public`: scatter-pca's projection) is fitted on `public`, its inputs; without
+    them it can only be given saved weights (load_state_dict) before use."""
     import torch
 
     spec = model_spec(name)
     if seed is not None:
         torch.manual_seed(seed)
-    return spec.build(num_classes, tuple(input_shape))
+    model = spec.build(num_classes, tuple(input_shape))
+    fit_public = getattr(model, "fit_public", None)
+    if fit_public is not None and public is not None:
+        from common.models.inputs import inputs_to_tensor
+
+        fit_public(inputs_to_tensor(public))
+    return model
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -20,6 +20,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 import torch
 from safetensors.torch import load_file
@@ -66,10 +67,11 @@ TEACHER_DIR = "teacher"  # export/teacher/<model>.onnx and <model>.int8.onnx: ti
 PARITY_SAMPLES = 1000  # test inputs on which the teacher's ONNX files are checked against PyTorch
 
 
-def largest_teacher(teacher_models: list[str], num_classes: int, input_shape: tuple[int, ...]) -> tuple[str, torch.nn.Module]:
+def largest_teacher(teacher_models: list[str], num_classes: int, input_shape: tuple[int, ...],
+                    public: np.ndarray | None = None) -> tuple[str, torch.nn.Module]:
     """The scenario's teacher architecture with the most parameters, as `build_model` makes it (untrained, or a
-    pretrained encoder not fine-tuned), in eval mode."""
-    built = {name: build_model(name, num_classes, input_shape, seed=0) for name in dict.fromkeys(teacher_models)}
+    pretrained encoder not fine-tuned; fitted on the `public` inputs where it learns from them), in eval mode."""
+    built = {name: build_model(name, num_classes, input_shape, seed=0, public=public) for name in dict.fromkeys(teacher_models)}
     name = max(built, key=lambda n: count_parameters(built[n]))
     return name, built[name].eval()
 
@@ -78,7 +80,7 @@ def reference_teacher(student: RunStudent, split: FederatedSplit) -> tuple[str, 
     """The largest teacher architecture, with the run's own weights for it where an institution kept them; and
     where its weights come from, in words."""
     cfg = student.cfg
-    name, model = largest_teacher(cfg.teacher_model_list, student.meta.num_classes, student.input_shape)
+    name, model = largest_teacher(cfg.teacher_model_list, student.meta.num_classes, student.input_shape, split.public.inputs)
     sites, fingerprint = sites_folder(cfg, student.run_dir), public_fingerprint(split.public)
     for pid in (pid for pid in range(cfg.num_clients) if cfg.teacher_model_for(pid) == name):
         found = saved_teacher(cfg, sites, pid, fingerprint)

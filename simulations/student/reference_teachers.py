@@ -78,7 +78,7 @@ def train_teachers(cfg: RunConfig, split: FederatedSplit,
             inputs, weights = data.inputs, None
             for rounds_trained in range(cfg.num_server_rounds):
                 # as client.teacher each round: build (which seeds torch, so dropout masks repeat), restore, train
-                model = build_model(name, data.num_classes, input_shape(inputs), seed=cfg.seed + pid)
+                model = build_model(name, data.num_classes, input_shape(inputs), seed=cfg.seed + pid, public=split.public.inputs)
                 if weights is not None:
                     model.load_state_dict(weights)
                 train_supervised(model, inputs, data.labels, epochs=cfg.local_epochs_for(len(data)), lr=cfg.teacher_lr,

@@ -17,8 +17,10 @@ from common.tasks.tabular import SCHEMAS
 
 
 def with_models(mapping: dict[str, Any], dataset: str, model: str) -> dict[str, Any]:
-    """The run-config mapping with `dataset` and `model` as its only teacher and its student."""
-    return {**mapping, "dataset": dataset, "teacher-models": model, "student-model": model}
+    """The run-config mapping with `dataset` and `model` as its only teacher and its student (a teacher-only model:
+    as teacher, with the dataset's own student)."""
+    student = "cnn-student" if model in MODELS and MODELS[model].teacher_only else model
+    return {**mapping, "dataset": dataset, "teacher-models": model, "student-model": student}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -96,10 +98,20 @@ def test_the_config_accepts_a_model_for_exactly_its_declared_tasks(run_config_ma
 
         # Execute / Assert
         if spec.task in MODELS[model].tasks:
-            assert RunConfig.from_run_config(mapping).student_model == model
+            assert model in RunConfig.from_run_config(mapping).teacher_model_list
         else:
             with pytest.raises(ConfigError, match=rf"model '{model}' does not fit dataset {dataset} \({spec.task} task\)"):
                 RunConfig.from_run_config(mapping)
+
+
+def test_a_teacher_only_model_is_refused_as_the_student_with_the_fix(run_config_mapping: dict[str, Any]) -> None:
+    # Prepare
+    teacher_only = [name for name, spec in MODELS.items() if spec.teacher_only]
+
+    # Execute / Assert
+    assert teacher_only == ["scatter-pca"]
+    with pytest.raises(ConfigError, match="student-model 'scatter-pca' is a teacher for DP-SGD only.*such as cnn-student"):
+        RunConfig.from_run_config({**run_config_mapping, "dataset": "fashion-mnist", "student-model": "scatter-pca"})
 
 
 def test_an_unknown_model_is_refused_by_config_and_build_model_with_the_same_message(
