@@ -30,6 +30,7 @@ from client.teacher import (
 from common.config import RunConfig, default_run_config
 from common.errors import ConfigError
 from common.messages import SoftLabelQuery
+from common.models.inputs import inputs_to_tensor
 from common.node_config import NodeConfig
 from common.privacy.budget import PrivacyLedger
 from common.tasks.registry import load_split
@@ -102,6 +103,29 @@ def test_the_store_is_state_dir_else_the_institutions_folder_else_none(tmp_path:
     assert site_home(config(), NodeConfig.from_node_config({**deployed, "release-log": ""})) == tmp_path / "keys"
     explicit = teacher_store(simulated, site, NodeConfig(partition_id=1, state_dir=str(tmp_path / "state")), RUN_ID)
     assert explicit.folder == tmp_path / "state" and explicit.path.name.startswith("teacher-")
+
+
+@pytest.mark.parametrize("state_dir", [True, False], ids=["on disk", "in node state"])
+def test_a_scatter_pca_teacher_is_fitted_on_the_public_set_and_restored_with_its_projection(
+    tmp_path: Path, site: Site, state_dir: bool
+) -> None:
+    # Prepare: a teacher fitted on this node's public set and trained two rounds
+    import common.models.scattering as scattering
+
+    cfg = config(**{"teacher-models": "scatter-pca"})
+    node = {"partition-id": 1, **({"state-dir": str(tmp_path)} if state_dir else {})}
+    state = restarted(cfg, site, node)
+    before = trained(cfg, site, state, rounds=2)
+    scattering._fitted.clear()  # a restarted process has fitted nothing
+
+    # Execute
+    model, rounds = restore_teacher(restarted(cfg, site, node) if state_dir else state, cfg, site)
+
+    # Assert: the projection is the public set's (whitened there), trained weights and projection come back together
+    assert rounds == 2 and same_weights(model, before) and bool(model.projection.fitted)
+    refit = scattering.ScatterPCA(10, (8, 8))
+    refit.fit_public(inputs_to_tensor(site.public.inputs))
+    assert torch.allclose(refit.projection.basis, model.projection.basis, atol=1e-4)
 
 
 def test_a_state_dir_that_is_not_a_path_is_refused() -> None:
