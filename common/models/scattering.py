@@ -23,8 +23,9 @@ content) and train only the head: the same model, an order of magnitude less wor
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections import OrderedDict
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -140,19 +141,20 @@ class ScatterPCA(nn.Module):
         return logits
 
     def fit_public(self, public: torch.Tensor) -> None:
-        """Fit the projection on the public set's images `(n, 1, h, w)` (cached by content: the nodes one process
-        serves, and each round's fresh build, fit it once)."""
+        """Fit the projection on the public set's images `(n, 1, h, w)`, once per public set in a process (the nodes
+        it serves, and each round's fresh build): `fixed_stage` finds the set's features by content, and the same
+        features tensor finds the fit made from it."""
         _, features = fixed_stage(self, public)
-        key = hashlib.sha1(public.detach().contiguous().numpy().tobytes()).hexdigest() + str(tuple(self.projection.basis.shape))
-        if key not in _fitted:
+        source, kept = _fitted.get("features"), _fitted.get("state")
+        if source is None or source() is not features or kept is None or kept["basis"].shape != self.projection.basis.shape:
             with torch.no_grad():
                 self.projection.fit(self.head[1](self.head[0](features)))
-            _fitted.clear()  # one public set at a time
-            _fitted[key] = {name: value.clone() for name, value in self.projection.state_dict().items()}
-        self.projection.load_state_dict(_fitted[key])
+            kept = {name: value.clone() for name, value in self.projection.state_dict().items()}
+            _fitted.update(features=weakref.ref(features), state=kept)  # one public set at a time; holds no features
+        self.projection.load_state_dict(kept)
 
 
-_fitted: dict[str, dict[str, torch.Tensor]] = {}
+_fitted: dict[str, Any] = {}  # "features": a weak reference to the features the fit came from; "state": its buffers
 _cache: OrderedDict[tuple[str, tuple[int, ...], str], torch.Tensor] = OrderedDict()
 
 

@@ -98,7 +98,8 @@ def test_the_config_accepts_a_model_for_exactly_its_declared_tasks(run_config_ma
 
         # Execute / Assert
         if spec.task in MODELS[model].tasks:
-            assert model in RunConfig.from_run_config(mapping).teacher_model_list
+            cfg = RunConfig.from_run_config(mapping)
+            assert (cfg.teacher_model_list, cfg.student_model) == ([model], mapping["student-model"])
         else:
             with pytest.raises(ConfigError, match=rf"model '{model}' does not fit dataset {dataset} \({spec.task} task\)"):
                 RunConfig.from_run_config(mapping)

@@ -164,3 +164,21 @@ def test_dp_sgd_trains_only_scatter_pca_s_linear_layer_and_onnx_labels_as_torch(
     assert not torch.equal(model.head[3].weight, before["head.3.weight"])
     assert accuracy(model, digits.test.images, digits.test.labels) > 0.6
     assert len(rows) >= ENGINE_MIN_ROWS and torch.allclose(predict_logits(model, rows), whole, atol=1e-4)
+
+
+def test_scatter_pca_fits_once_per_public_set_in_a_process(digits) -> None:
+    # Prepare
+    from unittest import mock
+
+    scattering._fitted.clear()
+
+    # Execute: two builds on the same public set (another array of the same content), one on another set
+    with mock.patch.object(scattering.PublicProjection, "fit", autospec=True,
+                           wraps=scattering.PublicProjection.fit) as fit:
+        first = build_model("scatter-pca", 10, (8, 8), public=digits.public.images)
+        again = build_model("scatter-pca", 10, (8, 8), public=digits.public.images.copy())
+        build_model("scatter-pca", 10, (8, 8), public=digits.private.images[:300])
+
+    # Assert
+    assert fit.call_count == 2
+    assert torch.equal(first.projection.basis, again.projection.basis)
