@@ -17,7 +17,8 @@ from common.models.training import train_supervised
 
 
 def fedavg_train(instruction: TrainInstruction, cfg: RunConfig, site: Site) -> RecordDict:
-    """Load the global weights, train `local-epochs` (at least `local-min-steps` steps), return weights and counts."""
+    """Load the global weights, train `fedavg-local-epochs` (at least `local-min-steps` steps) at `fedavg-lr` in
+    batches of `fedavg-batch-size`, return weights and counts."""
     server_round = instruction.server_round
     model = build_model(cfg.student_model, site.private.num_classes, input_shape(site.private.inputs))
     try:
@@ -25,7 +26,7 @@ def fedavg_train(instruction: TrainInstruction, cfg: RunConfig, site: Site) -> R
     except (RuntimeError, TypeError, ValueError) as error:
         raise MessageFormatError(f"fedavg: global weights do not fit {cfg.student_model}: {error}") from None
     loss = train_supervised(
-        model, site.private.inputs, site.private.labels, epochs=cfg.local_epochs_for(len(site.private)), lr=cfg.teacher_lr,
-        batch_size=cfg.teacher_batch_size, seed=cfg.seed * 1_000_003 + site.partition_id * 1_009 + server_round,
+        model, site.private.inputs, site.private.labels, epochs=cfg.fedavg_epochs_for(len(site.private)), lr=cfg.fedavg_lr,
+        batch_size=cfg.fedavg_batch_size, seed=cfg.seed * 1_000_003 + site.partition_id * 1_009 + server_round,
     )
     return TrainReply(weights=ArrayRecord(model.state_dict()), num_examples=len(site.private), train_loss=float(loss)).to_record()

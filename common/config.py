@@ -58,6 +58,9 @@ class RunConfig:
     local_min_steps: int
     teacher_lr: float
     teacher_batch_size: int
+    fedavg_local_epochs: int
+    fedavg_lr: float
+    fedavg_batch_size: int
     student_epochs: int
     student_lr: float
     student_batch_size: int
@@ -158,9 +161,11 @@ class RunConfig:
             (self.local_epochs >= 0, f"local-epochs must be >= 0, got {self.local_epochs}"),
             (self.local_min_steps >= 0, f"local-min-steps must be >= 0 (0 = off), got {self.local_min_steps}"),
             (self.student_epochs >= 1, f"student-epochs must be >= 1, got {self.student_epochs}"),
-            (self.teacher_lr > 0 and self.student_lr > 0, "teacher-lr and student-lr must be > 0"),
-            (self.teacher_batch_size >= 1 and self.student_batch_size >= 1,
-             "teacher-batch-size and student-batch-size must be >= 1"),
+            (self.teacher_lr > 0 and self.student_lr > 0 and self.fedavg_lr > 0,
+             "teacher-lr, student-lr and fedavg-lr must be > 0"),
+            (self.teacher_batch_size >= 1 and self.student_batch_size >= 1 and self.fedavg_batch_size >= 1,
+             "teacher-batch-size, student-batch-size and fedavg-batch-size must be >= 1"),
+            (self.fedavg_local_epochs >= 0, f"fedavg-local-epochs must be >= 0, got {self.fedavg_local_epochs}"),
             (self.student_precision in PRECISIONS,
              f"student-precision must be one of {PRECISIONS}, got {self.student_precision!r}"),
             (self.student_augment in AUGMENTATIONS,
@@ -203,10 +208,17 @@ class RunConfig:
         """Epochs of local training per round for an institution holding `num_examples` private rows:
         `local-epochs`, raised until the round takes at least `local-min-steps` optimiser steps of
         `teacher-batch-size` (0 = off). A few hundred images make only a handful of batches an epoch."""
+        return self._epochs_for(num_examples, self.local_epochs, self.teacher_batch_size)
+
+    def fedavg_epochs_for(self, num_examples: int) -> int:
+        """The same for the FedAvg baseline's client step: `fedavg-local-epochs`, raised until the round takes at
+        least `local-min-steps` steps of `fedavg-batch-size`."""
+        return self._epochs_for(num_examples, self.fedavg_local_epochs, self.fedavg_batch_size)
+
+    def _epochs_for(self, num_examples: int, epochs: int, batch_size: int) -> int:
         if self.local_min_steps == 0 or num_examples == 0:
-            return self.local_epochs
-        per_epoch = math.ceil(num_examples / self.teacher_batch_size)
-        return max(self.local_epochs, math.ceil(self.local_min_steps / per_epoch))
+            return epochs
+        return max(epochs, math.ceil(self.local_min_steps / math.ceil(num_examples / batch_size)))
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config with kebab-case keys, as recorded in results.json."""

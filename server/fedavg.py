@@ -96,7 +96,7 @@ class MeasuredFedAvg(FedAvg):
 class JudgedGrid(Grid):
     """The Grid that Flower's FedAvg drives, every exchange going through server/exchange.py: the strategy gets
     only the replies that pass (node error, then attestation, `AuditTrail.check_exchange`, then schema,
-    `TrainReply.from_record`), in arrival order; the exchange and every reply's judgement go into the ledger.
+    `TrainReply.from_record`), ordered by node id; the exchange and every reply's judgement go into the ledger.
     Flower's own check of the replies would stop the run on one bad reply."""
 
     def __init__(self, grid: Grid, strategy: MeasuredFedAvg) -> None:
@@ -113,7 +113,9 @@ class JudgedGrid(Grid):
                           FEDAVG, round_, trail.witnessing)
         trail.record_replies(round_, judged, FEDAVG.name)
         self.strategy.exchanges[round_] = judged
-        return [reply for node, reply in judged.replies.items() if node in judged.accepted]
+        # by node id, not arrival order: the float sum of Flower's average then does not depend on which reply came
+        # first, so a resumed or repeated run gives the same weights to the bit
+        return [judged.replies[node] for node in sorted(judged.accepted)]
 
     def get_node_ids(self) -> Iterable[int]:
         return self.grid.get_node_ids()

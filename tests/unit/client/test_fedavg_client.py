@@ -43,7 +43,7 @@ def site() -> Site:
 def cfg() -> RunConfig:
     return RunConfig.from_run_config({
         **default_run_config(), "dataset": "digits", "public-size": 400, "method": "fedavg",
-        "student-model": "cnn-student", "local-epochs": 1,
+        "student-model": "cnn-student", "fedavg-local-epochs": 1,
     })
 
 
@@ -55,6 +55,24 @@ def train(content: RecordDict, cfg: RunConfig, site: Site, server_round: int) ->
 
 def global_weights(name: str = "cnn-student", num_classes: int = 10) -> dict[str, torch.Tensor]:
     return build_model(name, num_classes, (8, 8), seed=0).state_dict()
+
+
+def test_trains_on_fedavgs_own_schedule_not_the_teachers(site: Site, cfg: RunConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: teachers at 10 epochs, lr 0.01, batches of 256; FedAvg at 2 epochs, lr 0.003, batches of 50
+    from client import fedavg as fedavg_module
+    calls: list[dict[str, Any]] = []
+    real = fedavg_module.train_supervised
+    monkeypatch.setattr(fedavg_module, "train_supervised", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    own = dataclasses.replace(cfg, local_epochs=10, teacher_lr=0.01, teacher_batch_size=256,
+                              fedavg_local_epochs=2, fedavg_lr=0.003, fedavg_batch_size=50)
+    content = RecordDict({"arrays": ArrayRecord(global_weights()), "config": ConfigRecord({"server-round": 1})})
+
+    # Execute
+    train(content, own, site, server_round=1)
+
+    # Assert
+    [call] = calls
+    assert (call["epochs"], call["lr"], call["batch_size"]) == (2, 0.003, 50)
 
 
 def test_returns_trained_weights_of_the_same_shapes_and_counts(site: Site, cfg: RunConfig) -> None:

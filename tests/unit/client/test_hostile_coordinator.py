@@ -65,7 +65,7 @@ def federation(tmp_path: Path, policy: str | None = None, site: dict[str, Any] |
     run_dir.mkdir()
     mapping = {**default_run_config(), "dataset": "digits", "public-size": 400, "num-clients": 2, "min-clients": 1,
                "partitioner": "iid", "num-server-rounds": 2, "teacher-models": "mlp", "local-epochs": 1,
-               "dp-noise-multiplier": 1.0, **provision_sites(run_dir, len(NODES), site), **changes}
+               "dp-noise-multiplier": 1.0, "public-fraction": 1.0, **provision_sites(run_dir, len(NODES), site), **changes}
     if policy is not None:
         (Path(mapping["sites-dir"]) / "institution-0" / "site-policy.toml").write_text(policy, encoding="utf-8")
     cfg = RunConfig.from_run_config(mapping)

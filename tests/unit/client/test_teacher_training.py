@@ -35,7 +35,8 @@ def small_site(rows: int) -> Site:
 
 def config(**changes: Any) -> RunConfig:
     return RunConfig.from_run_config({**default_run_config(), "dataset": "digits", "public-size": 400,
-                                      "teacher-models": "mlp", **changes})
+                                      "teacher-models": "mlp", "local-epochs": 1, "teacher-lr": 0.001,
+                                      **changes})
 
 
 def counted_steps(model: nn.Module) -> list[int]:

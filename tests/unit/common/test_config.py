@@ -55,8 +55,10 @@ def test_from_run_config_builds_defaults(run_config_mapping: dict[str, Any]) -> 
     assert cfg.partitioner == "dirichlet"
     assert cfg.dirichlet_alpha == 0.5
     assert cfg.temperature == 3.0
-    assert cfg.teacher_models == "cnn-small,cnn-large"
+    assert cfg.teacher_models == "scatter-pca"
     assert cfg.student_model == "cnn-student"
+    assert (cfg.teacher_batch_size, cfg.teacher_lr, cfg.local_epochs) == (256, 0.01, 10)
+    assert (cfg.num_server_rounds, cfg.student_epochs, cfg.public_fraction) == (1, 24, 0.8)
     assert cfg.codec == "uint8"
     assert cfg.aggregation == "inferred-expertise"
     assert cfg.round_timeout == 900.0
@@ -185,9 +187,12 @@ def test_any_missing_or_unknown_keys_are_all_named(missing: set[str], unknown: s
         ({"local-epochs": -1}, "local-epochs must be >= 0"),
         ({"local-min-steps": -1}, r"local-min-steps must be >= 0 \(0 = off\), got -1"),
         ({"student-epochs": 0}, "student-epochs must be >= 1"),
-        ({"teacher-lr": 0.0}, "teacher-lr and student-lr must be > 0"),
-        ({"student-lr": -0.1}, "teacher-lr and student-lr must be > 0"),
-        ({"teacher-batch-size": 0}, "teacher-batch-size and student-batch-size must be >= 1"),
+        ({"teacher-lr": 0.0}, "teacher-lr, student-lr and fedavg-lr must be > 0"),
+        ({"student-lr": -0.1}, "teacher-lr, student-lr and fedavg-lr must be > 0"),
+        ({"fedavg-lr": 0.0}, "teacher-lr, student-lr and fedavg-lr must be > 0"),
+        ({"teacher-batch-size": 0}, "teacher-batch-size, student-batch-size and fedavg-batch-size must be >= 1"),
+        ({"fedavg-batch-size": 0}, "teacher-batch-size, student-batch-size and fedavg-batch-size must be >= 1"),
+        ({"fedavg-local-epochs": -1}, "fedavg-local-epochs must be >= 0, got -1"),
         ({"ce-weight": 1.5, "labelled-size": 10}, r"ce-weight must be in \[0, 1\], got 1.5"),
         ({"ce-weight": 0.5}, "ce-weight > 0 needs labelled-size > 0"),
         ({"labelled-size": 10001}, r"labelled-size must be in \[0, public-size=10000\], got 10001"),
@@ -240,7 +245,7 @@ def test_labelled_rows_allow_a_cross_entropy_weight(run_config_mapping: dict[str
 
 def test_teacher_models_are_assigned_round_robin(run_config_mapping: dict[str, Any]) -> None:
     # Prepare
-    cfg = RunConfig.from_run_config(run_config_mapping)
+    cfg = RunConfig.from_run_config({**run_config_mapping, "teacher-models": "cnn-small,cnn-large"})
 
     # Execute
     assigned = [cfg.teacher_model_for(partition_id) for partition_id in range(5)]
@@ -291,3 +296,17 @@ def test_local_epochs_for_reaches_at_least_local_min_steps(
     steps = epochs * math.ceil(examples / batch)
     assert examples == 0 or steps >= min_steps  # the minimum is met ...
     assert epochs == local_epochs or (epochs - 1) * math.ceil(examples / batch) < min_steps  # ... by the fewest epochs
+
+
+def test_fedavg_epochs_follow_fedavg_settings_not_the_teachers(run_config_mapping: dict[str, Any]) -> None:
+    # Prepare: teachers train 10 epochs in batches of 256; FedAvg 1 epoch in batches of 64, at least 40 steps
+    run_config_mapping.update({"local-epochs": 10, "teacher-batch-size": 256, "fedavg-local-epochs": 1,
+                               "fedavg-batch-size": 64, "local-min-steps": 40})
+    cfg = RunConfig.from_run_config(run_config_mapping)
+
+    # Execute
+    fedavg, teacher = cfg.fedavg_epochs_for(640), cfg.local_epochs_for(640)
+
+    # Assert: 640 rows are 10 batches of 64 (4 epochs reach 40 steps) and 3 batches of 256 (10 epochs are 30 steps: 14)
+    assert (fedavg, teacher) == (4, 14)
+    assert cfg.fedavg_epochs_for(0) == 1
