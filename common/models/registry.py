@@ -70,6 +70,14 @@ def scatter_pca(num_classes: int, shape: tuple[int, ...]) -> nn.Module:
     return ScatterPCA(num_classes, shape)
 
 
+def scatter_pca_mlp(num_classes: int, shape: tuple[int, ...]) -> nn.Module:
+    """scatter-pca on the public set's 256 leading whitened components, with a hidden layer of 256 (ReLU) before
+    the output layer: the stronger teacher without privacy (docs/methods.md)."""
+    from common.models.scattering import ScatterPCA
+
+    return ScatterPCA(num_classes, shape, components=256, hidden=256)
+
+
 def text_model(name: str) -> ModelBuilder:
     """A text model builder (common/models/text.py); transformers is imported only for text tasks."""
     def build(num_classes: int, shape: tuple[int, ...]) -> nn.Module:
@@ -87,6 +95,7 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
     ModelSpec("mlp", ("image", "tabular"), mlp(hidden=128)),
     ModelSpec("scatter-linear", ("image",), scatter_linear),
     ModelSpec("scatter-pca", ("image",), scatter_pca, teacher_only=True),
+    ModelSpec("scatter-pca-mlp", ("image",), scatter_pca_mlp, teacher_only=True),
     # image student: under a third of cnn-large's parameters
     ModelSpec("cnn-student", ("image",), small_cnn(widths=(16, 32), hidden=64)),
     # tabular teachers and student (`mlp` serves tables too; MLPs flatten images as well)

@@ -121,16 +121,19 @@ class PublicProjection(nn.Module):
 
 class ScatterPCA(nn.Module):
     """Scattering features (fixed), group normalisation, the public set's whitened principal components (fixed,
-    fitted by `fit_public`), one linear layer."""
+    fitted by `fit_public`), then one linear layer, or with `hidden` > 0 a hidden layer of that width and ReLU
+    before it."""
 
     fixed_features = True
 
-    def __init__(self, num_classes: int, image_size: tuple[int, ...], components: int = COMPONENTS):
+    def __init__(self, num_classes: int, image_size: tuple[int, ...], components: int = COMPONENTS, hidden: int = 0):
         super().__init__()
         self.features = Scattering(image_size)
         channels, height, width = self.features.out_shape
+        trained: list[nn.Module] = ([nn.Linear(components, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)] if hidden
+                                    else [nn.Linear(components, num_classes)])
         self.head = nn.Sequential(nn.GroupNorm(GROUPS, channels, affine=False), nn.Flatten(),
-                                  PublicProjection(channels * height * width, components), nn.Linear(components, num_classes))
+                                  PublicProjection(channels * height * width, components), *trained)
 
     @property
     def projection(self) -> PublicProjection:
