@@ -247,8 +247,8 @@ def _check_models(cfg: RunConfig) -> list[str]:
     problems = [] if cfg.teacher_model_list else ["teacher-models must name at least one model"]
     problems += [unknown_model(name) for name in names if name not in MODELS]
     if cfg.student_model in MODELS and MODELS[cfg.student_model].teacher_only:
-        problems.append(f"student-model {cfg.student_model!r} is a teacher for DP-SGD only (fitted on the public set at "
-                        "each institution); choose another student-model, such as cnn-student")
+        problems.append(f"student-model {cfg.student_model!r} is a teacher only (its projection is fitted on the public "
+                        "set at each institution); choose another student-model, such as cnn-student")
     if cfg.dataset not in DATASET_SPECS:  # reported by the dataset check
         return problems
     task = dataset_task(cfg.dataset)

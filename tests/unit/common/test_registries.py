@@ -110,8 +110,8 @@ def test_a_teacher_only_model_is_refused_as_the_student_with_the_fix(run_config_
     teacher_only = [name for name, spec in MODELS.items() if spec.teacher_only]
 
     # Execute / Assert
-    assert teacher_only == ["scatter-pca"]
-    with pytest.raises(ConfigError, match="student-model 'scatter-pca' is a teacher for DP-SGD only.*such as cnn-student"):
+    assert teacher_only == ["scatter-pca", "scatter-pca-mlp"]
+    with pytest.raises(ConfigError, match="student-model 'scatter-pca' is a teacher only.*such as cnn-student"):
         RunConfig.from_run_config({**run_config_mapping, "dataset": "fashion-mnist", "student-model": "scatter-pca"})
 
 

@@ -35,7 +35,7 @@ def test_registry_names() -> None:
     # Execute / Assert
     assert models_for("image") == [
         "cnn-large", "cnn-small", "cnn-student", "cnn-tiny", "mlp", "mlp-deep", "mlp-student", "scatter-linear",
-        "scatter-pca",
+        "scatter-pca", "scatter-pca-mlp",
     ]
     assert models_for("tabular") == ["mlp", "mlp-deep", "mlp-student"]
     assert models_for("text") == ["bert-small", "bert-tiny", "minilm"]
@@ -71,7 +71,7 @@ def test_every_model_has_a_head_for_two_stage_training(name: str) -> None:
 @pytest.mark.parametrize("name", models_for("image"))
 def test_model_maps_images_to_logits(name: str, image_size: tuple[int, int]) -> None:
     # Prepare
-    public = np.random.default_rng(0).integers(0, 256, (200, *image_size), dtype=np.uint8)  # scatter-pca fits on it
+    public = np.random.default_rng(0).integers(0, 256, (300, *image_size), dtype=np.uint8)  # scatter-pca(-mlp) fits on it
     model = build_model(name, num_classes=10, input_shape=image_size, seed=0, public=public)
     batch = torch.rand(3, 1, *image_size)
 

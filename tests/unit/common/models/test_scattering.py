@@ -182,3 +182,31 @@ def test_scatter_pca_fits_once_per_public_set_in_a_process(digits) -> None:
     # Assert
     assert fit.call_count == 2
     assert torch.equal(first.projection.basis, again.projection.basis)
+
+
+def test_scatter_pca_mlp_whitens_256_components_trains_its_two_layers_and_restores(digits, tmp_path) -> None:
+    # Prepare
+    from safetensors.torch import load_file, save_file
+
+    scattering._fitted.clear()
+    model = build_model("scatter-pca-mlp", 10, (8, 8), seed=0, public=digits.public.images)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # Execute
+    train_supervised(model, digits.private.images, digits.private.labels, epochs=10, lr=0.003, batch_size=64, seed=0)
+    head, features = scattering.fixed_stage(model, images_to_tensor(digits.public.images))
+    with torch.no_grad():
+        projected = head[2](head[1](head[0](features)))
+    save_file(model.state_dict(), str(tmp_path / "teacher.safetensors"))
+    restored = build_model("scatter-pca-mlp", 10, (8, 8))
+    restored.load_state_dict(load_file(str(tmp_path / "teacher.safetensors")))
+
+    # Assert: 256 centred components, then 256 hidden units and the output layer learn; the projection does not
+    assert count_parameters(model) == 256 * 256 + 256 + 256 * 10 + 10 == count_parameters(model.head[3:])
+    assert projected.shape == (len(digits.public.images), 256)
+    assert torch.allclose(projected.mean(0), torch.zeros(256), atol=1e-3)
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before if k.startswith("head.2"))
+    assert not torch.equal(model.head[3].weight, before["head.3.weight"])
+    assert not torch.equal(model.head[5].weight, before["head.5.weight"])
+    assert accuracy(model, digits.test.images, digits.test.labels) > 0.85
+    assert torch.equal(predict_logits(restored, digits.test.images), predict_logits(model, digits.test.images))
