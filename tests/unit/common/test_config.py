@@ -37,7 +37,7 @@ def test_default_run_config_returns_a_fresh_mapping() -> None:
     second = default_run_config()
 
     # Assert
-    assert second["temperature"] == 3.0
+    assert second["temperature"] == 5.0
 
 
 def test_from_run_config_builds_defaults(run_config_mapping: dict[str, Any]) -> None:
@@ -54,10 +54,10 @@ def test_from_run_config_builds_defaults(run_config_mapping: dict[str, Any]) -> 
     assert cfg.min_clients == 5
     assert cfg.partitioner == "dirichlet"
     assert cfg.dirichlet_alpha == 0.5
-    assert cfg.temperature == 3.0
-    assert cfg.teacher_models == "scatter-pca"
+    assert cfg.temperature == 5.0
+    assert cfg.teacher_models == "scatter-pca-mlp"
     assert cfg.student_model == "cnn-student"
-    assert (cfg.teacher_batch_size, cfg.teacher_lr, cfg.local_epochs) == (256, 0.01, 10)
+    assert (cfg.teacher_batch_size, cfg.teacher_lr, cfg.local_epochs) == (256, 0.003, 10)
     assert (cfg.num_server_rounds, cfg.student_epochs, cfg.public_fraction) == (1, 24, 0.8)
     assert cfg.codec == "uint8"
     assert cfg.aggregation == "inferred-expertise"

@@ -173,7 +173,7 @@ def test_config_differences_name_each_key_and_ignore_operational_ones(run_config
     differences = config_differences(resumable_config(cfg), other)
 
     # Assert
-    assert differences == ["aggregation: 'inferred-expertise' -> 'median'", "temperature: 3.0 -> 2.0"]
+    assert differences == ["aggregation: 'inferred-expertise' -> 'median'", "temperature: 5.0 -> 2.0"]
     assert config_sha256(cfg) == config_sha256(config(run_config_mapping, tmp_path, resume=True))
 
 

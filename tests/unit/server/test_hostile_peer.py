@@ -41,7 +41,8 @@ LIAR = 13
 LIE = 2**52  # the declared size
 RULES = ("weighted", "expertise", "balanced-expertise")
 RUN = {"dataset": "digits", "public-size": 400, "num-clients": 3, "min-clients": 3, "partitioner": "iid", "seed": 3,
-       "num-server-rounds": 1, "teacher-models": "mlp", "local-epochs": 3, "student-epochs": 10, "privacy": "none"}
+       "num-server-rounds": 1, "teacher-models": "mlp", "local-epochs": 3, "student-epochs": 10, "privacy": "none",
+       "temperature": 3.0, "teacher-lr": 0.001, "teacher-batch-size": 64, "public-fraction": 1.0}
 
 
 class Federation(MemoryGrid):
