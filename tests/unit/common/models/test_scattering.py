@@ -184,7 +184,7 @@ def test_scatter_pca_fits_once_per_public_set_in_a_process(digits) -> None:
     assert torch.equal(first.projection.basis, again.projection.basis)
 
 
-def test_scatter_pca_mlp_whitens_256_components_trains_its_two_layers_and_restores(digits, tmp_path) -> None:
+def test_scatter_pca_mlp_projects_on_256_components_trains_its_two_layers_and_restores(digits, tmp_path) -> None:
     # Prepare
     from safetensors.torch import load_file, save_file
 
